@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh Debian 12 machine (as root): `make demo` and `make test`.
+# Both install what they need (Debian packages, a virtual environment at .venv) and are idempotent.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
+                bubblewrap ca-certificates
+STAMP := $(VENV)/.corral-installed
+
+.PHONY: demo test system venv bench clean
+
+demo: venv
+	bash examples/demo.sh
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+# Debian packages: installed only when one is missing, so a second run needs no network.
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends $$missing || \
+	    { apt-get update && apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+
+venv: system $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .demo build src/*.egg-info .pytest_cache .hypothesis

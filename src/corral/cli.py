@@ -1,0 +1,152 @@
+"""The `corral` command: parses arguments, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from .errors import EXIT_RUNTIME, EXIT_USAGE, CorralError, InputError
+
+
+def _fail(exc: CorralError) -> None:
+    click.echo(str(exc) if isinstance(exc, InputError) else f"corral: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def handled(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn corral's errors into their exit codes; anything else is a bug, reported in one line
+    (CORRAL_DEBUG=1 shows the traceback)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CorralError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            click.echo("corral: interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("CORRAL_DEBUG"):
+                raise
+            click.echo(f"corral: internal error: {type(exc).__name__}: {exc} "
+                       "(set CORRAL_DEBUG=1 for details; please report it)", err=True)
+            sys.exit(EXIT_RUNTIME)
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        click.echo("corral: this command changes the host and must run as root", err=True)
+        sys.exit(EXIT_RUNTIME)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="corral")
+def main() -> None:
+    """corral: contain a Linux service with the kernel's own mechanisms and recover it from a
+    clean base. State lives under /var/lib/corral and /run/corral (moved by CORRAL_ROOT)."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@handled
+def check(files: tuple[str, ...]) -> None:
+    """Validate manifests or host files; print nothing but errors (exit 2 if any)."""
+    from .check import check_files
+
+    problems = check_files(files)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    sys.exit(EXIT_USAGE if problems else 0)
+
+
+@main.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@handled
+def plan(file: str, as_json: bool) -> None:
+    """Show the desired state of a service; changes nothing."""
+    from .manifest import load_manifest
+    from .plan import plan_service
+    from .report import plan_text
+
+    service_plan = plan_service(file, load_manifest(file))
+    if as_json:
+        _print_json(service_plan.to_json())
+    else:
+        click.echo(plan_text(service_plan))
+
+
+@main.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Report what changed as JSON.")
+@handled
+def install(file: str, as_json: bool) -> None:
+    """Create the users, build the base image and apply the firewall table; idempotent."""
+    from .host import install as do_install
+    from .manifest import load_manifest
+    from .plan import plan_service
+    from .progress import wanted
+
+    service_plan = plan_service(file, load_manifest(file))
+    _need_root()
+    report = do_install(service_plan, file, show_progress=wanted(as_json))
+    _report(report, as_json, f"{report.service}: installed, nothing to change")
+
+
+@main.command()
+@click.argument("target", metavar="FILE|NAME")
+@click.option("--purge", is_flag=True, help="Also delete the volumes (all persistent state).")
+@click.option("--json", "as_json", is_flag=True, help="Report what changed as JSON.")
+@handled
+def uninstall(target: str, purge: bool, as_json: bool) -> None:
+    """Remove all that install made (users, base, table); volumes kept unless --purge."""
+    from .host import uninstall as do_uninstall
+
+    _need_root()
+    report = do_uninstall(_service_name(target), purge=purge)
+    _report(report, as_json, f"{report.service}: nothing to remove")
+
+
+def _service_name(target: str) -> str:
+    """A NAME, or a manifest FILE whose name is read (a valid manifest is not required to
+    uninstall, only a readable name)."""
+    from .errors import UsageError
+    from .manifest import SERVICE_NAME
+
+    if SERVICE_NAME.match(target) and not os.path.exists(target):
+        return target
+    from . import tomlfile
+
+    name = tomlfile.load(target).get("name")
+    if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        raise UsageError(f"{target}: name: missing or invalid, cannot tell which service")
+    return name
+
+
+def _report(report: Any, as_json: bool, unchanged: str) -> None:
+    if as_json:
+        _print_json(report.to_json())
+    elif report.changed:
+        for line in report.changed:
+            click.echo(f"{report.service}: {line}")
+    else:
+        click.echo(unchanged)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Errors that reach the user as `FILE: key.path: message` lines, and the exit codes of the spec."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1  # failed at run time; the message says what and what was left as it was
+EXIT_USAGE = 2  # bad input or usage: manifest errors, unknown service
+EXIT_CHECK = 3  # a check found a problem
+
+
+def key_path(loc: Sequence[str | int]) -> str:
+    """("process", "app", "connect", 1) -> "process.app.connect[1]"; keys that are not bare
+    TOML keys are quoted, as TOML would: image.add."/opt/app"."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        part = str(part)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", part):
+            part = json.dumps(part)
+        text += f".{part}" if text else part
+    return text
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one input file; `loc` is empty for file-level problems."""
+
+    file: str
+    loc: tuple[str | int, ...]
+    message: str
+
+    def __str__(self) -> str:
+        where = key_path(self.loc)
+        return f"{self.file}: {where}: {self.message}" if where else f"{self.file}: {self.message}"
+
+
+class CorralError(Exception):
+    """Base of the errors corral reports without a traceback; `exit_code` per the spec."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class UsageError(CorralError):
+    exit_code = EXIT_USAGE
+
+
+class InputError(UsageError):
+    """Bad input files: one or more problems, each printed on its own line."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class RuntimeFailure(CorralError):
+    exit_code = EXIT_RUNTIME

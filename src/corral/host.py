@@ -1,0 +1,249 @@
+"""Apply a plan to the host and undo it: users, base image, volumes, the service's nft table.
+
+Every step that changes the host registers its undo before the next step starts; a failure
+runs the undos in reverse, so a failed install leaves the host as it found it. The install
+record (state/install.json) is rewritten atomically after each step, so even a SIGKILLed install
+leaves a record of what exists, which the next install or uninstall picks up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import image, nftables, users
+from .errors import RuntimeFailure, UsageError
+from .paths import lib_dir, lib_root, run_dir, run_root
+from .plan import ServicePlan
+from .users import UserSpec
+
+RECORD = "install.json"
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, path)
+
+
+def read_record(service: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((lib_dir(service) / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RuntimeFailure(f"{service}: install record unreadable: {exc}") from None
+
+
+@dataclass
+class Report:
+    """What an install or uninstall changed, for people and for --json."""
+
+    service: str
+    changed: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "changed": self.changed}
+
+
+class _Undo:
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, what: str, action: Callable[[], Any]) -> None:
+        self.steps.append((what, action))
+
+    def run(self) -> list[str]:
+        failed = []
+        for what, action in reversed(self.steps):
+            try:
+                action()
+            except Exception as exc:  # keep undoing the rest; report what stayed
+                failed.append(f"{what}: {exc}")
+        return failed
+
+
+def _fault(step: str) -> None:
+    """Test hook: CORRAL_TEST_FAIL_AFTER=<step> makes install fail right after that step, so the
+    tests can prove the undo path against real users, files and tables."""
+    if os.environ.get("CORRAL_TEST_FAIL_AFTER") == step:
+        raise RuntimeFailure(f"injected failure after step {step!r}")
+
+
+def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) -> Report:
+    state = lib_dir(plan.service)
+    record = read_record(plan.service) or {}
+    original = json.loads(json.dumps(record))
+    report = Report(plan.service)
+    undo = _Undo()
+    try:
+        missing = [d for d in (state, *state.parents) if not d.exists()]
+        for d in reversed(missing):
+            if not d.exists():
+                d.mkdir(mode=0o700)
+                # Everything inside a directory this run created is this run's own work.
+                undo.push(f"remove {d}", lambda d=d: shutil.rmtree(d))
+        undo.push("restore install record",
+                  lambda: _save(state, original) if original
+                  else (state / RECORD).unlink(missing_ok=True))
+        record.update(service=plan.service, manifest=os.path.abspath(manifest_file))
+        accounts = _install_users(plan, record, report, undo)
+        _save(state, record)
+        _fault("users")
+        _install_base(plan, state, record, accounts, report, undo, show_progress)
+        _save(state, record)
+        _fault("base")
+        _install_volumes(plan, state, record, report, undo)
+        _save(state, record)
+        _fault("volumes")
+        _install_table(plan, record, report, undo)
+        _save(state, record)
+        _fault("table")
+        _remove_dropped_users(plan, record, report)
+        record["installed_at"] = record.get("installed_at") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _save(state, record)
+    except BaseException as exc:
+        left = undo.run()
+        message = f"install of {plan.service} failed: {exc}; undone"
+        if left:
+            message += "; could not undo: " + "; ".join(left)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise RuntimeFailure(message) from exc
+    return report
+
+
+def _save(state: Path, record: dict[str, Any]) -> None:
+    _write_json(state / RECORD, record)
+
+
+def _install_users(plan: ServicePlan, record: dict[str, Any], report: Report,
+                   undo: _Undo) -> list[tuple[str, users.SystemUser]]:
+    known = {u["name"] for u in record.get("users", [])}
+    entries = {u["name"]: u for u in record.get("users", [])}
+    accounts = []
+    for spec in plan.users:
+        existing = users.lookup(spec.name)
+        if existing is not None:
+            if spec.name not in known and not users.is_ours(spec):
+                raise RuntimeFailure(f"user {spec.name} exists and was not created by corral; "
+                                     "refusing to adopt it (remove or rename it first)")
+            account = existing
+        else:
+            account = users.create(spec)
+            undo.push(f"remove user {spec.name}", lambda spec=spec: users.remove(spec))
+            report.changed.append(f"created user {spec.name} (uid {account.uid})")
+        entries[spec.name] = {"name": spec.name, "process": spec.process,
+                              "uid": account.uid, "gid": account.gid}
+        accounts.append((spec.comment, account))
+    record["users"] = sorted(entries.values(), key=lambda u: u["name"])
+    return accounts
+
+
+def _remove_dropped_users(plan: ServicePlan, record: dict[str, Any], report: Report) -> None:
+    wanted = {u.name for u in plan.users}
+    for entry in list(record["users"]):
+        if entry["name"] not in wanted:
+            users.remove(UserSpec(entry["name"], plan.service, entry["process"]))
+            record["users"].remove(entry)
+            report.changed.append(f"removed user {entry['name']}")
+
+
+def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
+                  accounts: list[tuple[str, users.SystemUser]], report: Report, undo: _Undo,
+                  show_progress: bool) -> None:
+    wanted = digest({"image": plan.to_json()["image"],
+                     "accounts": [(c, a.name, a.uid, a.gid) for c, a in accounts]})
+    base = record.get("base") or {}
+    current = base.get("version")
+    if current and base.get("digest") == wanted and image.base_dir(state, current).is_dir():
+        return
+    version = max([v for v in base.get("versions", []) if isinstance(v, int)] + [0]) + 1
+    path = image.build_base(plan, state, version, accounts, show_progress)
+    undo.push(f"remove base {version}", lambda: shutil.rmtree(path, ignore_errors=True))
+    undo.push("restore base record", lambda saved=dict(base): record.__setitem__("base", saved))
+    record["base"] = {"version": version, "digest": wanted,
+                      "versions": sorted(set(base.get("versions", [])) | {version})}
+    report.changed.append(f"built base version {version} ({len(plan.image.entries)} entries)")
+
+
+def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], report: Report,
+                     undo: _Undo) -> None:
+    volumes_dir = state / "volumes"
+    if not volumes_dir.exists():
+        volumes_dir.mkdir(mode=0o711)
+        undo.push("remove volumes dir", volumes_dir.rmdir)
+    for vol in plan.volumes:
+        owner = users.lookup(vol.owner)
+        assert owner is not None  # created in the users step
+        path = volumes_dir / vol.store
+        if not path.exists():
+            path.mkdir(mode=0o700)
+            undo.push(f"remove volume {vol.path}", path.rmdir)
+            report.changed.append(f"created volume {vol.path}")
+        st = path.lstat()
+        if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (owner.uid, owner.gid, vol.mode):
+            os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+            os.chmod(path, vol.mode, follow_symlinks=False)
+    record["volumes"] = [{"path": v.path, "store": v.store, "owner": v.owner,
+                          "mode": f"{v.mode:04o}"} for v in plan.volumes]
+
+
+def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
+                   undo: _Undo) -> None:
+    wanted = digest(plan.ruleset)
+    exists = nftables.table_exists(plan.service)
+    if exists and record.get("table", {}).get("digest") == wanted:
+        return
+    if exists and "table" not in record:
+        raise RuntimeFailure(f"nftables table {plan.table} exists and was not made by corral; "
+                             "refusing to replace it")
+    nftables.apply(plan.ruleset)
+    if not exists:
+        undo.push(f"delete table {plan.table}", lambda: nftables.delete_table(plan.service))
+    record["table"] = {"name": plan.table, "digest": wanted}
+    report.changed.append(f"applied nftables table {plan.table}")
+
+
+def uninstall(service: str, purge: bool = False) -> Report:
+    record = read_record(service)
+    if record is None:
+        raise UsageError(f"{service}: not installed")
+    report = Report(service)
+    state = lib_dir(service)
+    if nftables.delete_table(service):
+        report.changed.append(f"deleted nftables table inet {nftables.table_name(service)}")
+    for entry in record.get("users", []):
+        if users.remove(UserSpec(entry["name"], service, entry["process"])):
+            report.changed.append(f"removed user {entry['name']}")
+    shutil.rmtree(run_dir(service), ignore_errors=True)
+    if purge:
+        shutil.rmtree(state)
+        report.changed.append(f"removed {state} (volumes included)")
+    else:
+        for child in state.iterdir():
+            if child.name != "volumes":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        report.changed.append(f"removed base images; volumes kept in {state / 'volumes'}")
+    for parent in (run_root(), lib_root()):
+        try:
+            parent.rmdir()  # only if no other service is left
+        except OSError:
+            pass
+    return report

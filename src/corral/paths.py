@@ -1,0 +1,43 @@
+"""Where corral keeps state: /var/lib/corral/NAME and /run/corral/NAME, both moved by CORRAL_ROOT."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def corral_root() -> Path:
+    return Path(os.environ.get("CORRAL_ROOT") or "/")
+
+
+def lib_root() -> Path:
+    return corral_root() / "var/lib/corral"
+
+
+def run_root() -> Path:
+    return corral_root() / "run/corral"
+
+
+def lib_dir(service: str) -> Path:
+    return lib_root() / service
+
+
+def run_dir(service: str) -> Path:
+    return run_root() / service
+
+
+def escape_path(path: str) -> str:
+    """A volume path as one directory name, unambiguously: "/srv/data" -> "srv-data".
+
+    The same scheme as systemd-escape --path, so administrators recognise it: "/" becomes "-",
+    and "-", "\\" and any byte outside [A-Za-z0-9:_.] become \\xNN."""
+    out = []
+    for i, byte in enumerate(path.strip("/").encode()):
+        char = chr(byte)
+        if char == "/":
+            out.append("-")
+        elif char.isascii() and (char.isalnum() or char in ":_") or (char == "." and i > 0):
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out) or "-"

@@ -1,0 +1,77 @@
+"""Plain text for people: aligned, short, the full detail is in --json."""
+
+from __future__ import annotations
+
+import os
+
+from .plan import ServicePlan
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _image_lines(plan: ServicePlan) -> list[str]:
+    entries = plan.image.entries
+    files = [e for e in entries if e.kind == "file"]
+    total = 0
+    for entry in files:
+        try:
+            total += os.lstat(os.path.join(plan.image.host_root, entry.path.lstrip("/"))).st_size
+        except OSError:
+            pass
+    included = tuple(p.rstrip("/") + "/" for p in plan.image.include)
+    libraries = sorted(e.path for e in files if ".so" in e.path and not e.path.startswith(included))
+    lines = [f"base image  from {plan.image.source}: {len(entries)} entries, {len(files)} files, "
+             f"{_size(total)}"]
+    lines += [f"  include         {path}" for path in plan.image.include]
+    lines += [f"  add             {a.path}" for a in plan.image.added]
+    lines += [f"  needed library  {lib}" for lib in libraries[:30]]
+    if len(libraries) > 30:
+        lines.append(f"  ... and {len(libraries) - 30} more (corral plan --json lists all)")
+    lines.append("  /etc/passwd, /etc/group: root and " + ", ".join(u.name for u in plan.users))
+    return lines
+
+
+def plan_text(plan: ServicePlan) -> str:
+    out = [f"service {plan.service}  ({plan.file})", "", "users"]
+    width = max(len(u.name) for u in plan.users)
+    for user in plan.users:
+        out.append(f"  {user.name:<{width}}  process {user.process}, system uid, no login shell, "
+                   "no home")
+    out += ["", *_image_lines(plan), "", "volumes"]
+    for vol in plan.volumes or ():
+        journal = f", journal, epoch {vol.epoch}s" if vol.journal else ""
+        out.append(f"  {vol.path:<20} owner {vol.owner}, mode {vol.mode:04o}{journal}")
+    if not plan.volumes:
+        out.append("  none: nothing survives a revert")
+    rules = sum(1 for item in plan.ruleset["nftables"] if "rule" in item.get("add", {}))
+    out += ["", f"firewall  table {plan.table}: {rules} rules, one atomic transaction"]
+    for sandbox in plan.sandbox:
+        listen = ", ".join(str(p) for p in _flows(plan, sandbox.process, "listen")) or "none"
+        connect = ", ".join(str(c) for c in _flows(plan, sandbox.process, "connect")) or "none"
+        out.append(f"  {sandbox.process:<8} in: {listen}; out: {connect}; all else dropped, logged")
+    out += ["", "sandbox"]
+    for s in plan.sandbox:
+        limits = s.limits
+        out += [
+            f"  {s.process}  as {s.user}: {' '.join(s.command)}",
+            f"    capabilities  {', '.join(s.capabilities) or 'none'}; no_new_privs",
+            f"    namespaces    {' '.join(s.namespaces)} (network: host, filtered per user)",
+            f"    executables   {', '.join(s.executables)}",
+            f"    seccomp       {s.seccomp.mode}, {len(s.seccomp.syscalls)} system calls",
+            f"    writable      {', '.join(s.landlock.read_write)}",
+            f"    limits        memory {_size(limits['memory'])}, pids {limits['pids']}, "
+            f"open files {limits['open_files']}, cpu {limits['cpu']}",
+        ]
+    return "\n".join(out)
+
+
+def _flows(plan: ServicePlan, process: str, kind: str) -> list[object]:
+    for flow in plan.flows:
+        if flow.process == process:
+            return list(getattr(flow, kind))
+    return []

@@ -1,0 +1,502 @@
+"""Tests for corral.nftables: golden file, pure properties, and the rules on a real kernel.
+
+The kernel tests need root, nft, ip, useradd and setpriv. They never touch the host's ruleset:
+everything is applied inside throwaway network namespaces (corral-t-*), deleted even on failure.
+Test users corral-tstXXXXXX-{app,worker} are created with useradd and removed with userdel.
+
+Lab topology:  netns MAIN (lo up, veth 10.77.0.1/24 fd77::1/64)  <->  netns PEER (10.77.0.2 fd77::2)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corral import nftables
+from corral.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
+from corral.nftables import NftError, ProcessFlows, service_ruleset
+
+GOLDEN = Path(__file__).parent / "golden" / "nft_web.json"
+# The test users must run a python they can read; pyenv shims under /root are not readable.
+PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+
+
+def flows(service: str, app_listen, app_connect, worker_connect) -> list[ProcessFlows]:
+    return [
+        ProcessFlows("app", f"corral-{service}-app", tuple(parse_ports(p) for p in app_listen),
+                     tuple(parse_endpoint(e) for e in app_connect)),
+        ProcessFlows("worker", f"corral-{service}-worker", (),
+                     tuple(parse_endpoint(e) for e in worker_connect)),
+    ]
+
+
+SAMPLE = flows("web", ["tcp/8080"],
+               ["udp/53@127.0.0.53", "tcp/5432@10.0.0.5/32", "tcp/443@2001:db8::/32"],
+               ["tcp/6379@127.0.0.1"])
+
+
+# ---------------------------------------------------------------- golden and pure tests
+
+def update_golden() -> None:
+    """Regenerate tests/golden/nft_web.json (run with CORRAL_UPDATE_GOLDEN=1)."""
+    GOLDEN.parent.mkdir(exist_ok=True)
+    # One command per line: diffs show which set, chain or rule changed.
+    cmds = service_ruleset("web", SAMPLE)["nftables"]
+    GOLDEN.write_text('{"nftables": [\n' + ",\n".join(json.dumps(c) for c in cmds) + "\n]}\n")
+
+
+def test_golden_web():
+    if os.environ.get("CORRAL_UPDATE_GOLDEN") == "1":
+        update_golden()
+    assert service_ruleset("web", SAMPLE) == json.loads(GOLDEN.read_text())
+
+
+def test_deterministic_and_order_independent():
+    assert service_ruleset("web", SAMPLE) == service_ruleset("web", list(reversed(SAMPLE)))
+    assert json.dumps(service_ruleset("web", SAMPLE)) == json.dumps(service_ruleset("web", SAMPLE))
+
+
+def test_recreates_table_first():
+    cmds = service_ruleset("web", SAMPLE)["nftables"]
+    table = {"table": {"family": "inet", "name": "corral-web"}}
+    assert cmds[:3] == [{"add": table}, {"delete": table}, {"add": table}]
+    # Everything else lives in our table only.
+    assert all(next(iter(c["add"].values()))["table"] == "corral-web" for c in cmds[3:])
+
+
+def test_uids_replace_user_names():
+    doc = json.dumps(service_ruleset("web", SAMPLE, uids={"corral-web-app": 901, "corral-web-worker": 902}))
+    assert "corral-web-app" not in doc and "[901, {" in doc
+    with pytest.raises(ValueError, match="no uid"):
+        service_ruleset("web", SAMPLE, uids={"corral-web-app": 901})
+
+
+def test_rejects_bad_names_and_duplicates():
+    with pytest.raises(ValueError):
+        nftables.table_name("we b")
+    with pytest.raises(ValueError, match="duplicate"):
+        service_ruleset("web", [SAMPLE[0], SAMPLE[0]])
+    with pytest.raises(ValueError):
+        service_ruleset("web", [ProcessFlows('a"b', "u", (), ())])
+
+
+def test_any_address_goes_to_both_families():
+    eps = [parse_endpoint("udp/123")]
+    assert [(str(n), p, f, l) for n, p, f, l in nftables.connect_boxes(eps, 4)] == [("0.0.0.0/0", "udp", 123, 123)]
+    assert [(str(n), p, f, l) for n, p, f, l in nftables.connect_boxes(eps, 6)] == [("::/0", "udp", 123, 123)]
+
+
+def test_listen_ranges_merge():
+    specs = [PortSpec("tcp", 8000, 8010), PortSpec("tcp", 8011, 8012), PortSpec("udp", 53, 53),
+             PortSpec("tcp", 8005, 8006)]
+    assert nftables.listen_boxes(specs) == [("tcp", 8000, 8012), ("udp", 53, 53)]
+
+
+_NETS = ["10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32", "10.0.0.7/32", None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(1, 12), st.integers(0, 5),
+                          st.sampled_from(_NETS)), max_size=8))
+def test_connect_boxes_are_disjoint_and_exact(entries):
+    """Splitting into boxes keeps exactly the allowed (addr, proto, port) points, without overlap
+    (the kernel refuses partially overlapping elements in a concatenated interval set)."""
+    eps = [Endpoint(proto, first, first + width, net) for proto, first, width, net in entries]
+    boxes = nftables.connect_boxes(eps, 4)
+    for i, (n1, p1, f1, l1) in enumerate(boxes):
+        for n2, p2, f2, l2 in boxes[i + 1:]:
+            assert not (p1 == p2 and n1.overlaps(n2) and f1 <= l2 and f2 <= l1)
+    for addr in [ipaddress.ip_address(f"10.0.0.{i}") for i in range(9)]:
+        for proto in ("tcp", "udp"):
+            for port in range(1, 19):
+                want = any(e.proto == proto and e.first <= port <= e.last
+                           and (e.network is None or addr in ipaddress.ip_network(e.network)) for e in eps)
+                got = any(p == proto and f <= port <= l and addr in n for n, p, f, l in boxes)
+                assert got == want
+
+
+# ---------------------------------------------------------------- kernel helpers
+
+need_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("nft", "ip", "useradd", "userdel", "setpriv")),
+    reason="needs root, nft, ip, useradd and setpriv")
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 10) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr}")
+    return proc.stdout
+
+
+@contextmanager
+def netns(name: str):
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def nft_in(ns: str, *args: str) -> str:
+    return sh("ip", "netns", "exec", ns, "nft", *args)
+
+
+def listing(ns: str, service: str) -> tuple[str, list]:
+    """Text and handle-free JSON listing of our table (table handles differ between creations)."""
+    table = nftables.table_name(service)
+    text = nft_in(ns, "list", "table", "inet", table)
+    items = json.loads(nft_in(ns, "-j", "list", "table", "inet", table))["nftables"]
+    for item in items:
+        for obj in item.values():
+            obj.pop("handle", None)
+    return text, items
+
+
+def counter(ns: str, service: str, process: str, reason: str) -> int:
+    chain = json.loads(nft_in(ns, "-j", "list", "chain", "inet", nftables.table_name(service), f"proc-{process}"))
+    for item in chain["nftables"]:
+        rule = item.get("rule")
+        if rule and rule.get("comment") == reason:
+            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    raise AssertionError(f"no drop rule {reason} in proc-{process}")
+
+
+def as_user(ns: str, user: str | None, script: str, *args: str, caps: str = "") -> list[str]:
+    cmd = ["ip", "netns", "exec", ns]
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        cmd += ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid), "--clear-groups"]
+        if caps:
+            cmd += ["--inh-caps", caps, "--ambient-caps", caps]
+    return cmd + [PY, "-c", script, *args]
+
+
+def run(ns: str, user: str | None, script: str, *args: str, caps: str = "") -> str:
+    return sh(*as_user(ns, user, script, *args, caps=caps), timeout=15).strip()
+
+
+def spawn(ns: str, user: str | None, script: str, *args: str) -> subprocess.Popen:
+    """Start a long-running helper and wait for its "ready" line."""
+    proc = subprocess.Popen(as_user(ns, user, script, *args), stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise AssertionError(f"helper did not start: {line!r}")
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=5)
+    return out.strip()
+
+
+def stop_after(proc: subprocess.Popen) -> str:
+    """Output of a helper that ends by itself (its own timeout bounds the wait)."""
+    out, _ = proc.communicate(timeout=5)
+    return out.strip()
+
+
+# Root-owned TCP servers: answer "ok" on every ADDR:PORT given.
+SERVER = r"""
+import socket, sys, threading
+def serve(s):
+    while True:
+        c, _ = s.accept(); c.sendall(b"ok"); c.close()
+for spec in sys.argv[1:]:
+    host, port = spec.rsplit(":", 1)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(port))); s.listen(16)
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# TCP client: prints "ok", or the exception name (TimeoutError / PermissionError = blocked).
+CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.settimeout(1.0)
+try:
+    s.connect((host, port)); print("ok" if s.recv(8) == b"ok" else "bad answer")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+# TCP server for one connection on 0.0.0.0:PORT, run as a contained user.
+LISTENER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4); s.settimeout(5)
+print("ready", flush=True)
+c, _ = s.accept(); c.sendall(b"ok"); c.close(); print("accepted", flush=True)
+"""
+
+# UDP receiver: prints the source address of the first datagram, or "timeout".
+UDP_RECEIVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(1.5)
+print("ready", flush=True)
+try:
+    print(s.recvfrom(64)[1][0])
+except TimeoutError:
+    print("timeout")
+"""
+
+# UDP sender with an arbitrary source address: IP_TRANSPARENT (needs CAP_NET_ADMIN) lets the
+# socket bind to and send from an address the host does not own.
+SPOOFER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+s.bind((sys.argv[1], 0))
+try:
+    s.sendto(b"x", (sys.argv[2], int(sys.argv[3]))); print("sent")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+# Minimal NFLOG listener: binds GROUP via nfnetlink_log, prints log prefixes until it sees WANTED.
+NFLOG_LISTENER = r"""
+import socket, struct, sys
+group = int(sys.argv[1])
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+s.bind((0, 0))
+# NFULNL_MSG_CONFIG (subsystem ULOG=4, msg 1), nfgenmsg(res_id=group), attr NFULA_CFG_CMD=BIND
+body = struct.pack("=BBH", 0, 0, socket.htons(group)) + struct.pack("=HHB3x", 5, 1, 1)
+s.send(struct.pack("=IHHII", 16 + len(body), (4 << 8) | 1, 1 | 4, 1, 0) + body)
+s.settimeout(3)
+err = struct.unpack_from("=i", s.recv(4096), 16)[0]
+print("ready" if err == 0 else f"bind error {err}", flush=True)
+while True:
+    data = s.recv(65536)
+    off = 0
+    while off + 20 <= len(data):
+        length, mtype = struct.unpack_from("=IH", data, off)
+        if mtype == (4 << 8) | 0:  # NFULNL_MSG_PACKET
+            a = off + 20
+            while a + 4 <= off + length:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype & 0x7FFF == 10:  # NFULA_PREFIX
+                    prefix = data[a + 4:a + alen].rstrip(b"\0").decode()
+                    print(prefix, flush=True)
+                    if prefix == sys.argv[2]:
+                        sys.exit(0)
+                a += (alen + 3) & ~3
+        off += max((length + 3) & ~3, 16)
+"""
+
+
+# ---------------------------------------------------------------- kernel fixtures
+
+@pytest.fixture(scope="module")
+def users():
+    """Two real system users for service tstXXXXXX; removed again even on failure."""
+    service = "tst" + secrets.token_hex(3)
+    names = {p: f"corral-{service}-{p}" for p in ("app", "worker")}
+    created = []
+    try:
+        for name in names.values():
+            sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name)
+            created.append(name)
+        yield service, names
+    finally:
+        for name in created:
+            sh("userdel", name, check=False)
+
+
+@dataclass
+class Lab:
+    service: str
+    users: dict
+    ns: str
+    peer: str
+
+
+LAB_APP_LISTEN = ["tcp/8080"]
+LAB_APP_CONNECT = ["tcp/9000@10.77.0.2", "tcp/9001@127.0.0.1", "tcp/9002@fd77::2",
+                   "udp/9053@10.77.0.2", "tcp/9003@10.77.0.2"]   # nobody listens on 9003
+LAB_WORKER_CONNECT = ["tcp/9000", "tcp/8080@127.0.0.1"]
+
+
+@pytest.fixture(scope="module")
+def lab(users):
+    service, names = users
+    tag = service[3:]
+    procs: list[subprocess.Popen] = []
+    with netns(f"corral-t-{tag}") as ns, netns(f"corral-t-{tag}-p") as peer:
+        try:
+            sh("ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer)
+            for where, dev, n in ((ns, "v0", 1), (peer, "v1", 2)):
+                sh("ip", "-n", where, "addr", "add", f"10.77.0.{n}/24", "dev", dev)
+                sh("ip", "-n", where, "addr", "add", f"fd77::{n}/64", "dev", dev, "nodad")
+                sh("ip", "-n", where, "link", "set", dev, "up")
+            procs.append(spawn(peer, None, SERVER, "10.77.0.2:9000", "10.77.0.2:9009",
+                               "fd77::2:9002", "fd77::2:9009"))
+            # 5432 plays a host-only database on loopback that no process declared.
+            procs.append(spawn(ns, None, SERVER, "127.0.0.1:9001", "127.0.0.1:5432"))
+            # Neighbour discovery on a fresh veth can take over a second: let root's traffic
+            # settle it before any test counts a timeout as "blocked".
+            for _ in range(10):
+                if run(ns, None, CLIENT, "fd77::2", "9002") == "ok":
+                    break
+            assert run(ns, None, CLIENT, "10.77.0.2", "9000") == "ok"
+            nftables.apply(service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
+                                                          LAB_WORKER_CONNECT)), netns=ns)
+            yield Lab(service, names, ns, peer)
+        finally:
+            for proc in procs:
+                stop(proc)
+
+
+BLOCKED = ("TimeoutError", "PermissionError")
+
+
+# ---------------------------------------------------------------- kernel tests
+
+@need_root
+def test_check_mode_accepts_ruleset():
+    with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
+        nftables.check(service_ruleset("web", SAMPLE, uids={"corral-web-app": 64001,
+                                                            "corral-web-worker": 64002}), netns=ns)
+        # nft resolves user names even in check mode: an unknown user is an error, not a no-op rule.
+        with pytest.raises(NftError, match="User does not exist"):
+            nftables.check(service_ruleset("web", SAMPLE), netns=ns)
+        assert not nftables.table_exists("web", netns=ns)
+
+
+@need_root
+def test_declared_egress_passes(lab):
+    app, worker = lab.users["app"], lab.users["worker"]
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+    assert run(lab.ns, app, CLIENT, "127.0.0.1", "9001") == "ok"   # declared loopback
+    assert run(lab.ns, app, CLIENT, "fd77::2", "9002") == "ok"     # IPv6 (fib saddr too)
+    assert run(lab.ns, worker, CLIENT, "10.77.0.2", "9000") == "ok"  # no address = any address
+    # Errors about allowed flows come back: RST from a declared but closed port is not filtered.
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9003") == "ConnectionRefusedError"
+
+
+@need_root
+def test_undeclared_egress_blocked(lab):
+    app, worker = lab.users["app"], lab.users["worker"]
+    before = counter(lab.ns, lab.service, "app", "egress")
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9009") in BLOCKED     # other port
+    assert run(lab.ns, app, CLIENT, "fd77::2", "9009") in BLOCKED       # other port, IPv6
+    assert run(lab.ns, app, CLIENT, "127.0.0.1", "5432") in BLOCKED     # loopback is not special
+    assert run(lab.ns, worker, CLIENT, "127.0.0.1", "9001") in BLOCKED  # other process's grant
+    assert counter(lab.ns, lab.service, "app", "egress") > before
+
+
+@need_root
+def test_root_unaffected(lab):
+    assert run(lab.ns, None, CLIENT, "10.77.0.2", "9009") == "ok"
+    assert run(lab.ns, None, CLIENT, "127.0.0.1", "5432") == "ok"
+
+
+@need_root
+def test_declared_listen_reachable(lab):
+    server = spawn(lab.ns, lab.users["app"], LISTENER, "8080")
+    try:
+        assert run(lab.peer, None, CLIENT, "10.77.0.1", "8080") == "ok"
+    finally:
+        assert stop(server) == "accepted"
+    server = spawn(lab.ns, lab.users["app"], LISTENER, "8080")
+    try:  # another process of the service, over loopback, with both sides filtered
+        assert run(lab.ns, lab.users["worker"], CLIENT, "127.0.0.1", "8080") == "ok"
+    finally:
+        assert stop(server) == "accepted"
+
+
+@need_root
+def test_undeclared_listen_unreachable(lab):
+    before = counter(lab.ns, lab.service, "app", "listen")
+    server = spawn(lab.ns, lab.users["app"], LISTENER, "8081")
+    try:
+        assert run(lab.peer, None, CLIENT, "10.77.0.1", "8081") in BLOCKED
+        assert run(lab.ns, None, CLIENT, "127.0.0.1", "8081") in BLOCKED
+    finally:
+        assert stop(server) == ""  # never accepted anything
+    assert counter(lab.ns, lab.service, "app", "listen") > before
+
+
+@need_root
+def test_spoofed_source_dropped(lab):
+    """IP_TRANSPARENT (given to the test user as an ambient CAP_NET_ADMIN) is the way to send from a
+    foreign source address; the destination is declared, so only the spoof rule can stop it."""
+    app = lab.users["app"]
+    before = counter(lab.ns, lab.service, "app", "spoof")
+    for source, expect in (("10.77.0.1", "10.77.0.1"), ("10.77.0.99", "timeout")):
+        receiver = spawn(lab.peer, None, UDP_RECEIVER, "10.77.0.2", "9053")
+        sent = run(lab.ns, app, SPOOFER, source, "10.77.0.2", "9053", caps="+net_admin")
+        assert sent in ("sent", "PermissionError")
+        assert stop_after(receiver) == expect
+    assert counter(lab.ns, lab.service, "app", "spoof") == before + 1
+
+
+@need_root
+def test_denied_packet_reaches_nflog(lab):
+    wanted = f"corral {lab.service} worker egress"
+    listener = spawn(lab.ns, None, NFLOG_LISTENER, str(nftables.NFLOG_GROUP), wanted)
+    try:
+        assert run(lab.ns, lab.users["worker"], CLIENT, "10.77.0.2", "9009") in BLOCKED
+        assert wanted in stop_after(listener).splitlines()
+    finally:
+        stop(listener)
+
+
+@need_root
+def test_apply_twice_same_state_and_atomic_failure(users):
+    service, names = users
+    wanted = service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT, LAB_WORKER_CONNECT))
+    with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
+        nftables.apply(wanted, netns=ns)
+        first = listing(ns, service)
+        nftables.apply(wanted, netns=ns)
+        assert listing(ns, service) == first
+        # A different plan replaces the table completely; re-applying the first one restores it.
+        nftables.apply(service_ruleset(service, flows(service, ["udp/1-2"], ["udp/7"], [])), netns=ns)
+        assert listing(ns, service) != first
+        nftables.apply(wanted, netns=ns)
+        assert listing(ns, service) == first
+        # One transaction: a failing document leaves the installed table as it was.
+        broken = service_ruleset(service, [ProcessFlows("app", "corral-no-such-user-x", (), ())])
+        with pytest.raises(NftError, match="User does not exist"):
+            nftables.apply(broken, netns=ns)
+        assert listing(ns, service) == first
+
+
+@need_root
+def test_delete_table_only_ours(users):
+    service, _ = users
+    with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
+        sh("ip", "netns", "exec", ns, "nft", "add table inet othertable; "
+           "add chain inet othertable out { type filter hook output priority 0; policy accept; }; "
+           "add rule inet othertable out counter")
+        other = nft_in(ns, "list", "table", "inet", "othertable")
+        assert not nftables.delete_table(service, netns=ns)
+        nftables.apply(service_ruleset(service, flows(service, [], [], [])), netns=ns)
+        assert nftables.table_exists(service, netns=ns)
+        assert nftables.delete_table(service, netns=ns)
+        assert not nftables.table_exists(service, netns=ns)
+        assert not nftables.delete_table(service, netns=ns)
+        assert nft_in(ns, "list", "table", "inet", "othertable") == other
