@@ -1,25 +1,25 @@
 """The files a service image needs: its includes plus the shared-library closure of each ELF.
 
 Nothing is executed (no ldd, no `ld.so --list`): the files may be untrusted. pyelftools reads the
-headers and glibc's ld.so search is redone. For a DT_NEEDED name without "/": DT_RPATH of the
-object and its loaders up to the program (only if the object has no DT_RUNPATH, and skipping
-loaders that have one), its DT_RUNPATH, the /etc/ld.so.conf directories (ld.so reads the cache
-ldconfig builds from them: the image needs /etc/ld.so.cache for libraries found there), the
-default directories. LD_LIBRARY_PATH is no concern: there is no process. A candidate of another
-ELF class, byte order or machine is skipped as ld.so skips it; a name loaded in the chain already
-(as DT_NEEDED or DT_SONAME) is reused. $ORIGIN: the directory the object was found in (for the
-program with symlinks resolved, as /proc/self/exe); $PLATFORM: AT_PLATFORM; $LIB: Debian's
-"lib/x86_64-linux-gnu", not upstream's "lib64" (LD_DEBUG=files shows it). Empty and relative
-elements mean the working directory and are skipped; glibc-hwcaps subdirectories are not searched.
+headers; glibc's ld.so search is redone. For a DT_NEEDED name without "/": DT_RPATH of the object
+and its loaders up to the program (if the object has no DT_RUNPATH; DT_RPATH is ignored in those
+that have one), its DT_RUNPATH, the /etc/ld.so.conf directories (the image needs the ld.so.cache
+built from them for what is found there), the default directories; there is no LD_LIBRARY_PATH.
+A candidate of another ELF class, byte order or machine is skipped as ld.so skips it; a name the
+chain has loaded already (as DT_NEEDED or DT_SONAME) is reused. $ORIGIN is the directory the
+object was found in (the program's with symlinks resolved, as /proc/self/exe), $PLATFORM is
+AT_PLATFORM, $LIB is Debian's "lib/x86_64-linux-gnu", not upstream's "lib64" (as LD_DEBUG=files
+shows). Empty and relative elements (the working directory) and glibc-hwcaps are not searched.
 
 Paths are resolved component by component as the kernel does in a chroot at `host_root`: absolute
-link texts restart at host_root, ".." stops there, at most 40 symlinks a lookup. So nothing outside
-host_root is read, and every symlink met is recorded: the image needs it to resolve the same path.
-Entry paths are physical (no symlink among their ancestors): the builder follows nothing.
+link texts restart at host_root, ".." stops there, 40 symlinks at most. Nothing outside host_root
+is read; every symlink met is recorded, as the image needs it to resolve the same path. Entry
+paths are physical (no symlink among their ancestors): the image builder follows nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import posixpath
@@ -32,12 +32,14 @@ from elftools.elf.elffile import ELFFile
 
 MAX_SYMLINKS = 40  # the kernel's limit per path lookup (ELOOP beyond)
 
+# Mounted in the service at run time, never image content: what resolves into them is not added
+# (a symlink such as /etc/mtab -> ../proc/self/mounts stays, dangling), nor walked.
+_VIRTUAL = ("/proc", "/sys", "/dev")
+
 # (EI_CLASS, e_machine) -> ($PLATFORM, $LIB, default directories), as Debian's glibc has them.
 _ARCH: dict[tuple[int, str], tuple[str, str, tuple[str, ...]]] = {
     (64, "EM_X86_64"): ("x86_64", "lib/x86_64-linux-gnu", ("/lib/x86_64-linux-gnu",
                         "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")),
-    (32, "EM_386"): ("i686", "lib/i386-linux-gnu", ("/lib/i386-linux-gnu",
-                     "/usr/lib/i386-linux-gnu", "/lib", "/usr/lib")),
 }
 _OTHER_ARCH: tuple[str | None, str, tuple[str, ...]] = (None, "lib", ("/lib", "/usr/lib"))
 
@@ -95,11 +97,11 @@ class _Node:
 
 
 def _parse_elf(f) -> _Elf | None:
-    """Dependencies of an ELF stream, or None when pyelftools cannot make sense of it (it then is
-    just data to copy; ld.so would refuse it too). pyelftools raises a zoo of exception types on
-    malformed input (ELFError, ConstructError, ValueError, UnicodeDecodeError...), hence the broad
-    except: these files are untrusted and a malformed one must not crash the planner."""
+    """What loading an ELF takes, or None when pyelftools cannot parse it (it is then data to copy;
+    ld.so would refuse it too). The broad except: pyelftools raises a zoo of types (ELFError,
+    ConstructError, ValueError...) on malformed input, and these files are untrusted."""
     try:
+        f.seek(0)
         elf = ELFFile(f)
         interp, dyn = None, {"needed": [], "soname": [], "rpath": [], "runpath": []}
         for seg in elf.iter_segments():
@@ -172,15 +174,14 @@ class _Closure:
     def elf(self, path: str) -> _Elf | None:
         """The ELF at physical `path`, or None for any other file; cached."""
         if path not in self._elf:
-            self._elf[path] = None
             try:  # O_NOFOLLOW|O_NONBLOCK: never through a symlink swapped in, never hang on a fifo
                 fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as exc:
                 raise ClosureError(f'"{path}": {exc.strerror.lower()}', path=path) from None
+            # Most files are no ELF: no parse for them. Scripts are data too: their #! line is
+            # not followed (an interpreter the service needs is named in `include`).
             with os.fdopen(fd, "rb") as f:
-                if f.read(4) == b"\x7fELF":  # most files are not ELF: no parse for them
-                    f.seek(0)
-                    self._elf[path] = _parse_elf(f)
+                self._elf[path] = _parse_elf(f) if f.read(4) == b"\x7fELF" else None
         return self._elf[path]
 
     # --- entries ---------------------------------------------------------------------------
@@ -192,7 +193,10 @@ class _Closure:
 
     def add_resolved(self, res: _Resolved, program: bool = True) -> bool:
         """The symlinks and directories met, and the object: a directory is wanted whole, an ELF
-        file starts a load chain if `program`. False for a device, fifo or socket: no content."""
+        file starts a load chain if `program`. False for what is no image content (a device,
+        fifo or socket, or anything under /proc, /sys or /dev)."""
+        if any(res.path == v or res.path.startswith(v + "/") for v in _VIRTUAL):
+            return False
         for link, target in res.links:
             self.entries[link] = ImageEntry(link, "symlink", target, 0o777)
         for d in res.dirs:
@@ -212,18 +216,17 @@ class _Closure:
             if not path.startswith("/"):
                 raise _Unresolved("not an absolute path")
             if not self.add_resolved(self.resolve(path)):
-                raise _Unresolved("not a regular file, directory or symbolic link")
+                raise _Unresolved("no image content (a special file, or under /proc, /sys, /dev)")
         except _Unresolved as exc:
             raise ClosureError(f'"{path}": {exc}', index=index, path=path) from None
         except ClosureError as exc:  # a symlink loop: say which include it was
             raise ClosureError(str(exc), index=index, path=path) from None
 
-    def walk_tree(self, top: str) -> None:
-        """Everything beneath `top`. Symlinks stay symlinks, and what they resolve to is added
-        wherever it is (a directory whole); a dangling one is kept as it is."""
-        stack = [top]
-        while stack:
-            d = stack.pop()
+    def walk_trees(self) -> None:
+        """Everything beneath the wanted directories. Symlinks stay symlinks, and what they
+        resolve to is added wherever it is (a directory whole); a dangling one is kept as it is."""
+        while self._to_walk:
+            d = self._to_walk.pop()
             if d in self._walked:
                 continue
             self._walked.add(d)
@@ -235,17 +238,17 @@ class _Closure:
             for e in children:
                 path = d.rstrip("/") + "/" + e.name
                 st = self._lstat[path] = e.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
+                if stat.S_ISDIR(st.st_mode) and path in _VIRTUAL:
+                    self.add_dir(path)  # a mount point: the directory only
+                elif stat.S_ISDIR(st.st_mode):
+                    self._to_walk.append(path)
                 elif not stat.S_ISLNK(st.st_mode):
                     self.add_resolved(_Resolved(path, (), ()))
                 else:
                     target = os.readlink(self.prefix + path)
                     self.entries[path] = ImageEntry(path, "symlink", target, 0o777)
-                    try:
+                    with contextlib.suppress(_Unresolved):  # dangling: kept as it is
                         self.add_resolved(self.resolve(path))
-                    except _Unresolved:
-                        pass
 
     # --- the dynamic loader's view ---------------------------------------------------------
     def _read_conf(self, path: str, seen: set[str]) -> None:
@@ -253,7 +256,7 @@ class _Closure:
         the including file's directory, `hwcap` lines ignored, # comments."""
         try:
             res = self.resolve(path)
-        except _Unresolved:
+        except (_Unresolved, ClosureError):  # missing or a symlink loop: no directories from it
             return
         if res.path in seen or not stat.S_ISREG(self.lstat(res.path).st_mode):  # include loops
             return
@@ -261,25 +264,17 @@ class _Closure:
         with open(self.prefix + res.path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
         for words in (line.split("#", 1)[0].split() for line in lines):
-            if words and words[0] == "include":
+            if words and words[0] == "include":  # glob(3), wildcards in the last component only
                 for pattern in words[1:]:
-                    for conf in self.glob(posixpath.join(posixpath.dirname(path), pattern)):
-                        self._read_conf(conf, seen)
+                    d, _, name = posixpath.join(posixpath.dirname(path), pattern).rpartition("/")
+                    with contextlib.suppress(_Unresolved, OSError):  # listed inside host_root
+                        for n in sorted(os.listdir(self.prefix + self.resolve(d or "/").path)):
+                            if fnmatch.fnmatchcase(n, name) and (name[:1] == "." or n[:1] != "."):
+                                self._read_conf(d + "/" + n, seen)
             elif words and words[0].lower() != "hwcap":
                 d = " ".join(words).split("=", 1)[0].rstrip("/")
                 if d.startswith("/") and d not in self._conf:  # ldconfig ignores relative ones
                     self._conf.append(d)
-
-    def glob(self, pattern: str) -> list[str]:
-        """glob(3) with wildcards in the last component only (as ld.so.conf files have them),
-        the directory listed through resolve() so as not to leave host_root."""
-        d, _, name = pattern.rpartition("/")
-        try:
-            names = os.listdir(self.prefix + self.resolve(d or "/").path)
-        except (_Unresolved, OSError):
-            return []
-        return sorted(d + "/" + n for n in names if fnmatch.fnmatchcase(n, name)
-                      and (name.startswith(".") or not n.startswith(".")))
 
     def expand(self, text: str, node: _Node) -> str | None:
         """Dynamic string tokens; None if one has no value (ld.so then drops the element)."""
@@ -312,14 +307,12 @@ class _Closure:
         if key not in self._found:
             self._found[key] = None
             for cand in candidates:
-                try:
+                with contextlib.suppress(_Unresolved):
                     res = self.resolve(cand)
-                except _Unresolved:
-                    continue
-                if stat.S_ISREG(self.lstat(res.path).st_mode) and \
-                        (lib := self.elf(res.path)) and lib.arch == node.elf.arch:
-                    self._found[key] = (cand, res)
-                    break
+                    if stat.S_ISREG(self.lstat(res.path).st_mode) and \
+                            (lib := self.elf(res.path)) and lib.arch == node.elf.arch:
+                        self._found[key] = (cand, res)
+                        break
         if self._found[key] is None:
             where = ("which is not found in its RUNPATH, /etc/ld.so.conf paths or the default "
                      "directories" if "/" not in name else "which is not found")
@@ -371,11 +364,10 @@ class _Closure:
     def run(self, include: Sequence[str]) -> list[ImageEntry]:
         for index, path in enumerate(include):
             self.add_include(path, index)
-        while self._to_walk:
-            self.walk_tree(self._to_walk.pop())
+        self.walk_trees()
         for program in self._programs:  # grows while walked: interpreters are programs too
             self.load_chain(program)
-        # No ancestor pass is needed: every entry was found by resolve() or walk_tree(), which
+        # No ancestor pass is needed: every entry was found by resolve() or walk_trees(), which
         # added each directory they passed through.
         return sorted(self.entries.values())
 

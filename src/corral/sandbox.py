@@ -14,7 +14,7 @@ from .manifest import Manifest, Process
 # Grouped so the documentation (docs/sandbox.md) and the plan can say why each call is denied.
 DEFAULT_DENY: dict[str, tuple[str, ...]] = {
     "mounts and namespaces (escape the minimal root)": (
-        "mount", "umount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
+        "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
         "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "unshare", "setns",
     ),
     "debugging other processes": (
@@ -35,7 +35,8 @@ DEFAULT_DENY: dict[str, tuple[str, ...]] = {
 # clone3 takes its flags in memory, which seccomp cannot inspect, so it gets ENOSYS (glibc then
 # falls back to clone, whose flags seccomp can see); clone itself is allowed unless it asks for CLONE_NEWUSER
 # or another namespace flag, which `launch` filters by argument.
-CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
+CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+# (CLONE_NEWTIME only exists for clone3 and unshare, both denied.)
 
 
 def default_deny() -> list[str]:

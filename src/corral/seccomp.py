@@ -1,0 +1,161 @@
+"""Compile a `SeccompPlan` into a libseccomp filter (in the supervisor) and load it (in the child).
+
+The filter, for the native architecture only (x86_64 here):
+
+- deny-list: everything is allowed except the plan's calls (the deny action, EPERM), `clone`
+  with any namespace flag and `ioctl` TIOCSTI/TIOCLINUX (terminal injection);
+- allow-list: everything is denied except the plan's calls and `ALWAYS_ALLOWED`; a listed
+  `clone` or `ioctl` keeps the same argument restrictions as in the deny-list;
+- in both: `plan.enosys` (clone3) gets ENOSYS so glibc falls back to `clone`, whose flags we
+  can check; a call made through another ABI (i386 `int 0x80`, x32 numbers with bit 0x40000000)
+  kills the process. libseccomp 2.5.4 emits that x32 check itself in a native x86_64 filter
+  (nr >= 0x40000000 and != -1 -> bad-arch action), so no extra rule is needed;
+- denials are logged (SECCOMP_FILTER_FLAG_LOG): audit records of type SECCOMP for the watcher.
+
+pyseccomp is imported inside the functions: corral's CLI must start without loading libseccomp.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from typing import TYPE_CHECKING
+
+from . import kernel
+from .sandbox import CLONE_NAMESPACE_FLAGS, SeccompPlan
+
+if TYPE_CHECKING:
+    import pyseccomp
+
+TIOCSTI = 0x5412  # push a byte into a terminal's input: keystroke injection into the owner's shell
+TIOCLINUX = 0x541C  # virtual-console selection paste: the same injection on a VT
+TTY_INJECTION = (TIOCSTI, TIOCLINUX)
+LOW32 = 0xFFFFFFFF  # ioctl's cmd is an unsigned int: the kernel ignores the upper 32 bits
+
+# Allowed whatever an allow-list says, since the child itself still has to get to the program:
+# execve (launch uses execve; execvpe is execve in a loop), exit/exit_group (a clean exit, of
+# the child if execve fails and of the program's threads), write (launch reports a failed
+# execve through its error pipe; without it the supervisor would think the program started)
+# and rt_sigreturn (returning from any signal handler: without it a signal arriving between
+# load and execve crashes the child with SIGSEGV). What the program needs after execve (the
+# dynamic loader's mmap, openat, ...) is the allow-list's business.
+ALWAYS_ALLOWED = ("execve", "exit", "exit_group", "rt_sigreturn", "write")
+
+_FIXED_ACTIONS = {"kill-process": "KILL_PROCESS", "kill-thread": "KILL_THREAD", "trap": "TRAP",
+                  "log": "LOG", "allow": "ALLOW"}
+
+
+def action(spec: str) -> int:
+    """libseccomp action of a plan string: "errno:EPERM" (or "errno:1"), "kill-process", ..."""
+    import pyseccomp
+
+    kind, _, arg = spec.partition(":")
+    if kind == "errno":
+        code = int(arg) if arg.isdigit() else getattr(errno, arg, None)
+        if isinstance(code, int):
+            return pyseccomp.ERRNO(code)
+    elif kind in _FIXED_ACTIONS and not arg:
+        return getattr(pyseccomp, _FIXED_ACTIONS[kind])
+    raise ValueError(f"unknown seccomp action {spec!r}")
+
+
+def _number(name: str) -> int | None:
+    """The native syscall number, or None for a call libseccomp does not know on this arch
+    (those are skipped: a plan written for another architecture or kernel must still load)."""
+    import pyseccomp
+
+    nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+    return nr if nr >= 0 else None  # -1: unknown; below: a pseudo number for another arch
+
+
+def _bits(mask: int) -> list[int]:
+    return [1 << i for i in range(mask.bit_length()) if mask >> i & 1]
+
+
+def _not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(mask, datum) pairs, one per rule, whose union is "low 32 bits not in values".
+
+    libseccomp has no masked "not equal", and NE compares all 64 bits (so 0x1_00005412 would
+    pass it while the kernel runs TIOCSTI). So cover the complement with MASKED_EQ rules: one
+    per bit on which all the values agree (any value differing there is none of them), plus
+    each exact value that agrees on those bits and is not one of them."""
+    diff = 0
+    for v in values:
+        diff |= v ^ values[0]
+    common = values[0] & ~diff & LOW32
+    pairs = [(bit, ~common & bit) for bit in _bits(LOW32 & ~diff)]
+    for chosen in itertools.product((0, 1), repeat=len(_bits(diff))):
+        v = common | sum(b for b, c in zip(_bits(diff), chosen) if c)
+        if v not in values:
+            pairs.append((LOW32, v))
+    return pairs
+
+
+def build(plan: SeccompPlan, *, log: bool = True) -> "pyseccomp.SyscallFilter":
+    import pyseccomp
+    from pyseccomp import MASKED_EQ, Arg
+
+    deny, enosys = action(plan.deny_action), pyseccomp.ERRNO(errno.ENOSYS)
+    if plan.mode not in ("deny-list", "allow-list"):
+        raise ValueError(f"unknown seccomp mode {plan.mode!r}")
+    default = pyseccomp.ALLOW if plan.mode == "deny-list" else deny
+    filt = pyseccomp.SyscallFilter(default)
+    # Only the native arch is in the filter, so any other ABI gets this action.
+    filt.set_attr(pyseccomp.Attr.ACT_BADARCH, action(plan.other_arch))
+    if log:
+        filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
+
+    def add(act: int, name: str, *args: Arg) -> None:
+        if (nr := _number(name)) is not None:
+            filt.add_rule(act, nr, *args)
+
+    special = set(plan.enosys)  # enosys wins over the list in both modes (see sandbox.py)
+    for name in sorted(special) if enosys != default else ():
+        add(enosys, name)
+    # Sorted, so the same plan always compiles to the same program.
+    if plan.mode == "deny-list":
+        listed = set(plan.syscalls) - special
+        for name in sorted(listed):
+            add(deny, name)
+        if "clone" not in listed | special:
+            # One rule per flag: MASKED_EQ(flag, flag) is "this flag is set". On x86_64 the flags
+            # are clone's first argument (clone(flags, stack, parent_tid, child_tid, tls)).
+            for flag in _bits(CLONE_NAMESPACE_FLAGS):
+                add(deny, "clone", Arg(0, MASKED_EQ, flag, flag))
+        if "ioctl" not in listed | special:
+            for cmd in TTY_INJECTION:
+                add(deny, "ioctl", Arg(1, MASKED_EQ, LOW32, cmd))
+    else:
+        listed = (set(plan.syscalls) | set(ALWAYS_ALLOWED)) - special
+        for name in sorted(listed - {"clone", "ioctl"}):
+            add(pyseccomp.ALLOW, name)
+        # A listed rule cannot be narrowed with a rule whose action is the default one
+        # (libseccomp refuses it), so these allow only the harmless arguments instead.
+        if "clone" in listed:
+            add(pyseccomp.ALLOW, "clone", Arg(0, MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))
+        if "ioctl" in listed:
+            for mask, datum in _not_in_low32(TTY_INJECTION):
+                add(pyseccomp.ALLOW, "ioctl", Arg(1, MASKED_EQ, mask, datum))
+    return filt
+
+
+def load(filt: "pyseccomp.SyscallFilter") -> None:
+    """In the child, last thing before execve. The kernel accepts a filter from an unprivileged
+    process only under no_new_privs; launch sets it earlier, set it here if it did not."""
+    if kernel.prctl(kernel.PR_GET_NO_NEW_PRIVS) != 1:
+        kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+    filt.load()  # the child is single-threaded after fork: no TSYNC needed
+
+
+def apply(plan: SeccompPlan) -> None:
+    load(build(plan))
+
+
+def export_bpf(plan: SeccompPlan) -> bytes:
+    """The compiled classic-BPF program (struct sock_filter array), for tests and inspection."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        build(plan).export_bpf(out)
+        out.seek(0)
+        return out.read()
