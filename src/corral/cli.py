@@ -117,9 +117,90 @@ def uninstall(target: str, purge: bool, as_json: bool) -> None:
     """Remove all that install made (users, base, table); volumes kept unless --purge."""
     from .host import uninstall as do_uninstall
 
+    from .service import down as do_down
+    from .service import read_state, supervisor_alive
+
     _need_root()
-    report = do_uninstall(_service_name(target), purge=purge)
+    name = _service_name(target)
+    if supervisor_alive(read_state(name)):
+        do_down(name)
+    report = do_uninstall(name, purge=purge)
     _report(report, as_json, f"{report.service}: nothing to remove")
+
+
+@main.command()
+@click.argument("file")
+@handled
+def run(file: str) -> None:
+    """Run the service in the foreground (Ctrl-C stops it); its output is shown here."""
+    from .service import run as do_run
+
+    _need_root()
+    sys.exit(do_run(_installed(file)))
+
+
+@main.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Report the state as JSON.")
+@handled
+def up(file: str, as_json: bool) -> None:
+    """Start the service in the background; returns when every process runs and listens."""
+    from .service import up as do_up
+
+    _need_root()
+    result = do_up(_installed(file))
+    if as_json:
+        _print_json(result)
+    else:
+        state = result["state"]
+        verb = "started" if result["changed"] else "already running"
+        pids = ", ".join(f"{n} pid {p['pid']}" for n, p in state["processes"].items())
+        click.echo(f"{result['service']}: {verb} ({pids})")
+
+
+@main.command()
+@click.argument("name")
+@handled
+def down(name: str) -> None:
+    """Stop the service: every process, its delta, mounts and cgroups go."""
+    from .service import down as do_down
+
+    _need_root()
+    result = do_down(_service_name(name))
+    click.echo(f"{result['service']}: {'stopped' if result['changed'] else 'was not running'}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@handled
+def status(name: str | None, as_json: bool) -> None:
+    """Processes, users, delta size, incidents and journal epochs of one or all services."""
+    from .report import status_text
+    from .service import status as do_status
+
+    result = do_status(_service_name(name) if name else None)
+    if as_json:
+        _print_json(result if name is None else result[0])
+    else:
+        click.echo(status_text(result))
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("process")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@handled
+def exec_(name: str, process: str, argv: tuple[str, ...]) -> None:
+    """Run CMD inside PROCESS's containment: NAME PROCESS -- CMD..."""
+    from .service import exec_in
+
+    _need_root()
+    sys.exit(exec_in(_service_name(name), process, list(argv)))
+
+
+def _installed(target: str) -> str:
+    return _service_name(target)
 
 
 def _service_name(target: str) -> str:

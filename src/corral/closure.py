@@ -379,3 +379,26 @@ def image_closure(include: Sequence[str], host_root: str = "/") -> list[ImageEnt
     PT_INTERP and DT_NEEDED libraries, transitively. All reads happen under `host_root`; entry
     paths are image paths. Raises ClosureError."""
     return _Closure(host_root).run(include)
+
+
+def interpreter_of(path: str, host_root: str = "/") -> str | None:
+    """The program that the kernel opens to run `path` (an image path): the ELF's PT_INTERP or
+    a script's #! interpreter; None for a static ELF or data. Landlock must let the process
+    execute it too, or execve fails with EACCES."""
+    closure = _Closure(host_root)
+    try:
+        real = closure.resolve(path).path
+    except _Unresolved:
+        return None
+    elf = closure.elf(real)
+    if elf is not None:
+        return elf.interp
+    try:
+        with open(closure.prefix + real, "rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return None
+    if first.startswith(b"#!"):
+        words = first[2:].decode(errors="replace").split()
+        return words[0] if words and words[0].startswith("/") else None
+    return None

@@ -28,6 +28,15 @@ def key_path(loc: Sequence[str | int]) -> str:
     return text
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """"a\nb" -> "a\\nb": one line, printable, still recognisable."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return _CONTROLS.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with one input file; `loc` is empty for file-level problems."""
@@ -35,6 +44,12 @@ class Problem:
     file: str
     loc: tuple[str | int, ...]
     message: str
+
+    def __post_init__(self) -> None:
+        # Messages quote the user's values; control characters in them must not break the
+        # one-line format or reach a terminal raw (escape sequences).
+        object.__setattr__(self, "message", escape_controls(self.message))
+        object.__setattr__(self, "file", escape_controls(self.file))
 
     def __str__(self) -> str:
         where = key_path(self.loc)

@@ -8,6 +8,7 @@ leaves a record of what exists, which the next install or uninstall picks up.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import image, nftables, users
+from . import image, nftables, runtime, users
 from .errors import RuntimeFailure, UsageError
 from .paths import lib_dir, lib_root, run_dir, run_root
 from .plan import ServicePlan
@@ -114,6 +115,7 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
         _install_table(plan, record, report, undo)
         _save(state, record)
         _fault("table")
+        runtime.write(runtime_spec(plan, record))
         _remove_dropped_users(plan, record, report)
         record["installed_at"] = record.get("installed_at") or time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -127,6 +129,26 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
             raise
         raise RuntimeFailure(message) from exc
     return report
+
+
+def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSpec:
+    """What `run` needs, with the uids install just made or found."""
+    ids = {u["name"]: (u["uid"], u["gid"]) for u in record["users"]}
+    processes = []
+    for sandbox, flow in zip(plan.sandbox, plan.flows):
+        uid, gid = ids[sandbox.user]
+        processes.append(runtime.ProcessSpec(
+            name=sandbox.process, user=sandbox.user, uid=uid, gid=gid,
+            command=list(sandbox.command), environment=dict(sandbox.environment),
+            capabilities=list(sandbox.capabilities), limits=dict(sandbox.limits),
+            seccomp=dataclasses.asdict(sandbox.seccomp),
+            landlock=dataclasses.asdict(sandbox.landlock),
+            listen=[str(p) for p in flow.listen]))
+    owners = {u.name: u.process for u in plan.users}
+    return runtime.ServiceSpec(
+        service=plan.service, base_version=record["base"]["version"], delta=plan.delta,
+        delta_size=plan.delta_size, processes=processes,
+        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner]) for v in plan.volumes])
 
 
 def _save(state: Path, record: dict[str, Any]) -> None:

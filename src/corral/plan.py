@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nftables
-from .closure import ClosureError, ImageEntry, image_closure
+from .closure import ClosureError, ImageEntry, image_closure, interpreter_of
 from .errors import InputError, Problem
 from .manifest import Manifest
 from .paths import escape_path
@@ -71,6 +71,8 @@ class ServicePlan:
     flows: tuple[nftables.ProcessFlows, ...]
     ruleset: dict[str, Any]
     sandbox: tuple[SandboxPlan, ...]
+    delta: str = "tmpfs"
+    delta_size: int = 64 << 20
 
     @property
     def table(self) -> str:
@@ -90,6 +92,7 @@ class ServicePlan:
             "volumes": [dataclasses.asdict(v) | {"mode": f"{v.mode:04o}"} for v in self.volumes],
             "nftables": self.ruleset,
             "sandbox": [dataclasses.asdict(s) for s in self.sandbox],
+            "delta": {"kind": self.delta, "size": self.delta_size},
         }
 
 
@@ -167,6 +170,20 @@ def _check_executables(file: str, m: Manifest, image: ImagePlan) -> None:
         raise InputError(problems)
 
 
+def _interpreters(image: ImagePlan, executables: list[str]) -> tuple[str, ...]:
+    """PT_INTERP or #! of each executable, read from where the image will copy it from."""
+    sources = {a.path: a.source for a in image.added}
+    found = set()
+    for path in executables:
+        if path in sources:
+            interp = interpreter_of(sources[path], "/")
+        else:
+            interp = interpreter_of(path, image.host_root)
+        if interp:
+            found.add(interp)
+    return tuple(sorted(found))
+
+
 def plan_service(file: str, m: Manifest) -> ServicePlan:
     """Everything `install` and `run` will do for this manifest; raises InputError (exit 2)."""
     image = _image(file, m)
@@ -184,5 +201,8 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
         volumes=volumes,
         flows=flows,
         ruleset=nftables.service_ruleset(m.name, flows),
-        sandbox=tuple(sandbox_for(m, p, proc) for p, proc in m.process.items()),
+        sandbox=tuple(sandbox_for(m, p, proc, _interpreters(image, proc.executables))
+                      for p, proc in m.process.items()),
+        delta=m.image.delta,
+        delta_size=m.image.delta_size,
     )

@@ -75,3 +75,22 @@ def _flows(plan: ServicePlan, process: str, kind: str) -> list[object]:
         if flow.process == process:
             return list(getattr(flow, kind))
     return []
+
+
+def status_text(services: list[dict]) -> str:
+    if not services:
+        return "no service installed"
+    out = []
+    for svc in services:
+        out.append(f"{svc['service']}: {svc['state']}  (base {svc['base_version']}, delta "
+                   f"{svc['delta']['kind']} {_size(svc['delta']['bytes'])}, incidents "
+                   f"{svc['incidents']}, journal epochs {svc['journal_epochs']})")
+        if svc.get("landlock"):
+            out.append(f"  {svc['landlock']}")
+        for p in svc["processes"]:
+            pid = f"pid {p['pid']}" if p["pid"] else "-"
+            extra = f"  restarts {p['restarts']}" if p["restarts"] else ""
+            if p.get("error"):
+                extra += f"  ({p['error']})"
+            out.append(f"  {p['name']:<8} {p['state']:<8} {pid:<10} {p['user']}{extra}")
+    return "\n".join(out)

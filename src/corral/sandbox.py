@@ -85,18 +85,27 @@ class SandboxPlan:
 # Namespaces every process gets. The network namespace is the host's: per-user nftables rules
 # (meta skuid) filter it, which is what the seeds ask for and keeps declared ports reachable.
 NAMESPACES = ("mount", "pid", "ipc", "uts", "cgroup")
-# Read-only for every process: what the dynamic loader and libc read at start-up.
-LIBRARY_DIRS = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc")
+# Read-only for every process: what the dynamic loader and libc read at start-up, its own /proc
+# and the device nodes. Besides these, a process reads what the manifest put in the image
+# (`include`, `add`) and the volumes; nothing else of the root.
+LIBRARY_DIRS = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc", "/proc", "/dev")
 
 
 def _port_numbers(specs) -> tuple[int, ...]:
     return tuple(sorted({n for s in specs if s.proto == "tcp" for n in range(s.first, s.last + 1)}))
 
 
-def sandbox_for(m: Manifest, name: str, proc: Process) -> SandboxPlan:
+def sandbox_for(m: Manifest, name: str, proc: Process,
+                interpreters: tuple[str, ...] = ()) -> SandboxPlan:
+    """`interpreters`: the ELF or #! interpreters of the process's executables, which the kernel
+    opens for execution too (found by `plan`, which reads the image)."""
     volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.volume)
-    rw = tuple(sorted({p for p, access in volumes if access == "rw"} | set(proc.writable) | {"/tmp"}))
-    ro = tuple(sorted({p for p, access in volumes if access == "ro"} | set(LIBRARY_DIRS)))
+    # /dev: writes to null, full and the shm tmpfs; the /dev mount itself is read-only.
+    rw = tuple(sorted({p for p, access in volumes if access == "rw"} | set(proc.writable)
+                      | {"/tmp", "/dev"}))
+    ro = tuple(sorted({p for p, access in volumes if access == "ro"} | set(LIBRARY_DIRS)
+                      | set(m.image.include) | set(m.image.add)
+                      | ({"/"} if m.image.source != "closure" and not m.image.include else set())))
     if proc.syscalls == "default":
         seccomp = SeccompPlan("deny-list", tuple(default_deny()))
     else:
@@ -113,7 +122,7 @@ def sandbox_for(m: Manifest, name: str, proc: Process) -> SandboxPlan:
         writable=tuple(proc.writable),
         seccomp=seccomp,
         landlock=LandlockPlan(
-            read_exec=tuple(proc.executables),
+            read_exec=tuple(sorted(set(proc.executables) | set(interpreters))),
             read_only=ro,
             read_write=rw,
             tcp_bind=_port_numbers(proc.listen),

@@ -1,0 +1,199 @@
+"""Start one contained process, or run a command inside a running one's containment.
+
+    supervisor ──fork──> holder: joins the cgroup, unshares mount, PID, IPC, UTS and cgroup
+                          namespaces, forks, waits and passes the exit status on
+                          └──fork──> init (PID 1 of its namespace): /proc, pivot_root,
+                                     hostname, rlimits, new session, user and capabilities,
+                                     no_new_privs, Landlock, seccomp (last), execve
+
+Everything that can fail before execve is reported through a close-on-exec pipe, so the
+supervisor knows whether the program really started. Both children die with their parent
+(PR_SET_PDEATHSIG), and when the init dies the kernel kills its whole PID namespace: no orphan
+outlives the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+
+from . import creds, kernel, landlock, mnt, seccomp
+from .runtime import ProcessSpec, ServiceSpec
+from .sandbox import LandlockPlan, SeccompPlan
+
+NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
+              | kernel.CLONE_NEWUTS | kernel.CLONE_NEWCGROUP)
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass
+class Started:
+    holder: int  # the holder's pid: its exit status is the process's
+    init: int  # host pid of the contained program (PID 1 inside)
+
+
+class LaunchError(OSError):
+    pass
+
+
+def landlock_plan(proc: ProcessSpec) -> LandlockPlan:
+    return LandlockPlan(**{k: tuple(v) for k, v in proc.landlock.items()})
+
+
+def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
+    return SeccompPlan(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in proc.seccomp.items()})
+
+
+def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
+    return [mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner)
+            for v in spec.volumes]
+
+
+def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, ...]) -> None:
+    """Common tail of start and exec, as root inside the namespaces and the root."""
+    nofile = int(proc.limits.get("open_files", 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files with the service's secrets
+    if out_fd >= 0:
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+    top = os.sysconf("SC_OPEN_MAX")
+    keep = sorted(set(keep_fds) | {0, 1, 2})
+    start = 0
+    for fd in keep + [top]:
+        if start < fd:
+            os.closerange(start, fd)
+        start = fd + 1
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # a new session: no controlling terminal to inject keystrokes into
+    creds.drop_privileges(proc.uid, proc.gid, proc.capabilities)
+    landlock.restrict(landlock_plan(proc))
+    seccomp.load(filt)
+
+
+def _report(err_w: int, stage: str, exc: BaseException) -> None:
+    try:
+        os.write(err_w, f"{stage}: {exc}".encode()[:4000])
+    finally:
+        os._exit(127)
+
+
+def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Started:
+    """Fork the contained process; returns once it has exec'd its program (or raises)."""
+    filt = seccomp.build(seccomp_plan(proc))  # compiled here, loaded in the child
+    volumes = volumes_of(spec)
+    env = dict(proc.environment)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    holder = os.fork()
+    if holder == 0:
+        stage = "namespaces"
+        try:
+            os.close(err_r)
+            os.close(pid_r)
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+            cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
+            kernel.unshare(NAMESPACES)
+            init = os.fork()
+            if init == 0:
+                stage = "root"
+                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+                mnt.enter_root(str(spec.root), proc.name, volumes)
+                socket.sethostname(spec.service)
+                stage = "sandbox"
+                _confine(proc, filt, out_fd, (err_w,))
+                stage = "exec"
+                os.execve(proc.command[0], proc.command, env)
+            os.write(pid_w, struct.pack("i", init))
+            os.close(pid_w)
+            os.close(err_w)
+            _wait_and_exit(init)
+        except BaseException as exc:  # noqa: BLE001 - the child must never return
+            _report(err_w, stage, exc)
+    os.close(err_w)
+    os.close(pid_w)
+    try:
+        message = _read_all(err_r)
+        raw = _read_all(pid_r)
+    finally:
+        os.close(err_r)
+        os.close(pid_r)
+    if message:
+        os.waitpid(holder, 0)
+        raise LaunchError(f"process {proc.name}: {message.decode(errors='replace')}")
+    return Started(holder, struct.unpack("i", raw)[0])
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _wait_and_exit(pid: int) -> None:
+    """The holder: pass the program's exit status on, as a shell would (128 + signal)."""
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+             else 128 + os.WTERMSIG(status))
+
+
+NS_ORDER = (("cgroup", kernel.CLONE_NEWCGROUP), ("ipc", kernel.CLONE_NEWIPC),
+            ("uts", kernel.CLONE_NEWUTS), ("pid", kernel.CLONE_NEWPID),
+            ("mnt", kernel.CLONE_NEWNS))
+
+
+def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object) -> int:
+    """`corral exec`: run argv in the namespaces, root, user, Landlock and seccomp of the
+    running process `target` (host pid of its init), in its cgroup. Returns the exit code."""
+    filt = seccomp.build(seccomp_plan(proc))
+    ns_fds = [(os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
+              for name, flag in NS_ORDER]
+    env = dict(proc.environment)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    holder = os.fork()
+    if holder == 0:
+        stage = "namespaces"
+        try:
+            os.close(err_r)
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+            cgroup.add(os.getpid())
+            for fd, flag in ns_fds:
+                kernel.setns(fd, flag)  # mnt last: it also moves our root and cwd into it
+                os.close(fd)
+            child = os.fork()
+            if child == 0:
+                stage = "sandbox"
+                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+                os.chdir("/")
+                _confine(proc, filt, -1, (err_w,))
+                stage = "exec"
+                os.execvpe(argv[0], argv, env | {"PATH": env.get("PATH", DEFAULT_PATH)})
+            os.close(err_w)
+            _wait_and_exit(child)
+        except BaseException as exc:  # noqa: BLE001
+            _report(err_w, stage, exc)
+    for fd, _ in ns_fds:
+        os.close(fd)
+    os.close(err_w)
+    try:
+        message = _read_all(err_r)
+    finally:
+        os.close(err_r)
+    _, status = os.waitpid(holder, 0)
+    if message:
+        raise LaunchError(message.decode(errors="replace"))
+    return os.waitstatus_to_exitcode(status)

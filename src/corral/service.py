@@ -1,0 +1,220 @@
+"""Run-time commands on an installed service: up, run, down, status, exec."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import runtime
+from .errors import RuntimeFailure, UsageError
+from .paths import lib_root, run_dir
+from .runtime import ServiceSpec
+
+READY_TIMEOUT = 30.0
+
+
+def spec_of(service: str) -> ServiceSpec:
+    spec = runtime.read(service)
+    if spec is None:
+        raise UsageError(f"{service}: not installed (corral install FILE first)")
+    return spec
+
+
+def read_state(service: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir(service) / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def supervisor_alive(state: dict[str, Any] | None) -> bool:
+    if not state or state.get("phase") in ("stopped",):
+        return False
+    pid = state.get("supervisor")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"corral.supervisor" in handle.read()
+    except (OSError, TypeError):
+        return False
+
+
+def _supervisor_argv(service: str, foreground: bool) -> list[str]:
+    argv = [sys.executable, "-m", "corral.supervisor", service]
+    return argv + ["--foreground"] if foreground else argv
+
+
+def run(service: str) -> int:
+    """Foreground: the supervisor is this process (replaced by exec)."""
+    spec_of(service)
+    if supervisor_alive(read_state(service)):
+        raise RuntimeFailure(f"{service}: already running")
+    os.execv(sys.executable, _supervisor_argv(service, True))
+    return 1  # not reached
+
+
+def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Start the supervisor in the background; return when every process runs and listens."""
+    spec = spec_of(service)
+    if supervisor_alive(read_state(service)):
+        return {"service": service, "changed": False, "state": read_state(service)}
+    run_path = spec.run
+    run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (run_path / "state.json").unlink(missing_ok=True)
+    with open(run_path / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(_supervisor_argv(service, False), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = read_state(service)
+        if proc.poll() is not None and (not state or state.get("phase") != "running"):
+            detail = (state or {}).get("error") or _tail(run_path / "supervisor.log")
+            raise RuntimeFailure(f"{service}: did not start: {detail}")
+        if state and state.get("phase") == "failed":
+            down(service)
+            raise RuntimeFailure(f"{service}: did not start: {state.get('error')}")
+        if state and state.get("phase") == "running" and _all_listening(spec, state):
+            return {"service": service, "changed": True, "state": state}
+        time.sleep(0.02)
+    down(service)
+    raise RuntimeFailure(f"{service}: not ready within {timeout:.0f}s (processes running and "
+                         "declared ports listening); stopped again")
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text().strip().splitlines()[-lines:])
+    except OSError:
+        return "no log"
+
+
+def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
+    listening = listening_sockets()
+    for proc in spec.processes:
+        pstate = state["processes"].get(proc.name, {})
+        if pstate.get("state") != "running":
+            return False
+        for entry in proc.listen:
+            proto, ports = entry.split("/")
+            first = int(ports.split("-")[0])
+            if (proto, first, proc.uid) not in listening:
+                return False
+    return True
+
+
+def listening_sockets() -> set[tuple[str, int, int]]:
+    """(proto, port, uid) of every listening TCP socket and bound UDP socket on the host."""
+    out = set()
+    for proto, files, wanted in (("tcp", ("/proc/net/tcp", "/proc/net/tcp6"), "0A"),
+                                 ("udp", ("/proc/net/udp", "/proc/net/udp6"), "07")):
+        for name in files:
+            try:
+                with open(name) as handle:
+                    next(handle)
+                    for line in handle:
+                        fields = line.split()
+                        if fields[3] == wanted:
+                            port = int(fields[1].rsplit(":", 1)[1], 16)
+                            out.add((proto, port, int(fields[7])))
+            except OSError:
+                continue
+    return out
+
+
+def down(service: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop the supervisor (it stops every process, unmounts, removes cgroups), then clean up
+    whatever a dead supervisor left: no process, mount or cgroup stays behind."""
+    spec = spec_of(service)
+    state = read_state(service)
+    changed = False
+    if supervisor_alive(state):
+        os.kill(state["supervisor"], signal.SIGTERM)
+        changed = True
+        deadline = time.time() + timeout
+        while supervisor_alive(read_state(service)) and time.time() < deadline:
+            time.sleep(0.02)
+        if supervisor_alive(read_state(service)):
+            os.kill(state["supervisor"], signal.SIGKILL)
+            time.sleep(0.1)
+    _cleanup(spec)
+    return {"service": service, "changed": changed}
+
+
+def _cleanup(spec: ServiceSpec) -> None:
+    from . import cgroup, mnt
+
+    cgroup.remove_service(spec.service)
+    mnt.unmount_delta(str(spec.delta_dir), spec.delta)
+    for name in ("state.json", "supervisor.lock"):
+        (spec.run / name).unlink(missing_ok=True)
+
+
+def status(service: str | None) -> list[dict[str, Any]]:
+    names = [service] if service else sorted(p.name for p in lib_root().iterdir()
+                                             if (p / runtime.RUNTIME).exists()) \
+        if lib_root().exists() else []
+    return [_status_of(name) for name in names]
+
+
+def _status_of(service: str) -> dict[str, Any]:
+    spec = spec_of(service)
+    state = read_state(service)
+    alive = supervisor_alive(state)
+    processes = []
+    for proc in spec.processes:
+        pstate = (state or {}).get("processes", {}).get(proc.name, {}) if alive else {}
+        processes.append({
+            "name": proc.name, "user": proc.user, "uid": proc.uid,
+            "state": pstate.get("state", "down"), "pid": pstate.get("pid"),
+            "restarts": pstate.get("restarts", 0), "exit_code": pstate.get("exit_code"),
+            "error": pstate.get("error") or None, "listen": proc.listen,
+        })
+    return {
+        "service": service,
+        "state": (state or {}).get("phase", "down") if alive else "down",
+        "supervisor": state.get("supervisor") if alive else None,
+        "base_version": spec.base_version,
+        "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
+        "landlock": (state or {}).get("landlock") if alive else None,
+        "processes": processes,
+        "incidents": 0,
+        "journal_epochs": 0,
+    }
+
+
+def _delta_bytes(spec: ServiceSpec) -> int:
+    upper = spec.delta_dir / "upper"
+    total = 0
+    for top, _, files in os.walk(upper):  # never follows symlinks
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def exec_in(service: str, process: str, argv: list[str]) -> int:
+    from . import cgroup, launch
+
+    spec = spec_of(service)
+    proc = spec.process(process)
+    if proc is None:
+        known = ", ".join(p.name for p in spec.processes)
+        raise UsageError(f"{service}: no process {process!r} (processes: {known})")
+    state = read_state(service)
+    pid = ((state or {}).get("processes", {}).get(process) or {}).get("pid")
+    if not supervisor_alive(state) or not pid:
+        raise RuntimeFailure(f"{service}: process {process} is not running")
+    group = cgroup.Cgroup.create(service, process, cgroup.Limits(
+        memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
+        cpu=proc.limits.get("cpu")))
+    try:
+        return launch.run_inside(proc, pid, argv, group)
+    except launch.LaunchError as exc:
+        raise RuntimeFailure(f"{service}: exec in {process}: {exc}") from None

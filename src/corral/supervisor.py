@@ -1,0 +1,303 @@
+"""One small supervisor per service: prepares the root, starts every process contained, restarts
+crashed ones with back-off, and takes every process, mount and cgroup with it when it stops.
+
+It runs as `python -m corral.supervisor NAME` (started by `corral up`) or in the foreground
+(`corral run`). Its state is /run/corral/NAME/state.json, rewritten atomically on each change;
+`corral status` reads it, `corral down` sends SIGTERM to the pid in it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from . import cgroup, landlock, launch, mnt, runtime
+from .runtime import ProcessSpec, ServiceSpec
+
+RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
+RESTART_WINDOW = 60.0
+BACKOFF_MAX = 30.0
+STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+@dataclass
+class Child:
+    spec: ProcessSpec
+    group: Any
+    log_r: int
+    log_w: int
+    log: TextIO
+    state: str = "starting"  # running | backoff | exited | failed | stopped
+    holder: int = 0
+    init: int = 0
+    pidfd: int = -1
+    started_at: float = 0.0
+    restarts: int = 0
+    crashes: list[float] = field(default_factory=list)
+    exit_code: int | None = None
+    next_start: float = 0.0
+    error: str = ""
+
+
+def _atomic_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.rename(tmp, path)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+class Supervisor:
+    def __init__(self, spec: ServiceSpec, echo: TextIO | None = None):
+        self.spec = spec
+        self.echo = echo  # foreground: the processes' output is copied here
+        self.run_dir = str(spec.run)
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self.phase = "starting"
+        self.error = ""
+        self.selector = selectors.DefaultSelector()
+        self.host_mnt = -1
+        self.landlock = landlock.describe_abi()
+
+    # -- state ------------------------------------------------------------------------------
+    def write_state(self) -> None:
+        _atomic_json(os.path.join(self.run_dir, "state.json"), {
+            "service": self.spec.service,
+            "supervisor": os.getpid(),
+            "phase": self.phase,
+            "error": self.error,
+            "base_version": self.spec.base_version,
+            "delta": {"kind": self.spec.delta, "path": str(self.spec.delta_dir)},
+            "landlock": self.landlock,
+            "cgroup": cgroup.describe(),
+            "processes": {name: {
+                "state": c.state, "pid": c.init or None, "user": c.spec.user,
+                "started_at": _iso(c.started_at) if c.started_at else None,
+                "restarts": c.restarts, "exit_code": c.exit_code, "error": c.error,
+                "listen": c.spec.listen,
+            } for name, c in self.children.items()},
+        })
+
+    # -- set-up and tear-down ---------------------------------------------------------------
+    def prepare(self) -> None:
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(self.run_dir, "logs"), mode=0o700, exist_ok=True)
+        delta = str(self.spec.delta_dir)
+        mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
+        if self.spec.delta == "tmpfs":
+            mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
+        self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        mnt.private_namespace()
+        mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root), delta,
+                                 launch.volumes_of(self.spec))
+        for proc in self.spec.processes:
+            limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
+                                   cpu=proc.limits.get("cpu"))
+            group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
+            log_r, log_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(log_r, False)
+            log = open(os.path.join(self.run_dir, "logs", f"{proc.name}.log"), "a")
+            self.children[proc.name] = Child(proc, group, log_r, log_w, log)
+            self.selector.register(log_r, selectors.EVENT_READ, ("log", proc.name))
+
+    def teardown(self) -> None:
+        for child in self.children.values():
+            try:
+                child.group.remove()
+            except OSError as exc:
+                print(f"corral supervisor: cgroup of {child.spec.name}: {exc}", file=sys.stderr)
+        cgroup.remove_service(self.spec.service)
+        if self.host_mnt >= 0:
+            from . import kernel
+
+            kernel.setns(self.host_mnt, kernel.CLONE_NEWNS)  # our private mounts die with us
+            mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
+
+    # -- processes --------------------------------------------------------------------------
+    def start(self, child: Child) -> None:
+        try:
+            started = launch.start(self.spec, child.spec, child.log_w, child.group)
+        except OSError as exc:
+            child.error = str(exc)
+            self._crashed(child, 127)
+            return
+        child.holder, child.init = started.holder, started.init
+        child.pidfd = os.pidfd_open(started.holder)
+        self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child.spec.name))
+        child.state, child.started_at, child.exit_code = "running", time.time(), None
+
+    def _crashed(self, child: Child, code: int) -> None:
+        now = time.time()
+        child.exit_code = code
+        child.crashes = [t for t in child.crashes if now - t < RESTART_WINDOW] + [now]
+        if len(child.crashes) > RESTART_LIMIT:
+            child.state = "failed"
+            child.error = child.error or f"crashed {len(child.crashes)} times in " \
+                                         f"{RESTART_WINDOW:.0f}s; left down"
+            return
+        child.state = "backoff"
+        child.next_start = now + min(BACKOFF_MAX, 2 ** (len(child.crashes) - 1))
+
+    def reap(self, child: Child) -> None:
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        child.pidfd = -1
+        _, status = os.waitpid(child.holder, 0)
+        code = os.waitstatus_to_exitcode(status)
+        child.init = 0
+        if self.stopping:
+            child.state, child.exit_code = "stopped", code
+        elif code == 0:
+            child.state, child.exit_code = "exited", 0
+        else:
+            child.restarts += 1
+            self._crashed(child, code)
+
+    def stop_all(self) -> None:
+        """SIGTERM where the program handles it, SIGKILL otherwise (PID 1 of a namespace
+        ignores signals it has no handler for), then the cgroup's kill for anything left."""
+        self.stopping = True
+        deadline = time.time() + STOP_GRACE
+        for child in self.children.values():
+            if child.init:
+                sig = signal.SIGTERM if _handles_sigterm(child.init) else signal.SIGKILL
+                _kill(child.init, sig)
+        while any(c.pidfd >= 0 for c in self.children.values()) and time.time() < deadline:
+            self.poll(0.1)
+        for child in self.children.values():
+            if child.pidfd >= 0:
+                _kill(child.init, signal.SIGKILL)
+                child.group.kill()
+        while any(c.pidfd >= 0 for c in self.children.values()):
+            self.poll(0.1)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            kind, name = key.data
+            child = self.children.get(name) if name else None
+            if kind == "signal":
+                try:
+                    os.read(key.fd, 512)
+                except BlockingIOError:
+                    pass
+                self.stopping = True
+            elif kind == "log":
+                self.copy_log(child)
+            elif kind == "exit":
+                self.copy_log(child)
+                self.reap(child)
+                self.write_state()
+
+    def copy_log(self, child: Child) -> None:
+        try:
+            data = os.read(child.log_r, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            text = data.decode(errors="replace")
+            child.log.write(text)
+            child.log.flush()
+            if self.echo is not None:
+                for line in text.splitlines():
+                    self.echo.write(f"{child.spec.name}| {line}\n")
+                self.echo.flush()
+
+    def serve(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)
+        self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
+        try:
+            self.prepare()
+            for child in self.children.values():
+                self.start(child)
+            failed = [c for c in self.children.values() if c.state != "running"]
+            if failed:
+                self.phase, self.error = "failed", "; ".join(c.error for c in failed)
+                self.write_state()
+                return 1
+            self.phase = "running"
+            self.write_state()
+            while not self.stopping:
+                self.poll(0.5)
+                now = time.time()
+                for child in self.children.values():
+                    if child.state == "backoff" and now >= child.next_start:
+                        self.start(child)
+                        self.write_state()
+            return 0
+        except Exception as exc:
+            self.phase, self.error = "failed", str(exc)
+            self.write_state()
+            print(f"corral supervisor: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            self.stop_all()
+            self.teardown()
+            if self.phase != "failed":
+                self.phase = "stopped"
+            self.write_state()
+
+
+def _handles_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & SIGTERM_BIT)
+    except OSError:
+        pass
+    return False
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def lock(run_dir: str) -> int:
+    """One supervisor per service: an exclusive lock held for the supervisor's life."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(run_dir, "supervisor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def main(argv: list[str]) -> int:
+    service = argv[0]
+    foreground = "--foreground" in argv
+    spec = runtime.read(service)
+    if spec is None:
+        print(f"corral: {service}: not installed", file=sys.stderr)
+        return 2
+    try:
+        lock(str(spec.run))
+    except BlockingIOError:
+        print(f"corral: {service}: already running", file=sys.stderr)
+        return 1
+    return Supervisor(spec, echo=sys.stdout if foreground else None).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
