@@ -86,3 +86,80 @@ def write_manifest(directory: Path, name: str, body: str) -> Path:
     path = directory / f"{name}.toml"
     path.write_text(f'name = "{name}"\n' + body)
     return path
+
+
+NOTES_PY = EXAMPLES / "notes" / "notes.py"
+
+
+def notes_manifest(directory: Path, name: str, extra_process: str = "",
+                   app_extra: str = "") -> Path:
+    """The sample notes service under a test name (same containment as examples/notes)."""
+    return write_manifest(directory, name, f"""
+[image]
+include = ["/usr/bin/python3.11", "/usr/lib/python3.11"]
+add = {{ "/opt/notes/notes.py" = "{NOTES_PY}" }}
+[[volume]]
+path = "/srv/notes"
+owner = "app"
+mode = "0750"
+[process.app]
+command = ["/usr/bin/python3.11", "-I", "/opt/notes/notes.py", "8080"]
+listen = ["tcp/8080"]
+connect = ["udp/53@127.0.0.53"]
+limits = {{ memory = "128M", pids = 32, open_files = 256, cpu = 0.5 }}
+environment = {{ LANG = "C.UTF-8", NOTES_DIR = "/srv/notes" }}
+{app_extra}
+{extra_process}
+""")
+
+
+class Service:
+    """A running, contained service in its own network namespace, for tests."""
+
+    def __init__(self, name: str, netns: str, root: Path, manifest: Path):
+        self.name, self.netns, self.root, self.manifest = name, netns, root, manifest
+
+    def corral(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return corral(*args, netns=self.netns, **kw)
+
+    def exec(self, code: str, process: str = "app", timeout: int = 60,
+             argv: list[str] | None = None) -> subprocess.CompletedProcess:
+        """Run Python code as an attacker who owns the process would: its interpreter, inside."""
+        cmd = argv or ["/usr/bin/python3.11", "-I", "-c", code]
+        argv_full = ["ip", "netns", "exec", self.netns] + CORRAL + [
+            "exec", self.name, process, "--"] + cmd
+        return subprocess.run(argv_full, capture_output=True, text=True, timeout=timeout)
+
+    def http(self, path: str = "/health", data: bytes | None = None, timeout: float = 5) -> bytes:
+        code = ("import sys, urllib.request as u; r = u.Request('http://127.0.0.1:8080' + "
+                "sys.argv[1], data=sys.stdin.buffer.read() or None); "
+                "sys.stdout.buffer.write(u.urlopen(r, timeout=float(sys.argv[2])).read())")
+        result = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code,
+                                 path, str(timeout)], input=data or b"", capture_output=True,
+                                timeout=timeout + 5)
+        if result.returncode != 0:
+            raise AssertionError(f"GET {path} failed: {result.stderr.decode()[-500:]}")
+        return result.stdout
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/corral" / self.name
+
+    def status(self) -> dict:
+        import json
+
+        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)
+
+
+@pytest.fixture
+def notes(tmp_path, corral_root, netns, service_name):
+    """The sample service installed and up, contained, in a throwaway namespace and root."""
+    manifest = notes_manifest(tmp_path, service_name)
+    corral("install", str(manifest), netns=netns, check=True)
+    svc = Service(service_name, netns, corral_root, manifest)
+    try:
+        svc.corral("up", str(manifest), check=True)
+        yield svc
+    finally:
+        svc.corral("down", service_name)
+        svc.corral("uninstall", service_name, "--purge")

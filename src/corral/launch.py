@@ -74,6 +74,9 @@ def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, 
     if os.getsid(0) != os.getpid():
         os.setsid()  # a new session: no controlling terminal to inject keystrokes into
     creds.drop_privileges(proc.uid, proc.gid, proc.capabilities)
+    # The kernel clears the parent-death signal when the uid changes: set it again, so the
+    # program still dies with its holder (and the holder with the supervisor).
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     landlock.restrict(landlock_plan(proc))
     seccomp.load(filt)
 

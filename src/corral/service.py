@@ -78,12 +78,26 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         if state and state.get("phase") == "failed":
             down(service)
             raise RuntimeFailure(f"{service}: did not start: {state.get('error')}")
+        crashed = _crashed_during_start(spec, state)
+        if crashed:
+            down(service)
+            raise RuntimeFailure(f"{service}: did not start: {crashed}")
         if state and state.get("phase") == "running" and _all_listening(spec, state):
             return {"service": service, "changed": True, "state": state}
         time.sleep(0.02)
     down(service)
     raise RuntimeFailure(f"{service}: not ready within {timeout:.0f}s (processes running and "
                          "declared ports listening); stopped again")
+
+
+def _crashed_during_start(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
+    """A process that exits before the service is ready will not get better by waiting."""
+    for name, pstate in ((state or {}).get("processes") or {}).items():
+        if pstate.get("state") in ("backoff", "failed", "exited"):
+            log = _tail(spec.run / "logs" / f"{name}.log")
+            why = pstate.get("error") or f"exited with code {pstate.get('exit_code')}"
+            return f"process {name} {why}; its log: {log}"
+    return ""
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -1,0 +1,160 @@
+"""Running a service contained, for real: the sample serves requests as its own user on a
+base + delta root, restarts when it crashes, and leaves nothing behind when it stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import corral, notes_manifest
+
+pytestmark = pytest.mark.root
+
+
+def mounts_mentioning(text: str) -> list[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return [line for line in handle if text in line]
+
+
+def cgroups_of(service: str) -> list[str]:
+    found = []
+    for top, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if os.path.basename(top) == service and "/corral" in top:
+            found.append(top)
+        if top.count("/") > 6:
+            dirs.clear()
+    return found
+
+
+def test_the_sample_serves_requests_contained(notes):
+    assert notes.http("/health") == b"ok\n"
+    assert notes.http("/notes", data=b"first note") == b"stored\n"
+    assert b"first note" in notes.http("/notes")
+    # The note is on the volume, owned by the service's user, outside the delta.
+    stored = notes.state_dir / "volumes/srv-notes/notes.jsonl"
+    assert b"first note" in stored.read_bytes()
+    status = notes.status()
+    app = status["processes"][0]
+    assert status["state"] == "running" and app["state"] == "running"
+    assert app["user"] == f"corral-{notes.name}-app"
+    assert status["landlock"].startswith("landlock ABI")
+    # The program really runs as that user, with nothing left of root.
+    with open(f"/proc/{app['pid']}/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    assert fields["Uid"].split()[0] == str(app["uid"])
+    assert fields["CapEff"].strip() == fields["CapBnd"].strip() == "0000000000000000"
+    assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"
+    assert fields["Groups"].strip() == ""
+
+
+def test_exec_runs_inside_the_same_containment(notes):
+    result = notes.exec(
+        "import os, socket; print(os.getuid(), os.getgroups(), socket.gethostname(), "
+        "os.path.exists('/bin/sh'), sorted(os.listdir('/proc'))[0] != '', "
+        "open('/proc/self/status').read().count('NoNewPrivs:\\t1'))")
+    assert result.returncode == 0, result.stderr
+    uid, rest = result.stdout.split(" ", 1)
+    assert int(uid) == notes.status()["processes"][0]["uid"]
+    assert rest.strip() == f"[] {notes.name} False True 1"
+
+
+def test_exec_exit_code_and_unknown_process(notes):
+    assert notes.exec("raise SystemExit(7)").returncode == 7
+    result = notes.corral("exec", notes.name, "nosuch", "--", "/usr/bin/python3.11")
+    assert result.returncode == 2 and "no process 'nosuch'" in result.stderr
+
+
+def test_writes_land_in_the_delta_and_down_discards_them(notes):
+    assert notes.exec("open('/tmp/scratch', 'w').write('x')").returncode == 0
+    # Seen through the supervisor's mount namespace (`ip netns exec` gives the test's corral
+    # commands a mount namespace of their own, so the delta tmpfs is not in ours).
+    supervisor = notes.status()["supervisor"]
+    delta = f"/proc/{supervisor}/root{notes.root}/run/corral/{notes.name}/delta/upper/tmp/scratch"
+    assert open(delta).read() == "x"
+    notes.corral("down", notes.name, check=True)
+    notes.corral("up", str(notes.manifest), check=True)
+    assert notes.exec("import os; print(os.path.exists('/tmp/scratch'))").stdout == "False\n"
+
+
+def test_a_crashed_process_is_restarted(notes):
+    before = notes.status()["processes"][0]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        now = notes.status()["processes"][0]
+        if now["state"] == "running" and now["pid"] != before["pid"]:
+            break
+        time.sleep(0.1)
+    assert now["restarts"] == 1 and now["state"] == "running" and now["pid"] != before["pid"]
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            assert notes.http("/health", timeout=1) == b"ok\n"
+            break
+        except AssertionError:
+            time.sleep(0.1)
+    else:
+        raise AssertionError("not serving again after the restart")
+
+
+def test_down_leaves_no_process_mount_or_cgroup(notes):
+    pid = notes.status()["processes"][0]["pid"]
+    child = notes.exec("import os, time; os.fork(); time.sleep(0.1)")
+    assert child.returncode == 0
+    notes.corral("down", notes.name, check=True)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert mounts_mentioning(notes.name) == []
+    assert cgroups_of(notes.name) == []
+    users = f"corral-{notes.name}"
+    ps = subprocess.run(["ps", "-eo", "user:40,pid,ppid,stat,args"], capture_output=True,
+                        text=True).stdout
+    live = [line for line in ps.splitlines() if users in line and line.split()[3][0] != "Z"]
+    assert live == []
+    assert notes.status()["state"] == "down"
+
+
+def test_the_supervisors_death_takes_every_process_with_it(notes):
+    status = notes.status()
+    pid = status["processes"][0]["pid"]
+    os.kill(status["supervisor"], signal.SIGKILL)
+    deadline = time.time() + 5
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    # down cleans what the dead supervisor could not: the delta mount and the cgroups.
+    notes.corral("down", notes.name, check=True)
+    assert mounts_mentioning(notes.name) == []
+    assert cgroups_of(notes.name) == []
+
+
+def test_up_fails_clearly_when_the_program_cannot_start(tmp_path, corral_root, netns,
+                                                       service_name):
+    manifest = notes_manifest(tmp_path, service_name).read_text().replace(
+        '"/opt/notes/notes.py", "8080"]', '"/opt/notes/missing.py", "8080"]')
+    path = tmp_path / "broken.toml"
+    path.write_text(manifest)
+    corral("install", str(path), netns=netns, check=True)
+    try:
+        result = corral("up", str(path), netns=netns)
+        assert result.returncode == 1
+        assert f"{service_name}: " in result.stderr and "Traceback" not in result.stderr
+        assert mounts_mentioning(service_name) == [] and cgroups_of(service_name) == []
+    finally:
+        corral("down", service_name, netns=netns)
+        corral("uninstall", service_name, "--purge", netns=netns)
+
+
+def test_status_json_for_a_stopped_service(tmp_path, corral_root, netns, service_name):
+    manifest = notes_manifest(tmp_path, service_name)
+    corral("install", str(manifest), netns=netns, check=True)
+    try:
+        data = json.loads(corral("status", service_name, "--json", check=True).stdout)
+        assert data["state"] == "down" and data["processes"][0]["state"] == "down"
+        assert corral("status", "nosuchsvc").returncode == 2
+    finally:
+        corral("uninstall", service_name, "--purge", netns=netns)
