@@ -8,8 +8,10 @@ error, and the watcher's log records it) and kills the process for calls of anot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .manifest import Manifest, Process
+if TYPE_CHECKING:  # the launch path imports this module: no pydantic at run time
+    from .manifest import Manifest, Process
 
 # Grouped so the documentation (docs/sandbox.md) and the plan can say why each call is denied.
 DEFAULT_DENY: dict[str, tuple[str, ...]] = {

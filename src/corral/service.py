@@ -34,28 +34,28 @@ def read_state(service: str) -> dict[str, Any] | None:
 
 
 def supervisor_alive(state: dict[str, Any] | None) -> bool:
-    if not state or state.get("phase") in ("stopped",):
+    if not state or state.get("phase") in ("stopped", "exited"):
         return False
     pid = state.get("supervisor")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"corral.supervisor" in handle.read()
+            return b"corral" in handle.read()  # `corral run` or `-m corral.supervisor`
     except (OSError, TypeError):
         return False
 
 
-def _supervisor_argv(service: str, foreground: bool) -> list[str]:
-    argv = [sys.executable, "-m", "corral.supervisor", service]
-    return argv + ["--foreground"] if foreground else argv
+def _supervisor_argv(service: str) -> list[str]:
+    return [sys.executable, "-m", "corral.supervisor", service]
 
 
 def run(service: str) -> int:
-    """Foreground: the supervisor is this process (replaced by exec)."""
+    """Foreground: this process is the supervisor; its exit code is the service's."""
+    from . import supervisor
+
     spec_of(service)
     if supervisor_alive(read_state(service)):
         raise RuntimeFailure(f"{service}: already running")
-    os.execv(sys.executable, _supervisor_argv(service, True))
-    return 1  # not reached
+    return supervisor.main([service, "--foreground"])
 
 
 def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     (run_path / "state.json").unlink(missing_ok=True)
     with open(run_path / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(_supervisor_argv(service, False), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -188,9 +188,12 @@ def _status_of(service: str) -> dict[str, Any]:
             "restarts": pstate.get("restarts", 0), "exit_code": pstate.get("exit_code"),
             "error": pstate.get("error") or None, "listen": proc.listen,
         })
+    ended = (state or {}).get("phase") if (state or {}).get("phase") in ("failed", "exited") \
+        else None
     return {
         "service": service,
-        "state": (state or {}).get("phase", "down") if alive else "down",
+        "state": (state or {}).get("phase", "down") if alive else (ended or "down"),
+        "error": (state or {}).get("error") or None if (alive or ended) else None,
         "supervisor": state.get("supervisor") if alive else None,
         "base_version": spec.base_version,
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},

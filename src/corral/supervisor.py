@@ -239,6 +239,12 @@ class Supervisor:
                     if child.state == "backoff" and now >= child.next_start:
                         self.start(child)
                         self.write_state()
+                finished = [c.state in ("exited", "failed") for c in self.children.values()]
+                if all(finished):  # nothing left to supervise: a batch job, or all gave up
+                    failed = [c for c in self.children.values() if c.state == "failed"]
+                    self.phase = "failed" if failed else "exited"
+                    self.error = "; ".join(f"{c.spec.name}: {c.error}" for c in failed)
+                    return 1 if failed else 0
             return 0
         except Exception as exc:
             self.phase, self.error = "failed", str(exc)
@@ -248,7 +254,7 @@ class Supervisor:
         finally:
             self.stop_all()
             self.teardown()
-            if self.phase != "failed":
+            if self.phase not in ("failed", "exited"):
                 self.phase = "stopped"
             self.write_state()
 
