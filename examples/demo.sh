@@ -20,6 +20,11 @@ cleanup  # a previous run that was interrupted leaves nothing behind either
 trap cleanup EXIT
 ip netns add "$NETNS"
 ip -n "$NETNS" link set lo up
+# A route out, so that packets to other hosts reach the firewall instead of "unreachable".
+ip -n "$NETNS" link add corral-demo0 type veth peer name corral-demo1
+ip -n "$NETNS" link set corral-demo1 up
+ip -n "$NETNS" addr add 192.0.2.1/24 dev corral-demo0
+ip -n "$NETNS" link set corral-demo0 up
 
 bold "1. The vendor's containment section: $MANIFEST"
 sed -n '1,40p' "$MANIFEST"
@@ -47,7 +52,55 @@ ls "$CORRAL_ROOT/var/lib/corral/notes/base/1/root/usr/bin/"
 bold "   the service's own table (per-user egress, declared listens, anti-spoofing)"
 in_ns nft list table inet corral-notes
 
-bold "5. corral uninstall --purge: the host is as it was"
+bold "5. corral up: the service runs contained (own user, minimal root, no capabilities)"
+in_ns "$CORRAL" up "$MANIFEST"
+in_ns "$CORRAL" status notes
+bold "   it serves requests, and keeps its notes on its volume"
+in_ns python3 - <<'PY'
+import urllib.request as u
+print(u.urlopen(u.Request("http://127.0.0.1:8080/notes", data=b"hello from the demo"), timeout=5).read().decode().strip())
+print(u.urlopen("http://127.0.0.1:8080/notes", timeout=5).read().decode().strip())
+PY
+
+bold "6. An attacker who owns the service tries to break out (corral exec runs their code inside)"
+# A database only the host may reach, on loopback: the contained service must not get to it.
+in_ns python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1", 5432)); s.listen(); time.sleep(60)' &
+db=$!
+sleep 0.3
+in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -I -c '
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(what, fn):
+    try:
+        result = fn()
+        print(f"  ESCAPED   {what}: {result}")
+    except OSError as exc:
+        print(f"  contained {what}: {exc.strerror}")
+def sc(name, *args):
+    if libc.syscall(*args) < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+print(f"  running as uid {os.getuid()}, pid {os.getpid()} in its own PID namespace")
+attempt("read /etc/shadow", lambda: open("/etc/shadow").read())
+attempt("run a shell", lambda: os.execv("/bin/sh", ["sh"]))
+attempt("copy python to /tmp and run the copy", lambda: (open("/tmp/py", "wb").write(open("/usr/bin/python3.11", "rb").read()), os.chmod("/tmp/py", 0o755), os.execv("/tmp/py", ["py"])))
+attempt("trojan the base: write /usr/bin/python3.11", lambda: open("/usr/bin/python3.11", "ab"))
+attempt("reach the host-only database on 127.0.0.1:5432", lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2))
+attempt("spread: connect to 192.0.2.10:445", lambda: socket.create_connection(("192.0.2.10", 445), timeout=2))
+attempt("spread over UDP: 192.0.2.10:161 (Landlock has no UDP rules; nftables drops it)", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("192.0.2.10", 161)))
+attempt("new user namespace (unshare)", lambda: sc("unshare", 272, 0x10000000))
+attempt("mount", lambda: sc("mount", 165, b"none", b"/tmp", b"tmpfs", 0, None))
+attempt("ptrace", lambda: sc("ptrace", 101, 0, 0, 0, 0))
+attempt("see host processes", lambda: [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", str(os.getpid()))] or (_ for _ in ()).throw(OSError(3, "only its own PID namespace is visible")))
+'
+kill $db 2>/dev/null || true
+bold "   every denied packet was counted (and logged to NFLOG group 3079)"
+in_ns nft list table inet corral-notes | grep -E 'counter packets [1-9]' || true
+
+bold "7. corral down: processes, delta, mounts and cgroups go; the volume stays"
+in_ns "$CORRAL" down notes
+in_ns "$CORRAL" status notes
+
+bold "8. corral uninstall --purge: the host is as it was"
 in_ns "$CORRAL" uninstall notes --purge
 cmp /etc/passwd /tmp/corral-demo-passwd.before && echo "/etc/passwd byte-identical"
 rm -f /tmp/corral-demo-passwd.before
