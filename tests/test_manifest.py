@@ -145,6 +145,14 @@ def test_process_names_and_shared_listens():
             'process "app"') in found
 
 
+def test_reserved_process_name():
+    data = spec_data()
+    data["process"]["tasks"] = copy.deepcopy(data["process"]["app"])
+    data["process"]["tasks"]["listen"] = []
+    assert problems(data) == ['web.toml: process.tasks: "tasks": reserved (a cgroup v1 control '
+                              'file has this name)']
+
+
 def test_overlapping_volumes():
     data = spec_data()
     data["volume"].append({"path": "/srv/data/sub", "owner": "app"})

@@ -109,7 +109,7 @@ def _number(d: str, name: str) -> int | None:  # None: "max", v1's huge "unlimit
     return int(text) if text.isdigit() and int(text) < 1 << 62 else None
 
 
-def _keyed(d: str | None, name: str) -> dict[str, str]:  # "frozen 1\\n..." -> {"frozen": "1"}
+def _keyed(d: str | None, name: str) -> dict[str, str]:  # "frozen 1\n..." -> {"frozen": "1"}
     text = _read(f"{d}/{name}", "") if d else ""
     return dict(line.split(None, 1) for line in text.splitlines() if " " in line)
 
@@ -127,12 +127,10 @@ def _rmdir(path: str) -> bool:
     """True once `path` is gone; False while it is busy (tasks still exiting) or not empty."""
     try:
         os.rmdir(path)
-    except FileNotFoundError:
-        pass
     except OSError as e:
-        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
-            return False
-        raise
+        if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise
+        return e.errno == errno.ENOENT
     return True
 
 
@@ -164,7 +162,7 @@ class Cgroup:
             # v2 hands a controller only to children of cgroups that enable it in subtree_control
             wanted, d = h.controllers - {"freezer"}, h.mount
             for child in (BASE, service, process) if h.version == 2 and wanted else ():
-                if absent := wanted - set(_read(f"{d}/cgroup.subtree_control").split()):
+                if absent := sorted(wanted - set(_read(f"{d}/cgroup.subtree_control").split())):
                     _write(f"{d}/cgroup.subtree_control", " ".join(f"+{c}" for c in absent))
                 d = os.path.join(d, child)
                 os.makedirs(d, exist_ok=True)
@@ -293,7 +291,9 @@ def remove_service(service: str, timeout: float = 10.0) -> None:
     if not _NAME.fullmatch(service) or service in _RESERVED:
         raise ValueError(f"{service!r} cannot name a cgroup")
     dirs = [os.path.join(h.mount, BASE, service) for h in layout().hierarchies]
-    names = {e.name for d in dirs if os.path.isdir(d) for e in os.scandir(d) if e.is_dir()}
-    for name in sorted(names):
+    for name in sorted({e.name for d in dirs if os.path.isdir(d)
+                        for e in os.scandir(d) if e.is_dir()}):
         if _NAME.fullmatch(name) and name not in _RESERVED:  # anything else is not corral's
             Cgroup(service, name).remove(timeout)
+    for d in dirs:  # also when no process was left in it: a crash between two mkdirs
+        _rmdir(d) and _rmdir(os.path.dirname(d))

@@ -33,6 +33,7 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof")
 # Kernel file systems the service gets its own instance of (or none): never a volume.
 RESERVED_ROOTS = ("/proc", "/dev", "/sys")
+RESERVED_PROCESS_NAMES = ("tasks",)
 
 
 def _absolute_path(raw: object) -> str:
@@ -252,6 +253,8 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
     for pname in m.process:
         if not PROCESS_NAME.match(pname):
             add(("process", pname), f'"{pname}": a process name is 1-8 characters: a-z first, then a-z or 0-9')
+        elif pname in RESERVED_PROCESS_NAMES:
+            add(("process", pname), f'"{pname}": reserved (a cgroup v1 control file has this name)')
 
     seen_paths: list[tuple[int, str]] = []
     for i, vol in enumerate(m.volume):
