@@ -199,6 +199,137 @@ def exec_(name: str, process: str, argv: tuple[str, ...]) -> None:
     sys.exit(exec_in(_service_name(name), process, list(argv)))
 
 
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@handled
+def delta(name: str, as_json: bool) -> None:
+    """What the running service changed against its base (added, modified, deleted)."""
+    from .report import delta_text
+    from .service import delta_of
+
+    _need_root()
+    result = delta_of(_service_name(name))
+    _print_json(result) if as_json else click.echo(delta_text(result))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--reason", default="revert", help="Recorded with the archived delta.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@handled
+def revert(name: str, reason: str, as_json: bool) -> None:
+    """Kill, archive the delta, restart from the clean base; volumes are kept."""
+    from .service import revert as do_revert
+
+    _need_root()
+    result = do_revert(_service_name(name), reason=reason)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['service']}: reverted to base {result['base_version']}; "
+                   f"delta archived in {result['archive']}")
+
+
+@main.group("base")
+def base_group() -> None:
+    """Base image versions: list, build a new one, switch to one."""
+
+
+@base_group.command("list")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@handled
+def base_list(name: str, as_json: bool) -> None:
+    """The base versions of a service; * marks the current one."""
+    from .base import list_versions
+    from .service import spec_of
+
+    result = list_versions(spec_of(_service_name(name)))
+    if as_json:
+        _print_json(result)
+        return
+    for v in result:
+        note = f"  {v['note']}" if v.get("note") else ""
+        click.echo(f"{'*' if v['current'] else ' '} {v['version']:>3}  {v['entries']} entries"
+                   f"{note}")
+
+
+@base_group.command("build")
+@click.argument("name")
+@handled
+def base_build(name: str) -> None:
+    """Build a new base version from the installed manifest (not used until `base use`)."""
+    from .host import build_next_base
+    from .progress import wanted
+
+    _need_root()
+    version = build_next_base(_service_name(name), show_progress=wanted())
+    click.echo(f"{name}: built base version {version}; corral base use {name} {version} "
+               "to switch to it")
+
+
+@base_group.command("use")
+@click.argument("name")
+@click.argument("version", type=int)
+@handled
+def base_use(name: str, version: int) -> None:
+    """Switch to another base version; it takes effect at the next start or revert."""
+    from .base import use
+    from .service import spec_of
+
+    _need_root()
+    use(spec_of(_service_name(name)), version)
+    click.echo(f"{name}: base version {version} is current; it takes effect at the next "
+               f"start or `corral revert {name}`")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@handled
+def verify(name: str, as_json: bool) -> None:
+    """Check the current base against its integrity manifest (exit 3 if it was changed)."""
+    from .base import verify as do_verify
+    from .errors import EXIT_CHECK
+    from .service import spec_of
+
+    _need_root()
+    spec = spec_of(_service_name(name))
+    result = do_verify(spec.state, spec.base_version)
+    if as_json:
+        _print_json(result)
+    elif not result["problems"]:
+        click.echo(f"{name}: base {result['version']} intact ({result['entries']} entries)")
+    else:
+        click.echo(f"{name}: base {result['version']} CHANGED since it was built:")
+        for p in result["problems"]:
+            fields = f" ({', '.join(p['fields'])})" if p.get("fields") else ""
+            click.echo(f"  {p['change']:<8} {p['path']}{fields}")
+    sys.exit(EXIT_CHECK if result["problems"] else 0)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--allow", multiple=True, metavar="PATH",
+              help="Allow a change to an executable, library, setuid file or protected path.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@handled
+def commit(name: str, allow: tuple[str, ...], as_json: bool) -> None:
+    """Fold the running service's delta into a new base version, only on purpose."""
+    from .service import commit_delta
+
+    _need_root()
+    result = commit_delta(_service_name(name), list(allow))
+    if as_json:
+        _print_json(result)
+        return
+    for change in result["changes"]:
+        click.echo(f"  {change['change']:<8} {change['path']}")
+    click.echo(f"{name}: committed {len(result['changes'])} changes as base version "
+               f"{result['version']}; restarted on it with a fresh delta")
+
+
 def _installed(target: str) -> str:
     return _service_name(target)
 

@@ -269,3 +269,23 @@ def uninstall(service: str, purge: bool = False) -> Report:
         except OSError:
             pass
     return report
+
+
+def build_next_base(service: str, show_progress: bool = False) -> int:
+    """A new base version from the installed manifest as the host has it now (after a package
+    upgrade, say). It is not used until `corral base use`."""
+    from . import base
+    from .manifest import load_manifest
+    from .plan import plan_service
+
+    record = read_record(service)
+    if record is None:
+        raise UsageError(f"{service}: not installed")
+    plan = plan_service(record["manifest"], load_manifest(record["manifest"]))
+    accounts = [(spec.comment, users.lookup(spec.name)) for spec in plan.users]
+    if any(account is None for _, account in accounts):
+        raise RuntimeFailure(f"{service}: a user is missing; run corral install again")
+    state = lib_dir(service)
+    version = max(base.versions(state) + [0]) + 1
+    image.build_base(plan, state, version, accounts, show_progress)
+    return version

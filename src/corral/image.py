@@ -101,6 +101,9 @@ def build_base(plan: ServicePlan, state: Path, version: int,
             "version": version, "service": plan.service, "from": plan.image.source,
             "entries": len(plan.image.entries), "files": files, "bytes": total,
         }, indent=2) + "\n")
+        from .base import seal
+
+        seal(work)
         os.rename(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

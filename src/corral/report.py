@@ -87,10 +87,41 @@ def status_text(services: list[dict]) -> str:
                    f"{svc['incidents']}, journal epochs {svc['journal_epochs']})")
         if svc.get("landlock"):
             out.append(f"  {svc['landlock']}")
+        if svc.get("archives"):
+            last = svc["archives"][-1]
+            out.append(f"  archives {len(svc['archives'])}, last {last['created_at']} "
+                       f"({last['reason']}, {last['changes']} changes)")
         for p in svc["processes"]:
             pid = f"pid {p['pid']}" if p["pid"] else "-"
             extra = f"  restarts {p['restarts']}" if p["restarts"] else ""
             if p.get("error"):
                 extra += f"  ({p['error']})"
             out.append(f"  {p['name']:<8} {p['state']:<8} {pid:<10} {p['user']}{extra}")
+    return "\n".join(out)
+
+
+def delta_text(result: dict) -> str:
+    changes = result["changes"]
+    if not changes:
+        return f"{result['service']}: no change against base {result['base_version']}"
+    sign = {"added": "+", "modified": "~", "deleted": "-"}
+    width = max(len(c["kind"]) for c in changes)
+    out = [f"{result['service']}: {len(changes)} changes against base {result['base_version']}"]
+    for c in changes:
+        extra = []
+        if c.get("mode"):
+            extra.append(c["mode"])
+        if c.get("size") is not None:
+            extra.append(_size(c["size"]))
+        if c.get("target"):
+            extra.append(f"-> {c['target']}")
+        if c.get("details"):
+            extra.append(",".join(c["details"]))
+        if c.get("setid"):
+            extra.append("SETID")
+        elif c.get("executable"):
+            extra.append("executable")
+        out.append(f"  {sign[c['change']]} {c['kind']:<{width}} {c['path']}  {' '.join(extra)}")
+    if result["base_writes"]:
+        out.append(f"  base-write: {', '.join(result['base_writes'])}")
     return "\n".join(out)

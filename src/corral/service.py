@@ -14,6 +14,7 @@ from typing import Any
 from . import runtime
 from .errors import RuntimeFailure, UsageError
 from .paths import lib_root, run_dir
+from .archive import list_archives
 from .runtime import ServiceSpec
 
 READY_TIMEOUT = 30.0
@@ -201,6 +202,8 @@ def _status_of(service: str) -> dict[str, Any]:
         "processes": processes,
         "incidents": 0,
         "journal_epochs": 0,
+        "reverts": (state or {}).get("reverts", 0) if alive else 0,
+        "archives": list_archives(spec.state / "archives"),
     }
 
 
@@ -235,3 +238,86 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
         return launch.run_inside(proc, pid, argv, group)
     except launch.LaunchError as exc:
         raise RuntimeFailure(f"{service}: exec in {process}: {exc}") from None
+
+
+def _upper_path(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
+    """The delta's upper layer, seen through the supervisor's mount namespace when it runs
+    (the tmpfs may be mounted in a namespace other than ours, e.g. under `ip netns exec`)."""
+    upper = str(spec.delta_dir / "upper")
+    if supervisor_alive(state):
+        return f"/proc/{state['supervisor']}/root{upper}"
+    if spec.delta == "disk" and os.path.isdir(upper):
+        return upper
+    raise RuntimeFailure(f"{spec.service}: not running; its tmpfs delta was discarded at stop")
+
+
+def delta_of(service: str) -> dict[str, Any]:
+    from . import delta
+    from .supervisor import open_dirs
+
+    spec = spec_of(service)
+    state = read_state(service)
+    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+        found = delta.changes(upper_fd, base_fd)
+    return {"service": service, "base_version": spec.base_version,
+            "changes": [c.to_json() for c in found],
+            "base_writes": [delta.show(c.path) for c in delta.base_writes(found)]}
+
+
+def revert(service: str, reason: str = "revert", incident: str | None = None,
+           timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Ask the supervisor to kill, archive the delta and restart from the clean base; return
+    when every process runs and listens again."""
+    spec = spec_of(service)
+    state = read_state(service)
+    if not supervisor_alive(state):
+        raise RuntimeFailure(f"{service}: not running (start it with corral up)")
+    before = state.get("reverts", 0)
+    request = spec.run / "revert-request.json"
+    request.write_text(json.dumps({"reason": reason, "incident": incident}))
+    os.kill(state["supervisor"], signal.SIGUSR1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = read_state(service) or {}
+        if now.get("reverts", 0) > before and now.get("phase") == "running" \
+                and _all_listening(spec, now):
+            return {"service": service, "archive": now.get("last_archive"),
+                    "base_version": now.get("base_version")}
+        if not supervisor_alive(now):
+            raise RuntimeFailure(f"{service}: the supervisor stopped during the revert")
+        time.sleep(0.01)
+    raise RuntimeFailure(f"{service}: not back within {timeout:.0f}s after the revert")
+
+
+def open_incidents(spec: ServiceSpec) -> list[dict[str, Any]]:
+    """Incidents not closed yet (the watcher writes incidents.jsonl in the state dir)."""
+    path = spec.state / "incidents.jsonl"
+    out = []
+    try:
+        with open(path) as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not record.get("closed_at"):
+                    out.append(record)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
+    from . import base
+    from .supervisor import open_dirs
+
+    spec = spec_of(service)
+    if open_incidents(spec):
+        raise RuntimeFailure(f"{service}: an incident is open; commit refused until it is "
+                             "closed (corral incidents)")
+    state = read_state(service)
+    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+        result = base.commit(spec, upper_fd, base_fd, allow)
+    if supervisor_alive(state):
+        revert(service, reason="commit")
+    return result

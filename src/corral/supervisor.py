@@ -8,6 +8,7 @@ It runs as `python -m corral.supervisor NAME` (started by `corral up`) or in the
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -15,6 +16,8 @@ import selectors
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -64,7 +67,11 @@ class Supervisor:
         self.echo = echo  # foreground: the processes' output is copied here
         self.run_dir = str(spec.run)
         self.children: dict[str, Child] = {}
-        self.stopping = False
+        self.stopping = False  # the supervisor is ending
+        self.halting = False  # processes are being stopped (end, or a revert)
+        self.revert_requested = False
+        self.reverts = 0
+        self.last_archive: str | None = None
         self.phase = "starting"
         self.error = ""
         self.selector = selectors.DefaultSelector()
@@ -81,6 +88,8 @@ class Supervisor:
             "base_version": self.spec.base_version,
             "delta": {"kind": self.spec.delta, "path": str(self.spec.delta_dir)},
             "landlock": self.landlock,
+            "reverts": self.reverts,
+            "last_archive": self.last_archive,
             "cgroup": cgroup.describe(),
             "processes": {name: {
                 "state": c.state, "pid": c.init or None, "user": c.spec.user,
@@ -157,7 +166,7 @@ class Supervisor:
         _, status = os.waitpid(child.holder, 0)
         code = os.waitstatus_to_exitcode(status)
         child.init = 0
-        if self.stopping:
+        if self.halting:
             child.state, child.exit_code = "stopped", code
         elif code == 0:
             child.state, child.exit_code = "exited", 0
@@ -168,7 +177,7 @@ class Supervisor:
     def stop_all(self) -> None:
         """SIGTERM where the program handles it, SIGKILL otherwise (PID 1 of a namespace
         ignores signals it has no handler for), then the cgroup's kill for anything left."""
-        self.stopping = True
+        self.halting = True
         deadline = time.time() + STOP_GRACE
         for child in self.children.values():
             if child.init:
@@ -182,6 +191,44 @@ class Supervisor:
                 child.group.kill()
         while any(c.pidfd >= 0 for c in self.children.values()):
             self.poll(0.1)
+        self.halting = False
+
+    def revert(self) -> None:
+        """Kill, archive the delta, restart from the clean base with a fresh delta; the volumes
+        stay as they are. The request file says why (and which incident)."""
+        from . import archive, kernel
+
+        self.revert_requested = False
+        request_path = os.path.join(self.run_dir, "revert-request.json")
+        try:
+            with open(request_path) as handle:
+                request = json.load(handle)
+            os.unlink(request_path)
+        except (OSError, ValueError):
+            request = {"reason": "revert"}
+        self.stop_all()
+        fresh = runtime.read(self.spec.service)  # a `base use` or commit may have moved it
+        upper = os.path.join(str(self.spec.delta_dir), "upper")
+        try:
+            with open_dirs(upper, str(self.spec.base_root)) as (upper_fd, base_fd):
+                path = archive.archive_delta(upper_fd, base_fd, self.spec.state / "archives", {
+                    "service": self.spec.service, "reason": request.get("reason", "revert"),
+                    "incident": request.get("incident"), "base_version": self.spec.base_version})
+            self.last_archive = str(path / archive.ARCHIVE)
+        except OSError as exc:
+            self.last_archive = None
+            print(f"corral supervisor: archiving the delta failed: {exc}", file=sys.stderr)
+        if fresh is not None and fresh.base_version != self.spec.base_version:
+            self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
+        kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
+        mnt.clear_delta(str(self.spec.delta_dir))
+        mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root),
+                                 str(self.spec.delta_dir), launch.volumes_of(self.spec))
+        self.reverts += 1
+        for child in self.children.values():
+            child.crashes.clear()
+            self.start(child)
+        self.write_state()
 
     # -- the loop ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> None:
@@ -190,10 +237,13 @@ class Supervisor:
             child = self.children.get(name) if name else None
             if kind == "signal":
                 try:
-                    os.read(key.fd, 512)
+                    received = os.read(key.fd, 512)
                 except BlockingIOError:
-                    pass
-                self.stopping = True
+                    received = b""
+                if signal.SIGUSR1 in received:
+                    self.revert_requested = True
+                if set(received) - {signal.SIGUSR1}:
+                    self.stopping = True
             elif kind == "log":
                 self.copy_log(child)
             elif kind == "exit":
@@ -218,7 +268,7 @@ class Supervisor:
     def serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, lambda *_: None)
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
@@ -234,6 +284,8 @@ class Supervisor:
             self.write_state()
             while not self.stopping:
                 self.poll(0.5)
+                if self.revert_requested and not self.stopping:
+                    self.revert()
                 now = time.time()
                 for child in self.children.values():
                     if child.state == "backoff" and now >= child.next_start:
@@ -257,6 +309,18 @@ class Supervisor:
             if self.phase not in ("failed", "exited"):
                 self.phase = "stopped"
             self.write_state()
+
+
+@contextmanager
+def open_dirs(*paths: str) -> Iterator[tuple[int, ...]]:
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        yield tuple(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _handles_sigterm(pid: int) -> bool:
