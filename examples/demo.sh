@@ -96,11 +96,21 @@ kill $db 2>/dev/null || true
 bold "   every denied packet was counted (and logged to NFLOG group 3079)"
 in_ns nft list table inet corral-notes | grep -E 'counter packets [1-9]' || true
 
-bold "7. corral down: processes, delta, mounts and cgroups go; the volume stays"
+bold "7. corral delta: the attack's traces, against the read-only base"
+in_ns "$CORRAL" delta notes
+bold "   corral verify: the base itself is intact"
+in_ns "$CORRAL" verify notes
+bold "8. corral revert: kill, archive the delta, restart from the clean base; the volume stays"
+in_ns "$CORRAL" revert notes --reason "demo attack"
+in_ns "$CORRAL" delta notes
+in_ns python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/notes", timeout=5).read().decode().strip())'
+in_ns "$CORRAL" status notes
+
+bold "9. corral down: processes, delta, mounts and cgroups go; the volume stays"
 in_ns "$CORRAL" down notes
 in_ns "$CORRAL" status notes
 
-bold "8. corral uninstall --purge: the host is as it was"
+bold "10. corral uninstall --purge: the host is as it was"
 in_ns "$CORRAL" uninstall notes --purge
 cmp /etc/passwd /tmp/corral-demo-passwd.before && echo "/etc/passwd byte-identical"
 rm -f /tmp/corral-demo-passwd.before
