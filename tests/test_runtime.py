@@ -21,6 +21,24 @@ def mounts_mentioning(text: str) -> list[str]:
         return [line for line in handle if text in line]
 
 
+def processes_in_cgroups_of(service: str) -> list[int]:
+    """Live processes whose cgroup is one of the service's (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as handle:
+                text = handle.read()
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"/corral/{service}/" in text and state != "Z":
+            found.append(int(entry))
+    return found
+
+
 def cgroups_of(service: str) -> list[str]:
     found = []
     for top, dirs, _ in os.walk("/sys/fs/cgroup"):
@@ -110,11 +128,7 @@ def test_down_leaves_no_process_mount_or_cgroup(notes):
     assert not os.path.exists(f"/proc/{pid}")
     assert mounts_mentioning(notes.name) == []
     assert cgroups_of(notes.name) == []
-    users = f"corral-{notes.name}"
-    ps = subprocess.run(["ps", "-eo", "user:40,pid,ppid,stat,args"], capture_output=True,
-                        text=True).stdout
-    live = [line for line in ps.splitlines() if users in line and line.split()[3][0] != "Z"]
-    assert live == []
+    assert processes_in_cgroups_of(notes.name) == []
     assert notes.status()["state"] == "down"
 
 

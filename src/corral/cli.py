@@ -330,6 +330,27 @@ def commit(name: str, allow: tuple[str, ...], as_json: bool) -> None:
                f"{result['version']}; restarted on it with a fresh delta")
 
 
+@main.command("incidents")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of the records.")
+@click.option("--close", "close_id", metavar="ID|all", help="Close an incident after review.")
+@handled
+def incidents_cmd(name: str | None, as_json: bool, close_id: str | None) -> None:
+    """The incident records (what tripped, when, how fast it was contained)."""
+    from .report import incidents_text
+    from .service import close_incidents, incidents_of
+
+    if close_id:
+        if not name:
+            raise click.UsageError("--close needs the service NAME")
+        _need_root()
+        closed = close_incidents(_service_name(name), close_id)
+        click.echo(f"{name}: closed {len(closed)} incident(s)")
+        return
+    records = incidents_of(_service_name(name) if name else None)
+    _print_json(records) if as_json else click.echo(incidents_text(records))
+
+
 def _installed(target: str) -> str:
     return _service_name(target)
 

@@ -248,6 +248,6 @@ def _walk(upper_fd: int, base_fd: int | None, prefix: bytes, out: list[Change]) 
 
 def base_writes(found: list[Change]) -> list[Change]:
     """The base-write tripwire: a change over a base file that the service runs or trusts
-    (executable, setuid/setgid, or under bin/lib/etc-style paths)."""
-    return [c for c in found if c.change in ("modified", "deleted") and c.sensitive
-            or c.change == "added" and (c.executable or c.setid)]
+    (executable, setuid/setgid, or under bin/lib/etc-style paths). A file the service only
+    added is not one: running it is the `exec` tripwire's business."""
+    return [c for c in found if c.change in ("modified", "deleted") and c.sensitive]

@@ -19,9 +19,10 @@ import resource
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import creds, kernel, landlock, mnt, seccomp
+from . import creds, kernel, landlock, mnt, notify, seccomp
 from .runtime import ProcessSpec, ServiceSpec
 from .sandbox import LandlockPlan, SeccompPlan
 
@@ -34,6 +35,10 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 class Started:
     holder: int  # the holder's pid: its exit status is the process's
     init: int  # host pid of the contained program (PID 1 inside)
+    notify_fd: int = -1  # seccomp listener for its execve calls (the `exec` tripwire)
+
+
+EXEC_CALLS = ("execve", "execveat")
 
 
 class LaunchError(OSError):
@@ -54,7 +59,8 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
             for v in spec.volumes]
 
 
-def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, ...]) -> None:
+def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, ...],
+             notify_sock: socket.socket | None = None) -> None:
     """Common tail of start and exec, as root inside the namespaces and the root."""
     nofile = int(proc.limits.get("open_files", 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -79,6 +85,11 @@ def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, 
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     landlock.restrict(landlock_plan(proc))
     seccomp.load(filt)
+    if notify_sock is not None:  # hand the listener up before the first execve blocks on it
+        fd = seccomp.notify_fd(filt)
+        notify.send_fd(notify_sock, fd)
+        os.close(fd)
+        notify_sock.close()
 
 
 def _report(err_w: int, stage: str, exc: BaseException) -> None:
@@ -88,9 +99,13 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Started:
-    """Fork the contained process; returns once it has exec'd its program (or raises)."""
-    filt = seccomp.build(seccomp_plan(proc))  # compiled here, loaded in the child
+def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object,
+          on_exec: Callable[[int], None]) -> Started:
+    """Fork the contained process; returns once it has exec'd its program (or raises).
+    `on_exec(notify_fd)` answers one pending exec notification (the program's own execve
+    arrives before this returns)."""
+    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     volumes = volumes_of(spec)
     env = dict(proc.environment)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -101,6 +116,7 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> 
         try:
             os.close(err_r)
             os.close(pid_r)
+            parent_sock.close()
             kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
             cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
             kernel.unshare(NAMESPACES)
@@ -111,9 +127,10 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> 
                 mnt.enter_root(str(spec.root), proc.name, volumes)
                 socket.sethostname(spec.service)
                 stage = "sandbox"
-                _confine(proc, filt, out_fd, (err_w,))
+                _confine(proc, filt, out_fd, (err_w, child_sock.fileno()), child_sock)
                 stage = "exec"
                 os.execve(proc.command[0], proc.command, env)
+            child_sock.close()
             os.write(pid_w, struct.pack("i", init))
             os.close(pid_w)
             os.close(err_w)
@@ -122,16 +139,47 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> 
             _report(err_w, stage, exc)
     os.close(err_w)
     os.close(pid_w)
+    child_sock.close()
+    notify_fd = -1
     try:
-        message = _read_all(err_r)
+        _, notify_fd = notify.recv_fd(parent_sock)  # None: the child failed before the filter
+        message = _await_exec(err_r, notify_fd, on_exec)
         raw = _read_all(pid_r)
+    except BaseException:
+        if notify_fd is not None and notify_fd >= 0:
+            os.close(notify_fd)
+        raise
     finally:
         os.close(err_r)
         os.close(pid_r)
+        parent_sock.close()
     if message:
         os.waitpid(holder, 0)
+        if notify_fd is not None:
+            os.close(notify_fd)
         raise LaunchError(f"process {proc.name}: {message.decode(errors='replace')}")
-    return Started(holder, struct.unpack("i", raw)[0])
+    return Started(holder, struct.unpack("i", raw)[0], -1 if notify_fd is None else notify_fd)
+
+
+def _await_exec(err_r: int, notify_fd: int | None, on_exec: Callable[[int], None]) -> bytes:
+    """Read the error pipe to its end (the exec succeeded, or a message), answering the exec
+    notifications that arrive meanwhile: the program's own execve is one of them."""
+    import selectors
+
+    chunks = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(err_r, selectors.EVENT_READ, "err")
+        if notify_fd is not None:
+            sel.register(notify_fd, selectors.EVENT_READ, "notify")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "notify":
+                    on_exec(notify_fd)
+                    continue
+                chunk = os.read(err_r, 4096)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
 
 
 def _read_all(fd: int) -> bytes:
@@ -159,10 +207,14 @@ NS_ORDER = (("cgroup", kernel.CLONE_NEWCGROUP), ("ipc", kernel.CLONE_NEWIPC),
             ("mnt", kernel.CLONE_NEWNS))
 
 
-def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object) -> int:
+def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object,
+               forward_notify: Callable[[int], None]) -> int:
     """`corral exec`: run argv in the namespaces, root, user, Landlock and seccomp of the
-    running process `target` (host pid of its init), in its cgroup. Returns the exit code."""
-    filt = seccomp.build(seccomp_plan(proc))
+    running process `target` (host pid of its init), in its cgroup. Its exec notifications go
+    to `forward_notify(fd)` (the service's supervisor, whose watcher answers them). Returns the
+    exit code."""
+    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ns_fds = [(os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
               for name, flag in NS_ORDER]
     env = dict(proc.environment)
@@ -172,6 +224,7 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object) 
         stage = "namespaces"
         try:
             os.close(err_r)
+            parent_sock.close()
             kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
             cgroup.add(os.getpid())
             for fd, flag in ns_fds:
@@ -182,20 +235,27 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object) 
                 stage = "sandbox"
                 kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
                 os.chdir("/")
-                _confine(proc, filt, -1, (err_w,))
+                _confine(proc, filt, -1, (err_w, child_sock.fileno()), child_sock)
                 stage = "exec"
                 os.execvpe(argv[0], argv, env | {"PATH": env.get("PATH", DEFAULT_PATH)})
             os.close(err_w)
+            child_sock.close()
             _wait_and_exit(child)
         except BaseException as exc:  # noqa: BLE001
             _report(err_w, stage, exc)
     for fd, _ in ns_fds:
         os.close(fd)
     os.close(err_w)
+    child_sock.close()
     try:
+        _, notify_fd = notify.recv_fd(parent_sock)
+        if notify_fd is not None:
+            forward_notify(notify_fd)
+            os.close(notify_fd)
         message = _read_all(err_r)
     finally:
         os.close(err_r)
+        parent_sock.close()
     _, status = os.waitpid(holder, 0)
     if message:
         raise LaunchError(message.decode(errors="replace"))

@@ -157,6 +157,8 @@ class Watch(_Strict):
     react: Literal["log", "isolate", "kill", "revert"] = "revert"
     tripwires: list[Literal[TRIPWIRES]] = list(TRIPWIRES)  # type: ignore[valid-type]
     quiet: Duration = 86400
+    # corral extension: a command run with each incident as JSON on stdin (mail, chat, pager).
+    on_incident: Annotated[list[Text], Field(min_length=1)] | None = None
 
 
 class Manifest(_Strict):

@@ -232,9 +232,15 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
         add("set", name=f"{f.process}-listen", type=["inet_proto", "inet_service"],
             flags=["interval"], **({"elem": elems} if elems else {}))
 
+    # The watcher's `isolate` reaction adds the service's uids here: all their packets stop at
+    # once (replies too, so nothing reaches them either), with one set-element update.
+    add("set", name="isolated", type="uid")
     add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
     for f in flows:
         add("chain", name=f"proc-{f.process}")
+    add("rule", chain="output", comment="isolated",
+        expr=[{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": "@isolated"}},
+              {"counter": None}, {"drop": None}])
 
     if flows:  # an anonymous vmap cannot be empty
         try:
@@ -279,6 +285,19 @@ def table_exists(service: str, netns: str | None = None) -> bool:
     listing = json.loads(_nft(["-j", "list", "tables", "inet"], netns) or '{"nftables": []}')
     name = table_name(service)
     return any(item.get("table", {}).get("name") == name for item in listing["nftables"])
+
+
+def isolate(service: str, uids: Sequence[int], netns: str | None = None) -> None:
+    """Cut every packet of these users now (the watcher's `isolate` reaction)."""
+    elems = sorted(set(uids))
+    apply({"nftables": [{"add": {"element": {"family": "inet", "table": table_name(service),
+                                             "name": "isolated", "elem": elems}}}]}, netns)
+
+
+def release(service: str, netns: str | None = None) -> None:
+    """Undo isolate (after a revert or at stop)."""
+    apply({"nftables": [{"flush": {"set": {"family": "inet", "table": table_name(service),
+                                           "name": "isolated"}}}]}, netns)
 
 
 def delete_table(service: str, netns: str | None = None) -> bool:

@@ -73,6 +73,7 @@ class ServicePlan:
     sandbox: tuple[SandboxPlan, ...]
     delta: str = "tmpfs"
     delta_size: int = 64 << 20
+    watch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def table(self) -> str:
@@ -93,6 +94,7 @@ class ServicePlan:
             "nftables": self.ruleset,
             "sandbox": [dataclasses.asdict(s) for s in self.sandbox],
             "delta": {"kind": self.delta, "size": self.delta_size},
+            "watch": self.watch,
         }
 
 
@@ -205,4 +207,5 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
                       for p, proc in m.process.items()),
         delta=m.image.delta,
         delta_size=m.image.delta_size,
+        watch=m.watch.model_dump(),
     )

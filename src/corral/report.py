@@ -84,7 +84,12 @@ def status_text(services: list[dict]) -> str:
     for svc in services:
         out.append(f"{svc['service']}: {svc['state']}  (base {svc['base_version']}, delta "
                    f"{svc['delta']['kind']} {_size(svc['delta']['bytes'])}, incidents "
-                   f"{svc['incidents']}, journal epochs {svc['journal_epochs']})")
+                   f"{svc['incidents']} ({svc['open_incidents']} open), journal epochs "
+                   f"{svc['journal_epochs']})")
+        if svc.get("error"):
+            out.append(f"  {svc['error']}")
+        if svc.get("isolated"):
+            out.append("  ISOLATED: network cut and processes frozen (corral revert to recover)")
         if svc.get("landlock"):
             out.append(f"  {svc['landlock']}")
         if svc.get("archives"):
@@ -124,4 +129,18 @@ def delta_text(result: dict) -> str:
         out.append(f"  {sign[c['change']]} {c['kind']:<{width}} {c['path']}  {' '.join(extra)}")
     if result["base_writes"]:
         out.append(f"  base-write: {', '.join(result['base_writes'])}")
+    return "\n".join(out)
+
+
+def incidents_text(records: list[dict]) -> str:
+    if not records:
+        return "no incidents"
+    out = []
+    for r in records:
+        detail = " ".join(f"{k}={v}" for k, v in (r.get("detail") or {}).items() if v is not None)
+        count = f" x{r['count']}" if r.get("count", 1) > 1 else ""
+        state = "closed" if r.get("closed_at") else "OPEN"
+        out.append(f"{r.get('detected_at', '?')}  {r.get('service')}/{r.get('process')}  "
+                   f"{r.get('tripwire')}{count}  {detail}  -> {r.get('reaction')} in "
+                   f"{r.get('latency_ms')} ms  [{state}] {r.get('id')}")
     return "\n".join(out)

@@ -45,6 +45,8 @@ class ServiceSpec:
     delta_size: int
     processes: list[ProcessSpec]
     volumes: list[VolumeSpec]
+    watch: dict[str, Any] = dataclasses.field(default_factory=dict)  # react, tripwires, ...
+    exec_paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def state(self) -> Path:

@@ -91,7 +91,17 @@ def _not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
     return pairs
 
 
-def build(plan: SeccompPlan, *, log: bool = True) -> "pyseccomp.SyscallFilter":
+# Setting a setuid/setgid bit is the `setuid` tripwire: denied (and so logged for the watcher)
+# wherever a mode is passed. (syscall, index of its mode argument)
+MODE_ARGUMENT = (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("creat", 1), ("open", 2),
+                 ("openat", 3), ("mkdir", 1), ("mkdirat", 2), ("mknod", 1), ("mknodat", 2))
+SETID_BITS = (0o4000, 0o2000)
+
+
+def build(plan: SeccompPlan, *, log: bool = True,
+          notify: tuple[str, ...] = ()) -> "pyseccomp.SyscallFilter":
+    """`notify`: calls handed to the supervisor (seccomp user notification) before they run;
+    corral uses it for execve/execveat, the `exec` tripwire."""
     import pyseccomp
     from pyseccomp import MASKED_EQ, Arg
 
@@ -113,10 +123,16 @@ def build(plan: SeccompPlan, *, log: bool = True) -> "pyseccomp.SyscallFilter":
     for name in sorted(special) if enosys != default else ():
         add(enosys, name)
     # Sorted, so the same plan always compiles to the same program.
+    for name in sorted(set(notify) - special):
+        add(pyseccomp.NOTIFY, name)
     if plan.mode == "deny-list":
-        listed = set(plan.syscalls) - special
+        listed = set(plan.syscalls) - special - set(notify)
         for name in sorted(listed):
             add(deny, name)
+        for name, index in MODE_ARGUMENT:
+            if name not in listed | special:
+                for bit in SETID_BITS:
+                    add(deny, name, Arg(index, MASKED_EQ, bit, bit))
         if "clone" not in listed | special:
             # One rule per flag: MASKED_EQ(flag, flag) is "this flag is set". On x86_64 the flags
             # are clone's first argument (clone(flags, stack, parent_tid, child_tid, tls)).
@@ -126,7 +142,7 @@ def build(plan: SeccompPlan, *, log: bool = True) -> "pyseccomp.SyscallFilter":
             for cmd in TTY_INJECTION:
                 add(deny, "ioctl", Arg(1, MASKED_EQ, LOW32, cmd))
     else:
-        listed = (set(plan.syscalls) | set(ALWAYS_ALLOWED)) - special
+        listed = (set(plan.syscalls) | set(ALWAYS_ALLOWED)) - special - set(notify)
         for name in sorted(listed - {"clone", "ioctl"}):
             add(pyseccomp.ALLOW, name)
         # A listed rule cannot be narrowed with a rule whose action is the default one
@@ -137,6 +153,17 @@ def build(plan: SeccompPlan, *, log: bool = True) -> "pyseccomp.SyscallFilter":
             for mask, datum in _not_in_low32(TTY_INJECTION):
                 add(pyseccomp.ALLOW, "ioctl", Arg(1, MASKED_EQ, mask, datum))
     return filt
+
+
+def notify_fd(filt: "pyseccomp.SyscallFilter") -> int:
+    """The listener descriptor of a loaded filter with NOTIFY rules. pyseccomp has no public
+    accessor for it, so libseccomp's seccomp_notify_fd() is called on the filter context."""
+    import pyseccomp
+
+    fd = pyseccomp._libseccomp.seccomp_notify_fd(filt._filter)  # noqa: SLF001
+    if fd < 0:
+        raise OSError(-fd, "seccomp_notify_fd: no listener")
+    return fd
 
 
 def load(filt: "pyseccomp.SyscallFilter") -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import runtime
+from . import incidents, runtime
 from .errors import RuntimeFailure, UsageError
 from .paths import lib_root, run_dir
 from .archive import list_archives
@@ -35,7 +35,7 @@ def read_state(service: str) -> dict[str, Any] | None:
 
 
 def supervisor_alive(state: dict[str, Any] | None) -> bool:
-    if not state or state.get("phase") in ("stopped", "exited"):
+    if not state or state.get("phase") in ("stopped", "exited", "killed"):
         return False
     pid = state.get("supervisor")
     try:
@@ -189,8 +189,8 @@ def _status_of(service: str) -> dict[str, Any]:
             "restarts": pstate.get("restarts", 0), "exit_code": pstate.get("exit_code"),
             "error": pstate.get("error") or None, "listen": proc.listen,
         })
-    ended = (state or {}).get("phase") if (state or {}).get("phase") in ("failed", "exited") \
-        else None
+    ended = (state or {}).get("phase") if (state or {}).get("phase") in (
+        "failed", "exited", "killed") else None
     return {
         "service": service,
         "state": (state or {}).get("phase", "down") if alive else (ended or "down"),
@@ -200,7 +200,10 @@ def _status_of(service: str) -> dict[str, Any]:
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
         "landlock": (state or {}).get("landlock") if alive else None,
         "processes": processes,
-        "incidents": 0,
+        "incidents": len(all_incidents := incidents.read(spec.state)),
+        "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),
+        "isolated": bool((state or {}).get("isolated")) if alive else False,
+        "sensors": (state or {}).get("sensors") if alive else None,
         "journal_epochs": 0,
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
         "archives": list_archives(spec.state / "archives"),
@@ -234,9 +237,22 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
     group = cgroup.Cgroup.create(service, process, cgroup.Limits(
         memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
         cpu=proc.limits.get("cpu")))
+    def forward(fd: int) -> None:
+        """The command's exec listener goes to the supervisor, whose watcher answers it."""
+        import socket
+
+        from .notify import send_fd
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(10)
+            sock.connect(str(spec.run / "control.sock"))
+            send_fd(sock, fd, json.dumps({"process": process}).encode())
+            if sock.recv(16) != b"ok":
+                raise RuntimeFailure(f"{service}: the supervisor refused the exec session")
+
     try:
-        return launch.run_inside(proc, pid, argv, group)
-    except launch.LaunchError as exc:
+        return launch.run_inside(proc, pid, argv, group, forward)
+    except OSError as exc:  # LaunchError included: what failed before the command ran
         raise RuntimeFailure(f"{service}: exec in {process}: {exc}") from None
 
 
@@ -290,21 +306,9 @@ def revert(service: str, reason: str = "revert", incident: str | None = None,
 
 
 def open_incidents(spec: ServiceSpec) -> list[dict[str, Any]]:
-    """Incidents not closed yet (the watcher writes incidents.jsonl in the state dir)."""
-    path = spec.state / "incidents.jsonl"
-    out = []
-    try:
-        with open(path) as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if not record.get("closed_at"):
-                    out.append(record)
-    except FileNotFoundError:
-        pass
-    return out
+    from . import incidents
+
+    return incidents.open_ones(spec.state)
 
 
 def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
@@ -321,3 +325,18 @@ def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
     if supervisor_alive(state):
         revert(service, reason="commit")
     return result
+
+
+def incidents_of(service: str | None) -> list[dict[str, Any]]:
+    names = [service] if service else [s["service"] for s in status(None)]
+    out: list[dict[str, Any]] = []
+    for name in names:
+        out.extend(incidents.read(spec_of(name).state))
+    return sorted(out, key=lambda i: i.get("detected_at") or "")
+
+
+def close_incidents(service: str, which: str) -> list[str]:
+    closed = incidents.close(spec_of(service).state, which)
+    if not closed and which != "all":
+        raise UsageError(f"{service}: no open incident {which!r}")
+    return closed

@@ -14,6 +14,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -21,13 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from . import cgroup, landlock, launch, mnt, runtime
+from . import cgroup, landlock, launch, mnt, notify, runtime
 from .runtime import ProcessSpec, ServiceSpec
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
-STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
+STOP_GRACE = 5.0
+DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire  # seconds a process with a SIGTERM handler gets before SIGKILL
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 
@@ -77,6 +79,13 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.host_mnt = -1
         self.landlock = landlock.describe_abi()
+        self.allowed: dict[str, set[tuple[int, int]]] = {}  # process -> executables' identities
+        self.notify_fds: dict[int, str] = {}  # seccomp listener -> process name
+        self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off
+        self.watcher: Any = None
+        self.poller: Any = None
+        self.control: socket.socket | None = None
+        self.isolated = False
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
@@ -89,6 +98,8 @@ class Supervisor:
             "delta": {"kind": self.spec.delta, "path": str(self.spec.delta_dir)},
             "landlock": self.landlock,
             "reverts": self.reverts,
+            "isolated": self.isolated,
+            "sensors": self.sensors,
             "last_archive": self.last_archive,
             "cgroup": cgroup.describe(),
             "processes": {name: {
@@ -111,6 +122,7 @@ class Supervisor:
         mnt.private_namespace()
         mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root), delta,
                                  launch.volumes_of(self.spec))
+        self._index_executables()
         for proc in self.spec.processes:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
                                    cpu=proc.limits.get("cpu"))
@@ -121,7 +133,135 @@ class Supervisor:
             self.children[proc.name] = Child(proc, group, log_r, log_w, log)
             self.selector.register(log_r, selectors.EVENT_READ, ("log", proc.name))
 
+    def _index_executables(self) -> None:
+        """The identities (device, inode) of what each process may exec, in its root."""
+        root = os.open(str(self.spec.root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for proc in self.spec.processes:
+                paths = self.spec.exec_paths.get(proc.name) or [proc.command[0]]
+                self.allowed[proc.name] = {i for p in paths
+                                           if (i := notify.identity(root, p)) is not None}
+        finally:
+            os.close(root)
+
+    def start_sensors(self) -> None:
+        from . import sensors, watch
+
+        self.watcher = watch.Watcher.for_supervisor(self)
+        try:
+            self.audit = sensors.AuditReader()
+            self.selector.register(self.audit, selectors.EVENT_READ, ("audit", ""))
+            self.sensors["audit"] = "on"
+        except OSError as exc:
+            self.sensors["audit"] = f"off: {exc.strerror}"
+        self.poller = sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
+                                          str(self.spec.base_root))
+        self.sensors["base-write"] = "on (delta poll)"
+        self.sensors["exec"] = "on (seccomp user notification)"
+        path = os.path.join(self.run_dir, "control.sock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.control.bind(path)
+        os.chmod(path, 0o600)
+        self.control.listen(8)
+        self.selector.register(self.control, selectors.EVENT_READ, ("control", ""))
+
+    def on_exec(self, name: str, fd: int) -> None:
+        """Answer one exec notification: only the process's `exec` paths may run."""
+        from .sensors import Event
+
+        req = notify.receive(fd)
+        if req is None:
+            return
+        detected = time.time()
+        path, ident = notify.target_of(req)
+        if not notify.still_valid(fd, req.id):
+            return
+        allowed = ident is None or ident in self.allowed.get(name, set())
+        notify.respond(fd, req.id, allowed)  # None: no such file; the kernel will say so
+        if not allowed and self.watcher is not None:
+            proc = self.spec.process(name)
+            self.watcher.trip(Event("exec", proc.uid if proc else None, req.pid, detected,
+                                    {"path": path}), process=name)
+
+    def accept_control(self) -> None:
+        """`corral exec` hands over the exec listener of the command it starts inside."""
+        assert self.control is not None
+        conn, _ = self.control.accept()
+        with conn:
+            try:
+                message, fd = notify.recv_fd(conn)
+                name = json.loads(message or b"{}").get("process")
+            except (OSError, ValueError):
+                return
+            if fd is None:
+                return
+            if name not in self.children:
+                os.close(fd)
+                return
+            self.notify_fds[fd] = name
+            self.selector.register(fd, selectors.EVENT_READ, ("notify", name))
+            conn.send(b"ok")
+
+    def drop_notify(self, fd: int) -> None:
+        if fd in self.notify_fds:
+            del self.notify_fds[fd]
+            self.selector.unregister(fd)
+            os.close(fd)
+
+    # -- reactions (called by the watcher) --------------------------------------------------
+    def isolate(self) -> None:
+        from . import nftables
+
+        nftables.isolate(self.spec.service, [p.uid for p in self.spec.processes])
+        for child in self.children.values():
+            child.group.freeze()
+        self.isolated = True
+        self.phase = "isolated"
+        self.write_state()
+
+    def release(self) -> None:
+        from . import nftables
+
+        if self.isolated:
+            for child in self.children.values():
+                child.group.thaw()
+            nftables.release(self.spec.service)
+            self.isolated = False
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the service now; reaped by the loop."""
+        self.halting = True
+        for child in self.children.values():
+            if child.init:
+                _kill(child.init, signal.SIGKILL)
+            child.group.kill()
+
+    def wait_reaped(self) -> None:
+        while any(c.pidfd >= 0 for c in self.children.values()):
+            self.poll(0.05)
+        self.halting = False
+
+    def stay_down(self, reason: str) -> None:
+        self.wait_reaped()
+        self.phase, self.error = "killed", reason
+        self.stopping = True
+
+    def finish_revert(self, record: dict[str, Any]) -> str | None:
+        self.wait_reaped()
+        self.revert({"reason": "incident", "incident": record["id"]})
+        return self.last_archive
+
     def teardown(self) -> None:
+        try:
+            self.release()
+        except Exception as exc:  # the table may be gone already (uninstall)
+            print(f"corral supervisor: releasing isolation: {exc}", file=sys.stderr)
+        if self.control is not None:
+            self.control.close()
         for child in self.children.values():
             try:
                 child.group.remove()
@@ -137,12 +277,17 @@ class Supervisor:
     # -- processes --------------------------------------------------------------------------
     def start(self, child: Child) -> None:
         try:
-            started = launch.start(self.spec, child.spec, child.log_w, child.group)
+            started = launch.start(self.spec, child.spec, child.log_w, child.group,
+                                   lambda fd, n=child.spec.name: self.on_exec(n, fd))
         except OSError as exc:
             child.error = str(exc)
             self._crashed(child, 127)
             return
         child.holder, child.init = started.holder, started.init
+        if started.notify_fd >= 0:
+            self.notify_fds[started.notify_fd] = child.spec.name
+            self.selector.register(started.notify_fd, selectors.EVENT_READ,
+                                   ("notify", child.spec.name))
         child.pidfd = os.pidfd_open(started.holder)
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child.spec.name))
         child.state, child.started_at, child.exit_code = "running", time.time(), None
@@ -165,6 +310,9 @@ class Supervisor:
         child.pidfd = -1
         _, status = os.waitpid(child.holder, 0)
         code = os.waitstatus_to_exitcode(status)
+        for fd, name in list(self.notify_fds.items()):
+            if name == child.spec.name:  # its PID namespace is gone: so are exec sessions
+                self.drop_notify(fd)
         child.init = 0
         if self.halting:
             child.state, child.exit_code = "stopped", code
@@ -193,20 +341,22 @@ class Supervisor:
             self.poll(0.1)
         self.halting = False
 
-    def revert(self) -> None:
+    def revert(self, request: dict[str, Any] | None = None) -> None:
         """Kill, archive the delta, restart from the clean base with a fresh delta; the volumes
-        stay as they are. The request file says why (and which incident)."""
+        stay as they are. The request (or the request file) says why and which incident."""
         from . import archive, kernel
 
         self.revert_requested = False
-        request_path = os.path.join(self.run_dir, "revert-request.json")
-        try:
-            with open(request_path) as handle:
-                request = json.load(handle)
-            os.unlink(request_path)
-        except (OSError, ValueError):
-            request = {"reason": "revert"}
+        if request is None:
+            request_path = os.path.join(self.run_dir, "revert-request.json")
+            try:
+                with open(request_path) as handle:
+                    request = json.load(handle)
+                os.unlink(request_path)
+            except (OSError, ValueError):
+                request = {"reason": "revert"}
         self.stop_all()
+        self.release()
         fresh = runtime.read(self.spec.service)  # a `base use` or commit may have moved it
         upper = os.path.join(str(self.spec.delta_dir), "upper")
         try:
@@ -225,9 +375,13 @@ class Supervisor:
         mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root),
                                  str(self.spec.delta_dir), launch.volumes_of(self.spec))
         self.reverts += 1
+        if self.poller is not None:
+            self.poller.reported.clear()
+        self._index_executables()
         for child in self.children.values():
             child.crashes.clear()
             self.start(child)
+        self.phase = "running"
         self.write_state()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -246,10 +400,33 @@ class Supervisor:
                     self.stopping = True
             elif kind == "log":
                 self.copy_log(child)
+            elif kind == "notify":
+                self._notify_ready(key.fd, name)
+            elif kind == "audit":
+                for event in self.audit.read():
+                    if self.watcher is not None and not self.halting:
+                        self.watcher.trip(event)
+            elif kind == "control":
+                self.accept_control()
             elif kind == "exit":
                 self.copy_log(child)
                 self.reap(child)
                 self.write_state()
+
+    def _notify_ready(self, fd: int, name: str) -> None:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        events = poller.poll(0)
+        if events and events[0][1] & (select.POLLHUP | select.POLLERR) \
+                and not events[0][1] & select.POLLIN:
+            self.drop_notify(fd)  # every task using that filter is gone
+            return
+        try:
+            self.on_exec(name, fd)
+        except OSError:
+            self.drop_notify(fd)
 
     def copy_log(self, child: Child) -> None:
         try:
@@ -273,6 +450,7 @@ class Supervisor:
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
             self.prepare()
+            self.start_sensors()
             for child in self.children.values():
                 self.start(child)
             failed = [c for c in self.children.values() if c.state != "running"]
@@ -282,10 +460,19 @@ class Supervisor:
                 return 1
             self.phase = "running"
             self.write_state()
+            next_poll = 0.0
             while not self.stopping:
-                self.poll(0.5)
+                self.poll(DELTA_POLL)
+                now = time.time()
+                if now >= next_poll and not self.halting and self.phase == "running":
+                    next_poll = now + DELTA_POLL
+                    for event in self.poller.poll(now):
+                        self.watcher.trip(event)
+                self.watcher.flush_counts()
                 if self.revert_requested and not self.stopping:
                     self.revert()
+                if self.stopping:
+                    break
                 now = time.time()
                 for child in self.children.values():
                     if child.state == "backoff" and now >= child.next_start:
@@ -306,7 +493,7 @@ class Supervisor:
         finally:
             self.stop_all()
             self.teardown()
-            if self.phase not in ("failed", "exited"):
+            if self.phase not in ("failed", "exited", "killed"):
                 self.phase = "stopped"
             self.write_state()
 

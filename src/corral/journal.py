@@ -1,0 +1,419 @@
+"""The persistent-state redo log of a journaled volume (spec: "Persistent state: the redo log").
+
+Per volume, in STATE/journal/STORE/:
+
+    head.json          the commit point: latest closed epoch (id, record hash), first live
+                       epoch, baseline file and hash, when the open epoch began
+    baseline-K.json    the volume as of epoch K (path -> metadata): what `commit` folded
+    epochs/N.json      one record per closed epoch: what changed, before and after, who, why;
+                       `prev` is the blake3 of the previous record's bytes (a hash chain)
+    objects/           content chunks, blake3-named, zstd, deduplicated (journal_store.py)
+    state.json         a cache: the state at head plus what each file looked like on disk
+                       (inode, size, mtime, ctime), so unchanged files are not read again
+    excise.json        an excision under way: its record, written before the volume is touched
+    lock               flock: one writer at a time (supervisor, CLI), readers shared
+
+Everything is written before head.json names it, and head.json is replaced atomically; anything
+a crash leaves that head.json does not reach is garbage that recover() removes. An excision is
+rolled forward (redone from excise.json) rather than back: the volume may be half rewritten.
+History is never rewritten: an excision is a new epoch, commit folds a prefix into the baseline.
+
+The chain makes the journal tamper-evident, not tamper-proof: whoever can write it all can write
+a new consistent chain. Log head hashes elsewhere (incident records) to anchor it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .delta import show
+from .errors import RuntimeFailure, UsageError
+from .journal_fs import Scan, restore
+from .journal_store import (GENESIS, Meta, Objects, differences, digest, encode, from_index_key,
+                            index_key, meta_from_json, meta_from_row, meta_json, meta_row,
+                            path_from_json, path_json, same, unlink_durable, write_durable)
+
+REASONS = ("schedule", "incident", "revert", "mark", "excise")
+HEAD, CACHE, INTENT, LOCK = "head.json", "state.json", "excise.json", "lock"
+Freeze = Callable[[], AbstractContextManager[Any]]
+
+
+def iso(ts: float) -> str:
+    """UTC, microseconds: the incident records' format."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+def parse_iso(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
+def _disk_full(exc: OSError, what: str) -> RuntimeFailure:
+    return RuntimeFailure(f"{what}: {exc.strerror or exc}; the journal is unchanged (the last "
+                          "committed epoch stands, the changes stay for the next close)")
+
+
+class Journal:
+    def __init__(self, spec_or_state_dir: Any, volume_store: str,
+                 volume_path: str | os.PathLike[str] | None = None, *,
+                 clock: Callable[[], float] = time.time):
+        state = Path(getattr(spec_or_state_dir, "state", spec_or_state_dir))
+        self.store = volume_store
+        self.dir = state / "journal" / volume_store
+        self.volume = Path(volume_path) if volume_path else state / "volumes" / volume_store
+        self.objects = Objects(self.dir / "objects")
+        self.clock = clock
+        # The state at head, kept in memory between calls (the supervisor's Journal lives
+        # long), with the tag of the head it belongs to: another process may close meanwhile.
+        self._tag: tuple[int, str] | None = None
+        self._state: dict[str, Meta] = {}
+        self._seen: dict[str, tuple[Any, Meta]] = {}
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _record_path(self, epoch: int) -> Path:
+        return self.dir / "epochs" / f"{epoch:08d}.json"
+
+    def _head(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / HEAD).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise RuntimeFailure(f"{self.dir / HEAD}: unreadable ({exc}); run `corral state "
+                                 "check`") from None
+
+    def _record(self, epoch: int) -> tuple[dict[str, Any], str]:
+        data = self._record_path(epoch).read_bytes()
+        return json.loads(data), digest(data)
+
+    def _records(self, first: int, last: int) -> Iterator[dict[str, Any]]:
+        for epoch in range(first, last + 1):
+            yield self._record(epoch)[0]
+
+    def _baseline(self, head: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        data = (self.dir / head["baseline"]["file"]).read_bytes()
+        return json.loads(data), digest(data)
+
+    @contextmanager
+    def _locked(self, exclusive: bool = True) -> Iterator[bool]:
+        """Yields False (and locks nothing) when a reader finds no journal at all."""
+        if exclusive:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        elif not (self.dir / LOCK).exists():
+            yield False
+            return
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield True
+        finally:
+            os.close(fd)
+
+    def exists(self) -> bool:
+        return (self.dir / HEAD).exists()
+
+    # -- the state at head ------------------------------------------------------------------
+
+    def _load(self, head: dict[str, Any]) -> None:
+        tag = (head["epoch"], head["hash"])
+        if self._tag == tag:
+            return
+        cache_tag, rows = self._read_cache()
+        self._seen = {p: (obs, m) for p, (obs, m) in rows.items() if obs is not None}
+        if cache_tag == tag:
+            self._state = {p: m for p, (_, m) in rows.items()}
+        else:  # stale or missing cache: replay the log from the baseline
+            self._state = self._replay(head, head["epoch"])
+        self._tag = tag
+
+    def _replay(self, head: dict[str, Any], last: int) -> dict[str, Meta]:
+        state = {from_index_key(k): meta_from_row(r)
+                 for k, r in self._baseline(head)[0]["entries"].items()}
+        for record in self._records(head["first"], last):
+            _apply(state, record)
+        return state
+
+    def _read_cache(self) -> tuple[Any, dict[str, tuple[Any, Meta]]]:
+        """The cache is a checksummed convenience: anything wrong with it and it is ignored."""
+        try:
+            with open(self.dir / CACHE, "rb") as handle:
+                header = json.loads(handle.readline())
+                body = handle.read()
+            if digest(body) != header["blake3"]:
+                return None, {}
+            rows = json.loads(body)
+            return ((header["epoch"], header["hash"]),
+                    {from_index_key(k): (tuple(r[9]) if r[9] else None, meta_from_row(r))
+                     for k, r in rows.items()})
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None, {}
+
+    def _save_cache(self) -> None:
+        """Not fsynced and not part of the commit: it is checked on load and only ever
+        saves reading files again."""
+        assert self._tag is not None
+        rows = {}
+        for path, m in self._state.items():
+            obs = self._seen.get(path)
+            rows[index_key(path)] = meta_row(m) + [
+                list(obs[0]) if obs and obs[0] is not None and same(obs[1], m) else None]
+        body = encode(rows)
+        header = encode({"epoch": self._tag[0], "hash": self._tag[1], "blake3": digest(body)})
+        tmp = self.dir / f".{CACHE}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(header + body)
+            os.rename(tmp, self.dir / CACHE)
+        except OSError:  # disk full: the next open replays the log instead
+            tmp.unlink(missing_ok=True)
+
+    def _adopt(self, scan: Scan) -> None:
+        self._state = scan.entries
+        self._seen = {p: (scan.observed.get(p), m) for p, m in scan.entries.items()}
+
+    # -- creating and closing epochs --------------------------------------------------------
+
+    def _init(self, freeze: Freeze | None) -> dict[str, Any]:
+        """The journal starts from the volume as it is: every file is stored once, so the
+        first epoch can say what any file was before it changed."""
+        for sub in ("epochs",):
+            (self.dir / sub).mkdir(exist_ok=True)
+        self.objects.create()
+        try:
+            with freeze() if freeze else nullcontext():
+                scan = Scan(self.objects, {}).run(self.volume)
+            self.objects.flush()
+        except BaseException:
+            self.objects.discard()
+            raise
+        now = iso(self.clock())
+        baseline = encode({"format": 1, "epoch": 0, "anchor": GENESIS, "created": now,
+                           "entries": {index_key(p): meta_row(m)
+                                       for p, m in scan.entries.items()}})
+        write_durable(self.dir / "baseline-0.json", baseline)
+        head = {"format": 1, "epoch": 0, "hash": GENESIS, "first": 1, "opened": now,
+                "baseline": {"file": "baseline-0.json", "hash": digest(baseline)}}
+        write_durable(self.dir / HEAD, encode(head))
+        self._tag = (0, GENESIS)
+        self._adopt(scan)
+        self._save_cache()
+        return head
+
+    def ensure(self, freeze: Freeze | None = None) -> None:
+        """Start journaling the volume as it is now, if not yet. The supervisor calls this (and
+        recover()) before it starts the service, so the first epoch holds its first write."""
+        with self._locked():
+            self._recover()
+            if self._head() is None:
+                self._init(freeze)
+
+    def close_epoch(self, reason: str, note: str | None = None, incidents: Iterable[str] = (),
+                    writer_hint: dict[str, Any] | None = None,
+                    freeze: Freeze | None = None) -> int | None:
+        """End the open epoch: record what changed in the volume since the last close. Returns
+        the new epoch's id, or None for a scheduled close that found nothing changed (an
+        incident, revert or mark always records its boundary, even with no change)."""
+        if reason not in REASONS:
+            raise ValueError(f"{reason!r}: not one of {', '.join(REASONS)}")
+        with self._locked():
+            self._recover()
+            if self._head() is None:
+                self._init(freeze)
+            return self._close(reason, note, list(incidents), writer_hint, freeze,
+                               skip_empty=reason == "schedule")
+
+    def _close(self, reason: str, note: str | None, incidents: list[str],
+               writer: dict[str, Any] | None, freeze: Freeze | None,
+               skip_empty: bool) -> int | None:
+        head = self._head()
+        assert head is not None
+        self._load(head)
+        try:
+            with freeze() if freeze else nullcontext():
+                scan = Scan(self.objects, self._seen).run(self.volume)
+            changes = _changes(self._state, scan.entries, writer)
+            self.objects.flush()  # before the record that names them
+        except OSError as exc:
+            self.objects.discard()
+            raise _disk_full(exc, f"closing an epoch of {self.volume}") from exc
+        except BaseException:
+            self.objects.discard()
+            raise
+        if not changes and skip_empty:
+            if scan.read_files:
+                self._adopt(scan)
+                self._save_cache()
+            return None
+        record: dict[str, Any] = {
+            "id": head["epoch"] + 1, "start": head["opened"], "end": iso(self.clock()),
+            "reason": reason, "note": note, "incidents": incidents, "prev": head["hash"],
+            "changes": changes}
+        if scan.skipped:
+            record["skipped"] = [path_json(p) for p in scan.skipped]
+        self._commit_record(head, record)
+        self._adopt(scan)
+        self._save_cache()
+        return record["id"]
+
+    def _commit_record(self, head: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        data = encode(record)
+        new_head = dict(head, epoch=record["id"], hash=digest(data), opened=record["end"])
+        try:
+            write_durable(self._record_path(record["id"]), data)
+            write_durable(self.dir / HEAD, encode(new_head))  # the commit point
+        except OSError as exc:
+            raise _disk_full(exc, f"recording epoch {record['id']} of {self.volume}") from exc
+        self._tag = (new_head["epoch"], new_head["hash"])
+        return new_head
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        with self._locked(exclusive=False) as present:
+            head = self._head() if present else None
+            if head is None:
+                return {"journaled": False, "epoch": 0, "first": 1, "open_since": None}
+            baseline = self._baseline(head)[0]
+            return {"journaled": True, "epoch": head["epoch"], "first": head["first"],
+                    "open_since": head["opened"],
+                    "baseline": {"epoch": baseline["epoch"], "created": baseline["created"],
+                                 "entries": len(baseline["entries"])}}
+
+    def log(self) -> list[dict[str, Any]]:
+        """Closed epochs still in the log, oldest first (committed ones are in the baseline)."""
+        with self._locked(exclusive=False) as present:
+            head = self._head() if present else None
+            if head is None:
+                return []
+            return [_summary(r) for r in self._records(head["first"], head["epoch"])]
+
+    def diff(self, epoch: int) -> dict[str, Any]:
+        with self._locked(exclusive=False) as present:
+            head = self._head() if present else None
+            self._check_epoch(head, epoch)
+            record = self._record(epoch)[0]
+            return {k: v for k, v in record.items() if k != "prev"} | {"prev": record["prev"]}
+
+    def _check_epoch(self, head: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
+        if head is None or epoch > head["epoch"] or epoch < 1:
+            last = head["epoch"] if head else 0
+            raise UsageError(f"{self.volume}: no epoch {epoch} (latest: {last})")
+        if epoch < head["first"]:
+            raise UsageError(f"{self.volume}: epoch {epoch} was committed into the baseline; "
+                             f"the log starts at {head['first']}")
+        return head
+
+    # -- excise -----------------------------------------------------------------------------
+
+    def excise(self, from_: int, to: int | None = None, prefer: str | None = None, *,
+               stopped: bool = False, note: str | None = None) -> dict[str, Any]:
+        """Take epochs from_..to (default: through the latest) out of the volume and keep
+        what came after them. Each path changed inside the stretch goes back to its value
+        before it; a path changed again after the stretch is a conflict: kept at its later
+        value (or per `prefer`), listed, and marked for review. Applied to the volume and
+        recorded as a new epoch (reason "excise"), so it can itself be excised."""
+        if not stopped:
+            raise RuntimeFailure("excise rewrites the volume: stop the service first")
+        if prefer not in (None, "before", "after"):
+            raise UsageError(f"{prefer!r}: prefer is before or after")
+        with self._locked():
+            self._recover()
+            self._check_epoch(self._head(), from_)
+            if to is not None:
+                self._check_epoch(self._head(), to)
+                if to < from_:
+                    raise UsageError(f"--to {to} comes before --from {from_}")
+            # What changed since the last close belongs in the log before anything is undone.
+            closed = self._close("mark", "closed before an excision", [], None, None, True)
+            head = self._head()
+            assert head is not None
+            self._load(head)
+            to = head["epoch"] if to is None else to
+            from .journal_plan import plan_excision
+
+            plan = plan_excision(self._records(from_, head["epoch"]), to, self._state, prefer)
+            record = {"id": head["epoch"] + 1, "start": head["opened"],
+                      "end": iso(self.clock()), "reason": "excise",
+                      "note": note or f"excised epochs {from_}..{to}", "incidents": [],
+                      "prev": head["hash"],
+                      "excised": {"from": from_, "to": to, "prefer": prefer},
+                      "conflicts": plan.conflicts, "forced": plan.forced,
+                      "changes": _changes(self._state, plan.final(self._state),
+                                          {"process": "corral", "pid": os.getpid()})}
+            intent = {"base": {"epoch": head["epoch"], "hash": head["hash"]}, "record": record}
+            write_durable(self.dir / INTENT, encode(intent))
+            not_restored = self._finish_excise(head, intent)
+            return {"epoch": record["id"], "closed_before": closed, "from": from_, "to": to,
+                    "prefer": prefer, "changes": [_change_line(c) for c in record["changes"]],
+                    "conflicts": plan.conflicts, "forced": plan.forced,
+                    "not_restored": [show(os.fsencode(p)) for p in not_restored]}
+
+    def _finish_excise(self, head: dict[str, Any], intent: dict[str, Any]) -> list[str]:
+        """Apply the planned excision to the volume and commit it; run again (from
+        excise.json) after a crash until it has been done once completely."""
+        record = intent["record"]
+        target = {path_from_json(c): meta_from_json(c["after"]) for c in record["changes"]}
+        not_restored = restore(self.volume, self.objects, target)
+        in_memory = self._tag == (head["epoch"], head["hash"])
+        self._commit_record(head, record)
+        unlink_durable([self.dir / INTENT])
+        if in_memory:  # keep the state at head; the rewritten files are read again next time
+            for path, meta in target.items():
+                self._seen.pop(path, None)
+                if meta is None:
+                    self._state.pop(path, None)
+                else:
+                    self._state[path] = meta
+            self._save_cache()
+        else:
+            self._tag = None
+        return not_restored
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, Any]:
+        """Remove what interrupted writes left and finish an interrupted excision. Call it
+        before the service starts (an excision rewrites the stopped service's volume)."""
+        with self._locked():
+            return self._recover()
+
+    def _recover(self) -> dict[str, Any]:
+        done: dict[str, Any] = {"removed": 0, "excise_finished": None}
+        head = self._head()
+        garbage = [p for p in self.dir.glob(".*.tmp")] + list(self.dir.glob("epochs/.*.tmp"))
+        if head is None:  # never committed: all but objects is a leftover of an interrupted init
+            garbage += list(self.dir.glob("epochs/*.json")) + list(self.dir.glob("baseline-*"))
+            garbage += [self.dir / CACHE, self.dir / INTENT]
+        else:
+            for path in self.dir.glob("epochs/*.json"):
+                stem = path.name.split(".")[0]
+                if not stem.isdigit() or not head["first"] <= int(stem) <= head["epoch"]:
+                    garbage.append(path)
+            garbage += [p for p in self.dir.glob("baseline-*.json")
+                        if p.name != head["baseline"]["file"]]
+        garbage = [p for p in garbage if p.exists()]
+        unlink_durable(garbage)
+        done["removed"] = len(garbage)
+        self.objects.clear_staging()
+        intent_path = self.dir / INTENT
+        if head is not None and intent_path.exists():
+            try:
+                intent = json.loads(intent_path.read_bytes())
+            except ValueError:  # torn: it was never durable, so the volume was not touched
+                intent = None
+            if intent and intent["base"] == {"epoch": head["epoch"], "hash": head["hash"]}:
+                self._finish_excise(head, intent)
+                done["excise_finished"] = intent["record"]["id"]
+            else:
+                unlink_durable([intent_path])
+        return done

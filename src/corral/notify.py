@@ -1,0 +1,151 @@
+"""seccomp user notification for execve/execveat: the `exec` tripwire, and its enforcement.
+
+The contained process's execve blocks in the kernel until the supervisor answers, so a
+forbidden exec is caught before it runs (latency: the time to decide), and is refused with
+EPERM. This also closes a hole Landlock leaves open: the dynamic loader must be executable for
+any program to start, and `ld.so /tmp/payload` would run a payload through it; here only the
+manifest's `exec` paths may be the target of an exec.
+
+The ioctls are done with fcntl on raw structs: pyseccomp only wraps them for the filter object
+in the process that loaded it, and the supervisor only holds the descriptor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
+RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
+IOCTL_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+IOCTL_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
+IOCTL_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+FLAG_CONTINUE = 1
+AT_EMPTY_PATH = 0x1000
+SYS_EXECVE, SYS_EXECVEAT = 59, 322  # x86_64
+SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
+O_PATH = 0o10000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(root_fd: int, path: str) -> int:
+    """openat2(RESOLVE_IN_ROOT): resolve `path` as if root_fd were "/", symlinks included, so a
+    link planted by the service can never lead outside its root. Returns an O_PATH fd."""
+    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), path.encode(),
+                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{path}: {os.strerror(err)}")
+    return fd
+
+
+def identity(root_fd: int, path: str) -> tuple[int, int] | None:
+    try:
+        fd = open_in_root(root_fd, path)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Request:
+    id: int
+    pid: int
+    nr: int
+    args: tuple[int, ...]
+
+
+def receive(fd: int) -> Request | None:
+    buf = bytearray(NOTIF.size)
+    try:
+        fcntl.ioctl(fd, IOCTL_RECV, buf, True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EINTR):  # the task died or the call was interrupted
+            return None
+        raise
+    ident, pid, _flags, nr, _arch, _ip, *args = NOTIF.unpack(buf)
+    return Request(ident, pid, nr, tuple(args))
+
+
+def still_valid(fd: int, ident: int) -> bool:
+    try:
+        fcntl.ioctl(fd, IOCTL_ID_VALID, struct.pack("=Q", ident))
+        return True
+    except OSError:
+        return False
+
+
+def respond(fd: int, ident: int, allow: bool) -> None:
+    resp = RESP.pack(ident, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
+    try:
+        fcntl.ioctl(fd, IOCTL_SEND, bytearray(resp), True)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the task is gone; nothing to answer
+            raise
+
+
+def _read_string(pid: int, address: int, limit: int = 4096) -> str:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(address)
+        data = mem.read(limit)
+    return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def target_of(req: Request) -> tuple[str, tuple[int, int] | None]:
+    """What the exec asks for: the path (as text, for the record) and the file's identity
+    resolved inside the process's own root, or None if it does not resolve to a regular file.
+    Must be checked with still_valid() afterwards: the pid may have been reused."""
+    pid = req.pid
+    if req.nr == SYS_EXECVEAT:
+        dirfd, address, flags = req.args[0], req.args[1], req.args[4]
+    else:
+        dirfd, address, flags = -100, req.args[0], 0
+    path = _read_string(pid, address)
+    if not path and flags & AT_EMPTY_PATH:  # fexecve of an open file (a memfd, say)
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{dirfd & 0xFFFFFFFF}")
+        except OSError:
+            return f"fd {dirfd}", None
+        return f"fd {dirfd}", (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+    if not path.startswith("/"):
+        base = f"/proc/{pid}/cwd" if dirfd in (-100, 0xFFFFFF9C) else \
+            f"/proc/{pid}/fd/{dirfd & 0xFFFFFFFF}"
+        try:
+            path = os.path.join(os.readlink(base), path)
+        except OSError:
+            return path, None
+    try:
+        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return path, None
+    try:
+        return path, identity(root, path)
+    finally:
+        os.close(root)
+
+
+def send_fd(sock: socket.socket, fd: int, message: bytes = b"fd") -> None:
+    socket.send_fds(sock, [message], [fd])
+
+
+def recv_fd(sock: socket.socket) -> tuple[bytes, int | None]:
+    message, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+    return message, (fds[0] if fds else None)
