@@ -10,7 +10,8 @@ NETNS=corral-demo
 export CORRAL_ROOT="$PWD/.demo"
 
 bold() { if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi; }
-in_ns() { ip netns exec "$NETNS" "$@"; }
+# Only the network namespace: `ip netns exec` would also remount /sys and hide the cgroups.
+in_ns() { nsenter --net="/run/netns/$NETNS" "$@"; }
 
 cleanup() {
   in_ns "$CORRAL" uninstall notes --purge >/dev/null 2>&1 || true

@@ -31,10 +31,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "root: needs root and the real kernel")
 
 
-def remove_test_users() -> None:
-    """Remove users and groups a crashed test left: only corral-tst* carrying corral's marker."""
+def remove_test_users(service: str) -> None:
+    """Remove the users a failed test left behind: only that service's, with corral's marker."""
     for entry in pwd.getpwall():
-        if entry.pw_name.startswith(TEST_PREFIX) and entry.pw_gecos.startswith("corral service"):
+        if entry.pw_name.startswith(f"corral-{service}-") and \
+                entry.pw_gecos.startswith("corral service"):
             subprocess.run(["userdel", entry.pw_name], capture_output=True)
 
 
@@ -50,7 +51,7 @@ def corral_root(tmp_path, monkeypatch):
 def service_name():
     name = "tst" + secrets.token_hex(3)
     yield name
-    remove_test_users()
+    remove_test_users(name)
 
 
 @pytest.fixture
@@ -64,13 +65,19 @@ def netns():
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+def in_netns(netns: str) -> list[str]:
+    """Enter only the network namespace. (`ip netns exec` also remounts /sys, which hides
+    the cgroup file systems from corral: no limits could be applied under it.)"""
+    return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
 def corral(*args: str, netns: str | None = None, check: bool = False,
            env: dict[str, str] | None = None, cwd: str | None = None,
            input: str | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI (in `netns` if given) and return its result."""
     argv = list(CORRAL) + list(args)
     if netns:
-        argv = ["ip", "netns", "exec", netns] + argv
+        argv = in_netns(netns) + argv
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.pop("CORRAL_DEBUG", None)
@@ -126,7 +133,7 @@ class Service:
              argv: list[str] | None = None) -> subprocess.CompletedProcess:
         """Run Python code as an attacker who owns the process would: its interpreter, inside."""
         cmd = argv or ["/usr/bin/python3.11", "-I", "-c", code]
-        argv_full = ["ip", "netns", "exec", self.netns] + CORRAL + [
+        argv_full = in_netns(self.netns) + CORRAL + [
             "exec", self.name, process, "--"] + cmd
         return subprocess.run(argv_full, capture_output=True, text=True, timeout=timeout)
 
@@ -134,7 +141,7 @@ class Service:
         code = ("import sys, urllib.request as u; r = u.Request('http://127.0.0.1:8080' + "
                 "sys.argv[1], data=sys.stdin.buffer.read() or None); "
                 "sys.stdout.buffer.write(u.urlopen(r, timeout=float(sys.argv[2])).read())")
-        result = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code,
+        result = subprocess.run(in_netns(self.netns) + [sys.executable, "-c", code,
                                  path, str(timeout)], input=data or b"", capture_output=True,
                                 timeout=timeout + 5)
         if result.returncode != 0:

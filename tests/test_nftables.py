@@ -456,7 +456,7 @@ def test_spoofed_source_dropped(lab):
 @need_root
 def test_denied_packet_reaches_nflog(lab):
     wanted = f"corral {lab.service} worker egress"
-    listener = spawn(lab.ns, None, NFLOG_LISTENER, str(nftables.NFLOG_GROUP), wanted)
+    listener = spawn(lab.ns, None, NFLOG_LISTENER, str(nftables.nflog_group(lab.service)), wanted)
     try:
         assert run(lab.ns, lab.users["worker"], CLIENT, "10.77.0.2", "9009") in BLOCKED
         assert wanted in stop_after(listener).splitlines()

@@ -68,6 +68,10 @@ def test_the_sample_serves_requests_contained(notes):
     assert fields["CapEff"].strip() == fields["CapBnd"].strip() == "0000000000000000"
     assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"
     assert fields["Groups"].strip() == ""
+    # Its cgroup exists and carries the manifest's limits.
+    assert cgroups_of(notes.name), "no cgroup for the service"
+    with open(f"/proc/{app['pid']}/cgroup") as handle:
+        assert f"/corral/{notes.name}/app" in handle.read()
 
 
 def test_exec_runs_inside_the_same_containment(notes):

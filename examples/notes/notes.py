@@ -9,6 +9,7 @@ Notes are kept in DATA_DIR/notes.jsonl: the service's only persistent state, on 
 
 import json
 import os
+import socketserver
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,9 +61,17 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write("notes: " + (fmt % args) + "\n")
 
 
+class Server(ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks its own name up in the DNS (socket.getfqdn): a query a
+        # notes service has no reason to make, and its manifest does not allow it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "notes", self.server_address[1]
+
+
 def main() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    Server(("0.0.0.0", port), Handler).serve_forever()
 
 
 if __name__ == "__main__":

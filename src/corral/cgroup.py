@@ -171,6 +171,13 @@ class Cgroup:
         return cg
 
     def set_limits(self, limits: Limits) -> None:
+        # A limit the manifest asks for and no controller can enforce is an error, not a
+        # silent no-op: the service would run with less containment than it declares.
+        for controller, wanted in (("memory", limits.memory), ("pids", limits.pids)):
+            if wanted and not self._dir(controller)[1]:
+                raise OSError(errno.ENOTSUP, f"no cgroup {controller} controller mounted on this "
+                              f"machine (see /proc/self/mountinfo); cannot enforce {controller} "
+                              "limits")
         version, d = self._dir("memory")
         if version == 1:
             # memsw (memory+swap, if swap is accounted) equal to the limit: no swap. The kernel

@@ -381,5 +381,17 @@ def _report(report: Any, as_json: bool, unchanged: str) -> None:
         click.echo(unchanged)
 
 
+def _register_groups() -> None:
+    """Command groups that live in their own modules (each imports only click at load)."""
+    from .cli_events import events
+    from .cli_host import host
+
+    host.add_command(events)
+    main.add_command(host)
+
+
+_register_groups()
+
+
 if __name__ == "__main__":
     main()

@@ -231,6 +231,12 @@ def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], rep
 
 def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
                    undo: _Undo) -> None:
+    group = nftables.nflog_group(plan.service)
+    for other in lib_root().iterdir():
+        if other.name != plan.service and (other / RECORD).exists() \
+                and nftables.nflog_group(other.name) == group:
+            raise RuntimeFailure(f"services {plan.service} and {other.name} would share NFLOG "
+                                 f"group {group} (their watchers need one each); rename one")
     wanted = digest(plan.ruleset)
     exists = nftables.table_exists(plan.service)
     if exists and record.get("table", {}).get("digest") == wanted:

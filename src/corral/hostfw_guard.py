@@ -35,9 +35,9 @@ from typing import Any
 
 from . import nftables
 from .errors import RuntimeFailure
+from .hostfw_rules import TABLE
 from .paths import lib_root
 
-TABLE = "corral-host"
 STATE = "host"  # the state directory's name under /var/lib/corral; nftables.table_name(STATE) == TABLE
 _TABLE = {"table": {"family": "inet", "name": TABLE}}
 
@@ -178,7 +178,7 @@ def _guard(directory: Path, token: str, seconds: float) -> int:
 
 
 def roll_back(directory: Path, previous: dict[str, Any] | None, pending: dict[str, Any] | None,
-               by: str) -> dict[str, Any]:
+              by: str) -> dict[str, Any]:
     """Restore `previous` (under the lock). If that fails, delete our table instead: the point
     of the guard is that nobody stays locked out, and without corral-host nothing of ours
     filters. Removes pending.json and previous.json; records rolled_back.json."""

@@ -34,6 +34,7 @@ TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoo
 # Kernel file systems the service gets its own instance of (or none): never a volume.
 RESERVED_ROOTS = ("/proc", "/dev", "/sys")
 RESERVED_PROCESS_NAMES = ("tasks",)
+RESERVED_SERVICE_NAMES = ("host",)
 
 
 def _absolute_path(raw: object) -> str:
@@ -58,6 +59,8 @@ def _source_path(raw: str) -> str:
 def _service_name(raw: str) -> str:
     if not SERVICE_NAME.match(raw):
         raise ValueError(f'"{raw}": a name is 1-16 characters: a-z first, then a-z, 0-9 or "-"')
+    if raw in RESERVED_SERVICE_NAMES:
+        raise ValueError(f'"{raw}": reserved (the host\'s own table is inet corral-host)')
     return raw
 
 

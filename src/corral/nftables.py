@@ -45,6 +45,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import zlib
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,15 @@ from corral.netspec import Endpoint, PortSpec
 # NFLOG group that denied packets are copied to; the watcher binds this group. It is an arbitrary
 # fixed 16-bit number (rules and watcher agree without configuration), kept away from the small
 # groups (0, 1, 2) that ulogd and most examples use.
-NFLOG_GROUP = 3079
+NFLOG_GROUP = 3079  # the host table's group (corral host events)
+NFLOG_SERVICE_BASE, NFLOG_SERVICE_SPAN = 3100, 20000
+
+
+def nflog_group(service: str) -> int:
+    """Each service logs to its own NFLOG group: the kernel allows one listener per group, and
+    that listener is the service's own watcher. Derived from the name, so the plan stays pure;
+    install refuses two installed services that would share one."""
+    return NFLOG_SERVICE_BASE + zlib.crc32(service.encode()) % NFLOG_SERVICE_SPAN
 # At most this many log messages per second per (process, reason); drops are always counted.
 LOG_RATE = 10
 LOG_BURST = 20
@@ -177,7 +186,7 @@ def _deny(service: str, process: str, match: list[dict], reason: str) -> list[tu
     the drop rule's counter and comment let tests and operators see which reason fired."""
     prefix = f"corral {service} {process} {reason}"
     log = [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
-           {"log": {"prefix": prefix, "group": NFLOG_GROUP, "snaplen": LOG_SNAPLEN}}]
+           {"log": {"prefix": prefix, "group": nflog_group(service), "snaplen": LOG_SNAPLEN}}]
     return [(match + log, None), (match + [{"counter": None}, {"drop": None}], reason)]
 
 

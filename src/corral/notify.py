@@ -149,3 +149,11 @@ def send_fd(sock: socket.socket, fd: int, message: bytes = b"fd") -> None:
 def recv_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     message, fds, _, _ = socket.recv_fds(sock, 4096, 1)
     return message, (fds[0] if fds else None)
+
+
+def unix_path(path: str) -> tuple[str, int]:
+    """A short name for a UNIX socket path of any length (sun_path holds 108 bytes; test and
+    state directories can be longer): the directory through /proc/self/fd. The caller closes
+    the returned descriptor after bind/connect."""
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd

@@ -241,11 +241,15 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
         """The command's exec listener goes to the supervisor, whose watcher answers it."""
         import socket
 
-        from .notify import send_fd
+        from .notify import send_fd, unix_path
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
             sock.settimeout(10)
-            sock.connect(str(spec.run / "control.sock"))
+            short, dir_fd = unix_path(str(spec.run / "control.sock"))
+            try:
+                sock.connect(short)
+            finally:
+                os.close(dir_fd)
             send_fd(sock, fd, json.dumps({"process": process}).encode())
             if sock.recv(16) != b"ok":
                 raise RuntimeFailure(f"{service}: the supervisor refused the exec session")

@@ -154,6 +154,15 @@ class Supervisor:
             self.sensors["audit"] = "on"
         except OSError as exc:
             self.sensors["audit"] = f"off: {exc.strerror}"
+        try:
+            from . import events, nftables
+
+            self.nflog = events.EventReader(nftables.nflog_group(self.spec.service))
+            self.selector.register(self.nflog, selectors.EVENT_READ, ("nflog", ""))
+            self.sensors["network"] = "on (NFLOG group "\
+                f"{nftables.nflog_group(self.spec.service)})"
+        except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
+            self.sensors["network"] = f"off: {exc}"
         self.poller = sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
                                           str(self.spec.base_root))
         self.sensors["base-write"] = "on (delta poll)"
@@ -164,10 +173,24 @@ class Supervisor:
         except FileNotFoundError:
             pass
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.control.bind(path)
+        short, dir_fd = notify.unix_path(path)
+        try:
+            self.control.bind(short)
+        finally:
+            os.close(dir_fd)
         os.chmod(path, 0o600)
         self.control.listen(8)
         self.selector.register(self.control, selectors.EVENT_READ, ("control", ""))
+
+    def _writer_of(self, path: str) -> str:
+        """Which process could have written `path` in the delta: a copied-up file keeps the
+        base's owner (root), so the owner does not tell. Landlock lets only the processes
+        whose `writable` paths cover it write there."""
+        names = [p.name for p in self.spec.processes
+                 if any(path == w or path.startswith(w.rstrip("/") + "/")
+                        for w in p.landlock.get("read_write", ()))]
+        return names[0] if len(names) == 1 else (names[0] if names else
+                                                 self.spec.processes[0].name)
 
     def on_exec(self, name: str, fd: int) -> None:
         """Answer one exec notification: only the process's `exec` paths may run."""
@@ -262,6 +285,8 @@ class Supervisor:
             print(f"corral supervisor: releasing isolation: {exc}", file=sys.stderr)
         if self.control is not None:
             self.control.close()
+        if getattr(self, "nflog", None) is not None:
+            self.nflog.close()
         for child in self.children.values():
             try:
                 child.group.remove()
@@ -408,6 +433,10 @@ class Supervisor:
                         self.watcher.trip(event)
             elif kind == "control":
                 self.accept_control()
+            elif kind == "nflog":
+                for event in self.nflog.read(0):
+                    if self.watcher is not None and not self.halting:
+                        self.watcher.trip(_packet_event(event))
             elif kind == "exit":
                 self.copy_log(child)
                 self.reap(child)
@@ -467,7 +496,7 @@ class Supervisor:
                 if now >= next_poll and not self.halting and self.phase == "running":
                     next_poll = now + DELTA_POLL
                     for event in self.poller.poll(now):
-                        self.watcher.trip(event)
+                        self.watcher.trip(event, process=self._writer_of(event.detail["path"]))
                 self.watcher.flush_counts()
                 if self.revert_requested and not self.stopping:
                     self.revert()
@@ -496,6 +525,25 @@ class Supervisor:
             if self.phase not in ("failed", "exited", "killed"):
                 self.phase = "stopped"
             self.write_state()
+
+
+PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
+                    "untracked": "egress"}
+
+
+def _packet_event(event: dict[str, Any]) -> Any:
+    """A dropped packet (from the service's NFLOG group) as a tripwire event."""
+    from datetime import datetime
+
+    from .sensors import Event
+
+    try:
+        at = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError, AttributeError):
+        at = 0.0
+    detail = {k: event.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
+    return Event(PACKET_TRIPWIRES.get(event.get("reason") or "", "egress"), event.get("uid"),
+                 None, at, detail)
 
 
 @contextmanager

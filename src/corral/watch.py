@@ -38,6 +38,7 @@ class Watcher:
     on_incident: list[str] | None = None
     recent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reverts: list[float] = field(default_factory=list)
+    incarnation: float = 0.0  # when the last kill or revert took effect
     helpers: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
@@ -64,14 +65,19 @@ class Watcher:
         detected = time.time()
         key = (event.tripwire, process)
         open_one = self.recent.get(key)
-        if open_one and detected - open_one["_last"] < COALESCE:
+        act = event.at if 0 < event.at <= detected else detected
+        # Acts of processes killed since (records still in flight), or repeats within the
+        # coalescing window while the same processes live (log, isolate): one incident, counted.
+        stale = act < self.incarnation
+        repeat = open_one is not None and detected - open_one["_last"] < COALESCE and \
+            open_one["reaction"] in ("log", "isolate")
+        if open_one and (stale or repeat):
             open_one["count"] += 1
             open_one["_last"] = detected
             open_one["_dirty"] = True
             return None
-        if self.sup.halting:  # a reaction is under way: this act dies with the service
+        if stale or self.sup.halting:  # a reaction is under way: this act dies with it
             return None
-        act = event.at if 0 < event.at <= detected else detected
         record: dict[str, Any] = {
             "id": incidents.new_id(), "service": self.sup.spec.service, "process": process,
             "tripwire": event.tripwire, "detail": event.detail, "pid": event.pid,
@@ -84,6 +90,8 @@ class Watcher:
             record["note"] = (f"more than {REVERT_LIMIT} reverts in {REVERT_WINDOW:.0f}s: "
                               "the service stays down")
         contained = self.contain(reaction, record)
+        if reaction in ("kill", "revert"):
+            self.incarnation = contained
         record["contained_at"] = incidents.iso(contained)
         record["latency_ms"] = round((contained - act) * 1000, 3)
         record["act_at"] = incidents.iso(act)
