@@ -92,6 +92,16 @@ def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, 
         notify_sock.close()
 
 
+def _memfd_noexec() -> None:
+    """vm.memfd_noexec=2 (per PID namespace, kernel 6.3+): memfds can never be executed, so
+    nothing the process writes into memory can be run as a program."""
+    try:
+        with open("/proc/sys/vm/memfd_noexec", "w") as handle:
+            handle.write("2")
+    except OSError:
+        pass  # older kernels: Landlock still refuses to execute a memfd
+
+
 def _report(err_w: int, stage: str, exc: BaseException) -> None:
     try:
         os.write(err_w, f"{stage}: {exc}".encode()[:4000])
@@ -126,6 +136,7 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object,
                 kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
                 mnt.enter_root(str(spec.root), proc.name, volumes)
                 socket.sethostname(spec.service)
+                _memfd_noexec()
                 stage = "sandbox"
                 _confine(proc, filt, out_fd, (err_w, child_sock.fileno()), child_sock)
                 stage = "exec"

@@ -74,12 +74,27 @@ def private_namespace() -> None:
 
 
 def prepare_service_root(root: str, base: str, delta_dir: str,
-                         volumes: list[VolumeMount]) -> None:
-    """In the supervisor's private mount namespace: overlay, /dev, volumes."""
+                         volumes: list[VolumeMount], noexec: tuple[str, ...] = ("/tmp",)) -> None:
+    """In the supervisor's private mount namespace: overlay, /dev, volumes, and `noexec` for
+    the places the service can write to (so nothing it writes can be mapped executable, not
+    even through the dynamic loader, which Landlock must let it execute)."""
     os.makedirs(root, mode=0o755, exist_ok=True)
     upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
-    kernel.mount("corral-root", root, "overlay", SAFE,
-                 f"lowerdir={base},upperdir={upper},workdir={work}")
+    # The layers are named through descriptors, so that /proc/self/mountinfo inside shows
+    # "/proc/self/fd/N" instead of the host's paths of the state directory.
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in (base, upper, work)]
+    try:
+        lower_fd, upper_fd, work_fd = (f"/proc/self/fd/{fd}" for fd in fds)
+        kernel.mount("corral-root", root, "overlay", SAFE,
+                     f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for path in noexec:
+        target = os.path.join(root, path.lstrip("/"))
+        if os.path.isdir(target) and not os.path.islink(target):
+            kernel.mount(target, target, None, MS_BIND)
+            kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
     _mount_dev(os.path.join(root, "dev"))
     for vol in volumes:
         target = os.path.join(root, vol.path.lstrip("/"))

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import socket
 import stat
 import struct
@@ -53,16 +54,26 @@ def open_in_root(root_fd: int, path: str) -> int:
     return fd
 
 
+MISSING = None  # the path names nothing: the kernel will fail the exec by itself
+UNRESOLVED = (-1, -1)  # names something we cannot resolve safely: refused (fail closed)
+
+
 def identity(root_fd: int, path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the regular file `path` names inside the root; MISSING if nothing
+    is there, UNRESOLVED if it cannot be resolved safely (a magic link, a loop...)."""
     try:
         fd = open_in_root(root_fd, path)
-    except OSError:
-        return None
+    except OSError as exc:
+        return MISSING if exc.errno in (errno.ENOENT, errno.ENOTDIR) else UNRESOLVED
     try:
         st = os.fstat(fd)
-        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else UNRESOLVED
     finally:
         os.close(fd)
+
+
+_PROC_FD = re.compile(r"^/proc/(self|thread-self|\d+)/fd/(\d+)$")
+_PROC_ROOT = re.compile(r"^/proc/(self|thread-self|\d+)/root(/.*)?$")
 
 
 @dataclass
@@ -111,8 +122,12 @@ def _read_string(pid: int, address: int, limit: int = 4096) -> str:
 
 def target_of(req: Request) -> tuple[str, tuple[int, int] | None]:
     """What the exec asks for: the path (as text, for the record) and the file's identity
-    resolved inside the process's own root, or None if it does not resolve to a regular file.
-    Must be checked with still_valid() afterwards: the pid may have been reused."""
+    resolved inside the process's own root: MISSING if nothing is there, UNRESOLVED if it
+    cannot be told safely. Must be checked with still_valid() afterwards (pid reuse).
+
+    A check like this one can be raced (the path is looked up again when the kernel runs the
+    exec), so it is a tripwire, not the lock: writable places are mounted noexec, memfds are
+    noexec, and Landlock allows execute only on the `exec` paths."""
     pid = req.pid
     if req.nr == SYS_EXECVEAT:
         dirfd, address, flags = req.args[0], req.args[1], req.args[4]
@@ -120,26 +135,41 @@ def target_of(req: Request) -> tuple[str, tuple[int, int] | None]:
         dirfd, address, flags = -100, req.args[0], 0
     path = _read_string(pid, address)
     if not path and flags & AT_EMPTY_PATH:  # fexecve of an open file (a memfd, say)
-        try:
-            st = os.stat(f"/proc/{pid}/fd/{dirfd & 0xFFFFFFFF}")
-        except OSError:
-            return f"fd {dirfd}", None
-        return f"fd {dirfd}", (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        return f"fd {dirfd}", _fd_identity(pid, dirfd & 0xFFFFFFFF)
+    # The process's own /proc magic links, which openat2 refuses to follow: resolve them the
+    # way the kernel would for that process (its fds, its root), never by following them here.
+    if match := _PROC_FD.match(path):
+        owner = pid if match.group(1) in ("self", "thread-self") else int(match.group(1))
+        if owner != pid:
+            return path, UNRESOLVED
+        return path, _fd_identity(pid, int(match.group(2)))
+    if match := _PROC_ROOT.match(path):
+        if match.group(1) not in ("self", "thread-self") and int(match.group(1)) != pid:
+            return path, UNRESOLVED
+        path = match.group(2) or "/"
     if not path.startswith("/"):
         base = f"/proc/{pid}/cwd" if dirfd in (-100, 0xFFFFFF9C) else \
             f"/proc/{pid}/fd/{dirfd & 0xFFFFFFFF}"
         try:
             path = os.path.join(os.readlink(base), path)
         except OSError:
-            return path, None
+            return path, UNRESOLVED
     try:
         root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return path, None
+        return path, UNRESOLVED
     try:
         return path, identity(root, path)
     finally:
         os.close(root)
+
+
+def _fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, as the kernel would
+    except OSError:
+        return UNRESOLVED
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else UNRESOLVED
 
 
 def send_fd(sock: socket.socket, fd: int, message: bytes = b"fd") -> None:

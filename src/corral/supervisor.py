@@ -121,7 +121,7 @@ class Supervisor:
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
         mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root), delta,
-                                 launch.volumes_of(self.spec))
+                                 launch.volumes_of(self.spec), self._noexec_paths())
         self._index_executables()
         for proc in self.spec.processes:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
@@ -133,6 +133,17 @@ class Supervisor:
             self.children[proc.name] = Child(proc, group, log_r, log_w, log)
             self.selector.register(log_r, selectors.EVENT_READ, ("log", proc.name))
 
+    def _noexec_paths(self) -> tuple[str, ...]:
+        """/tmp and every `writable` path: what the service writes must never run. A path
+        that holds one of the `exec` programs is left executable (it cannot be both)."""
+        volumes = {v.path for v in self.spec.volumes}  # already noexec bind mounts
+        executables = [p for paths in self.spec.exec_paths.values() for p in paths]
+        out = {"/tmp"}
+        for proc in self.spec.processes:
+            out |= set(proc.landlock.get("read_write", ())) - {"/dev"} - volumes
+        return tuple(sorted(p for p in out if not any(
+            e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
+
     def _index_executables(self) -> None:
         """The identities (device, inode) of what each process may exec, in its root."""
         root = os.open(str(self.spec.root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -140,7 +151,8 @@ class Supervisor:
             for proc in self.spec.processes:
                 paths = self.spec.exec_paths.get(proc.name) or [proc.command[0]]
                 self.allowed[proc.name] = {i for p in paths
-                                           if (i := notify.identity(root, p)) is not None}
+                                           if (i := notify.identity(root, p))
+                                           not in (notify.MISSING, notify.UNRESOLVED)}
         finally:
             os.close(root)
 
@@ -203,8 +215,8 @@ class Supervisor:
         path, ident = notify.target_of(req)
         if not notify.still_valid(fd, req.id):
             return
-        allowed = ident is None or ident in self.allowed.get(name, set())
-        notify.respond(fd, req.id, allowed)  # None: no such file; the kernel will say so
+        allowed = ident is notify.MISSING or ident in self.allowed.get(name, set())
+        notify.respond(fd, req.id, allowed)  # MISSING: no such file; the kernel will say so
         if not allowed and self.watcher is not None:
             proc = self.spec.process(name)
             self.watcher.trip(Event("exec", proc.uid if proc else None, req.pid, detected,
@@ -398,7 +410,8 @@ class Supervisor:
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
         mnt.clear_delta(str(self.spec.delta_dir))
         mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root),
-                                 str(self.spec.delta_dir), launch.volumes_of(self.spec))
+                                 str(self.spec.delta_dir), launch.volumes_of(self.spec),
+                                 self._noexec_paths())
         self.reverts += 1
         if self.poller is not None:
             self.poller.reported.clear()
