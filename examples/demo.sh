@@ -70,42 +70,55 @@ db=$!
 sleep 0.3
 in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -I -c '
 import ctypes, os, socket
-libc = ctypes.CDLL(None, use_errno=True)
 def attempt(what, fn):
     try:
         result = fn()
         print(f"  ESCAPED   {what}: {result}")
     except OSError as exc:
         print(f"  contained {what}: {exc.strerror}")
-def sc(name, *args):
-    if libc.syscall(*args) < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 print(f"  running as uid {os.getuid()}, pid {os.getpid()} in its own PID namespace")
 attempt("read /etc/shadow", lambda: open("/etc/shadow").read())
 attempt("run a shell", lambda: os.execv("/bin/sh", ["sh"]))
-attempt("copy python to /tmp and run the copy", lambda: (open("/tmp/py", "wb").write(open("/usr/bin/python3.11", "rb").read()), os.chmod("/tmp/py", 0o755), os.execv("/tmp/py", ["py"])))
 attempt("trojan the base: write /usr/bin/python3.11", lambda: open("/usr/bin/python3.11", "ab"))
 attempt("reach the host-only database on 127.0.0.1:5432", lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2))
-attempt("spread: connect to 192.0.2.10:445", lambda: socket.create_connection(("192.0.2.10", 445), timeout=2))
-attempt("spread over UDP: 192.0.2.10:161 (Landlock has no UDP rules; nftables drops it)", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("192.0.2.10", 161)))
-attempt("new user namespace (unshare)", lambda: sc("unshare", 272, 0x10000000))
-attempt("mount", lambda: sc("mount", 165, b"none", b"/tmp", b"tmpfs", 0, None))
-attempt("ptrace", lambda: sc("ptrace", 101, 0, 0, 0, 0))
 attempt("see host processes", lambda: [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", str(os.getpid()))] or (_ for _ in ()).throw(OSError(3, "only its own PID namespace is visible")))
 '
 kill $db 2>/dev/null || true
-bold "   every denied packet was counted (and logged to NFLOG group 3079)"
-in_ns nft list table inet corral-notes | grep -E 'counter packets [1-9]' || true
 
-bold "7. corral delta: the attack's traces, against the read-only base"
-in_ns "$CORRAL" delta notes
-bold "   corral verify: the base itself is intact"
-in_ns "$CORRAL" verify notes
-bold "8. corral revert: kill, archive the delta, restart from the clean base; the volume stays"
-in_ns "$CORRAL" revert notes --reason "demo attack"
+bold "7. The worm: it drops a copy of itself and tries to spread. The watcher pulls the plug"
+in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -u -I -c '
+import socket, time
+open("/tmp/worm.py", "w").write("# the worm")
+print("  worm: dropped /tmp/worm.py; spreading to 192.0.2.10:161 over UDP...")
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"infect", ("192.0.2.10", 161))
+except OSError as exc:
+    print(f"  worm: {exc.strerror}")
+time.sleep(5)
+print("  worm: still alive?!")
+' || true
+sleep 0.5
+in_ns "$CORRAL" incidents notes
+bold "   back from the clean base: the worm's file is gone (archived), the notes are kept"
+in_ns "$CORRAL" status notes
 in_ns "$CORRAL" delta notes
 in_ns python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/notes", timeout=5).read().decode().strip())'
-in_ns "$CORRAL" status notes
+
+bold "8. Running anything but the declared program trips the exec wire (even through ld.so)"
+in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -I -c '
+import os, shutil
+shutil.copy("/usr/bin/python3.11", "/tmp/tool")
+try:
+    os.execv("/lib64/ld-linux-x86-64.so.2", ["ld.so", "/tmp/tool"])
+except OSError as exc:
+    print(f"  exec refused: {exc.strerror}")
+' || true
+sleep 0.5
+in_ns "$CORRAL" incidents notes | tail -1
+bold "   corral verify: the base on disk is intact"
+in_ns "$CORRAL" verify notes
+bold "   and a manual revert, for good measure (the archive keeps the delta for forensics)"
+in_ns "$CORRAL" revert notes --reason "demo"
 
 bold "9. corral down: processes, delta, mounts and cgroups go; the volume stays"
 in_ns "$CORRAL" down notes
