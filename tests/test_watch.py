@@ -113,8 +113,19 @@ def test_a_flood_is_one_incident_with_a_count(service_with):
 def test_isolate_cuts_the_network_and_freezes(service_with):
     svc = service_with(watch='[watch]\nreact = "isolate"\n')
     assert svc.http("/health") == b"ok\n"
-    svc.exec(PTRACE)
-    wait_for(lambda: svc.status()["isolated"])
+    import subprocess
+
+    from conftest import CORRAL, in_netns
+
+    # The attacker's process is frozen with the rest: its `corral exec` does not return.
+    attacker = subprocess.Popen(in_netns(svc.netns) + CORRAL + [
+        "exec", svc.name, "app", "--", "/usr/bin/python3.11", "-I", "-c", PTRACE],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: svc.status()["isolated"])
+    finally:
+        attacker.kill()
+        attacker.wait()
     with pytest.raises(AssertionError):
         svc.http("/health", timeout=1)
     pid = svc.status()["processes"][0]["pid"]
