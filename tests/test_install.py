@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import EXAMPLES, corral, write_manifest
+from conftest import EXAMPLES, corral, notes_manifest
 
 pytestmark = pytest.mark.root
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
@@ -28,17 +28,7 @@ def tables(netns: str) -> str:
 
 def sample(tmp_path, name: str, extra: str = "") -> str:
     """The notes service under a test name, with a second process to exercise two users."""
-    return str(write_manifest(tmp_path, name, f"""
-[image]
-include = ["/usr/bin/python3.11", "/usr/lib/python3.11"]
-add = {{ "/opt/notes/notes.py" = "{NOTES_PY}" }}
-[[volume]]
-path = "/srv/notes"
-owner = "app"
-mode = "0750"
-[process.app]
-command = ["/usr/bin/python3.11", "-I", "/opt/notes/notes.py", "8080"]
-listen = ["tcp/8080"]
+    return str(notes_manifest(tmp_path, name, extra_process=f"""
 [process.backup]
 command = ["/usr/bin/python3.11", "-I", "-c", "pass"]
 connect = ["tcp/873@10.0.0.9"]

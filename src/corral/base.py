@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import delta, runtime
+from .atomic import write_json
 from .errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
 
 INTEGRITY = "integrity.json"
@@ -72,9 +73,7 @@ def seal(version_dir: Path) -> None:
     entries = snapshot(version_dir / "root")
     data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "hash": "blake3", "entries": entries}
-    tmp = version_dir / f".{INTEGRITY}.tmp"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.rename(tmp, version_dir / INTEGRITY)
+    write_json(version_dir / INTEGRITY, data)
 
 
 def verify(state: Path, version: int) -> dict[str, Any]:
@@ -129,9 +128,7 @@ def use(spec: runtime.ServiceSpec, version: int) -> runtime.ServiceSpec:
     record_path = spec.state / "install.json"
     record = json.loads(record_path.read_text())
     record.setdefault("base", {})["version"] = version
-    tmp = record_path.with_name(".install.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.rename(tmp, record_path)
+    write_json(record_path, record)
     return updated
 
 

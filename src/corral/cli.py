@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
-from .errors import EXIT_RUNTIME, EXIT_USAGE, CorralError, InputError
+from .cli_common import handled, print_json
+from .errors import EXIT_RUNTIME, EXIT_USAGE
 
 
-def _fail(exc: CorralError) -> None:
-    click.echo(str(exc) if isinstance(exc, InputError) else f"corral: {exc}", err=True)
-    sys.exit(exc.exit_code)
-
-
-def handled(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn corral's errors into their exit codes; anything else is a bug, reported in one line
-    (CORRAL_DEBUG=1 shows the traceback)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CorralError as exc:
-            _fail(exc)
-        except KeyboardInterrupt:
-            click.echo("corral: interrupted", err=True)
-            sys.exit(130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:
-            if os.environ.get("CORRAL_DEBUG"):
-                raise
-            click.echo(f"corral: internal error: {type(exc).__name__}: {exc} "
-                       "(set CORRAL_DEBUG=1 for details; please report it)", err=True)
-            sys.exit(EXIT_RUNTIME)
-
-    return wrapper
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+_print_json = print_json
 
 
 def _need_root() -> None:
@@ -383,11 +350,13 @@ def _report(report: Any, as_json: bool, unchanged: str) -> None:
 
 def _register_groups() -> None:
     """Command groups that live in their own modules (each imports only click at load)."""
+    from .cli_audit import audit
     from .cli_events import events
     from .cli_host import host
 
     host.add_command(events)
     main.add_command(host)
+    main.add_command(audit)
 
 
 _register_groups()

@@ -10,39 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
+from .cli_common import handled
 
-def _handled(func: Callable[..., Any]) -> Callable[..., Any]:
-    """corral's errors -> their exit codes, one line each; anything else is a bug (one line,
-    CORRAL_DEBUG=1 for the traceback). Same contract as the other subcommands."""
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import EXIT_RUNTIME, CorralError, InputError
-
-        try:
-            return func(*args, **kwargs)
-        except CorralError as exc:
-            click.echo(str(exc) if isinstance(exc, InputError) else f"corral: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("corral: interrupted", err=True)
-            sys.exit(130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:
-            if os.environ.get("CORRAL_DEBUG"):
-                raise
-            click.echo(f"corral: internal error: {type(exc).__name__}: {exc} "
-                       "(set CORRAL_DEBUG=1 for details; please report it)", err=True)
-            sys.exit(EXIT_RUNTIME)
-
-    return wrapper
+_handled = handled  # the same error contract as every other subcommand
 
 
 def _need_root() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import image, nftables, runtime, users
+from .atomic import write_json
 from .errors import RuntimeFailure, UsageError
 from .paths import lib_dir, lib_root, run_dir, run_root
 from .plan import ServicePlan
@@ -30,16 +31,6 @@ RECORD = "install.json"
 
 def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
 
 
 def read_record(service: str) -> dict[str, Any] | None:
@@ -154,7 +145,7 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
 
 
 def _save(state: Path, record: dict[str, Any]) -> None:
-    _write_json(state / RECORD, record)
+    write_json(state / RECORD, record)
 
 
 def _install_users(plan: ServicePlan, record: dict[str, Any], report: Report,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import nftables
+from .atomic import write_json
 from .errors import RuntimeFailure
 from .hostfw_rules import TABLE
 from .paths import lib_root
@@ -74,13 +75,7 @@ def read(path: Path) -> dict[str, Any] | None:
 
 def write(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a killed corral leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
+    write_json(path, data)
 
 
 def put(path: Path, data: dict[str, Any] | None) -> None:

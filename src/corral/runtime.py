@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +75,9 @@ class ServiceSpec:
 
 
 def write(spec: ServiceSpec) -> None:
-    path = spec.state / RUNTIME
-    tmp = path.with_name(f".{RUNTIME}.tmp")
-    tmp.write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n")
-    os.rename(tmp, path)
+    from .atomic import write_json
+
+    write_json(spec.state / RUNTIME, spec.to_json())
 
 
 def read(service: str) -> ServiceSpec | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from . import cgroup, landlock, launch, mnt, notify, runtime
+from .atomic import write_json
 from .runtime import ProcessSpec, ServiceSpec
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
@@ -50,13 +51,6 @@ class Child:
     exit_code: int | None = None
     next_start: float = 0.0
     error: str = ""
-
-
-def _atomic_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.rename(tmp, path)
 
 
 def _iso(ts: float) -> str:
@@ -89,7 +83,7 @@ class Supervisor:
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
-        _atomic_json(os.path.join(self.run_dir, "state.json"), {
+        write_json(os.path.join(self.run_dir, "state.json"), {
             "service": self.spec.service,
             "supervisor": os.getpid(),
             "phase": self.phase,
