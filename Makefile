@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
-                bubblewrap ca-certificates
+                bubblewrap ca-certificates strace dnsmasq-base
 STAMP := $(VENV)/.corral-installed
 
 .PHONY: demo test system venv bench clean
@@ -14,6 +14,9 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests
+
+bench: venv
+	bash bench/run.sh
 
 # Debian packages: installed only when one is missing, so a second run needs no network.
 system:

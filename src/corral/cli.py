@@ -353,10 +353,14 @@ def _register_groups() -> None:
     from .cli_audit import audit
     from .cli_events import events
     from .cli_host import host
+    from .cli_learn import learn
+    from .cli_state import state
 
     host.add_command(events)
     main.add_command(host)
     main.add_command(audit)
+    main.add_command(state)
+    main.add_command(learn)
 
 
 _register_groups()

@@ -139,7 +139,8 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
     return runtime.ServiceSpec(
         service=plan.service, base_version=record["base"]["version"], delta=plan.delta,
         delta_size=plan.delta_size, processes=processes,
-        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner]) for v in plan.volumes],
+        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner], v.journal, v.epoch)
+                 for v in plan.volumes],
         watch=dict(plan.watch),
         exec_paths={s.process: list(s.executables) for s in plan.sandbox})
 

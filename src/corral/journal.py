@@ -7,8 +7,8 @@ Per volume, in STATE/journal/STORE/:
     baseline-K.json    the volume as of epoch K (path -> metadata): what `commit` folded
     epochs/N.json      one record per closed epoch: what changed, before and after, who, why;
                        `prev` is the blake3 of the previous record's bytes (a hash chain)
-    objects/           content chunks, blake3-named, zstd, deduplicated (journal_store.py)
-    state.json         a cache: the state at head plus what each file looked like on disk
+    objects/packs/     content chunks, blake3-named, zstd, deduplicated (journal_objects.py)
+    state.cache        the state at some epoch, and what each file looked like on disk then
                        (inode, size, mtime, ctime), so unchanged files are not read again
     excise.json        an excision under way: its record, written before the volume is touched
     lock               flock: one writer at a time (supervisor, CLI), readers shared
@@ -29,8 +29,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,23 @@ from typing import Any
 from .delta import show
 from .errors import RuntimeFailure, UsageError
 from .journal_fs import Scan, restore
-from .journal_store import (GENESIS, Meta, Objects, differences, digest, encode, from_index_key,
-                            index_key, meta_from_json, meta_from_row, meta_json, meta_row,
-                            path_from_json, path_json, same, unlink_durable, write_durable)
+from .journal_plan import apply as _apply
+from .journal_plan import change_line as _change_line
+from .journal_plan import changes as _changes
+from .journal_plan import plan_excision
+from .journal_plan import summary as _summary
+from .journal_objects import Objects
+from .journal_store import (GENESIS, Meta, digest, encode, from_index_key, index_key,
+                            meta_from_json, meta_from_row, meta_row, path_from_json, path_json,
+                            read_cache, unlink_durable, write_cache, write_durable)
+
+from .journal_service import JournaledVolume, freezer, journal_config, journaled_volumes
+
+__all__ = ["Journal", "JournalBusy", "JournaledVolume", "freezer", "journal_config", "journaled_volumes"]
 
 REASONS = ("schedule", "incident", "revert", "mark", "excise")
-HEAD, CACHE, INTENT, LOCK = "head.json", "state.json", "excise.json", "lock"
+HEAD, CACHE, INTENT, LOCK = "head.json", "state.cache", "excise.json", "lock"
+SAVE_AFTER_READS = 1000
 Freeze = Callable[[], AbstractContextManager[Any]]
 
 
@@ -57,9 +67,15 @@ def parse_iso(text: str) -> float:
         tzinfo=timezone.utc).timestamp()
 
 
-def _disk_full(exc: OSError, what: str) -> RuntimeFailure:
-    return RuntimeFailure(f"{what}: {exc.strerror or exc}; the journal is unchanged (the last "
-                          "committed epoch stands, the changes stay for the next close)")
+def _failed(exc: OSError, what: str) -> RuntimeFailure:
+    """A write that failed (a full disk, most likely) before the commit point: nothing was
+    lost, the changes are still in the volume for the next close."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return RuntimeFailure(f"{what}: {exc.strerror or exc}{where}; the journal is unchanged")
+
+
+class JournalBusy(RuntimeFailure):
+    """Another process holds the journal's lock."""
 
 
 class Journal:
@@ -76,7 +92,12 @@ class Journal:
         # long), with the tag of the head it belongs to: another process may close meanwhile.
         self._tag: tuple[int, str] | None = None
         self._state: dict[str, Meta] = {}
-        self._seen: dict[str, tuple[Any, Meta]] = {}
+        # What the files looked like when last read (path -> Meta, path -> observation):
+        # usually the same dict as _state, different after loading a stale cache.
+        self._known: dict[str, Meta] = {}
+        self._observed: dict[str, Any] = {}
+        self._unsaved_reads = 0  # files read since the cache was last written
+        self.last_scan: dict[str, Any] = {}  # what the last close read and stored
 
     # -- files ------------------------------------------------------------------------------
 
@@ -105,16 +126,23 @@ class Journal:
         return json.loads(data), digest(data)
 
     @contextmanager
-    def _locked(self, exclusive: bool = True) -> Iterator[bool]:
-        """Yields False (and locks nothing) when a reader finds no journal at all."""
-        if exclusive:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def _locked(self, exclusive: bool = True, wait: bool = True) -> Iterator[bool]:
+        """Yields False (and locks nothing) when a reader finds no journal at all. Without
+        `wait`, raises JournalBusy instead of waiting for another writer."""
+        if exclusive:  # objects hold the volume's data: for root's eyes only
+            self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.dir.mkdir(exist_ok=True, mode=0o700)
         elif not (self.dir / LOCK).exists():
             yield False
             return
         fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) |
+                            (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise JournalBusy(f"{self.volume}: another process is writing its journal "
+                                  "(a close or an excision); try again") from None
             yield True
         finally:
             os.close(fd)
@@ -128,13 +156,23 @@ class Journal:
         tag = (head["epoch"], head["hash"])
         if self._tag == tag:
             return
-        cache_tag, rows = self._read_cache()
-        self._seen = {p: (obs, m) for p, (obs, m) in rows.items() if obs is not None}
+        cache_tag, self._known, self._observed = read_cache(self.dir / CACHE)
         if cache_tag == tag:
-            self._state = {p: m for p, (_, m) in rows.items()}
-        else:  # stale or missing cache: replay the log from the baseline
+            self._state = self._known
+        elif cache_tag and self._is_state_at(head, *cache_tag):
+            # Older than head but still on the chain: replay only the epochs since.
+            self._state = dict(self._known)
+            for record in self._records(cache_tag[0] + 1, head["epoch"]):
+                _apply(self._state, record)
+        else:  # no usable cache: replay the log from the baseline
             self._state = self._replay(head, head["epoch"])
         self._tag = tag
+
+    def _is_state_at(self, head: dict[str, Any], epoch: int, digest_: str) -> bool:
+        """Is (epoch, hash) a point of the live chain: the baseline's, or a live record's?"""
+        if epoch == head["first"] - 1:
+            return digest_ == head["baseline"].get("anchor")
+        return head["first"] <= epoch < head["epoch"] and self._record(epoch)[1] == digest_
 
     def _replay(self, head: dict[str, Any], last: int) -> dict[str, Meta]:
         state = {from_index_key(k): meta_from_row(r)
@@ -143,70 +181,49 @@ class Journal:
             _apply(state, record)
         return state
 
-    def _read_cache(self) -> tuple[Any, dict[str, tuple[Any, Meta]]]:
-        """The cache is a checksummed convenience: anything wrong with it and it is ignored."""
-        try:
-            with open(self.dir / CACHE, "rb") as handle:
-                header = json.loads(handle.readline())
-                body = handle.read()
-            if digest(body) != header["blake3"]:
-                return None, {}
-            rows = json.loads(body)
-            return ((header["epoch"], header["hash"]),
-                    {from_index_key(k): (tuple(r[9]) if r[9] else None, meta_from_row(r))
-                     for k, r in rows.items()})
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            return None, {}
-
-    def _save_cache(self) -> None:
-        """Not fsynced and not part of the commit: it is checked on load and only ever
-        saves reading files again."""
+    def _save_cache(self, force: bool = False) -> None:
+        """Writing the cache costs as much as a scan of a big volume, and a stale cache only
+        costs a replay of the log plus reading again the files read since it was written.
+        So it is written when that would be more than SAVE_AFTER_READS files."""
         assert self._tag is not None
-        rows = {}
-        for path, m in self._state.items():
-            obs = self._seen.get(path)
-            rows[index_key(path)] = meta_row(m) + [
-                list(obs[0]) if obs and obs[0] is not None and same(obs[1], m) else None]
-        body = encode(rows)
-        header = encode({"epoch": self._tag[0], "hash": self._tag[1], "blake3": digest(body)})
-        tmp = self.dir / f".{CACHE}.tmp"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(header + body)
-            os.rename(tmp, self.dir / CACHE)
-        except OSError:  # disk full: the next open replays the log instead
-            tmp.unlink(missing_ok=True)
+        if force or self._unsaved_reads >= SAVE_AFTER_READS:
+            write_cache(self.dir / CACHE, self._tag, self._state, self._known, self._observed)
+            self._unsaved_reads = 0
 
     def _adopt(self, scan: Scan) -> None:
-        self._state = scan.entries
-        self._seen = {p: (scan.observed.get(p), m) for p, m in scan.entries.items()}
+        self._state = self._known = scan.entries
+        self._observed = scan.observed
+        self._unsaved_reads += scan.read_files
 
     # -- creating and closing epochs --------------------------------------------------------
 
     def _init(self, freeze: Freeze | None) -> dict[str, Any]:
         """The journal starts from the volume as it is: every file is stored once, so the
         first epoch can say what any file was before it changed."""
-        for sub in ("epochs",):
-            (self.dir / sub).mkdir(exist_ok=True)
-        self.objects.create()
+        now = iso(self.clock())
+        head = {"format": 1, "epoch": 0, "hash": GENESIS, "first": 1, "opened": now,
+                "baseline": {"file": "baseline-0.json", "hash": "", "anchor": GENESIS}}
+        self._known, self._observed = {}, {}  # nothing read before is stored in this journal
         try:
-            with freeze() if freeze else nullcontext():
-                scan = Scan(self.objects, {}).run(self.volume)
+            (self.dir / "epochs").mkdir(exist_ok=True, mode=0o700)
+            self.objects.create()
+            scan = self._snapshot(freeze)
             self.objects.flush()
+            baseline = encode({"format": 1, "epoch": 0, "anchor": GENESIS, "created": now,
+                               "entries": {index_key(p): meta_row(m)
+                                           for p, m in scan.entries.items()}})
+            write_durable(self.dir / "baseline-0.json", baseline)
+            head["baseline"]["hash"] = digest(baseline)
+            write_durable(self.dir / HEAD, encode(head))  # the journal exists from here on
+        except OSError as exc:
+            self.objects.discard()
+            raise _failed(exc, f"starting the journal of {self.volume}") from exc
         except BaseException:
             self.objects.discard()
             raise
-        now = iso(self.clock())
-        baseline = encode({"format": 1, "epoch": 0, "anchor": GENESIS, "created": now,
-                           "entries": {index_key(p): meta_row(m)
-                                       for p, m in scan.entries.items()}})
-        write_durable(self.dir / "baseline-0.json", baseline)
-        head = {"format": 1, "epoch": 0, "hash": GENESIS, "first": 1, "opened": now,
-                "baseline": {"file": "baseline-0.json", "hash": digest(baseline)}}
-        write_durable(self.dir / HEAD, encode(head))
         self._tag = (0, GENESIS)
         self._adopt(scan)
-        self._save_cache()
+        self._save_cache(force=True)
         return head
 
     def ensure(self, freeze: Freeze | None = None) -> None:
@@ -218,14 +235,17 @@ class Journal:
                 self._init(freeze)
 
     def close_epoch(self, reason: str, note: str | None = None, incidents: Iterable[str] = (),
-                    writer_hint: dict[str, Any] | None = None,
-                    freeze: Freeze | None = None) -> int | None:
+                    writer_hint: dict[str, Any] | None = None, freeze: Freeze | None = None,
+                    wait: bool = True) -> int | None:
         """End the open epoch: record what changed in the volume since the last close. Returns
         the new epoch's id, or None for a scheduled close that found nothing changed (an
-        incident, revert or mark always records its boundary, even with no change)."""
+        incident, revert or mark always records its boundary, even with no change).
+        `freeze`, if given, is entered around the boundary scan (see _snapshot). With
+        wait=False, JournalBusy is raised at once if another process holds the journal (an
+        event loop should not block on a `corral state` command)."""
         if reason not in REASONS:
             raise ValueError(f"{reason!r}: not one of {', '.join(REASONS)}")
-        with self._locked():
+        with self._locked(wait=wait):
             self._recover()
             if self._head() is None:
                 self._init(freeze)
@@ -239,16 +259,20 @@ class Journal:
         assert head is not None
         self._load(head)
         try:
-            with freeze() if freeze else nullcontext():
-                scan = Scan(self.objects, self._seen).run(self.volume)
+            scan = self._snapshot(freeze)
             changes = _changes(self._state, scan.entries, writer)
-            self.objects.flush()  # before the record that names them
+            stored_bytes = self.objects.staged_bytes
+            stored = self.objects.flush()  # before the record that names them
         except OSError as exc:
             self.objects.discard()
-            raise _disk_full(exc, f"closing an epoch of {self.volume}") from exc
+            raise _failed(exc, f"closing an epoch of {self.volume}") from exc
         except BaseException:
             self.objects.discard()
             raise
+        self.last_scan = {"entries": len(scan.entries), "frozen_ms": scan.frozen_ms,
+                          "read_files": scan.read_files,
+                          "read_bytes": scan.read_bytes, "stored_objects": stored,
+                          "stored_bytes": stored_bytes, "changes": len(changes)}
         if not changes and skip_empty:
             if scan.read_files:
                 self._adopt(scan)
@@ -265,6 +289,25 @@ class Journal:
         self._save_cache()
         return record["id"]
 
+    def _snapshot(self, freeze: Freeze | None) -> Scan:
+        """Scan the volume. With a freezer, twice: first while the service runs (reading and
+        storing what changed: the slow part), then frozen, where only files that changed
+        again meanwhile are read (stat shows which). The second scan is the epoch's boundary;
+        the service stands still for a stat walk and a few reads, not for all of them."""
+        if freeze is None:
+            return Scan(self.objects, self._known, self._observed).run(self.volume)
+        pre = Scan(self.objects, self._known, self._observed, defer_fresh=True).run(self.volume)
+        started = time.monotonic()
+        with freeze():
+            scan = Scan(self.objects, pre.entries, pre.observed).run(self.volume)
+        scan.frozen_ms = round((time.monotonic() - started) * 1000, 1)
+        scan.read_files += pre.read_files
+        scan.read_bytes += pre.read_bytes
+        if self.objects.staged:  # versions read first and overwritten before the freeze
+            self.objects.keep_only({c for p, m in scan.entries.items()
+                                    if self._state.get(p) is not m for c in m.chunks})
+        return scan
+
     def _commit_record(self, head: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
         data = encode(record)
         new_head = dict(head, epoch=record["id"], hash=digest(data), opened=record["end"])
@@ -272,7 +315,8 @@ class Journal:
             write_durable(self._record_path(record["id"]), data)
             write_durable(self.dir / HEAD, encode(new_head))  # the commit point
         except OSError as exc:
-            raise _disk_full(exc, f"recording epoch {record['id']} of {self.volume}") from exc
+            if (self._head() or {}).get("hash") != new_head["hash"]:  # not renamed: not done
+                raise _failed(exc, f"recording epoch {record['id']} of {self.volume}") from exc
         self._tag = (new_head["epoch"], new_head["hash"])
         return new_head
 
@@ -301,8 +345,7 @@ class Journal:
         with self._locked(exclusive=False) as present:
             head = self._head() if present else None
             self._check_epoch(head, epoch)
-            record = self._record(epoch)[0]
-            return {k: v for k, v in record.items() if k != "prev"} | {"prev": record["prev"]}
+            return self._record(epoch)[0]
 
     def _check_epoch(self, head: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
         if head is None or epoch > head["epoch"] or epoch < 1:
@@ -339,8 +382,6 @@ class Journal:
             assert head is not None
             self._load(head)
             to = head["epoch"] if to is None else to
-            from .journal_plan import plan_excision
-
             plan = plan_excision(self._records(from_, head["epoch"]), to, self._state, prefer)
             record = {"id": head["epoch"] + 1, "start": head["opened"],
                       "end": iso(self.clock()), "reason": "excise",
@@ -351,8 +392,17 @@ class Journal:
                       "changes": _changes(self._state, plan.final(self._state),
                                           {"process": "corral", "pid": os.getpid()})}
             intent = {"base": {"epoch": head["epoch"], "hash": head["hash"]}, "record": record}
-            write_durable(self.dir / INTENT, encode(intent))
-            not_restored = self._finish_excise(head, intent)
+            try:
+                write_durable(self.dir / INTENT, encode(intent))
+            except OSError as exc:
+                raise _failed(exc, f"excising from {self.volume}") from exc
+            try:
+                not_restored = self._finish_excise(head, intent)
+            except OSError as exc:  # the volume may be half rewritten: say how it ends
+                raise RuntimeFailure(
+                    f"excising from {self.volume}: {exc}; the excision is recorded as under way "
+                    "and is finished by `corral state check` or the next close (the service "
+                    "must stay stopped until then)") from exc
             return {"epoch": record["id"], "closed_before": closed, "from": from_, "to": to,
                     "prefer": prefer, "changes": [_change_line(c) for c in record["changes"]],
                     "conflicts": plan.conflicts, "forced": plan.forced,
@@ -369,7 +419,7 @@ class Journal:
         unlink_durable([self.dir / INTENT])
         if in_memory:  # keep the state at head; the rewritten files are read again next time
             for path, meta in target.items():
-                self._seen.pop(path, None)
+                self._observed.pop(path, None)
                 if meta is None:
                     self._state.pop(path, None)
                 else:
@@ -405,6 +455,10 @@ class Journal:
         unlink_durable(garbage)
         done["removed"] = len(garbage)
         self.objects.clear_staging()
+        orphans = self.objects.orphans()  # packs whose flush was interrupted
+        unlink_durable(orphans)
+        done["removed"] += len(orphans)
+        self.objects.refresh()
         intent_path = self.dir / INTENT
         if head is not None and intent_path.exists():
             try:
@@ -417,3 +471,40 @@ class Journal:
             else:
                 unlink_durable([intent_path])
         return done
+
+    # -- commit and check -------------------------------------------------------------------
+
+    def commit(self, quiet_seconds: float, open_incidents: Iterable[Any] = (),
+               accept: Iterable[int] = ()) -> dict[str, Any]:
+        """Fold the oldest quiet epochs without incident into the baseline and reclaim what
+        nothing needs any more; refused while an incident is open. See journal_commit."""
+        from .journal_commit import commit
+
+        return commit(self, quiet_seconds, list(open_incidents), set(accept))
+
+    def _sweep(self) -> tuple[int, int]:
+        """Drop the chunks neither the baseline nor a live record names. Under the lock."""
+        head = self._head()
+        return self.objects.sweep(self._referenced(head)) if head else (0, 0)
+
+    def _referenced(self, head: dict[str, Any]) -> set[str]:
+        return {chunk for meta in self._all_metas(head) for chunk in meta.chunks}
+
+    def check(self) -> dict[str, Any]:
+        """Repair what a crash may leave (garbage, an unfinished excision), then verify the
+        whole journal; see journal_verify. Its "problems" list is empty when all is sound."""
+        from .journal_verify import verify
+
+        with self._locked():
+            return verify(self)
+
+    def _all_metas(self, head: dict[str, Any]) -> Iterator[Meta]:
+        """Every state the journal can still restore: the baseline and both sides of each
+        live change."""
+        for row in self._baseline(head)[0]["entries"].values():
+            yield meta_from_row(row)
+        for record in self._records(head["first"], head["epoch"]):
+            for change in record["changes"]:
+                for side in ("before", "after"):
+                    if (meta := meta_from_json(change[side])) is not None:
+                        yield meta

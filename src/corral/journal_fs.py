@@ -19,15 +19,19 @@ import time
 from dataclasses import dataclass, field
 
 from .delta import KINDS
-from .journal_store import CHUNK, Meta, Objects, point, syncfs
+from .journal_objects import Objects
+from .journal_store import CHUNK, Meta, digest, point, syncfs
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DEPTH = 400  # deeper entries are not journaled (listed as skipped): Python's recursion
 #                  limit is 1000, and a contained service must not crash the journal with depth
-# A file whose ctime is this close to the scan's start is not trusted to the cache next time:
-# timestamps come from a coarse clock, so a second write within the same tick could leave
-# (size, mtime, ctime) unchanged ("racy git"). A second is far more than any tick.
-RACY_NS = 1_000_000_000
+# A file whose ctime is this close to the scan's start is read again next time rather than
+# trusted to its observation: timestamps come from a coarse clock, so a second write within the
+# same tick as the one observed could leave (size, mtime, ctime) unchanged ("racy git"). Any
+# write after the read gets a ctime past start - tick, so a margin above the longest tick
+# (10 ms at HZ=100) suffices; 100 ms leaves room for clock slew.
+RACY_NS = 100_000_000
+EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"  # blake3(b"")
 
 Observation = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
 
@@ -38,14 +42,17 @@ def _observe(st: os.stat_result) -> Observation:
 
 @dataclass
 class Scan:
-    """One walk of a volume. `seen` holds the last scan's observations: path -> (observation,
-    meta); a file observed identically is not read again."""
+    """One walk of a volume. `known` and `last_observed` are what an earlier scan found: a file
+    observed identically now has the same metadata and content and is not read again."""
 
     objects: Objects
-    seen: dict[str, tuple[Observation | None, Meta]]
+    known: dict[str, Meta]
+    last_observed: dict[str, Observation | None]
     entries: dict[str, Meta] = field(default_factory=dict)
     observed: dict[str, Observation | None] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # not journaled: other fs, too deep
+    defer_fresh: bool = False  # leave files written just now to a second, frozen scan
+    frozen_ms: float = 0.0
     read_files: int = 0
     read_bytes: int = 0
     start_ns: int = 0
@@ -62,6 +69,8 @@ class Scan:
         return self
 
     def _walk(self, fd: int, prefix: str, depth: int) -> None:
+        entries, observed, last, known = self.entries, self.observed, self.last_observed, \
+            self.known  # locals: this loop runs once per file of the volume
         for entry in os.scandir(fd):  # an fd: fstatat(fd, name, AT_SYMLINK_NOFOLLOW) below
             name, path = entry.name, prefix + entry.name
             try:
@@ -70,9 +79,30 @@ class Scan:
                 continue
             mode = st.st_mode
             if stat.S_ISREG(mode):
-                self._file(fd, name, path, st)
-            elif stat.S_ISDIR(mode):
-                self.entries[path] = Meta("dir", stat.S_IMODE(mode), st.st_uid, st.st_gid)
+                obs = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if last.get(path) == obs:
+                    # Same ctime: no write, chmod or chown since (each sets it): same Meta.
+                    # The very object, so comparing with the state stops at `is`.
+                    entries[path] = known[path]
+                    observed[path] = obs
+                elif not (self.defer_fresh and st.st_ctime_ns >= self.start_ns - RACY_NS):
+                    self._read(fd, name, path, st)
+                # (a fresh file would be read again when frozen anyway: its observation is
+                # not trusted; reading it now would only store a version about to be replaced)
+                continue
+            if stat.S_ISDIR(mode):
+                meta = Meta("dir", stat.S_IMODE(mode), st.st_uid, st.st_gid)
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(name, dir_fd=fd)
+                except OSError:
+                    continue
+                meta = Meta("symlink", 0o777, st.st_uid, st.st_gid, target=target)
+            else:
+                meta = Meta(KINDS.get(stat.S_IFMT(mode), "other"), stat.S_IMODE(mode),
+                            st.st_uid, st.st_gid)
+            entries[path] = meta if known.get(path) != meta else known[path]
+            if stat.S_ISDIR(mode):
                 if st.st_dev != self.dev or depth >= MAX_DEPTH:
                     self.skipped.append(path)
                     continue
@@ -84,55 +114,58 @@ class Scan:
                     self._walk(sub, path + "/", depth + 1)
                 finally:
                     os.close(sub)
-            elif stat.S_ISLNK(mode):
-                try:
-                    target = os.readlink(name, dir_fd=fd)
-                except OSError:
-                    continue
-                self.entries[path] = Meta("symlink", 0o777, st.st_uid, st.st_gid, target=target)
-            else:
-                self.entries[path] = Meta(KINDS.get(stat.S_IFMT(mode), "other"),
-                                          stat.S_IMODE(mode), st.st_uid, st.st_gid)
 
-    def _file(self, dir_fd: int, name: str, path: str, st: os.stat_result) -> None:
-        obs = _observe(st)
-        last = self.seen.get(path)
-        if last is not None and last[0] == obs:
-            m = last[1]
-            self.entries[path] = Meta("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                      m.size, m.digest, m.chunks, None, st.st_mtime_ns)
-            self.observed[path] = obs
-            return
+    def _read(self, dir_fd: int, name: str, path: str, st: os.stat_result) -> None:
+        """Read a new or changed file once: hash it whole and by chunk, stage new chunks."""
         import blake3
 
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          dir_fd=dir_fd)
         except OSError:
-            return  # gone or swapped for a symlink since the listing: the next scan sees it
+            return self._swapped(dir_fd, name, path)
         try:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
-                return
-            whole, chunks, size = blake3.blake3(), [], 0
+                return self._swapped(dir_fd, name, path)
+            # A file of one chunk is hashed once: the chunk's hash is the file's.
+            whole, chunks, size, first = None, [], 0, b""
             while data := _read_chunk(fd):
-                whole.update(data)
-                name_of = blake3.blake3(data).hexdigest()
-                chunks.append(name_of)
-                self.objects.stage(name_of, data)
+                if chunks:
+                    if whole is None:
+                        whole = blake3.blake3(first)
+                    whole.update(data)
+                else:
+                    first = data
+                chunks.append(blake3.blake3(data).hexdigest())
+                self.objects.stage(chunks[-1], data)
                 size += len(data)
             after = os.fstat(fd)
         finally:
             os.close(fd)
         self.read_files += 1
         self.read_bytes += size
+        digest = whole.hexdigest() if whole else chunks[0] if chunks else EMPTY
         self.entries[path] = Meta("file", stat.S_IMODE(after.st_mode), after.st_uid,
-                                  after.st_gid, size, whole.hexdigest(), tuple(chunks), None,
+                                  after.st_gid, size, digest, tuple(chunks), None,
                                   after.st_mtime_ns)
         # Cache the observation only if the file held still while read and is not racy.
         steady = _observe(before) == _observe(after) and after.st_size == size
         fresh = after.st_ctime_ns >= self.start_ns - RACY_NS
         self.observed[path] = _observe(after) if steady and not fresh else None
+
+    def _swapped(self, dir_fd: int, name: str, path: str) -> None:
+        """The file became something else between listing and opening (possible only when
+        the service is not frozen): record what is there now, never open it."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else None
+        except OSError:
+            return  # gone: recorded as deleted, which it is
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            self.entries[path] = Meta(KINDS.get(stat.S_IFMT(st.st_mode), "other"),
+                                      0o777 if target is not None else stat.S_IMODE(st.st_mode),
+                                      st.st_uid, st.st_gid, target=target)
 
 
 def _read_chunk(fd: int) -> bytes:
@@ -169,24 +202,42 @@ def _open_parent(root_fd: int, path: str) -> tuple[int, str]:
 
 
 def _remove(dir_fd: int, name: str) -> None:
-    """Remove an entry, a directory with everything under it, never following a symlink."""
+    """Remove an entry, a directory with everything under it, never following a symlink.
+    Depth first holding one descriptor at a time: the service may have made the tree deeper
+    than Python's recursion limit or the descriptor limit. Going back up through ".." is safe
+    here: the service is stopped, and ".." is never a symlink."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode):
-        sub = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-        try:
-            for entry in list(os.scandir(sub)):
-                _remove(sub, entry.name)
-        finally:
-            os.close(sub)
-        os.rmdir(name, dir_fd=dir_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
+        point()
+        return
+    names = [name]
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        while names:
+            sub = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                child = os.open(sub, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(sub)
+                continue
+            up = os.open("..", DIR_FLAGS, dir_fd=fd) if len(names) > 1 else os.dup(dir_fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
     point()
 
 
 def _tmp_name(path: str) -> str:
-    from .journal_store import digest
-
     # Deterministic: a restore interrupted by a crash and run again reuses (replaces) it.
     return f".corral-restore-{digest(os.fsencode(path))[:16]}"
 

@@ -34,6 +34,8 @@ class VolumeSpec:
     path: str
     store: str
     owner: str  # process name
+    journal: bool | None = None  # None: written before install recorded it (read the manifest)
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)

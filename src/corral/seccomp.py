@@ -39,7 +39,8 @@ LOW32 = 0xFFFFFFFF  # ioctl's cmd is an unsigned int: the kernel ignores the upp
 # and rt_sigreturn (returning from any signal handler: without it a signal arriving between
 # load and execve crashes the child with SIGSEGV). What the program needs after execve (the
 # dynamic loader's mmap, openat, ...) is the allow-list's business.
-ALWAYS_ALLOWED = ("execve", "exit", "exit_group", "rt_sigreturn", "write")
+# sendmsg and close: the launcher hands the exec listener to the supervisor after the load.
+ALWAYS_ALLOWED = ("close", "execve", "exit", "exit_group", "rt_sigreturn", "sendmsg", "write")
 
 _FIXED_ACTIONS = {"kill-process": "KILL_PROCESS", "kill-thread": "KILL_THREAD", "trap": "TRAP",
                   "log": "LOG", "allow": "ALLOW"}

@@ -204,7 +204,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),
         "isolated": bool((state or {}).get("isolated")) if alive else False,
         "sensors": (state or {}).get("sensors") if alive else None,
-        "journal_epochs": 0,
+        "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
         "archives": list_archives(spec.state / "archives"),
     }
@@ -344,3 +344,12 @@ def close_incidents(service: str, which: str) -> list[str]:
     if not closed and which != "all":
         raise UsageError(f"{service}: no open incident {which!r}")
     return closed
+
+
+def _journal_epochs(spec: ServiceSpec) -> int:
+    journaled = [v for v in spec.volumes if getattr(v, "journal", False)]
+    if not journaled:
+        return 0
+    from .journal import Journal
+
+    return sum(Journal(spec, v.store).info()["epoch"] for v in journaled)

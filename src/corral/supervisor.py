@@ -80,6 +80,7 @@ class Supervisor:
         self.poller: Any = None
         self.control: socket.socket | None = None
         self.isolated = False
+        self.journals: list[Any] = []  # [journal, volume, next close time]
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
@@ -149,6 +150,40 @@ class Supervisor:
                                            not in (notify.MISSING, notify.UNRESOLVED)}
         finally:
             os.close(root)
+
+    def start_journals(self) -> None:
+        """Journaled volumes: finish what a crash interrupted, start the log if new."""
+        volumes = [v for v in self.spec.volumes if getattr(v, "journal", False)]
+        if not volumes:
+            return
+        from .journal import Journal
+
+        for vol in volumes:
+            journal = Journal(self.spec, vol.store)
+            journal.recover()
+            journal.ensure()
+            self.journals.append([journal, vol, time.time() + (vol.epoch or 600)])
+
+    def close_epochs(self, reason: str, incidents: tuple[str, ...] = (),
+                     due_only: bool = False) -> None:
+        """End the open epoch of every journaled volume (on its schedule when `due_only`)."""
+        from .journal_service import freezer
+
+        now = time.time()
+        for entry in self.journals:
+            journal, vol, due = entry
+            if due_only and now < due:
+                continue
+            entry[2] = now + (vol.epoch or 600)
+            child = self.children.get(vol.owner)
+            hint = {"process": vol.owner, "pid": child.init if child else None}
+            running = any(c.init for c in self.children.values())
+            try:
+                journal.close_epoch(reason, incidents=incidents, writer_hint=hint,
+                                    freeze=freezer(self.spec) if running else None,
+                                    wait=not due_only)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop the watcher
+                print(f"corral supervisor: journal {vol.path}: {exc}", file=sys.stderr)
 
     def start_sensors(self) -> None:
         from . import sensors, watch
@@ -285,6 +320,7 @@ class Supervisor:
         return self.last_archive
 
     def teardown(self) -> None:
+        self.close_epochs("schedule")  # what the last stretch wrote is in the log
         try:
             self.release()
         except Exception as exc:  # the table may be gone already (uninstall)
@@ -388,6 +424,7 @@ class Supervisor:
                 request = {"reason": "revert"}
         self.stop_all()
         self.release()
+        self.close_epochs("revert", tuple(filter(None, [request.get("incident")])))
         fresh = runtime.read(self.spec.service)  # a `base use` or commit may have moved it
         upper = os.path.join(str(self.spec.delta_dir), "upper")
         try:
@@ -486,6 +523,7 @@ class Supervisor:
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
             self.prepare()
+            self.start_journals()
             self.start_sensors()
             for child in self.children.values():
                 self.start(child)
@@ -505,6 +543,8 @@ class Supervisor:
                     for event in self.poller.poll(now):
                         self.watcher.trip(event, process=self._writer_of(event.detail["path"]))
                 self.watcher.flush_counts()
+                if self.journals and self.phase == "running" and not self.halting:
+                    self.close_epochs("schedule", due_only=True)
                 if self.revert_requested and not self.stopping:
                     self.revert()
                 if self.stopping:

@@ -92,6 +92,9 @@ class Watcher:
         contained = self.contain(reaction, record)
         if reaction in ("kill", "revert"):
             self.incarnation = contained
+        # The journal's epoch ends here, so the bad stretch is bounded by epochs.
+        if reaction != "revert":  # a revert closes its own epoch, with the incident id
+            self.sup.close_epochs("incident", (record["id"],))
         record["contained_at"] = incidents.iso(contained)
         record["latency_ms"] = round((contained - act) * 1000, 3)
         record["act_at"] = incidents.iso(act)
