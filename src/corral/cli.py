@@ -326,7 +326,7 @@ def _service_name(target: str) -> str:
     """A NAME, or a manifest FILE whose name is read (a valid manifest is not required to
     uninstall, only a readable name)."""
     from .errors import UsageError
-    from .manifest import SERVICE_NAME
+    from .names import SERVICE_NAME
 
     if SERVICE_NAME.match(target) and not os.path.exists(target):
         return target

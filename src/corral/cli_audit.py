@@ -31,7 +31,7 @@ def _is_file(target: str) -> bool:
 
 def _service(target: str) -> str:
     from .errors import UsageError
-    from .manifest import SERVICE_NAME
+    from .names import SERVICE_NAME
 
     if not SERVICE_NAME.match(target):
         raise UsageError(f'"{target}": not a service name or a manifest file')

@@ -40,7 +40,7 @@ def _print_json(data: Any) -> None:
 
 def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
     from .journal import journal_config
-    from .manifest import SERVICE_NAME
+    from .names import SERVICE_NAME
 
     if not SERVICE_NAME.match(name):
         raise UsageError(f"{name!r}: not a service name")

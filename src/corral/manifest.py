@@ -27,8 +27,8 @@ from .errors import InputError, Problem
 from .netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
 from .units import parse_duration, parse_size
 
-SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
-PROCESS_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+from .names import PROCESS_NAME, SERVICE_NAME  # noqa: E402  (re-exported)
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof")
 # Kernel file systems the service gets its own instance of (or none): never a volume.

@@ -1,0 +1,739 @@
+#!/usr/bin/env python3
+"""corral's benchmark: what containment costs at start-up and at run time, on this machine.
+
+    bash bench/run.sh [--json] [--repeats N] [--quick] [--no-disk] [--out FILE]
+
+(a) start-to-exit of /usr/bin/true under `corral run`, bwrap and firejail, all entering the same
+    throwaway network namespace the same way (`nsenter --net=/run/netns/NS` by default, see
+    --netns-wrapper), with context rows (bare true, python3 -c pass, both netns wrappers alone,
+    corral's Python start-up); ratios corral/bwrap and corral/firejail.
+(b) run-time overhead of the containment on a syscall-heavy and a file-heavy loop (bench/loop.c,
+    compiled here with gcc): the program's own timing inside `corral run` versus the same
+    binary run directly, on a file system of the same kind (tmpfs, and overlay on tmpfs).
+
+Everything runs in a throwaway CORRAL_ROOT and network namespace; all it creates (netns, users,
+state, mounts, temp dir) is removed in `finally`, and a previous run that was killed is cleaned
+up at the next start. See bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+CORRAL = REPO / ".venv" / "bin" / "corral"
+VENV_PY = REPO / ".venv" / "bin" / "python"
+TMP = Path("/tmp")
+PREFIX = "corral-bench-"  # temp dir /tmp/corral-bench-PID and netns corral-bench-PID
+RESULTS = TMP / "corral-bench-results" / "latest.json"
+GOAL_PCT = 3.0
+# corral's Python start-up, measured on its own: `corral run` is run once with a hook that
+# records every module it imported (RECORD_IMPORTS), then the context row imports exactly those
+# modules and exits (IMPORT_ALL), which also includes the interpreter's start and finalization.
+RECORD_IMPORTS = """import atexit, json, sys
+out, manifest = sys.argv[1:3]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+sys.argv = ["corral", "run", manifest]
+from corral.cli import main
+main()
+"""
+IMPORT_ALL = """import importlib, json, sys
+for name in json.load(open(sys.argv[1])):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+"""
+UNPRIVILEGED = 65534  # nobody, for bwrap's --uid/--gid
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if not path:
+        raise SystemExit(f"bench: {name} not found (bench/run.sh installs what it needs)")
+    return path
+
+
+def progress(message: str) -> None:
+    if sys.stderr.isatty():
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): a value that was really measured."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "median": statistics.median(values), "p90": percentile(values, 90),
+            "min": min(values), "max": max(values)}
+
+
+# -- the throwaway world ---------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below path, deepest (latest) first."""
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(path) or point.startswith(prefix):
+                found.append(point)
+    return found[::-1]
+
+
+def _unmount_all(path: Path) -> None:
+    for point in _mounts_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+@dataclass
+class World:
+    """Temp dir, CORRAL_ROOT and netns of one run, named after our pid."""
+
+    pid: int = field(default_factory=os.getpid)
+    wrapper: str = "nsenter"
+    installed: list[str] = field(default_factory=list)
+    netns_made: bool = False
+
+    @property
+    def dir(self) -> Path:
+        return TMP / f"{PREFIX}{self.pid}"
+
+    @property
+    def netns(self) -> str:
+        return f"{PREFIX}{self.pid}"
+
+    @property
+    def root(self) -> Path:
+        return self.dir / "corral-root"
+
+    def enter(self, wrapper: str | None = None) -> list[str]:
+        """The prefix that runs a command in the netns. `ip netns exec` also gives the command
+        a new mount namespace with a fresh /sys, where the host's cgroup mounts are not seen;
+        nsenter --net changes the network namespace only."""
+        if (wrapper or self.wrapper) == "ip":
+            return [tool("ip"), "netns", "exec", self.netns]
+        return [tool("nsenter"), f"--net=/run/netns/{self.netns}"]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "CORRAL_DEBUG"}
+        env["CORRAL_ROOT"] = str(self.root)
+        return env
+
+    def service(self, kind: str) -> str:
+        return f"cb{self.pid}{kind}"  # manifest names: ^[a-z][a-z0-9-]{0,15}$
+
+    def create(self) -> None:
+        self.dir.mkdir(mode=0o755)
+        self.root.mkdir()
+        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+        self.netns_made = True
+        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+
+    def corral(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        argv = self.enter() + [str(CORRAL), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=300)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"corral {' '.join(args)} failed ({result.returncode}): "
+                               f"{result.stderr.strip() or result.stdout.strip()}")
+        return result
+
+    def install(self, manifest: Path, name: str) -> None:
+        self.installed.append(name)  # before: a half-done install is undone too
+        self.corral("install", str(manifest))
+
+    def destroy(self) -> list[str]:
+        """Remove everything; return what could not be removed (reported, never raised)."""
+        problems = []
+        for name in self.installed:
+            if not (self.root / "var/lib/corral" / name).exists():
+                continue
+            result = self.corral("uninstall", name, "--purge", check=False)
+            if result.returncode != 0:
+                problems.append(f"uninstall {name}: {result.stderr.strip()}")
+        _remove_users(self.pid)
+        _unmount_all(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.exists():
+            problems.append(f"could not remove {self.dir}")
+        if self.netns_made:
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        return problems
+
+
+def _remove_users(pid: int) -> None:
+    """Users corral made for this run's services, if an uninstall could not remove them:
+    only corral-cbPIDt-* and corral-cbPIDl-* carrying corral's marker."""
+    import pwd
+
+    prefixes = tuple(f"corral-cb{pid}{kind}-" for kind in "tl")  # see World.service
+    for entry in pwd.getpwall():
+        if entry.pw_name.startswith(prefixes) and entry.pw_gecos.startswith("corral service"):
+            subprocess.run(["userdel", entry.pw_name], capture_output=True)
+
+
+def clean_stale() -> None:
+    """What an earlier run that was killed (SIGKILL, power loss) left: its temp dir, services,
+    users and netns, recognised by a dead pid in their names."""
+    me = os.getpid()
+    pids = set()
+    for path in TMP.glob(f"{PREFIX}*"):
+        if re.fullmatch(rf"{PREFIX}\d+", path.name):
+            pids.add(int(path.name[len(PREFIX):]))
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        match = re.match(rf"{PREFIX}(\d+)\b", line)
+        if match:
+            pids.add(int(match.group(1)))
+    for pid in sorted(pids):
+        if pid != me and _pid_alive(pid):
+            continue  # another benchmark is running: not ours to touch
+        stale = World(pid=pid)
+        stale.netns_made = f"{PREFIX}{pid}" in listing
+        if not stale.netns_made:  # uninstall needs a netns to run in (the table is gone anyway)
+            subprocess.run(["ip", "netns", "add", stale.netns], capture_output=True)
+            stale.netns_made = True
+        lib = stale.root / "var/lib/corral"
+        stale.installed = sorted(p.name for p in lib.iterdir()) if lib.is_dir() else []
+        progress(f"cleaning what an interrupted run (pid {pid}) left")
+        for problem in stale.destroy():
+            print(f"bench: warning: {problem}", file=sys.stderr)
+
+
+# -- building the workloads ------------------------------------------------------------------
+def write_manifests(world: World, loop_bin: Path,
+                    args: argparse.Namespace) -> tuple[Path, Path]:
+    true_toml = world.dir / "true.toml"
+    true_toml.write_text(f'''name = "{world.service("t")}"
+[image]
+include = ["/usr/bin/true"]
+[process.main]
+command = ["/usr/bin/true"]
+''')
+    loop_toml = world.dir / "loop.toml"
+    loop_toml.write_text(f'''name = "{world.service("l")}"
+[image]
+add = {{ "/opt/bench/loop" = "{loop_bin}" }}
+delta = "tmpfs"
+delta_size = "512M"
+[process.main]
+command = ["/opt/bench/loop", "{args.syscalls}", "{args.files}", "/tmp", "{args.loop_reps}"]
+limits = {{ memory = "1G" }}
+''')
+    return true_toml, loop_toml
+
+
+def compile_loop(world: World) -> Path:
+    out = world.dir / "loop"
+    # Static: the image gets just this file (no loader, no libc to copy), and the very same
+    # binary runs outside.
+    subprocess.run([tool("gcc"), "-O2", "-Wall", "-static", "-o", str(out),
+                    str(BENCH / "loop.c")], check=True)
+    return out
+
+
+def base_root(world: World, name: str) -> Path:
+    runtime = json.loads((world.root / "var/lib/corral" / name / "runtime.json").read_text())
+    return world.root / "var/lib/corral" / name / "base" / str(runtime["base_version"]) / "root"
+
+
+# -- (a) start-to-exit -----------------------------------------------------------------------
+@dataclass
+class Launcher:
+    key: str
+    label: str
+    argv: list[str]
+    context: bool = False  # a reference row, not one of the compared tools
+
+
+RETRIES: list[dict[str, str]] = []  # runs that failed once and passed when run again
+
+
+def once_more(what: str, run, *args):
+    """Run; on a failure, note it and run once more (a second failure is fatal)."""
+    try:
+        return run(*args)
+    except RuntimeError as exc:
+        RETRIES.append({"what": what, "error": str(exc)[-600:]})
+        print(f"bench: warning: {what} failed, running it again: {str(exc)[-300:]}",
+              file=sys.stderr)
+        return run(*args)
+
+
+def timed_spawn(argv: list[str], env: dict[str, str], log_fd: int) -> float:
+    """Milliseconds from posix_spawn to the reaped exit; output goes to the log."""
+    actions = [(os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)]
+    t0 = time.perf_counter_ns()
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+    _, status = os.waitpid(pid, 0)
+    elapsed = (time.perf_counter_ns() - t0) / 1e6
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {os.waitstatus_to_exitcode(status)}")
+    return elapsed
+
+
+def record_imports(world: World, true_toml: Path) -> Path:
+    """The modules one `corral run` of the true service imports, as a JSON list in a file."""
+    out = world.dir / "run-imports.json"
+    result = subprocess.run(world.enter() + [str(VENV_PY), "-c", RECORD_IMPORTS, str(out),
+                                             str(true_toml)],
+                            capture_output=True, text=True, env=world.env(), timeout=120)
+    if result.returncode != 0 or not out.exists():
+        raise RuntimeError(f"corral run (recording its imports) failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()[-800:]}")
+    return out
+
+
+def launchers(world: World, true_toml: Path) -> list[Launcher]:
+    ns = world.enter()
+    imports = record_imports(world, true_toml)
+    w = "ip netns exec NS" if world.wrapper == "ip" else "nsenter --net NS"
+    base = str(base_root(world, world.service("t")))
+    bwrap = [tool("bwrap"), "--ro-bind", base, "/", "--proc", "/proc", "--dev", "/dev",
+             "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv",
+             "--cap-drop", "ALL"]
+    bwrap_user = bwrap + ["--unshare-user", "--uid", str(UNPRIVILEGED), "--gid",
+                          str(UNPRIVILEGED)]
+    firejail = [tool("firejail"), "--noprofile", "--quiet", "--private-dev",
+                "--caps.drop=all", "--nonewprivs", "--seccomp", "--net=none"]
+    true = "/usr/bin/true"
+    return [
+        Launcher("true", "/usr/bin/true (bare)", [true], context=True),
+        Launcher("python", "python3 -c pass", ["/usr/bin/python3", "-c", "pass"], context=True),
+        Launcher("corral-python", "corral's Python start-up: the imports of run, no launch",
+                 [str(VENV_PY), "-c", IMPORT_ALL, str(imports)], context=True),
+        Launcher("ip-netns", "ip netns exec NS true", world.enter("ip") + [true],
+                 context=True),
+        Launcher("nsenter", "nsenter --net NS true", world.enter("nsenter") + [true],
+                 context=True),
+        Launcher("bwrap", f"{w} bwrap (root, caps dropped)", ns + bwrap + [true]),
+        Launcher("bwrap-user", f"{w} bwrap (userns, uid 65534)", ns + bwrap_user + [true]),
+        Launcher("firejail", f"{w} firejail", ns + firejail + [true]),
+        Launcher("corral", f"{w} corral run", ns + [str(CORRAL), "run", str(true_toml)]),
+    ]
+
+
+def measure_startup(world: World, rows: list[Launcher], repeats: int,
+                    warmup: int) -> dict[str, list[float]]:
+    """Round-robin: each round runs every launcher once, in a shuffled order, so drift and
+    noise spread evenly over all of them."""
+    env = world.env()
+    samples: dict[str, list[float]] = {row.key: [] for row in rows}
+    log_fd = os.open(world.dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    rng = random.Random(1)
+    try:
+        for rnd in range(warmup + repeats):
+            order = rows[:]
+            rng.shuffle(order)
+            for row in order:
+                try:
+                    elapsed = once_more(row.label, timed_spawn, row.argv, env, log_fd)
+                except RuntimeError as exc:
+                    tail = (world.dir / "startup.log").read_text()[-800:]
+                    raise RuntimeError(f"{row.label}: {exc}\n{tail}") from None
+                if rnd >= warmup:
+                    samples[row.key].append(elapsed)
+            if rnd >= warmup and (rnd - warmup + 1) % 10 == 0:
+                progress(f"start-up: {rnd - warmup + 1}/{repeats} rounds")
+    finally:
+        os.close(log_fd)
+    return samples
+
+
+# -- (b) run-time overhead -------------------------------------------------------------------
+LINE = re.compile(r"(?:^|\| )(syscall|files) (\d+) (\d+)$")
+WORKS = ("syscall", "files")
+
+
+def parse_loop(output: str) -> dict[str, list[float]]:
+    """{"syscall": [wall ms...], "syscall_cpu": [cpu ms...], "files": ..., "files_cpu": ...}
+    from the program's lines (`corral run` prefixes them with "PROCESS| ")."""
+    found: dict[str, list[float]] = {k: [] for w in WORKS for k in (w, f"{w}_cpu")}
+    for line in output.splitlines():
+        match = LINE.search(line.strip())
+        if match:
+            found[match.group(1)].append(int(match.group(2)) / 1e6)
+            found[f"{match.group(1)}_cpu"].append(int(match.group(3)) / 1e6)
+    return found
+
+
+def run_loop(argv: list[str], env: dict[str, str],
+             expect: dict[str, int]) -> dict[str, list[float]]:
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    found = parse_loop(result.stdout)
+    counts = {work: len(found[work]) for work in expect}
+    if result.returncode != 0 or counts != expect:
+        raise RuntimeError(f"{' '.join(argv)} exited with {result.returncode}, results "
+                           f"{counts} (wanted {expect}): "
+                           f"{(result.stderr or result.stdout).strip()[-800:]}")
+    return found
+
+
+def prepare_places(world: World) -> dict[str, Path]:
+    """Outside directories to compare with the inside's /tmp (an overlay on the tmpfs delta):
+    a tmpfs, an overlay whose upper layer is on a tmpfs (like corral's delta), and the host's
+    /tmp (whatever file system it is on)."""
+    tmpfs = world.dir / "tmpfs"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512M,mode=1777", "bench-tmpfs",
+                    str(tmpfs)], check=True)
+    layers = world.dir / "ovl-layers"
+    layers.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512M", "bench-ovl", str(layers)],
+                   check=True)
+    lower, merged = world.dir / "ovl-lower", world.dir / "ovl-merged"
+    (lower / "tmp").mkdir(parents=True)
+    os.chmod(lower / "tmp", 0o1777)
+    merged.mkdir()
+    for sub in ("upper", "work"):
+        (layers / sub).mkdir()
+    subprocess.run(["mount", "-t", "overlay", "-o", f"lowerdir={lower},upperdir={layers}/upper,"
+                    f"workdir={layers}/work", "bench-ovl", str(merged)], check=True)
+    host = world.dir / "host-tmp"
+    host.mkdir()
+    return {"tmpfs": tmpfs, "overlay": merged / "tmp", "host": host}
+
+
+def fs_type(path: Path) -> str:
+    result = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(path)],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or "?"
+
+
+def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[str, Path],
+                    args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Alternate inside and outside invocations (shuffled per round); each invocation does one
+    unreported warm-up round and `reps` measured rounds of its loops."""
+    reps, nsys, nfiles = args.loop_reps, str(args.syscalls), str(args.files)
+    world.install(loop_toml, world.service("l"))
+    env = world.env()
+    loop = str(loop_bin)
+    both = {"syscall": reps, "files": reps}
+    kinds = {  # argv, results expected
+        "inside": (world.enter() + [str(CORRAL), "run", str(loop_toml)], both),
+        "tmpfs": ([loop, nsys, nfiles, str(places["tmpfs"]), str(reps)], both),
+        "overlay": ([loop, nsys, nfiles, str(places["overlay"]), str(reps)], both),
+        # attribution: the cost of having any seccomp filter at all
+        "seccomp": ([loop, nsys, "0", str(places["tmpfs"]), str(reps), "seccomp"],
+                    {"syscall": reps}),
+        # attribution: Landlock's checks on the file loop, on the same overlay
+        "landlock": ([loop, "0", nfiles, str(places["overlay"]), str(reps), "landlock"],
+                     {"files": reps}),
+        # attribution: the same on the same overlay as an unprivileged user (as inside), not
+        # root: the kernel's permission checks take longer paths for a user without privileges
+        "user": ([tool("setpriv"), f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
+                  "--clear-groups", loop, "0", nfiles, str(places["overlay"]), str(reps)],
+                 {"files": reps}),
+    }
+    samples = {kind: {k: [] for w in WORKS for k in (w, f"{w}_cpu")} for kind in kinds}
+    rng = random.Random(2)
+    for rnd in range(args.loop_rounds):
+        order = list(kinds)
+        rng.shuffle(order)
+        for kind in order:
+            argv, expect = kinds[kind]
+            found = once_more(f"loop {kind}", run_loop, argv, env, expect)
+            for work in expect:
+                samples[kind][work].extend(found[work])
+                samples[kind][f"{work}_cpu"].extend(found[f"{work}_cpu"])
+        progress(f"run time: {rnd + 1}/{args.loop_rounds} rounds")
+    if not args.no_disk:
+        # The host's /tmp is on disk here, much slower: one run, no warm-up, context only.
+        progress("run time: host /tmp (context)")
+        samples["host"] = run_loop([loop, "0", nfiles, str(places["host"]), "1", "nowarm"],
+                                   env, {"files": 1})
+    return samples
+
+
+# -- report ----------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": str(os.cpu_count()),
+            "python": first(["/usr/bin/python3", "--version"]),
+            "bwrap": first([tool("bwrap"), "--version"]),
+            "firejail": first([tool("firejail"), "--version"]),
+            "gcc": first([tool("gcc"), "--version"]),
+            "tmp_fs": fs_type(TMP)}
+
+
+def build_report(args, rows, startup, runtime, places) -> dict:
+    st = {row.key: {"label": row.label, "context": row.context, "argv": row.argv,
+                    **summary(startup[row.key]), "samples_ms": startup[row.key]}
+          for row in rows}
+    corral = st["corral"]["median"]
+    ratios = {f"corral/{k}": corral / st[k]["median"] for k in ("bwrap", "bwrap-user",
+                                                                 "firejail")}
+    # What `corral run` costs beyond its own Python start-up: the containment work itself.
+    # Like with like: each tool's own work, without the wrapper (and corral's Python start-up).
+    wrapper = st["ip-netns" if args.netns_wrapper == "ip" else "nsenter"]["median"]
+    python = st["corral-python"]["median"]
+    derived = {"corral_minus_python_ms": corral - python,
+               "corral_minus_python_and_wrapper_ms": corral - python - wrapper,
+               "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
+               "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
+               "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
+    run = {}
+    for work, label, outside_kinds in (
+            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp")),
+            ("files", f"{args.files:,} files create/write/read/unlink",
+             ("tmpfs", "overlay", "landlock", "user", "host"))):
+        ins = runtime["inside"]
+        inside = {**summary(ins[work]), "cpu_median": statistics.median(ins[f"{work}_cpu"]),
+                  "samples_ms": ins[work], "cpu_samples_ms": ins[f"{work}_cpu"]}
+        entry = {"label": label, "inside": inside, "outside": {}}
+        for kind in outside_kinds:
+            got = runtime.get(kind, {})
+            if not got.get(work):
+                continue
+            out = {**summary(got[work]), "cpu_median": statistics.median(got[f"{work}_cpu"])}
+            entry["outside"][kind] = {
+                **out, "samples_ms": got[work], "cpu_samples_ms": got[f"{work}_cpu"],
+                "fs": "-" if kind == "seccomp" else "overlay, upper on tmpfs"
+                if kind in ("overlay", "landlock", "user") else fs_type(places[kind]),
+                "overhead_pct": (inside["median"] / out["median"] - 1) * 100,
+                "overhead_cpu_pct": (inside["cpu_median"] / out["cpu_median"] - 1) * 100,
+                "context": kind in ("host", "seccomp", "landlock", "user")}
+        run[work] = entry
+    out_of = {work: run[work]["outside"] for work in run}
+
+    def extra(work: str, kind: str, base: str) -> dict[str, float]:
+        a, b = out_of[work][kind], out_of[work][base]
+        return {"wall": (a["median"] / b["median"] - 1) * 100,
+                "cpu": (a["cpu_median"] / b["cpu_median"] - 1) * 100}
+
+    attribution = {  # outside, what one ingredient alone adds
+        "any_seccomp_filter_on_syscall_loop_pct": extra("syscall", "seccomp", "tmpfs"),
+        "landlock_on_files_loop_pct": extra("files", "landlock", "overlay"),
+        "unprivileged_user_on_files_loop_pct": extra("files", "user", "overlay"),
+        "overlay_vs_tmpfs_on_files_loop_pct": extra("files", "overlay", "tmpfs")}
+    # The goal is judged like with like: the syscall loop against the same binary outside,
+    # the files loop on the inside's /tmp (overlay, upper on the tmpfs delta) against the same
+    # overlay outside; on the elapsed time, and also shown on CPU time.
+    judged = {"syscall": out_of["syscall"]["tmpfs"]["overhead_pct"],
+              "files": out_of["files"]["overlay"]["overhead_pct"]}
+    judged_cpu = {"syscall": out_of["syscall"]["tmpfs"]["overhead_cpu_pct"],
+                  "files": out_of["files"]["overlay"]["overhead_cpu_pct"]}
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "config": {"netns_wrapper": args.netns_wrapper, "repeats": args.repeats,
+                   "warmup": args.warmup, "syscalls": args.syscalls, "files": args.files,
+                   "loop_rounds": args.loop_rounds, "loop_reps": args.loop_reps,
+                   "inside_tmp": "overlay, upper on tmpfs delta"},
+        "startup_ms": st,
+        "ratios": ratios,
+        "derived_ms": derived,
+        "runtime_ms": run,
+        "attribution_pct": attribution,
+        "retries": RETRIES,
+        "goal": {"overhead_pct_max": GOAL_PCT, "overhead_pct": judged,
+                 "overhead_cpu_pct": judged_cpu,
+                 "met": all(v < GOAL_PCT for v in judged.values())},
+    }
+
+
+def table(report: dict) -> str:
+    out = []
+    m, cfg = report["machine"], report["config"]
+    out.append(f"corral benchmark - {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; "
+               f"host /tmp is {m['tmp_fs']}")
+    st = report["startup_ms"]
+    out.append("")
+    out.append(f"(a) start-to-exit of /usr/bin/true, ms ({cfg['repeats']} runs each, after "
+               f"{cfg['warmup']} warm-up rounds)")
+    width = max(len(v["label"]) for v in st.values())
+    out.append(f"  {'':{width}}  {'median':>8}  {'p90':>8}  {'min':>8}")
+    for entry in st.values():
+        out.append(f"  {entry['label']:{width}}  {entry['median']:8.2f}  {entry['p90']:8.2f}  "
+                   f"{entry['min']:8.2f}")
+    r, d = report["ratios"], report["derived_ms"]
+    out.append(f"  corral/bwrap {r['corral/bwrap']:.1f}x, corral/bwrap(userns) "
+               f"{r['corral/bwrap-user']:.1f}x, corral/firejail {r['corral/firejail']:.1f}x "
+               f"(medians)")
+    out.append(f"  without the wrapper (and corral's Python start-up): corral "
+               f"{d['corral_minus_python_and_wrapper_ms']:.1f} ms, bwrap "
+               f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
+               f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
+               f"{d['firejail_minus_wrapper_ms']:.1f} ms")
+    out.append("")
+    out.append(f"(b) run time inside corral vs the same static binary outside: the program's own "
+               f"timing, ms ({cfg['loop_rounds']} x {cfg['loop_reps']} runs each)")
+    where_of = {"tmpfs": "outside", "overlay": "outside, /tmp-like overlay on tmpfs",
+                "seccomp": "outside + 1-insn allow-all seccomp filter",
+                "landlock": "outside, same overlay + Landlock ruleset",
+                "user": "outside, same overlay, as uid 65534",
+                "host": "outside, host /tmp"}
+    rows = []
+    for work, entry in report["runtime_ms"].items():
+        i = entry["inside"]
+        rows.append((entry["label"], "inside" if work == "syscall"
+                     else "inside, /tmp = overlay on tmpfs delta", i, "", ""))
+        for kind, o in entry["outside"].items():
+            where = where_of[kind]
+            if kind == "tmpfs" and work == "files":
+                where = "outside, tmpfs"
+            if kind == "host":
+                where += f" ({o['fs']}; n={o['n']}, context)"
+            rows.append(("", where, o, f"{o['overhead_pct']:+.1f}%",
+                         f"{o['overhead_cpu_pct']:+.1f}%"))
+    w0 = max(len(row[0]) for row in rows)
+    w1 = max(len(row[1]) for row in rows)
+    out.append(f"  {'workload':{w0}}  {'where':{w1}}  {'median':>8}  {'p90':>8}  "
+               f"{'inside is':>9}  {'cpu med':>8}  {'inside is':>9}")
+    for label, where, stats, pct, cpu_pct in rows:
+        out.append(f"  {label:{w0}}  {where:{w1}}  {stats['median']:8.1f}  {stats['p90']:8.1f}"
+                   f"  {pct:>9}  {stats['cpu_median']:8.1f}  {cpu_pct:>9}")
+    goal, att = report["goal"], report["attribution_pct"]
+    g, gc = goal["overhead_pct"], goal["overhead_cpu_pct"]
+    out.append(f"  goal: overhead < {goal['overhead_pct_max']:.0f}% (medians of elapsed time): "
+               f"{'met' if goal['met'] else 'NOT met'}"
+               + (" (unreliable: the machine was busy, run again when it is idle)"
+                  if report.get("noisy") else ""))
+
+    def pair(key: str) -> str:
+        return f"{att[key]['wall']:+.1f}% (cpu {att[key]['cpu']:+.1f}%)"
+
+    out.append(f"    syscall loop {g['syscall']:+.1f}% (cpu {gc['syscall']:+.1f}%); any seccomp "
+               f"filter alone, outside: {pair('any_seccomp_filter_on_syscall_loop_pct')}")
+    out.append(f"    files loop vs the same overlay {g['files']:+.1f}% (cpu {gc['files']:+.1f}%);"
+               f" outside, Landlock alone: {pair('landlock_on_files_loop_pct')}, an "
+               f"unprivileged user alone: {pair('unprivileged_user_on_files_loop_pct')}")
+    out.append(f"    (the overlay itself vs plain tmpfs: "
+               f"{pair('overlay_vs_tmpfs_on_files_loop_pct')})")
+    for retry in report["retries"]:
+        out.append(f"  note: {retry['what']} failed once and was run again: "
+                   f"{retry['error'][-200:]}")
+    load = m.get("loadavg_before"), m.get("loadavg_after")
+    out.append(f"  load average (1 min) before/after: {load[0]} / {load[1]} "
+               f"(other work on the machine makes the numbers noisier)")
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--repeats", type=int, default=30, help="start-up runs per row (30)")
+    parser.add_argument("--warmup", type=int, default=3, help="start-up warm-up rounds (3)")
+    parser.add_argument("--syscalls", type=int, default=2_000_000, help="getppid calls (2M)")
+    parser.add_argument("--files", type=int, default=20_000, help="files per round (20000)")
+    parser.add_argument("--loop-rounds", type=int, default=4,
+                        help="invocations of the loops per place (4)")
+    parser.add_argument("--loop-reps", type=int, default=3,
+                        help="measured rounds per invocation (3)")
+    parser.add_argument("--netns-wrapper", choices=("nsenter", "ip"), default="nsenter",
+                        help="how every launcher enters the netns: nsenter --net (default) or "
+                        "ip netns exec (a new mount namespace and /sys, without the host's "
+                        "cgroup mounts)")
+    parser.add_argument("--no-disk", action="store_true",
+                        help="skip the context run on the host's /tmp (slow on disk)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.loop_rounds, args.loop_reps = 5, 1, 2, 2
+        args.files = min(args.files, 5000)
+    return args
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must run as root (corral run, netns, mounts)", file=sys.stderr)
+        return 1
+    if not CORRAL.exists():
+        print(f"bench: {CORRAL} missing: run `make venv` first", file=sys.stderr)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    clean_stale()
+    world = World(wrapper=args.netns_wrapper)
+    started = time.monotonic()
+    load_before = round(os.getloadavg()[0], 2)
+    try:
+        world.create()
+        loop_bin = compile_loop(world)
+        true_toml, loop_toml = write_manifests(world, loop_bin, args)
+        progress("installing the benchmark services")
+        world.install(true_toml, world.service("t"))
+        rows = launchers(world, true_toml)
+        progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
+        startup = measure_startup(world, rows, args.repeats, args.warmup)
+        places = prepare_places(world)
+        runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
+        report = build_report(args, rows, startup, runtime, places)
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        progress("cleaning up")
+        for problem in world.destroy():
+            print(f"bench: warning: {problem}", file=sys.stderr)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["machine"]["loadavg_before"] = load_before
+    report["machine"]["loadavg_after"] = round(os.getloadavg()[0], 2)
+    # The benchmark itself keeps about one CPU busy: more than that is someone else's work.
+    cpus = os.cpu_count() or 1
+    report["noisy"] = load_before >= 0.5 * cpus or report["machine"]["loadavg_after"] >= cpus
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))
+        print(f"\n{report['elapsed_s']:.0f} s; results in {args.out}")
+    if args.json:
+        print(f"bench: results in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
