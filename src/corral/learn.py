@@ -274,7 +274,9 @@ def minimal_includes(obs: Observed, volumes: list[str], skip: Iterable[str] = ()
     skip = set(skip)
     used = set()
     for path in obs.opened | obs.statted | set(obs.executed):
-        if _under(path, VIRTUAL + SCRATCH + EPHEMERAL) or _under(path, volumes) or path in skip:
+        # Files it only read count wherever they are, /tmp included (a program may run from a
+        # checkout there); what it wrote is scratch or state, never image content.
+        if _under(path, VIRTUAL + EPHEMERAL) or _under(path, volumes) or path in skip:
             continue
         if path in obs.written or path in HOST_ONLY:
             continue
