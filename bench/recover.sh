@@ -8,21 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "bench: must run as root (users, network namespaces, nftables, mounts)" >&2
-  exit 1
-fi
-
-packages="aide nftables iproute2 util-linux passwd"
-missing=$(for p in $packages; do
-  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || echo "$p"
-done)
-if [ -n "$missing" ]; then
-  echo "bench: installing Debian packages:" $missing >&2
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get install -y --no-install-recommends $missing ||
-    { apt-get update && apt-get install -y --no-install-recommends $missing; }; } >&2
-fi
-make --no-print-directory -s venv >&2
+. bench/prepare.sh
+bench_prepare aide nftables iproute2 util-linux passwd
 
 exec .venv/bin/python bench/recover_time.py "$@"
