@@ -107,20 +107,28 @@ def code_version() -> str:
             return ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "src")
-    if dirty:
+    tree = git("rev-parse", "--short", "HEAD:src") or "unknown"
+    version = f"{head} (src tree {tree})"
+    if git("status", "--porcelain", "--", "src"):
         stamp = max((p.stat().st_mtime for p in (REPO / "src").rglob("*.py")), default=0)
-        return f"{head}+dirty(src {time.strftime('%H:%M:%S', time.localtime(stamp))})"
-    return head
+        newest = time.strftime("%H:%M:%S", time.localtime(stamp))
+        version += f" + uncommitted src changes (newest {newest})"
+    return version
+
+
+def src_of(version: str) -> str:
+    """The part of code_version() that says what corral's code was (commits of bench/ or
+    docs/ in between do not change what was measured)."""
+    return version.split(" ", 1)[1] if " " in version else version
 
 
 def finish_machine(report: dict[str, Any]) -> None:
     m = report["machine"]
     m["code_after"] = code_version()
-    m["code_changed_during_run"] = m["code_after"] != m.get("code")
+    m["code_changed_during_run"] = src_of(m["code_after"]) != src_of(m.get("code", ""))
     if m["code_changed_during_run"]:
-        warn(f"the code changed during the run ({m.get('code')} -> {m['code_after']}): "
-             "its numbers mix two versions")
+        warn(f"corral's code changed during the run ({m.get('code')} -> {m['code_after']}):"
+             " its numbers may mix two versions")
     m["loadavg_after"] = round(os.getloadavg()[0], 2)
     cpus = os.cpu_count() or 1
     # The benchmark keeps about one CPU busy itself: more than that is someone else's work.

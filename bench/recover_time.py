@@ -295,8 +295,9 @@ def measure_tamper(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
 
 def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
     """What a CLI call costs before it does anything: the interpreter with corral.cli (click),
-    then corral.manifest too (pydantic), which every command taking a NAME imports to check the
-    name; and verify's own work, in-process."""
+    then with corral.report too, which `corral delta` imports even for --json (it pulls in
+    corral.plan, corral.manifest with pydantic, and corral.closure); and verify's own work,
+    in-process."""
     def wall(argv: list[str]) -> float:
         t0 = time.perf_counter()
         subprocess.run(world.enter() + argv, check=True, capture_output=True, env=world.env(),
@@ -305,8 +306,8 @@ def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
 
     py = str(bk.VENV_PY)
     variants = {"python -c 'import corral.cli'": [py, "-c", "import corral.cli"],
-                "python -c 'import corral.cli, corral.manifest'":
-                    [py, "-c", "import corral.cli, corral.manifest"],
+                "python -c 'import corral.cli, corral.report'":
+                    [py, "-c", "import corral.cli, corral.report"],
                 "corral --version": [str(bk.CORRAL), "--version"]}
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):

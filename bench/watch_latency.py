@@ -114,8 +114,8 @@ w("survived\n")
 # poll); never killed (react = log).
 ATTACK_LOOP = r"""
 import os, random, socket, sys, time
-kinds, n, period, careless = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-jitter = float(sys.argv[5])
+kinds, n, period = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3])
+careless, jitter = sys.argv[4], float(sys.argv[5])
 w = lambda s: os.write(1, s.encode())
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 w("ready\n")
@@ -647,8 +647,9 @@ def fail2ban_peer(world: bk.World, n: int, gap: float) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while subprocess.run(client + ["status", F2B_JAIL], capture_output=True).returncode != 0:
         if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"fail2ban-server did not start: {paths['out'].read_text()[-500:]}"
-                               f" {paths['log'].read_text()[-500:] if paths['log'].exists() else ''}")
+            log = paths["log"].read_text()[-500:] if paths["log"].exists() else ""
+            raise RuntimeError(f"fail2ban-server did not start: "
+                               f"{paths['out'].read_text()[-500:]} {log}")
         time.sleep(0.2)
     version = subprocess.run(["fail2ban-server", "-V"], capture_output=True,
                              text=True).stdout.strip()
