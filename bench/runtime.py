@@ -87,26 +87,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 # -- the throwaway world ---------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below path, deepest (latest) first."""
-    prefix = str(path).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(path) or point.startswith(prefix):
-                found.append(point)
-    return found[::-1]
+# The throwaway world's helpers are benchkit's, shared with the other benchmarks.
+from benchkit import _mounts_under, _pid_alive  # noqa: E402
 
 
 def _unmount_all(path: Path) -> None:
