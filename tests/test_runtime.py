@@ -103,6 +103,46 @@ def test_writes_land_in_the_delta_and_down_discards_them(notes):
     assert notes.exec("import os; print(os.path.exists('/tmp/scratch'))").stdout == "False\n"
 
 
+VOLUME_WORK = """
+import os
+os.makedirs('/srv/notes/a/b')
+open('/srv/notes/a/b/kept', 'w').write('kept')
+open('/srv/notes/gone', 'w').write('gone')
+os.unlink('/srv/notes/gone')
+os.rename('/srv/notes/a', '/srv/notes/moved')
+os.link('/srv/notes/moved/b/kept', '/srv/notes/hard')
+os.symlink('moved/b/kept', '/srv/notes/soft')
+line = [l.split() for l in open('/proc/self/mountinfo') if l.split()[4] == '/srv/notes'][0]
+print(line[3], line[line.index('-') + 1])
+"""
+
+
+def test_a_volume_stores_plain_files_and_hides_its_host_path(notes):
+    """The volume is an overlay over an empty layer (its root is "/" in mountinfo, not the
+    state directory's path), yet what the service does lands in the volume directory as plain
+    files: renamed directories, deletions, links, no whiteouts, and it persists."""
+    result = notes.exec(VOLUME_WORK)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["/", "overlay"]
+    volume = notes.state_dir / "volumes/srv-notes"
+    names = sorted(str(p.relative_to(volume)) for p in volume.rglob("*"))
+    assert {"moved", "moved/b", "moved/b/kept", "hard", "soft"} <= set(names)
+    assert "gone" not in names and "a" not in names
+    assert (volume / "hard").stat().st_ino == (volume / "moved/b/kept").stat().st_ino
+    assert os.readlink(volume / "soft") == "moved/b/kept"
+    # The one trace of the overlay: a directory made at the volume's top (the overlay's root
+    # merges the empty layer) is marked opaque; nothing else carries overlay metadata.
+    for path in [volume, *volume.rglob("*")]:
+        marks = [x for x in os.listxattr(path, follow_symlinks=False)
+                 if x.startswith("trusted.overlay.")]
+        allowed = ["trusted.overlay.opaque"] if path.parent == volume and path.is_dir() else []
+        assert marks in ([], allowed), (path, marks)
+    notes.corral("down", notes.name, check=True)
+    notes.corral("up", str(notes.manifest), check=True)
+    kept = notes.exec("print(open('/srv/notes/hard').read())")
+    assert kept.stdout == "kept\n", kept.stderr
+
+
 def test_a_crashed_process_is_restarted(notes):
     before = notes.status()["processes"][0]
     os.kill(before["pid"], signal.SIGKILL)

@@ -55,7 +55,8 @@ def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
 
 
 def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
-    return [mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner)
+    return [mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner,
+                            str(spec.state / "volume-work" / v.store))
             for v in spec.volumes]
 
 

@@ -29,6 +29,7 @@ class VolumeMount:
     path: str  # inside the root
     source: str  # host directory under the state directory
     owner: str  # process name that may write
+    work: str  # overlayfs work directory for it, on the same file system as `source`
 
 
 def _is_mountpoint(path: str) -> bool:
@@ -102,8 +103,34 @@ def prepare_service_root(root: str, base: str, delta_dir: str,
         # a symlink, which would redirect the bind mount outside the root.
         if os.path.islink(target) or not os.path.isdir(target):
             raise OSError(f"volume mount point {vol.path} is not a directory in the root")
-        kernel.mount(vol.source, target, None, MS_BIND)
-        kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
+        _mount_volume(vol, target)
+
+
+def _mount_volume(vol: VolumeMount, target: str) -> None:
+    """The volume as the upper layer of an overlay over an empty directory, not a bind mount.
+
+    A bind mount's root shows in the service's /proc/self/mountinfo as its path on the host file
+    system (the state directory's layout). An overlay is a superblock of its own, so its root is
+    "/", and its layers are named through descriptors as for the root. Files live in the volume
+    directory as they are (the lower layer is empty: no copy-up, no whiteouts; only a directory
+    made at the top is marked opaque, as the overlay's root merges the empty layer).
+    Caveat, documented: the overlay caches lookups, so files the host adds to a running
+    service's volume may stay invisible to it; write through `corral exec` or stop it first."""
+    empty = os.path.join(os.path.dirname(vol.work), ".empty")
+    for path in (empty, vol.work):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+           for p in (empty, vol.source, vol.work)]
+    try:
+        lower, upper, work = (f"/proc/self/fd/{fd}" for fd in fds)
+        # index=off: after a revert the old overlay may linger (lazily detached) for a moment,
+        # and with the index on, a second overlay on the same upper is refused. uuid=off: else
+        # the kernel stores a trusted.overlay.uuid xattr on the volume directory.
+        kernel.mount("corral-volume", target, "overlay", SAFE | MS_NOEXEC,
+                     f"lowerdir={lower},upperdir={upper},workdir={work},index=off,uuid=off")
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _mount_dev(dev: str) -> None:

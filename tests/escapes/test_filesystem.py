@@ -434,10 +434,6 @@ def test_mountinfo_shows_only_the_service_root(attacked):
         f"/dev/{name}" for name in EXPECTED_DEVICES}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HOLE (information leak, partly fixed): the overlay's layers now show as /proc/self/fd/N, "
-    "but the volume bind mount's root (CORRAL_ROOT/var/lib/corral/NAME/volumes/srv-notes on "
-    "/dev/vda) is still visible in /proc/self/mountinfo"))
 def test_mountinfo_reveals_no_host_path(attacked, svc):
     text = returned(attacked, "mountinfo")
     for host_path in (str(svc.root), "/var/lib/corral", "/run/corral"):
