@@ -49,7 +49,7 @@ RECORD_IMPORTS = """import atexit, json, sys
 out, manifest = sys.argv[1:3]
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
 sys.argv = ["corral", "run", manifest]
-from corral.cli import main
+from corral.entry import main
 main()
 """
 IMPORT_ALL = """import importlib, json, sys

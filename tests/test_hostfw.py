@@ -227,7 +227,7 @@ def test_cli_imports_only_click():
             "print(sorted(m for m in sys.modules if m.startswith(('corral.', 'pydantic'))))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
     # The shared error contract (cli_common, errors) is plain Python: no pydantic, no netlink.
-    assert out.strip() == "['corral.cli_common', 'corral.cli_host', 'corral.errors']"
+    assert out.strip() == "['corral.cli_base', 'corral.cli_common', 'corral.cli_host', 'corral.errors']"
 
 
 # ---------------------------------------------------------------- kernel helpers

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import click
 
+from .cli_base import need_root, run_foreground, service_name
 from .cli_common import handled, print_json
-from .errors import EXIT_RUNTIME, EXIT_USAGE
+from .errors import EXIT_USAGE
 
 
 _print_json = print_json
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        click.echo("corral: this command changes the host and must run as root", err=True)
-        sys.exit(EXIT_RUNTIME)
+    need_root()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,10 +98,7 @@ def uninstall(target: str, purge: bool, as_json: bool) -> None:
 @handled
 def run(file: str) -> None:
     """Run the service in the foreground (Ctrl-C stops it); its output is shown here."""
-    from .service import run as do_run
-
-    _need_root()
-    sys.exit(do_run(_installed(file)))
+    run_foreground(file)
 
 
 @main.command()
@@ -322,20 +317,7 @@ def _installed(target: str) -> str:
     return _service_name(target)
 
 
-def _service_name(target: str) -> str:
-    """A NAME, or a manifest FILE whose name is read (a valid manifest is not required to
-    uninstall, only a readable name)."""
-    from .errors import UsageError
-    from .names import SERVICE_NAME
-
-    if SERVICE_NAME.match(target) and not os.path.exists(target):
-        return target
-    from . import tomlfile
-
-    name = tomlfile.load(target).get("name")
-    if not isinstance(name, str) or not SERVICE_NAME.match(name):
-        raise UsageError(f"{target}: name: missing or invalid, cannot tell which service")
-    return name
+_service_name = service_name
 
 
 def _report(report: Any, as_json: bool, unchanged: str) -> None:

@@ -8,12 +8,11 @@ file (`FILE: key.path: message`) or usage, 1 for a failure at run time.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any
 
 import click
 
+from .cli_base import need_root
 from .cli_common import handled
 
 
@@ -21,9 +20,7 @@ _handled = handled  # the same error contract as every other subcommand
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        click.echo("corral: this command changes the host's firewall and must run as root", err=True)
-        sys.exit(1)
+    need_root("changes the host's firewall")
 
 
 def _print_json(data: Any) -> None:

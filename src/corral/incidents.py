@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ def iso(ts: float) -> str:
 
 
 def new_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    # os.urandom rather than secrets: the same kernel source, without importing hmac and
+    # hashlib on every start of the supervisor.
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
 def append(state: Path, record: dict[str, Any]) -> None:

@@ -296,8 +296,9 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
 
 
 def _known_syscall(name: str) -> bool:
-    import pyseccomp  # lazily: only manifests with an explicit allow-list need libseccomp here
+    from .libseccomp import load
 
+    pyseccomp = load()  # lazily: only manifests with an explicit allow-list need libseccomp here
     return bool(re.fullmatch(r"[a-z0-9_]+", name)) and pyseccomp.resolve_syscall(
         pyseccomp.Arch.NATIVE, name) >= 0
 

@@ -21,7 +21,7 @@ import errno
 import itertools
 from typing import TYPE_CHECKING
 
-from . import kernel
+from . import kernel, libseccomp
 from .sandbox import CLONE_NAMESPACE_FLAGS, SeccompPlan
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ _FIXED_ACTIONS = {"kill-process": "KILL_PROCESS", "kill-thread": "KILL_THREAD", 
 
 def action(spec: str) -> int:
     """libseccomp action of a plan string: "errno:EPERM" (or "errno:1"), "kill-process", ..."""
-    import pyseccomp
+    pyseccomp = libseccomp.load()
 
     kind, _, arg = spec.partition(":")
     if kind == "errno":
@@ -63,7 +63,7 @@ def action(spec: str) -> int:
 def _number(name: str) -> int | None:
     """The native syscall number, or None for a call libseccomp does not know on this arch
     (those are skipped: a plan written for another architecture or kernel must still load)."""
-    import pyseccomp
+    pyseccomp = libseccomp.load()
 
     nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
     return nr if nr >= 0 else None  # -1: unknown; below: a pseudo number for another arch
@@ -103,8 +103,8 @@ def build(plan: SeccompPlan, *, log: bool = True,
           notify: tuple[str, ...] = ()) -> "pyseccomp.SyscallFilter":
     """`notify`: calls handed to the supervisor (seccomp user notification) before they run;
     corral uses it for execve/execveat, the `exec` tripwire."""
-    import pyseccomp
-    from pyseccomp import MASKED_EQ, Arg
+    pyseccomp = libseccomp.load()
+    MASKED_EQ, Arg = pyseccomp.MASKED_EQ, pyseccomp.Arg
 
     deny, enosys = action(plan.deny_action), pyseccomp.ERRNO(errno.ENOSYS)
     if plan.mode not in ("deny-list", "allow-list"):
@@ -159,7 +159,7 @@ def build(plan: SeccompPlan, *, log: bool = True,
 def notify_fd(filt: "pyseccomp.SyscallFilter") -> int:
     """The listener descriptor of a loaded filter with NOTIFY rules. pyseccomp has no public
     accessor for it, so libseccomp's seccomp_notify_fd() is called on the filter context."""
-    import pyseccomp
+    pyseccomp = libseccomp.load()
 
     fd = pyseccomp._libseccomp.seccomp_notify_fd(filt._filter)  # noqa: SLF001
     if fd < 0:

@@ -93,8 +93,9 @@ class AuditReader:
 
     def _syscall_name(self, nr: int) -> str:
         if nr not in self._names:
-            import pyseccomp
+            from .libseccomp import load
 
+            pyseccomp = load()
             try:
                 name = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, nr)
                 self._names[nr] = name.decode() if isinstance(name, bytes) else str(name)

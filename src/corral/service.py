@@ -14,7 +14,6 @@ from typing import Any
 from . import incidents, runtime
 from .errors import RuntimeFailure, UsageError
 from .paths import lib_root, run_dir
-from .archive import list_archives
 from .runtime import ServiceSpec
 
 READY_TIMEOUT = 30.0
@@ -47,6 +46,12 @@ def supervisor_alive(state: dict[str, Any] | None) -> bool:
 
 def _supervisor_argv(service: str) -> list[str]:
     return [sys.executable, "-m", "corral.supervisor", service]
+
+
+def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
+    from .archive import list_archives  # tarfile: only status needs it, not the launch path
+
+    return list_archives(spec.state / "archives")
 
 
 def run(service: str) -> int:
@@ -206,7 +211,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "sensors": (state or {}).get("sensors") if alive else None,
         "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
-        "archives": list_archives(spec.state / "archives"),
+        "archives": _archives(spec),
     }
 
 

@@ -1,0 +1,69 @@
+"""The `corral` executable's entry point: `corral run FILE` skips click, and behaves exactly as
+the click command does; pyseccomp loads without running ldconfig."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORRAL, corral, write_manifest
+
+RUN_WITHOUT_CLICK = """import atexit, sys
+atexit.register(lambda: print("click" in sys.modules, file=sys.stderr))
+sys.argv = ["corral", "run", sys.argv[1]]
+from corral.entry import main
+main()
+"""
+
+
+def both_ways(*args: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """`corral run ARGS` on the fast path, and the same through click (`--` forces it there)."""
+    return corral("run", *args), corral("run", "--", *args)
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/svc.toml", "tstnosuch"])
+def test_run_fast_path_answers_like_click(tmp_path, corral_root, target):
+    fast, slow = both_ways(target)
+    assert fast.returncode == slow.returncode == 2
+    assert fast.stderr == slow.stderr and fast.stderr.strip()
+    assert "Traceback" not in fast.stderr
+
+
+def test_run_fast_path_with_a_bad_name_in_the_file(tmp_path, corral_root):
+    bad = write_manifest(tmp_path, "Bad Name", "")
+    fast, slow = both_ways(str(bad))
+    assert fast.returncode == slow.returncode == 2
+    assert fast.stderr == slow.stderr and "name: missing or invalid" in fast.stderr
+
+
+def test_run_fast_path_does_not_import_click(tmp_path, corral_root):
+    result = subprocess.run([sys.executable, "-c", RUN_WITHOUT_CLICK, "tstnosuch"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "False"
+
+
+def test_other_spellings_of_run_go_through_click(corral_root):
+    result = subprocess.run(CORRAL + ["run", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Usage: corral run [OPTIONS] FILE" in result.stdout
+    result = subprocess.run(CORRAL + ["run"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Missing argument 'FILE'" in result.stderr
+
+
+def test_pyseccomp_loads_without_ldconfig():
+    """corral.libseccomp answers find_library from the known sonames: the real search (which
+    forks ldconfig) is not called for libc or libseccomp."""
+    code = """import ctypes.util
+def refuse(name):
+    raise AssertionError(f"find_library({name!r}) was searched")
+ctypes.util.find_library = refuse
+from corral.libseccomp import load
+seccomp = load()
+assert seccomp.resolve_syscall(seccomp.Arch.NATIVE, "getppid") > 0
+assert ctypes.util.find_library is refuse  # put back as it was
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout == "ok\n", result.stderr
