@@ -60,6 +60,10 @@ for name in json.load(open(sys.argv[1])):
         pass
 """
 UNPRIVILEGED = 65534  # nobody, for bwrap's --uid/--gid
+# The peer's policy closest to corral's, in (a) and (b): its default seccomp filter, no
+# capabilities, no_new_privs, its own /dev and no network.
+FIREJAIL_POLICY = ["--noprofile", "--quiet", "--private-dev", "--caps.drop=all", "--nonewprivs",
+                   "--seccomp", "--net=none"]
 
 
 def tool(name: str) -> str:
@@ -305,8 +309,7 @@ def launchers(world: World, true_toml: Path) -> list[Launcher]:
              "--cap-drop", "ALL"]
     bwrap_user = bwrap + ["--unshare-user", "--uid", str(UNPRIVILEGED), "--gid",
                           str(UNPRIVILEGED)]
-    firejail = [tool("firejail"), "--noprofile", "--quiet", "--private-dev",
-                "--caps.drop=all", "--nonewprivs", "--seccomp", "--net=none"]
+    firejail = [tool("firejail"), *FIREJAIL_POLICY]
     true = "/usr/bin/true"
     return [
         Launcher("true", "/usr/bin/true (bare)", [true], context=True),
@@ -435,6 +438,10 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         "user": ([tool("setpriv"), f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
                   "--clear-groups", loop, "0", nfiles, str(places["overlay"]), str(reps)],
                  {"files": reps}),
+        # the peer: both loops under firejail (its seccomp filter, no capabilities), the files
+        # on the same overlay as inside
+        "firejail": ([tool("firejail"), *FIREJAIL_POLICY, loop, nsys, nfiles,
+                      str(places["overlay"]), str(reps)], both),
     }
     samples = {kind: {k: [] for w in WORKS for k in (w, f"{w}_cpu")} for kind in kinds}
     rng = random.Random(2)
@@ -497,9 +504,9 @@ def build_report(args, rows, startup, runtime, places) -> dict:
                "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
     run = {}
     for work, label, outside_kinds in (
-            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp")),
+            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail")),
             ("files", f"{args.files:,} files create/write/read/unlink",
-             ("tmpfs", "overlay", "landlock", "user", "host"))):
+             ("tmpfs", "overlay", "landlock", "user", "firejail", "host"))):
         ins = runtime["inside"]
         inside = {**summary(ins[work]), "cpu_median": statistics.median(ins[f"{work}_cpu"]),
                   "samples_ms": ins[work], "cpu_samples_ms": ins[f"{work}_cpu"]}
@@ -511,11 +518,11 @@ def build_report(args, rows, startup, runtime, places) -> dict:
             out = {**summary(got[work]), "cpu_median": statistics.median(got[f"{work}_cpu"])}
             entry["outside"][kind] = {
                 **out, "samples_ms": got[work], "cpu_samples_ms": got[f"{work}_cpu"],
-                "fs": "-" if kind == "seccomp" else "overlay, upper on tmpfs"
-                if kind in ("overlay", "landlock", "user") else fs_type(places[kind]),
+                "fs": "-" if work == "syscall" and kind != "tmpfs" else "overlay, upper on tmpfs"
+                if kind in ("overlay", "landlock", "user", "firejail") else fs_type(places[kind]),
                 "overhead_pct": (inside["median"] / out["median"] - 1) * 100,
                 "overhead_cpu_pct": (inside["cpu_median"] / out["cpu_median"] - 1) * 100,
-                "context": kind in ("host", "seccomp", "landlock", "user")}
+                "context": kind in ("host", "seccomp", "landlock", "user", "firejail")}
         run[work] = entry
     out_of = {work: run[work]["outside"] for work in run}
 
@@ -528,7 +535,10 @@ def build_report(args, rows, startup, runtime, places) -> dict:
         "any_seccomp_filter_on_syscall_loop_pct": extra("syscall", "seccomp", "tmpfs"),
         "landlock_on_files_loop_pct": extra("files", "landlock", "overlay"),
         "unprivileged_user_on_files_loop_pct": extra("files", "user", "overlay"),
-        "overlay_vs_tmpfs_on_files_loop_pct": extra("files", "overlay", "tmpfs")}
+        "overlay_vs_tmpfs_on_files_loop_pct": extra("files", "overlay", "tmpfs"),
+        # the peer's own run-time cost, measured the same way as corral's
+        "firejail_on_syscall_loop_pct": extra("syscall", "firejail", "tmpfs"),
+        "firejail_on_files_loop_pct": extra("files", "firejail", "overlay")}
     # The goal is judged like with like: the syscall loop against the same binary outside,
     # the files loop on the inside's /tmp (overlay, upper on the tmpfs delta) against the same
     # overlay outside; on the elapsed time, and also shown on CPU time.
@@ -585,6 +595,7 @@ def table(report: dict) -> str:
                 "seccomp": "outside + 1-insn allow-all seccomp filter",
                 "landlock": "outside, same overlay + Landlock ruleset",
                 "user": "outside, same overlay, as uid 65534",
+                "firejail": "firejail (peer: seccomp, no caps)",
                 "host": "outside, host /tmp"}
     rows = []
     for work, entry in report["runtime_ms"].items():
@@ -595,6 +606,8 @@ def table(report: dict) -> str:
             where = where_of[kind]
             if kind == "tmpfs" and work == "files":
                 where = "outside, tmpfs"
+            if kind == "firejail" and work == "files":
+                where += ", same overlay"
             if kind == "host":
                 where += f" ({o['fs']}; n={o['n']}, context)"
             rows.append(("", where, o, f"{o['overhead_pct']:+.1f}%",
@@ -623,6 +636,9 @@ def table(report: dict) -> str:
                f"unprivileged user alone: {pair('unprivileged_user_on_files_loop_pct')}")
     out.append(f"    (the overlay itself vs plain tmpfs: "
                f"{pair('overlay_vs_tmpfs_on_files_loop_pct')})")
+    out.append(f"    the peer, firejail, costs the syscall loop "
+               f"{pair('firejail_on_syscall_loop_pct')} and the files loop "
+               f"{pair('firejail_on_files_loop_pct')} (vs the same overlay)")
     for retry in report["retries"]:
         out.append(f"  note: {retry['what']} failed once and was run again: "
                    f"{retry['error'][-200:]}")
