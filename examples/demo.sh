@@ -82,6 +82,7 @@ attempt("run a shell", lambda: os.execv("/bin/sh", ["sh"]))
 attempt("trojan the base: write /usr/bin/python3.11", lambda: open("/usr/bin/python3.11", "ab"))
 attempt("reach the host-only database on 127.0.0.1:5432", lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2))
 attempt("see host processes", lambda: [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", str(os.getpid()))] or (_ for _ in ()).throw(OSError(3, "only its own PID namespace is visible")))
+attempt("learn the host'"'"'s paths from its mount table", lambda: [l.split()[3] for l in open("/proc/self/mountinfo") if "/var/lib/corral" in l] or (_ for _ in ()).throw(OSError(2, "no host path in /proc/self/mountinfo")))
 '
 kill $db 2>/dev/null || true
 
