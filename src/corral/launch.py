@@ -32,6 +32,16 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass
+class Spawned:
+    """A process forked and setting itself up; its program's execve waits for `finish`."""
+    name: str
+    holder: int
+    sock: socket.socket  # brings the seccomp listener once the filter is loaded
+    err_r: int  # the error pipe: EOF when execve succeeded, else the failed stage's message
+    pid_r: int  # the init's host pid, from the holder
+
+
+@dataclass
 class Started:
     holder: int  # the holder's pid: its exit status is the process's
     init: int  # host pid of the contained program (PID 1 inside)
@@ -115,6 +125,14 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object,
     """Fork the contained process; returns once it has exec'd its program (or raises).
     `on_exec(notify_fd)` answers one pending exec notification (the program's own execve
     arrives before this returns)."""
+    return finish(spawn(spec, proc, out_fd, cgroup), on_exec)
+
+
+def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Spawned:
+    """Fork the contained process and return at once. It joins its cgroup (the kernel's first
+    cgroup migration waits for an RCU grace period, ~10 ms), namespaces, root and sandbox while
+    the caller goes on (the supervisor starts its sensors meanwhile); nothing of the program
+    runs before `finish` answers its execve."""
     filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     volumes = volumes_of(spec)
@@ -152,25 +170,47 @@ def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object,
     os.close(err_w)
     os.close(pid_w)
     child_sock.close()
+    return Spawned(proc.name, holder, parent_sock, err_r, pid_r)
+
+
+def finish(spawned: Spawned, on_exec: Callable[[int], None]) -> Started:
+    """Wait for a spawned process to reach its execve, let it run (on_exec answers the
+    notification), and return once it has exec'd (or raise with the stage that failed)."""
     notify_fd = -1
     try:
-        _, notify_fd = notify.recv_fd(parent_sock)  # None: the child failed before the filter
-        message = _await_exec(err_r, notify_fd, on_exec)
-        raw = _read_all(pid_r)
+        _, notify_fd = notify.recv_fd(spawned.sock)  # None: the child failed before the filter
+        message = _await_exec(spawned.err_r, notify_fd, on_exec)
+        raw = _read_all(spawned.pid_r)
     except BaseException:
         if notify_fd is not None and notify_fd >= 0:
             os.close(notify_fd)
         raise
     finally:
-        os.close(err_r)
-        os.close(pid_r)
-        parent_sock.close()
+        abandon(spawned, kill=False)
     if message:
-        os.waitpid(holder, 0)
+        os.waitpid(spawned.holder, 0)
         if notify_fd is not None:
             os.close(notify_fd)
-        raise LaunchError(f"process {proc.name}: {message.decode(errors='replace')}")
-    return Started(holder, struct.unpack("i", raw)[0], -1 if notify_fd is None else notify_fd)
+        raise LaunchError(f"process {spawned.name}: {message.decode(errors='replace')}")
+    return Started(spawned.holder, struct.unpack("i", raw)[0],
+                   -1 if notify_fd is None else notify_fd)
+
+
+def abandon(spawned: Spawned, kill: bool = True) -> None:
+    """Close what `spawn` left open; with `kill`, also stop the process (its init dies with
+    its holder) and reap it: for a start given up before `finish`."""
+    for fd in (spawned.err_r, spawned.pid_r):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    spawned.sock.close()
+    if kill:
+        try:
+            os.kill(spawned.holder, signal.SIGKILL)
+            os.waitpid(spawned.holder, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def _await_exec(err_r: int, notify_fd: int | None, on_exec: Callable[[int], None]) -> bytes:

@@ -342,10 +342,19 @@ class Supervisor:
             mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
 
     # -- processes --------------------------------------------------------------------------
-    def start(self, child: Child) -> None:
+    def spawn(self, child: Child) -> launch.Spawned | None:
         try:
-            started = launch.start(self.spec, child.spec, child.log_w, child.group,
-                                   lambda fd, n=child.spec.name: self.on_exec(n, fd))
+            return launch.spawn(self.spec, child.spec, child.log_w, child.group)
+        except OSError as exc:
+            child.error = str(exc)
+            return None
+
+    def start(self, child: Child, spawned: launch.Spawned | None = None) -> None:
+        """Start a child, or finish the start of one spawned already."""
+        try:
+            if spawned is None:
+                spawned = launch.spawn(self.spec, child.spec, child.log_w, child.group)
+            started = launch.finish(spawned, lambda fd, n=child.spec.name: self.on_exec(n, fd))
         except OSError as exc:
             child.error = str(exc)
             self._crashed(child, 127)
@@ -523,10 +532,21 @@ class Supervisor:
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
             self.prepare()
-            self.start_journals()
-            self.start_sensors()
-            for child in self.children.values():
-                self.start(child)
+            # The processes set themselves up (cgroup, namespaces, root, sandbox) while the
+            # journals and sensors start; none runs its program before `start` lets it.
+            spawned = {name: self.spawn(child) for name, child in self.children.items()}
+            try:
+                self.start_journals()
+                self.start_sensors()
+            except BaseException:
+                for pending in filter(None, spawned.values()):
+                    launch.abandon(pending)
+                raise
+            for name, child in self.children.items():
+                if spawned[name] is None:
+                    self._crashed(child, 127)
+                else:
+                    self.start(child, spawned[name])
             failed = [c for c in self.children.values() if c.state != "running"]
             if failed:
                 self.phase, self.error = "failed", "; ".join(c.error for c in failed)
