@@ -14,14 +14,12 @@ import math
 import os
 import pwd
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -34,8 +32,8 @@ from corral.events import EventReader, EventsError, parse_headers, parse_packet,
 from corral.netspec import parse_endpoint
 from corral.nftables import (LOG_BURST, LOG_RATE, NFLOG_GROUP, ProcessFlows, nflog_group,
                              service_ruleset)
-
-PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+from netlab import (TCP_SERVERS, drop_counter, need_root, run, spawn, stop, system_users, tcp_client,
+                    veth_pair)
 
 
 # ---------------------------------------------------------------- pure: prefixes and headers
@@ -139,51 +137,9 @@ def test_import_is_light():
 
 # ---------------------------------------------------------------- kernel helpers
 
-need_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("nft", "ip", "useradd", "userdel", "setpriv")),
-    reason="needs root, nft, ip, useradd and setpriv")
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 15) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr}")
-    return proc.stdout
-
-
-@contextmanager
-def netns(name: str):
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        sh("ip", "netns", "del", name, check=False)
-
-
-def as_user(ns: str, user: str | None, script: str, *args: str) -> list[str]:
-    cmd = ["ip", "netns", "exec", ns]
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        cmd += ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid), "--clear-groups"]
-    return cmd + [PY, "-c", script, *args]
-
-
-def run(ns: str, user: str | None, script: str, *args: str) -> str:
-    return sh(*as_user(ns, user, script, *args)).strip()
-
-
-# TCP client: "ok" or the exception name.
-CLIENT = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-s.settimeout(0.5)
-try:
-    s.connect((host, port)); print("ok" if s.recv(8) == b"ok" else "bad answer")
-except OSError as e:
-    print(type(e).__name__)
-"""
+# A short connect timeout: an event is stamped when the reader reads it, after the client gave
+# up, and the tests want that within a second of the attempt.
+CLIENT = tcp_client(timeout=0.5)
 
 # N UDP datagrams to HOST:PORT from one socket; prints "sent refused seconds".
 UDP_FLOOD = r"""
@@ -199,25 +155,6 @@ for _ in range(n):
         refused += 1
 print(sent, refused, time.monotonic() - start)
 """
-
-SERVER = r"""
-import socket, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.77.0.2", 9000)); s.listen(16)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept(); c.sendall(b"ok"); c.close()
-"""
-
-
-def drop_counter(ns: str, service: str, process: str, reason: str) -> int:
-    chain = json.loads(sh("ip", "netns", "exec", ns, "nft", "-j", "list", "chain", "inet",
-                          nftables.table_name(service), f"proc-{process}"))
-    for item in chain["nftables"]:
-        rule = item.get("rule")
-        if rule and rule.get("comment") == reason:
-            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    raise AssertionError(f"no drop rule {reason}")
 
 
 def wait_for(reader: EventReader, match, seconds: float = 3.0) -> dict:
@@ -249,21 +186,9 @@ class Lab:
 def lab():
     service = "tst" + secrets.token_hex(3)
     user = f"corral-{service}-app"
-    tag = service[3:]
-    server = None
-    created = False
-    try:
-        sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-           "--comment", "corral service events test", user)
-        created = True
-        with netns(f"corral-t-{tag}") as ns, netns(f"corral-t-{tag}-p") as peer:
-            sh("ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer)
-            for where, dev, n in ((ns, "v0", 1), (peer, "v1", 2)):
-                sh("ip", "-n", where, "addr", "add", f"10.77.0.{n}/24", "dev", dev)
-                sh("ip", "-n", where, "addr", "add", f"fd77::{n}/64", "dev", dev, "nodad")
-                sh("ip", "-n", where, "link", "set", dev, "up")
-            server = subprocess.Popen(as_user(peer, None, SERVER), stdout=subprocess.PIPE, text=True)
-            assert server.stdout.readline().strip() == "ready"
+    with system_users(user, comment="corral service events test"), veth_pair(service[3:]) as (ns, peer):
+        server = spawn(peer, None, TCP_SERVERS, "10.77.0.2:9000")
+        try:
             flows = [ProcessFlows("app", user, (), (parse_endpoint("tcp/9000@10.77.0.2"),))]
             nftables.apply(service_ruleset(service, flows), netns=ns)
             fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
@@ -271,12 +196,8 @@ def lab():
                 yield Lab(service, user, pwd.getpwnam(user).pw_uid, ns, fd)
             finally:
                 os.close(fd)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait(timeout=5)
-        if created:
-            sh("userdel", user, check=False)
+        finally:
+            stop(server)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from corral import hostfw_rules
 from corral.cli_host import host as host_cli
 from corral.hostfw_rules import HostSpec, ServiceFlows, host_ruleset, management_first
 from corral.netspec import parse_endpoint, parse_ports
+from netlab import (CLIENT, TCP_SERVERS, addr, finish, link, netns, nft_in, run, settle, sh, spawn,
+                    stop)
 
 GOLDEN = Path(__file__).parent / "golden"
 PY = sys.executable
@@ -232,28 +234,7 @@ def test_cli_imports_only_click():
 
 # ---------------------------------------------------------------- kernel helpers
 
-need_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, nft and ip")
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 15, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr}")
-    return proc.stdout
-
-
-@contextmanager
-def netns(name: str):
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        sh("ip", "netns", "del", name, check=False)
-
-
-def nft(ns: str, *args: str) -> str:
-    return sh("ip", "netns", "exec", ns, "nft", *args)
+need_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")  # nft and ip: make test installs them
 
 
 def table_text(ns: str, table: str = "corral-host") -> str | None:
@@ -264,7 +245,7 @@ def table_text(ns: str, table: str = "corral-host") -> str | None:
 
 def counter(ns: str, chain: str, reason: str) -> int:
     """Packets dropped in CHAIN by the rules commented REASON (v4 and v6 rules summed)."""
-    items = json.loads(nft(ns, "-j", "list", "chain", "inet", "corral-host", chain))["nftables"]
+    items = json.loads(nft_in(ns, "-j", "list", "chain", "inet", "corral-host", chain))["nftables"]
     return sum(e["counter"]["packets"] for item in items if item.get("rule", {}).get("comment") == reason
                for e in item["rule"]["expr"] if "counter" in e)
 
@@ -330,37 +311,6 @@ def alive(pid: int, settle: float = 2.0) -> bool:
         time.sleep(0.05)
 
 
-# Root-owned TCP servers: answer "ok" on every ADDR:PORT given.
-TCP_SERVERS = r"""
-import socket, sys, threading
-def serve(s):
-    while True:
-        c, _ = s.accept(); c.sendall(b"ok"); c.close()
-for spec in sys.argv[1:]:
-    host, port = spec.rsplit(":", 1)
-    host = host.strip("[]")
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if ":" in host: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((host, int(port))); s.listen(16)
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# TCP client: "ok", or the exception's name (TimeoutError = silently dropped). Optional source.
-CLIENT = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-s.settimeout(1.0)
-if len(sys.argv) > 3: s.bind((sys.argv[3], 0))
-try:
-    s.connect((host, port)); print("ok" if s.recv(8) == b"ok" else "bad answer")
-except OSError as e:
-    print(type(e).__name__)
-"""
-
 # UDP receiver: for WINDOW seconds, the source addresses of the datagrams that arrive.
 UDP_SOURCES = r"""
 import socket, sys, time
@@ -402,53 +352,34 @@ except TimeoutError:
 """
 
 
-def run(ns: str, script: str, *args: str) -> str:
-    return sh("ip", "netns", "exec", ns, PY, "-c", script, *args, timeout=20).strip()
-
-
-def spawn(ns: str, script: str, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", script, *args],
-                            stdout=subprocess.PIPE, text=True)
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        raise AssertionError("helper did not start")
-    return proc
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=10)
-    return out.strip()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate(timeout=5)
-
-
-def link(a: str, dev_a: str, b: str, dev_b: str) -> None:
-    sh("ip", "-n", a, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", b)
-    sh("ip", "-n", a, "link", "set", dev_a, "up")
-    sh("ip", "-n", b, "link", "set", dev_b, "up")
-
-
-def addr(ns: str, dev: str, *cidrs: str) -> None:
-    for cidr in cidrs:
-        sh("ip", "-n", ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else []))
-
-
-def settle(ns: str, host: str, port: str) -> None:
-    """Fresh veths need neighbour discovery before timeouts mean "blocked"."""
-    for _ in range(10):
-        if run(ns, CLIENT, host, port) == "ok":
-            return
-    raise AssertionError(f"{ns} cannot reach {host}:{port} before any table")
-
-
 OTHER_TABLE = ("add table inet othertable; "
                "add chain inet othertable out { type filter hook output priority 10; policy accept; }; "
                "add rule inet othertable out tcp dport 4444 counter accept comment \"theirs\"")
 BLOCKED = "TimeoutError"
+
+
+def lab_dir(tmp_path_factory, name: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """For a module-wide lab (root only): a fresh directory holding FILES, and an empty
+    CORRAL_ROOT in it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    tmp = tmp_path_factory.mktemp(name)
+    for file, text in files.items():
+        (tmp / file).write_text(text)
+    root = tmp / "root"
+    root.mkdir()
+    return tmp, root
+
+
+def namespaces(stack: ExitStack, *names: str) -> list[str]:
+    """Namespaces corral-h-TAG-NAME (one fresh TAG), deleted when STACK closes."""
+    tag = secrets.token_hex(3)
+    return [stack.enter_context(netns(f"corral-h-{tag}-{n}")) for n in names]
+
+
+def serve(stack: ExitStack, ns: str, *specs: str) -> None:
+    """Root TCP servers in NS answering "ok" on every ADDR:PORT of SPECS, stopped when STACK closes."""
+    stack.callback(stop, spawn(ns, None, TCP_SERVERS, *specs))
 
 
 # ---------------------------------------------------------------- the router lab
@@ -466,16 +397,9 @@ class RouterLab:
 
 @pytest.fixture(scope="module")
 def router_lab(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    tmp = tmp_path_factory.mktemp("router")
-    (tmp / "app.toml").write_text(APP)
-    (tmp / "router.toml").write_text(ROUTER)
-    root = tmp / "root"
-    root.mkdir()
-    tag = secrets.token_hex(3)
+    tmp, root = lab_dir(tmp_path_factory, "router", {"app.toml": APP, "router.toml": ROUTER})
     with ExitStack() as stack:
-        up, rt, srv, vic = (stack.enter_context(netns(f"corral-h-{tag}-{n}")) for n in ("up", "rt", "srv", "vic"))
+        up, rt, srv, vic = namespaces(stack, "up", "rt", "srv", "vic")
         link(up, "u1", rt, "up0")
         link(rt, "lan0", srv, "eth0")
         link(rt, "vic0", vic, "v1")
@@ -492,18 +416,17 @@ def router_lab(tmp_path_factory):
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
                     "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"):
             sh("ip", "netns", "exec", rt, "sysctl", "-qw", key)
-        procs = [spawn(srv, TCP_SERVERS, "0.0.0.0:8080", "0.0.0.0:8081", "0.0.0.0:22", "[::]:8080", "[::]:8081"),
-                 spawn(rt, TCP_SERVERS, "0.0.0.0:22", "0.0.0.0:23"),
-                 spawn(vic, TCP_SERVERS, "0.0.0.0:9000", "0.0.0.0:9001", "[::]:9000")]
-        stack.callback(lambda: [stop(p) for p in procs])
+        serve(stack, srv, "0.0.0.0:8080", "0.0.0.0:8081", "0.0.0.0:22", "[::]:8080", "[::]:8081")
+        serve(stack, rt, "0.0.0.0:22", "0.0.0.0:23")
+        serve(stack, vic, "0.0.0.0:9000", "0.0.0.0:9001", "[::]:9000")
         stack.callback(kill_guards, root)
         settle(up, "10.10.0.2", "8080")
         settle(up, "fd10::2", "8080")
         settle(srv, "203.0.113.2", "9001")
         settle(srv, "2001:db8:113::2", "9000")
         # Before: the router forwards everything (the undeclared port is open).
-        assert run(up, CLIENT, "10.10.0.2", "8081") == "ok"
-        sh("ip", "netns", "exec", rt, "nft", OTHER_TABLE)
+        assert run(up, None, CLIENT, "10.10.0.2", "8081") == "ok"
+        nft_in(rt, OTHER_TABLE)
         other = table_text(rt, "othertable")
         applied(rt, root, tmp / "router.toml")
         yield RouterLab(up, rt, srv, vic, root, tmp / "router.toml", other)
@@ -512,38 +435,38 @@ def router_lab(tmp_path_factory):
 @need_root
 def test_router_declared_inbound_passes(router_lab):
     lab = router_lab
-    assert run(lab.up, CLIENT, "10.10.0.2", "8080") == "ok"
-    assert run(lab.up, CLIENT, "fd10::2", "8080") == "ok"          # IPv6 through ND and forwarding
+    assert run(lab.up, None, CLIENT, "10.10.0.2", "8080") == "ok"
+    assert run(lab.up, None, CLIENT, "fd10::2", "8080") == "ok"          # IPv6 through ND and forwarding
 
 
 @need_root
 def test_router_undeclared_inbound_blocked(router_lab):
     lab = router_lab
     before = counter(lab.rt, "forward", "undeclared")
-    assert run(lab.up, CLIENT, "10.10.0.2", "8081") == BLOCKED
-    assert run(lab.up, CLIENT, "fd10::2", "8081") == BLOCKED
-    assert run(lab.vic, CLIENT, "10.10.0.2", "8081") == BLOCKED
+    assert run(lab.up, None, CLIENT, "10.10.0.2", "8081") == BLOCKED
+    assert run(lab.up, None, CLIENT, "fd10::2", "8081") == BLOCKED
+    assert run(lab.vic, None, CLIENT, "10.10.0.2", "8081") == BLOCKED
     assert counter(lab.rt, "forward", "undeclared") >= before + 2
 
 
 @need_root
 def test_router_lan_egress_only_declared(router_lab):
     lab = router_lab
-    assert run(lab.srv, CLIENT, "203.0.113.2", "9000") == "ok"        # declared connect
-    assert run(lab.srv, CLIENT, "2001:db8:113::2", "9000") == "ok"
-    assert run(lab.srv, CLIENT, "203.0.113.2", "9001") == BLOCKED     # the victim's other port
-    assert run(lab.srv, CLIENT, "198.51.100.2", "9000") == BLOCKED    # another host, same port
+    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9000") == "ok"        # declared connect
+    assert run(lab.srv, None, CLIENT, "2001:db8:113::2", "9000") == "ok"
+    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9001") == BLOCKED     # the victim's other port
+    assert run(lab.srv, None, CLIENT, "198.51.100.2", "9000") == BLOCKED    # another host, same port
 
 
 @need_root
 def test_router_management_kept(router_lab):
     lab = router_lab
-    assert run(lab.up, CLIENT, "198.51.100.1", "22") == "ok"          # the router itself
-    assert run(lab.up, CLIENT, "10.10.0.1", "22") == "ok"             # its LAN address too
-    assert run(lab.up, CLIENT, "10.10.0.2", "22") == "ok"             # forwarded into the LAN
-    assert run(lab.up, CLIENT, "198.51.100.1", "23") == BLOCKED       # not management
-    assert run(lab.vic, CLIENT, "203.0.113.1", "22") == BLOCKED       # not from the admins' network
-    assert run(lab.vic, CLIENT, "10.10.0.2", "22") == BLOCKED
+    assert run(lab.up, None, CLIENT, "198.51.100.1", "22") == "ok"          # the router itself
+    assert run(lab.up, None, CLIENT, "10.10.0.1", "22") == "ok"             # its LAN address too
+    assert run(lab.up, None, CLIENT, "10.10.0.2", "22") == "ok"             # forwarded into the LAN
+    assert run(lab.up, None, CLIENT, "198.51.100.1", "23") == BLOCKED       # not management
+    assert run(lab.vic, None, CLIENT, "203.0.113.1", "22") == BLOCKED       # not from the admins' network
+    assert run(lab.vic, None, CLIENT, "10.10.0.2", "22") == BLOCKED
 
 
 @need_root
@@ -553,12 +476,12 @@ def test_router_drops_forged_sources(router_lab):
     counter of the rule that must have dropped each forgery moved."""
     lab = router_lab
     before = {r: counter(lab.rt, "prerouting", r) for r in ("bcp38", "lan-prefix", "bogon")}
-    at_srv = spawn(lab.srv, UDP_SOURCES, "7000", "2")
-    at_vic = spawn(lab.vic, UDP_SOURCES, "9053", "2")
+    at_srv = spawn(lab.srv, None, UDP_SOURCES, "7000", "2")
+    at_vic = spawn(lab.vic, None, UDP_SOURCES, "9053", "2")
     # From upstream: genuine, an RFC 1918 bogon, a source claiming the LAN's prefix.
-    assert run(lab.up, UDP_FROM, "10.10.0.2", "7000", "198.51.100.2", "10.66.0.1", "10.10.0.77") == "sent"
+    assert run(lab.up, None, UDP_FROM, "10.10.0.2", "7000", "198.51.100.2", "10.66.0.1", "10.10.0.77") == "sent"
     # From the LAN server: genuine, and a source outside the LAN's prefix (BCP 38).
-    assert run(lab.srv, UDP_FROM, "203.0.113.2", "9053", "10.10.0.2", "10.99.0.2") == "sent"
+    assert run(lab.srv, None, UDP_FROM, "203.0.113.2", "9053", "10.10.0.2", "10.99.0.2") == "sent"
     assert finish(at_srv) == "198.51.100.2"
     assert finish(at_vic) == "10.10.0.2"
     after = {r: counter(lab.rt, "prerouting", r) for r in before}
@@ -582,23 +505,15 @@ class ServerLab:
 
 @pytest.fixture(scope="module")
 def server_lab(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    tmp = tmp_path_factory.mktemp("server")
-    (tmp / "svc.toml").write_text(SVC)
-    (tmp / "server.toml").write_text(SERVER)
-    root = tmp / "root"
-    root.mkdir()
+    tmp, root = lab_dir(tmp_path_factory, "server", {"svc.toml": SVC, "server.toml": SERVER})
     install_record(root, "svc", tmp / "svc.toml")
-    tag = secrets.token_hex(3)
     with ExitStack() as stack:
-        s, c = (stack.enter_context(netns(f"corral-h-{tag}-{n}")) for n in ("s", "c"))
+        s, c = namespaces(stack, "s", "c")
         link(s, "eth0", c, "eth0")
         addr(s, "eth0", "192.0.2.1/24", "fd77::1/64")
         addr(c, "eth0", "192.0.2.2/24", "192.0.2.3/24", "fd77::2/64", "fd77::3/64")
-        procs = [spawn(s, TCP_SERVERS, "0.0.0.0:22", "0.0.0.0:8080", "0.0.0.0:8081", "[::]:22"),
-                 spawn(c, TCP_SERVERS, "0.0.0.0:9000", "0.0.0.0:9001", "0.0.0.0:9002")]
-        stack.callback(lambda: [stop(p) for p in procs])
+        serve(stack, s, "0.0.0.0:22", "0.0.0.0:8080", "0.0.0.0:8081", "[::]:22")
+        serve(stack, c, "0.0.0.0:9000", "0.0.0.0:9001", "0.0.0.0:9002")
         stack.callback(kill_guards, root)
         settle(c, "192.0.2.1", "8081")
         settle(c, "fd77::1", "22")
@@ -611,10 +526,10 @@ def server_lab(tmp_path_factory):
 def test_server_input_default_deny(server_lab):
     lab = server_lab
     before = counter(lab.s, "input", "undeclared")
-    assert run(lab.c, CLIENT, "192.0.2.1", "22", "192.0.2.2") == "ok"       # management
-    assert run(lab.c, CLIENT, "192.0.2.1", "8080", "192.0.2.3") == "ok"     # the service's listen
-    assert run(lab.c, CLIENT, "192.0.2.1", "8081", "192.0.2.2") == BLOCKED  # undeclared, even for the admin
-    assert run(lab.c, CLIENT, "192.0.2.1", "22", "192.0.2.3") == BLOCKED    # management only from admins
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.2") == "ok"       # management
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "8080", "192.0.2.3") == "ok"     # the service's listen
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "8081", "192.0.2.2") == BLOCKED  # undeclared, even for the admin
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.3") == BLOCKED    # management only from admins
     assert counter(lab.s, "input", "undeclared") >= before + 2
 
 
@@ -625,18 +540,18 @@ def test_server_ipv6_keeps_working(server_lab):
     lab = server_lab
     sh("ip", "-n", lab.s, "neigh", "flush", "all")
     sh("ip", "-n", lab.c, "neigh", "flush", "all")
-    assert run(lab.c, CLIENT, "fd77::1", "22", "fd77::2") == "ok"
-    assert run(lab.c, CLIENT, "fd77::1", "22", "fd77::3") == BLOCKED
-    assert run(lab.c, PING6, "fd77::1") == "reply"                         # echo-request accepted
+    assert run(lab.c, None, CLIENT, "fd77::1", "22", "fd77::2") == "ok"
+    assert run(lab.c, None, CLIENT, "fd77::1", "22", "fd77::3") == BLOCKED
+    assert run(lab.c, None, PING6, "fd77::1") == "reply"                         # echo-request accepted
 
 
 @need_root
 def test_server_output_default_deny(server_lab):
     lab = server_lab
     before = counter(lab.s, "output", "undeclared")
-    assert run(lab.s, CLIENT, "192.0.2.2", "9000") == "ok"                  # allow_out
-    assert run(lab.s, CLIENT, "192.0.2.2", "9002") == "ok"                  # the service's connect
-    assert run(lab.s, CLIENT, "192.0.2.2", "9001") in ("PermissionError", BLOCKED)
+    assert run(lab.s, None, CLIENT, "192.0.2.2", "9000") == "ok"                  # allow_out
+    assert run(lab.s, None, CLIENT, "192.0.2.2", "9002") == "ok"                  # the service's connect
+    assert run(lab.s, None, CLIENT, "192.0.2.2", "9001") in ("PermissionError", BLOCKED)
     assert counter(lab.s, "output", "undeclared") > before
 
 
@@ -645,8 +560,8 @@ def test_server_egress_own_address_only(server_lab):
     lab = server_lab
     before = counter(lab.s, "output", "spoof")
     # udp/123 is allowed out to any address: only the own-address check can stop these.
-    receiver = spawn(lab.c, UDP_SOURCES, "123", "1.5")
-    assert run(lab.s, UDP_FROM, "192.0.2.2", "123", "192.0.2.1", "192.0.2.99") == "sent"
+    receiver = spawn(lab.c, None, UDP_SOURCES, "123", "1.5")
+    assert run(lab.s, None, UDP_FROM, "192.0.2.2", "123", "192.0.2.1", "192.0.2.99") == "sent"
     assert finish(receiver) == "192.0.2.1"
     assert counter(lab.s, "output", "spoof") == before + 1
 
@@ -676,7 +591,7 @@ def box(tmp_path):
         path.write_text(f'role = "server"\nmanagement = ["tcp/{port}@203.0.113.0/24"]\n')
         files.append(path)
     with netns(f"corral-h-{secrets.token_hex(3)}") as ns:
-        sh("ip", "netns", "exec", ns, "nft", OTHER_TABLE)
+        nft_in(ns, OTHER_TABLE)
         try:
             yield Box(ns, root, *files, other=table_text(ns, "othertable"))
         finally:

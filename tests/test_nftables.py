@@ -12,11 +12,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import pwd
 import secrets
-import shutil
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +24,10 @@ from hypothesis import strategies as st
 from corral import nftables
 from corral.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
 from corral.nftables import NftError, ProcessFlows, service_ruleset
+from netlab import (CLIENT, TCP_SERVERS, drop_counter, finish, need_root, netns, nft_in, run, settle,
+                    spawn, stop, system_users, veth_pair)
 
 GOLDEN = Path(__file__).parent / "golden" / "nft_web.json"
-# The test users must run a python they can read; pyenv shims under /root are not readable.
-PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
 
 def flows(service: str, app_listen, app_connect, worker_connect) -> list[ProcessFlows]:
@@ -129,32 +126,6 @@ def test_connect_boxes_are_disjoint_and_exact(entries):
 
 # ---------------------------------------------------------------- kernel helpers
 
-need_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("nft", "ip", "useradd", "userdel", "setpriv")),
-    reason="needs root, nft, ip, useradd and setpriv")
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 10) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr}")
-    return proc.stdout
-
-
-@contextmanager
-def netns(name: str):
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        sh("ip", "netns", "del", name, check=False)
-
-
-def nft_in(ns: str, *args: str) -> str:
-    return sh("ip", "netns", "exec", ns, "nft", *args)
-
-
 def listing(ns: str, service: str) -> tuple[str, list]:
     """Text and handle-free JSON listing of our table (table handles differ between creations)."""
     table = nftables.table_name(service)
@@ -165,80 +136,6 @@ def listing(ns: str, service: str) -> tuple[str, list]:
             obj.pop("handle", None)
     return text, items
 
-
-def counter(ns: str, service: str, process: str, reason: str) -> int:
-    chain = json.loads(nft_in(ns, "-j", "list", "chain", "inet", nftables.table_name(service), f"proc-{process}"))
-    for item in chain["nftables"]:
-        rule = item.get("rule")
-        if rule and rule.get("comment") == reason:
-            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    raise AssertionError(f"no drop rule {reason} in proc-{process}")
-
-
-def as_user(ns: str, user: str | None, script: str, *args: str, caps: str = "") -> list[str]:
-    cmd = ["ip", "netns", "exec", ns]
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        cmd += ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid), "--clear-groups"]
-        if caps:
-            cmd += ["--inh-caps", caps, "--ambient-caps", caps]
-    return cmd + [PY, "-c", script, *args]
-
-
-def run(ns: str, user: str | None, script: str, *args: str, caps: str = "") -> str:
-    return sh(*as_user(ns, user, script, *args, caps=caps), timeout=15).strip()
-
-
-def spawn(ns: str, user: str | None, script: str, *args: str) -> subprocess.Popen:
-    """Start a long-running helper and wait for its "ready" line."""
-    proc = subprocess.Popen(as_user(ns, user, script, *args), stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        proc.kill()
-        raise AssertionError(f"helper did not start: {line!r}")
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.kill()
-    out, _ = proc.communicate(timeout=5)
-    return out.strip()
-
-
-def stop_after(proc: subprocess.Popen) -> str:
-    """Output of a helper that ends by itself (its own timeout bounds the wait)."""
-    out, _ = proc.communicate(timeout=5)
-    return out.strip()
-
-
-# Root-owned TCP servers: answer "ok" on every ADDR:PORT given.
-SERVER = r"""
-import socket, sys, threading
-def serve(s):
-    while True:
-        c, _ = s.accept(); c.sendall(b"ok"); c.close()
-for spec in sys.argv[1:]:
-    host, port = spec.rsplit(":", 1)
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, int(port))); s.listen(16)
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# TCP client: prints "ok", or the exception name (TimeoutError / PermissionError = blocked).
-CLIENT = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-s.settimeout(1.0)
-try:
-    s.connect((host, port)); print("ok" if s.recv(8) == b"ok" else "bad answer")
-except OSError as e:
-    print(type(e).__name__)
-"""
 
 # TCP server for one connection on 0.0.0.0:PORT, run as a contained user.
 LISTENER = r"""
@@ -314,15 +211,8 @@ def users():
     """Two real system users for service tstXXXXXX; removed again even on failure."""
     service = "tst" + secrets.token_hex(3)
     names = {p: f"corral-{service}-{p}" for p in ("app", "worker")}
-    created = []
-    try:
-        for name in names.values():
-            sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name)
-            created.append(name)
+    with system_users(*names.values()):
         yield service, names
-    finally:
-        for name in created:
-            sh("userdel", name, check=False)
 
 
 @dataclass
@@ -344,22 +234,15 @@ def lab(users):
     service, names = users
     tag = service[3:]
     procs: list[subprocess.Popen] = []
-    with netns(f"corral-t-{tag}") as ns, netns(f"corral-t-{tag}-p") as peer:
+    with veth_pair(tag) as (ns, peer):
         try:
-            sh("ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer)
-            for where, dev, n in ((ns, "v0", 1), (peer, "v1", 2)):
-                sh("ip", "-n", where, "addr", "add", f"10.77.0.{n}/24", "dev", dev)
-                sh("ip", "-n", where, "addr", "add", f"fd77::{n}/64", "dev", dev, "nodad")
-                sh("ip", "-n", where, "link", "set", dev, "up")
-            procs.append(spawn(peer, None, SERVER, "10.77.0.2:9000", "10.77.0.2:9009",
+            procs.append(spawn(peer, None, TCP_SERVERS, "10.77.0.2:9000", "10.77.0.2:9009",
                                "fd77::2:9002", "fd77::2:9009"))
             # 5432 plays a host-only database on loopback that no process declared.
-            procs.append(spawn(ns, None, SERVER, "127.0.0.1:9001", "127.0.0.1:5432"))
+            procs.append(spawn(ns, None, TCP_SERVERS, "127.0.0.1:9001", "127.0.0.1:5432"))
             # Neighbour discovery on a fresh veth can take over a second: let root's traffic
             # settle it before any test counts a timeout as "blocked".
-            for _ in range(10):
-                if run(ns, None, CLIENT, "fd77::2", "9002") == "ok":
-                    break
+            settle(ns, "fd77::2", "9002")
             assert run(ns, None, CLIENT, "10.77.0.2", "9000") == "ok"
             nftables.apply(service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
                                                           LAB_WORKER_CONNECT)), netns=ns)
@@ -399,12 +282,12 @@ def test_declared_egress_passes(lab):
 @need_root
 def test_undeclared_egress_blocked(lab):
     app, worker = lab.users["app"], lab.users["worker"]
-    before = counter(lab.ns, lab.service, "app", "egress")
+    before = drop_counter(lab.ns, lab.service, "app", "egress")
     assert run(lab.ns, app, CLIENT, "10.77.0.2", "9009") in BLOCKED     # other port
     assert run(lab.ns, app, CLIENT, "fd77::2", "9009") in BLOCKED       # other port, IPv6
     assert run(lab.ns, app, CLIENT, "127.0.0.1", "5432") in BLOCKED     # loopback is not special
     assert run(lab.ns, worker, CLIENT, "127.0.0.1", "9001") in BLOCKED  # other process's grant
-    assert counter(lab.ns, lab.service, "app", "egress") > before
+    assert drop_counter(lab.ns, lab.service, "app", "egress") > before
 
 
 @need_root
@@ -429,14 +312,14 @@ def test_declared_listen_reachable(lab):
 
 @need_root
 def test_undeclared_listen_unreachable(lab):
-    before = counter(lab.ns, lab.service, "app", "listen")
+    before = drop_counter(lab.ns, lab.service, "app", "listen")
     server = spawn(lab.ns, lab.users["app"], LISTENER, "8081")
     try:
         assert run(lab.peer, None, CLIENT, "10.77.0.1", "8081") in BLOCKED
         assert run(lab.ns, None, CLIENT, "127.0.0.1", "8081") in BLOCKED
     finally:
         assert stop(server) == ""  # never accepted anything
-    assert counter(lab.ns, lab.service, "app", "listen") > before
+    assert drop_counter(lab.ns, lab.service, "app", "listen") > before
 
 
 @need_root
@@ -444,13 +327,13 @@ def test_spoofed_source_dropped(lab):
     """IP_TRANSPARENT (given to the test user as an ambient CAP_NET_ADMIN) is the way to send from a
     foreign source address; the destination is declared, so only the spoof rule can stop it."""
     app = lab.users["app"]
-    before = counter(lab.ns, lab.service, "app", "spoof")
+    before = drop_counter(lab.ns, lab.service, "app", "spoof")
     for source, expect in (("10.77.0.1", "10.77.0.1"), ("10.77.0.99", "timeout")):
         receiver = spawn(lab.peer, None, UDP_RECEIVER, "10.77.0.2", "9053")
         sent = run(lab.ns, app, SPOOFER, source, "10.77.0.2", "9053", caps="+net_admin")
         assert sent in ("sent", "PermissionError")
-        assert stop_after(receiver) == expect
-    assert counter(lab.ns, lab.service, "app", "spoof") == before + 1
+        assert finish(receiver) == expect
+    assert drop_counter(lab.ns, lab.service, "app", "spoof") == before + 1
 
 
 @need_root
@@ -459,7 +342,7 @@ def test_denied_packet_reaches_nflog(lab):
     listener = spawn(lab.ns, None, NFLOG_LISTENER, str(nftables.nflog_group(lab.service)), wanted)
     try:
         assert run(lab.ns, lab.users["worker"], CLIENT, "10.77.0.2", "9009") in BLOCKED
-        assert wanted in stop_after(listener).splitlines()
+        assert wanted in finish(listener).splitlines()
     finally:
         stop(listener)
 
@@ -489,9 +372,9 @@ def test_apply_twice_same_state_and_atomic_failure(users):
 def test_delete_table_only_ours(users):
     service, _ = users
     with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
-        sh("ip", "netns", "exec", ns, "nft", "add table inet othertable; "
-           "add chain inet othertable out { type filter hook output priority 0; policy accept; }; "
-           "add rule inet othertable out counter")
+        nft_in(ns, "add table inet othertable; "
+               "add chain inet othertable out { type filter hook output priority 0; policy accept; }; "
+               "add rule inet othertable out counter")
         other = nft_in(ns, "list", "table", "inet", "othertable")
         assert not nftables.delete_table(service, netns=ns)
         nftables.apply(service_ruleset(service, flows(service, [], [], [])), netns=ns)
