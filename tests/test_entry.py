@@ -67,3 +67,13 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout == "ok\n", result.stderr
+
+
+def test_reading_commands_stay_off_the_manifest_model():
+    """status, delta and incidents (report, service, delta) never load pydantic or the ELF
+    parser: ~120 ms of imports that only check, plan and install need."""
+    code = ("import sys, corral.cli, corral.report, corral.service, corral.delta; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'elftools') "
+            "or m in ('corral.manifest', 'corral.plan', 'corral.closure')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout == "[]\n", result.stderr

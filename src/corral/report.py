@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from .plan import ServicePlan
+if TYPE_CHECKING:  # status, delta and incidents must not load the manifest model and ELF parser
+    from .plan import ServicePlan
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
