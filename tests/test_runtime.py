@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import corral, notes_manifest
+from conftest import Service, corral, notes_manifest
 
 pytestmark = pytest.mark.root
 
@@ -141,6 +141,46 @@ def test_a_volume_stores_plain_files_and_hides_its_host_path(notes):
     notes.corral("up", str(notes.manifest), check=True)
     kept = notes.exec("print(open('/srv/notes/hard').read())")
     assert kept.stdout == "kept\n", kept.stderr
+
+
+@pytest.fixture
+def overlay_root(tmp_path, corral_root):
+    """CORRAL_ROOT on an overlay file system (as in a container), which cannot be the upper
+    layer of another overlay."""
+    layers = tmp_path / "layers"
+    for sub in ("lower", "upper", "work"):
+        (layers / sub).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "-o", f"lowerdir={layers}/lower,upperdir="
+                    f"{layers}/upper,workdir={layers}/work", "tst-overlay", str(corral_root)],
+                   check=True)
+    try:
+        yield corral_root
+    finally:
+        subprocess.run(["umount", "-l", str(corral_root)], check=False)
+
+
+def test_a_volume_on_a_file_system_overlay_cannot_use_is_bind_mounted(tmp_path, overlay_root,
+                                                                       netns, service_name):
+    """The fallback: the service still runs and keeps its volume; status says what it lost."""
+    manifest = notes_manifest(tmp_path, service_name)
+    corral("install", str(manifest), netns=netns, check=True)
+    svc = Service(service_name, netns, overlay_root, manifest)
+    try:
+        svc.corral("up", str(manifest), check=True)
+        assert svc.http("/notes", data=b"on a bind mount") == b"stored\n"
+        assert b"on a bind mount" in (svc.state_dir / "volumes/srv-notes/notes.jsonl").read_bytes()
+        status = svc.status()
+        assert len(status["warnings"]) == 1 and "volume /srv/notes is bind-mounted" in \
+            status["warnings"][0]
+        text = svc.corral("status", service_name, check=True).stdout
+        assert "warning: volume /srv/notes is bind-mounted" in text
+    finally:
+        svc.corral("down", service_name)
+        svc.corral("uninstall", service_name, "--purge")
+
+
+def test_no_warning_when_every_volume_is_an_overlay(notes):
+    assert notes.status()["warnings"] == []
 
 
 def test_a_crashed_process_is_restarted(notes):

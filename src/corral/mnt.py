@@ -74,11 +74,12 @@ def private_namespace() -> None:
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
-def prepare_service_root(root: str, base: str, delta_dir: str,
-                         volumes: list[VolumeMount], noexec: tuple[str, ...] = ("/tmp",)) -> None:
+def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[VolumeMount],
+                         noexec: tuple[str, ...] = ("/tmp",)) -> list[str]:
     """In the supervisor's private mount namespace: overlay, /dev, volumes, and `noexec` for
     the places the service can write to (so nothing it writes can be mapped executable, not
-    even through the dynamic loader, which Landlock must let it execute)."""
+    even through the dynamic loader, which Landlock must let it execute). Returns warnings
+    for the service's status (a volume that had to be bind-mounted)."""
     os.makedirs(root, mode=0o755, exist_ok=True)
     upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
     # The layers are named through descriptors, so that /proc/self/mountinfo inside shows
@@ -97,13 +98,25 @@ def prepare_service_root(root: str, base: str, delta_dir: str,
             kernel.mount(target, target, None, MS_BIND)
             kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
     _mount_dev(os.path.join(root, "dev"))
+    warnings = []
     for vol in volumes:
         target = os.path.join(root, vol.path.lstrip("/"))
         # The mount point comes from the base (plan adds it); refuse one the delta replaced with
         # a symlink, which would redirect the bind mount outside the root.
         if os.path.islink(target) or not os.path.isdir(target):
             raise OSError(f"volume mount point {vol.path} is not a directory in the root")
-        _mount_volume(vol, target)
+        try:
+            _mount_volume(vol, target)
+        except OSError as exc:
+            # Some file systems cannot be an overlay's upper layer (an overlay itself, as in a
+            # container; NFS; XFS without d_type): a bind mount works everywhere, at the price
+            # of the host path showing in the service's mountinfo. Said in `status`.
+            kernel.mount(vol.source, target, None, MS_BIND)
+            kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
+            warnings.append(f"volume {vol.path} is bind-mounted (its file system cannot be an "
+                            f"overlay's upper layer: {exc.strerror}); the service can see its "
+                            "host path in /proc/self/mountinfo")
+    return warnings
 
 
 def _mount_volume(vol: VolumeMount, target: str) -> None:

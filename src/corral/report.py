@@ -95,6 +95,8 @@ def status_text(services: list[dict]) -> str:
             out.append("  ISOLATED: network cut and processes frozen (corral revert to recover)")
         if svc.get("landlock"):
             out.append(f"  {svc['landlock']}")
+        for warning in svc.get("warnings") or ():
+            out.append(f"  warning: {warning}")
         if svc.get("archives"):
             last = svc["archives"][-1]
             out.append(f"  archives {len(svc['archives'])}, last {last['created_at']} "

@@ -204,6 +204,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "base_version": spec.base_version,
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
         "landlock": (state or {}).get("landlock") if alive else None,
+        "warnings": (state or {}).get("warnings", []) if alive else [],
         "processes": processes,
         "incidents": len(all_incidents := incidents.read(spec.state)),
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),

@@ -76,6 +76,7 @@ class Supervisor:
         self.allowed: dict[str, set[tuple[int, int]]] = {}  # process -> executables' identities
         self.notify_fds: dict[int, str] = {}  # seccomp listener -> process name
         self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off
+        self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
         self.watcher: Any = None
         self.poller: Any = None
         self.control: socket.socket | None = None
@@ -92,6 +93,7 @@ class Supervisor:
             "base_version": self.spec.base_version,
             "delta": {"kind": self.spec.delta, "path": str(self.spec.delta_dir)},
             "landlock": self.landlock,
+            "warnings": self.warnings,
             "reverts": self.reverts,
             "isolated": self.isolated,
             "sensors": self.sensors,
@@ -115,8 +117,11 @@ class Supervisor:
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
-        mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root), delta,
-                                 launch.volumes_of(self.spec), self._noexec_paths())
+        self.warnings = mnt.prepare_service_root(
+            str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
+            self._noexec_paths())
+        for warning in self.warnings:
+            print(f"corral supervisor: {warning}", file=sys.stderr)
         self._index_executables()
         for proc in self.spec.processes:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
@@ -449,9 +454,9 @@ class Supervisor:
             self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
         mnt.clear_delta(str(self.spec.delta_dir))
-        mnt.prepare_service_root(str(self.spec.root), str(self.spec.base_root),
-                                 str(self.spec.delta_dir), launch.volumes_of(self.spec),
-                                 self._noexec_paths())
+        self.warnings = mnt.prepare_service_root(
+            str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
+            launch.volumes_of(self.spec), self._noexec_paths())
         self.reverts += 1
         if self.poller is not None:
             self.poller.reported.clear()
