@@ -1,6 +1,6 @@
-"""Shared by bench/watch_latency.py and bench/recover_time.py: the throwaway world (temp dir,
-CORRAL_ROOT, network namespace, the sample service under a benchmark name), statistics,
-progress lines and the results file.
+"""Shared by bench/runtime.py, bench/watch_latency.py and bench/recover_time.py: the throwaway
+world (temp dir, CORRAL_ROOT, network namespace, the sample service under a benchmark name) and
+a run's start and end (root check, signals, results file, report), statistics and progress lines.
 
 A world is named after the benchmark's pid: temp dir /tmp/PREFIX-PID, netns PREFIX-PID,
 services TAG+PID+suffix (users corral-TAG+PID+suffix-app). Everything in it is removed at the
@@ -10,6 +10,7 @@ run of the same benchmark (only worlds whose pid is dead are touched).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,12 +18,13 @@ import platform
 import pwd
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 CORRAL = REPO / ".venv" / "bin" / "corral"
@@ -129,6 +131,13 @@ def finish_machine(report: dict[str, Any]) -> None:
     if m["code_changed_during_run"]:
         warn(f"corral's code changed during the run ({m.get('code')} -> {m['code_after']}):"
              " its numbers may mix two versions")
+    note_load(report)
+
+
+def note_load(report: dict[str, Any]) -> None:
+    """The load average after the run, next to report["machine"]["loadavg_before"], and
+    whether the run was noisy."""
+    m = report["machine"]
     m["loadavg_after"] = round(os.getloadavg()[0], 2)
     cpus = os.cpu_count() or 1
     # The benchmark keeps about one CPU busy itself: more than that is someone else's work.
@@ -142,11 +151,49 @@ def write_results(path: Path, report: dict[str, Any]) -> None:
     os.rename(tmp, path)
 
 
+def publish(report: dict[str, Any], out: Path, as_json: bool, text: Callable[[], str]) -> None:
+    """Write the results file, then print the report: one JSON document (and on stderr where
+    the file is) with --json, else text()."""
+    write_results(out, report)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        print(f"bench: results in {out}", file=sys.stderr)
+    else:
+        print(text())
+
+
+def end_run(report: dict[str, Any], started: float, out: Path, as_json: bool,
+            table: Callable[[dict[str, Any]], str]) -> None:
+    """The end of a watch or recover run that went through: finish_machine(), the run's
+    length, then publish() with the table and a line on how long it took, on which code and
+    load, and where the results are."""
+    finish_machine(report)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    m = report["machine"]
+    publish(report, out, as_json, lambda: (
+        f"{table(report)}\n\n{report['elapsed_s']:.0f} s, code {m['code']} (load "
+        f"{m['loadavg_before']} before, {m['loadavg_after']} after); results in {out}"))
+
+
 def ensure_root_and_venv() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench: must run as root (users, network namespaces, nftables, mounts)")
     if not CORRAL.exists():
         raise SystemExit(f"bench: {CORRAL} missing: run `make venv` first")
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def prepare_run(prefix: str, tag: str) -> None:
+    """Before a run: root and the venv checked, SIGTERM and SIGHUP turned into
+    KeyboardInterrupt (so that the world is cleaned up then too), and what earlier runs that
+    were killed left removed (clean_stale)."""
+    ensure_root_and_venv()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    clean_stale(prefix, tag)
 
 
 # -- the throwaway world ---------------------------------------------------------------------
@@ -293,9 +340,32 @@ class World:
                 subprocess.run(["userdel", entry.pw_name], capture_output=True)
 
 
+@contextlib.contextmanager
+def throwaway(world: World) -> Iterator[World]:
+    """`with throwaway(world):` creates the world, runs the body and always destroys it
+    (reporting what could not be removed). Ctrl-C or a signal ends the program with status
+    130, a failure (RuntimeError, a subprocess's, OSError) with status 1, each after saying
+    so on stderr."""
+    try:
+        world.create()
+        yield world
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaning up", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        progress("cleaning up")
+        for problem in world.destroy():
+            warn(problem)
+
+
 def clean_stale(prefix: str, tag: str, extra: Any = None) -> None:
     """What an earlier run of the same benchmark that was killed left (its temp dir, services,
-    users, netns), recognised by a dead pid in the names. `extra(world)` cleans more."""
+    users, netns), recognised by a dead pid in the names; also what bears this run's own pid
+    (called before this run's world exists: a dead run's, whose pid came round again).
+    `extra(world)` cleans more."""
     me = os.getpid()
     pids = set()
     for path in TMP.glob(f"{prefix}*"):
@@ -307,7 +377,7 @@ def clean_stale(prefix: str, tag: str, extra: Any = None) -> None:
         if match:
             pids.add(int(match.group(1)))
     for pid in sorted(pids):
-        if pid == me or _pid_alive(pid):
+        if pid != me and _pid_alive(pid):
             continue  # another run is going on: not ours to touch
         stale = World(prefix, tag, pid=pid)
         stale.netns_made = f"{prefix}{pid}" in listing

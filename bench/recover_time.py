@@ -41,7 +41,6 @@ import calendar
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -428,21 +427,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    bk.ensure_root_and_venv()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    bk.clean_stale(PREFIX, TAG)
+    bk.prepare_run(PREFIX, TAG)
     world = bk.World(PREFIX, TAG)
     machine = bk.machine()
     started = time.monotonic()
-    try:
-        world.create()
+    with bk.throwaway(world):
         name = world.service("s")
         manifest = bk.notes_manifest(world.dir / f"{name}.toml", name, port=PORT)
         bk.progress(f"installing {name}")
@@ -461,16 +452,6 @@ def main(argv: list[str]) -> int:
         tamper = measure_tamper(world, name, args.rounds)
         world.corral("down", name)
         shipped = None if args.no_shipped else measure_shipped(world, args.rounds)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaning up", file=sys.stderr)
-        return 130
-    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        bk.progress("cleaning up")
-        for problem in world.destroy():
-            bk.warn(problem)
     med = {k: v["wall_ms"]["p50"] for k, v in recovery.items()}
     aide_p50 = tamper["rows"]["aide --check"]["p50"]
     report: dict[str, Any] = {
@@ -488,17 +469,7 @@ def main(argv: list[str]) -> int:
                                                / med["restart, big delta"], 3),
             "(corral delta + verify) / aide --check": round(
                 tamper["corral delta + verify"]["p50"] / aide_p50, 3)}}
-    bk.finish_machine(report)
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
-    bk.write_results(args.out, report)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print(f"bench: results in {args.out}", file=sys.stderr)
-    else:
-        print(table(report))
-        print(f"\n{report['elapsed_s']:.0f} s, code {machine['code']} (load "
-              f"{machine['loadavg_before']} before, {report['machine']['loadavg_after']} "
-              f"after); results in {args.out}")
+    bk.end_run(report, started, args.out, args.json, table)
     return 0
 
 

@@ -19,28 +19,26 @@ up at the next start. See bench/README.md for how to read the output.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-CORRAL = REPO / ".venv" / "bin" / "corral"
-VENV_PY = REPO / ".venv" / "bin" / "python"
-TMP = Path("/tmp")
-PREFIX = "corral-bench-"  # temp dir /tmp/corral-bench-PID and netns corral-bench-PID
-RESULTS = TMP / "corral-bench-results" / "latest.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchkit as bk  # noqa: E402
+
+BENCH = bk.REPO / "bench"
+CORRAL, VENV_PY, TMP = bk.CORRAL, bk.VENV_PY, bk.TMP
+# temp dir /tmp/corral-bench-PID, netns corral-bench-PID, services cbPIDt and cbPIDl
+PREFIX, TAG = "corral-bench-", "cb"
+RESULTS = bk.RESULTS_DIR / "latest.json"
 GOAL_PCT = 3.0
 # corral's Python start-up, measured on its own: `corral run` is run once with a hook that
 # records every module it imported (RECORD_IMPORTS), then the context row imports exactly those
@@ -73,53 +71,20 @@ def tool(name: str) -> str:
     return path
 
 
-def progress(message: str) -> None:
-    if sys.stderr.isatty():
-        print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 # -- statistics ------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100): a value that was really measured."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "median": statistics.median(values), "p90": percentile(values, 90),
-            "min": min(values), "max": max(values)}
+    return {"n": len(values), "median": statistics.median(values),
+            "p90": bk.percentile(values, 90), "min": min(values), "max": max(values)}
 
 
 # -- the throwaway world ---------------------------------------------------------------------
-# The throwaway world's helpers are benchkit's, shared with the other benchmarks.
-from benchkit import _mounts_under, _pid_alive  # noqa: E402
+class World(bk.World):
+    """benchkit's world, entering the netns the way --netns-wrapper says, by absolute paths
+    (the launchers are started with posix_spawn, which does not search PATH)."""
 
-
-def _unmount_all(path: Path) -> None:
-    for point in _mounts_under(path):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-
-
-@dataclass
-class World:
-    """Temp dir, CORRAL_ROOT and netns of one run, named after our pid."""
-
-    pid: int = field(default_factory=os.getpid)
-    wrapper: str = "nsenter"
-    installed: list[str] = field(default_factory=list)
-    netns_made: bool = False
-
-    @property
-    def dir(self) -> Path:
-        return TMP / f"{PREFIX}{self.pid}"
-
-    @property
-    def netns(self) -> str:
-        return f"{PREFIX}{self.pid}"
-
-    @property
-    def root(self) -> Path:
-        return self.dir / "corral-root"
+    def __init__(self, wrapper: str = "nsenter"):
+        super().__init__(PREFIX, TAG)
+        self.wrapper = wrapper
 
     def enter(self, wrapper: str | None = None) -> list[str]:
         """The prefix that runs a command in the netns. `ip netns exec` also gives the command
@@ -128,90 +93,6 @@ class World:
         if (wrapper or self.wrapper) == "ip":
             return [tool("ip"), "netns", "exec", self.netns]
         return [tool("nsenter"), f"--net=/run/netns/{self.netns}"]
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "CORRAL_DEBUG"}
-        env["CORRAL_ROOT"] = str(self.root)
-        return env
-
-    def service(self, kind: str) -> str:
-        return f"cb{self.pid}{kind}"  # manifest names: ^[a-z][a-z0-9-]{0,15}$
-
-    def create(self) -> None:
-        self.dir.mkdir(mode=0o755)
-        self.root.mkdir()
-        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
-        self.netns_made = True
-        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
-
-    def corral(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        argv = self.enter() + [str(CORRAL), *args]
-        result = subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=300)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"corral {' '.join(args)} failed ({result.returncode}): "
-                               f"{result.stderr.strip() or result.stdout.strip()}")
-        return result
-
-    def install(self, manifest: Path, name: str) -> None:
-        self.installed.append(name)  # before: a half-done install is undone too
-        self.corral("install", str(manifest))
-
-    def destroy(self) -> list[str]:
-        """Remove everything; return what could not be removed (reported, never raised)."""
-        problems = []
-        for name in self.installed:
-            if not (self.root / "var/lib/corral" / name).exists():
-                continue
-            result = self.corral("uninstall", name, "--purge", check=False)
-            if result.returncode != 0:
-                problems.append(f"uninstall {name}: {result.stderr.strip()}")
-        _remove_users(self.pid)
-        _unmount_all(self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self.dir.exists():
-            problems.append(f"could not remove {self.dir}")
-        if self.netns_made:
-            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
-        return problems
-
-
-def _remove_users(pid: int) -> None:
-    """Users corral made for this run's services, if an uninstall could not remove them:
-    only corral-cbPIDt-* and corral-cbPIDl-* carrying corral's marker."""
-    import pwd
-
-    prefixes = tuple(f"corral-cb{pid}{kind}-" for kind in "tl")  # see World.service
-    for entry in pwd.getpwall():
-        if entry.pw_name.startswith(prefixes) and entry.pw_gecos.startswith("corral service"):
-            subprocess.run(["userdel", entry.pw_name], capture_output=True)
-
-
-def clean_stale() -> None:
-    """What an earlier run that was killed (SIGKILL, power loss) left: its temp dir, services,
-    users and netns, recognised by a dead pid in their names."""
-    me = os.getpid()
-    pids = set()
-    for path in TMP.glob(f"{PREFIX}*"):
-        if re.fullmatch(rf"{PREFIX}\d+", path.name):
-            pids.add(int(path.name[len(PREFIX):]))
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        match = re.match(rf"{PREFIX}(\d+)\b", line)
-        if match:
-            pids.add(int(match.group(1)))
-    for pid in sorted(pids):
-        if pid != me and _pid_alive(pid):
-            continue  # another benchmark is running: not ours to touch
-        stale = World(pid=pid)
-        stale.netns_made = f"{PREFIX}{pid}" in listing
-        if not stale.netns_made:  # uninstall needs a netns to run in (the table is gone anyway)
-            subprocess.run(["ip", "netns", "add", stale.netns], capture_output=True)
-            stale.netns_made = True
-        lib = stale.root / "var/lib/corral"
-        stale.installed = sorted(p.name for p in lib.iterdir()) if lib.is_dir() else []
-        progress(f"cleaning what an interrupted run (pid {pid}) left")
-        for problem in stale.destroy():
-            print(f"bench: warning: {problem}", file=sys.stderr)
 
 
 # -- building the workloads ------------------------------------------------------------------
@@ -246,11 +127,6 @@ def compile_loop(world: World) -> Path:
     return out
 
 
-def base_root(world: World, name: str) -> Path:
-    runtime = json.loads((world.root / "var/lib/corral" / name / "runtime.json").read_text())
-    return world.root / "var/lib/corral" / name / "base" / str(runtime["base_version"]) / "root"
-
-
 # -- (a) start-to-exit -----------------------------------------------------------------------
 @dataclass
 class Launcher:
@@ -269,8 +145,7 @@ def once_more(what: str, run, *args):
         return run(*args)
     except RuntimeError as exc:
         RETRIES.append({"what": what, "error": str(exc)[-600:]})
-        print(f"bench: warning: {what} failed, running it again: {str(exc)[-300:]}",
-              file=sys.stderr)
+        bk.warn(f"{what} failed, running it again: {str(exc)[-300:]}")
         return run(*args)
 
 
@@ -302,7 +177,7 @@ def launchers(world: World, true_toml: Path) -> list[Launcher]:
     ns = world.enter()
     imports = record_imports(world, true_toml)
     w = "ip netns exec NS" if world.wrapper == "ip" else "nsenter --net NS"
-    base = str(base_root(world, world.service("t")))
+    base = str(world.base_root(world.service("t")))
     bwrap = [tool("bwrap"), "--ro-bind", base, "/", "--proc", "/proc", "--dev", "/dev",
              "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv",
@@ -348,7 +223,7 @@ def measure_startup(world: World, rows: list[Launcher], repeats: int,
                 if rnd >= warmup:
                     samples[row.key].append(elapsed)
             if rnd >= warmup and (rnd - warmup + 1) % 10 == 0:
-                progress(f"start-up: {rnd - warmup + 1}/{repeats} rounds")
+                bk.progress(f"start-up: {rnd - warmup + 1}/{repeats} rounds")
     finally:
         os.close(log_fd)
     return samples
@@ -454,10 +329,10 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
             for work in expect:
                 samples[kind][work].extend(found[work])
                 samples[kind][f"{work}_cpu"].extend(found[f"{work}_cpu"])
-        progress(f"run time: {rnd + 1}/{args.loop_rounds} rounds")
+        bk.progress(f"run time: {rnd + 1}/{args.loop_rounds} rounds")
     if not args.no_disk:
         # The host's /tmp is on disk here, much slower: one run, no warm-up, context only.
-        progress("run time: host /tmp (context)")
+        bk.progress("run time: host /tmp (context)")
         samples["host"] = run_loop([loop, "0", nfiles, str(places["host"]), "1", "nowarm"],
                                    env, {"files": 1})
     return samples
@@ -675,61 +550,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: must run as root (corral run, netns, mounts)", file=sys.stderr)
-        return 1
-    if not CORRAL.exists():
-        print(f"bench: {CORRAL} missing: run `make venv` first", file=sys.stderr)
-        return 1
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    clean_stale()
+    bk.prepare_run(PREFIX, TAG)
     world = World(wrapper=args.netns_wrapper)
     started = time.monotonic()
     load_before = round(os.getloadavg()[0], 2)
-    try:
-        world.create()
+    with bk.throwaway(world):
         loop_bin = compile_loop(world)
         true_toml, loop_toml = write_manifests(world, loop_bin, args)
-        progress("installing the benchmark services")
+        bk.progress("installing the benchmark services")
         world.install(true_toml, world.service("t"))
         rows = launchers(world, true_toml)
-        progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
+        bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
         startup = measure_startup(world, rows, args.repeats, args.warmup)
         places = prepare_places(world)
         runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
         report = build_report(args, rows, startup, runtime, places)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaning up", file=sys.stderr)
-        return 130
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        progress("cleaning up")
-        for problem in world.destroy():
-            print(f"bench: warning: {problem}", file=sys.stderr)
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
-    report["machine"]["loadavg_after"] = round(os.getloadavg()[0], 2)
-    # The benchmark itself keeps about one CPU busy: more than that is someone else's work.
-    cpus = os.cpu_count() or 1
-    report["noisy"] = load_before >= 0.5 * cpus or report["machine"]["loadavg_after"] >= cpus
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(table(report))
-        print(f"\n{report['elapsed_s']:.0f} s; results in {args.out}")
-    if args.json:
-        print(f"bench: results in {args.out}", file=sys.stderr)
+    bk.note_load(report)
+    bk.publish(report, args.out, args.json, lambda: (
+        f"{table(report)}\n\n{report['elapsed_s']:.0f} s; results in {args.out}"))
     return 0
 
 

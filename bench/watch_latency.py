@@ -59,7 +59,6 @@ import os
 import random
 import re
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -81,29 +80,38 @@ F2B_JAIL = "corral-bench"
 GOAL_P50, GOAL_P99, GOAL_RATIO = 20.0, 100.0, 10.0
 JITTER = 0.25  # seconds: random delay before each act (one delta-poll period)
 
-# One violation, then wait to be killed. t0 is written before the act: the process may be
-# gone before it could write anything after it.
-ATTACK_ONE = r"""
+# The violating act of each kind, shared by both attackers below: act(kind, path) says what
+# became of it ("sent", "ran", "written", or "errnoN"); path is the file base-write appends to.
+# The socket is made before the act, so that the act is the sendto alone.
+ACT = r"""
 import os, socket, sys, time
-kind, target = sys.argv[1], sys.argv[2]
 w = lambda s: os.write(1, s.encode())
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def act(kind, path):
+    if kind == "egress":
+        try:
+            s.sendto(b"x", ("127.0.0.1", 4444)); return "sent"
+        except OSError as e:
+            return "errno%d" % e.errno
+    if kind == "exec":
+        try:
+            os.execv("/lib64/ld-linux-x86-64.so.2", ["ld.so", "--version"]); return "ran"
+        except OSError as e:
+            return "errno%d" % e.errno
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND); os.write(fd, b"# backdoor\n"); os.close(fd)
+    return "written"
+"""
+
+# One violation, then wait to be killed. t0 is written before the act: the process may be
+# gone before it could write anything after it.
+ATTACK_ONE = ACT + r"""
+kind, target = sys.argv[1], sys.argv[2]
 w("ready\n")
 sys.stdin.readline()
 w("t0 %.6f\n" % time.time())
-if kind == "egress":
-    try:
-        s.sendto(b"x", ("127.0.0.1", 4444)); r = "sent"
-    except OSError as e:
-        r = "errno%d" % e.errno
-elif kind == "exec":
-    try:
-        os.execv("/lib64/ld-linux-x86-64.so.2", ["ld.so", "--version"]); r = "ran"
-    except OSError as e:
-        r = "errno%d" % e.errno
-else:
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND); os.write(fd, b"# backdoor\n"); os.close(fd)
-    r = "written"
+r = act(kind, target)
 w("act %.6f %s\n" % (time.time(), r))
 time.sleep(30)
 w("survived\n")
@@ -112,12 +120,10 @@ w("survived\n")
 # One violation of each kind every `period` seconds, staggered, each up to `jitter` seconds
 # late (at random, so that no act keeps the same phase against the supervisor's 0.25 s delta
 # poll); never killed (react = log).
-ATTACK_LOOP = r"""
-import os, random, socket, sys, time
+ATTACK_LOOP = ACT + r"""
+import random
 kinds, n, period = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3])
 careless, jitter = sys.argv[4], float(sys.argv[5])
-w = lambda s: os.write(1, s.encode())
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 w("ready\n")
 sys.stdin.readline()
 start = time.time() + 0.3
@@ -127,20 +133,9 @@ for i in range(n):
             - time.time()
         if delay > 0:
             time.sleep(delay)
+        path = "%s/f%d.py" % (careless, i)
         t0 = time.time()
-        if kind == "egress":
-            try:
-                s.sendto(b"x", ("127.0.0.1", 4444)); r = "sent"
-            except OSError as e:
-                r = "errno%d" % e.errno
-        elif kind == "exec":
-            try:
-                os.execv("/lib64/ld-linux-x86-64.so.2", ["ld.so", "--version"]); r = "ran"
-            except OSError as e:
-                r = "errno%d" % e.errno
-        else:
-            fd = os.open("%s/f%d.py" % (careless, i), os.O_WRONLY | os.O_APPEND)
-            os.write(fd, b"# backdoor\n"); os.close(fd); r = "written"
+        r = act(kind, path)
         w("act %s %d %.6f %.6f %s\n" % (kind, i, t0, time.time(), r))
 w("done\n")
 """
@@ -807,21 +802,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    bk.ensure_root_and_venv()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    bk.clean_stale(PREFIX, TAG)
+    bk.prepare_run(PREFIX, TAG)
     world = bk.World(PREFIX, TAG)
     machine = bk.machine()
     started = time.monotonic()
-    try:
-        world.create()
+    with bk.throwaway(world):
         modes: dict[str, Any] = {}
         if "revert" in args.modes:
             modes["revert"] = revert_mode(world, args.kinds, args.samples, 8082)
@@ -829,28 +816,8 @@ def main(argv: list[str]) -> int:
             modes["log"] = log_mode(world, args.kinds, args.samples, args.period, 8081)
         f2b = None if args.no_f2b else fail2ban_peer(world, args.f2b_samples, args.f2b_gap)
         report = build_report(args, modes, f2b)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaning up", file=sys.stderr)
-        return 130
-    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        bk.progress("cleaning up")
-        for problem in world.destroy():
-            bk.warn(problem)
     report["machine"] = machine
-    bk.finish_machine(report)
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
-    bk.write_results(args.out, report)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print(f"bench: results in {args.out}", file=sys.stderr)
-    else:
-        print(table(report))
-        print(f"\n{report['elapsed_s']:.0f} s, code {machine['code']} (load "
-              f"{machine['loadavg_before']} before, {report['machine']['loadavg_after']} "
-              f"after); results in {args.out}")
+    bk.end_run(report, started, args.out, args.json, table)
     return 0
 
 
