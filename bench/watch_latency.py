@@ -73,7 +73,6 @@ PREFIX, TAG = "corral-bwatch-", "cw"
 RESULTS = bk.RESULTS_DIR / "watch.json"
 PY311 = "/usr/bin/python3.11"
 KINDS = ("egress", "exec", "base-write")
-LOADER = "/lib64/ld-linux-x86-64.so.2"
 CARELESS = "/opt/notes/careless"
 F2B_TABLE = "bench-f2b"
 F2B_JAIL = "corral-bench"
