@@ -12,6 +12,13 @@ The filter, for the native architecture only (x86_64 here):
   (nr >= 0x40000000 and != -1 -> bad-arch action), so no extra rule is needed;
 - denials are logged (SECCOMP_FILTER_FLAG_LOG): audit records of type SECCOMP for the watcher.
 
+Two filters are stacked (`Filters`): the plan in `main`, logged, and in `quiet` what happens all
+the time and must not reach the audit log: clone3's ENOSYS (glibc tries clone3 for every new
+thread) and the user notification of execve (the exec sensor answers those itself). In one
+logged filter each thread a service started cost an audit record, formatted by the kernel,
+queued to kauditd, printed (rate-limited) to the kernel log and parsed by the supervisor: a
+third of the sample service's request rate (bench/run.sh, part (c)).
+
 pyseccomp is imported inside the functions: corral's CLI must start without loading libseccomp.
 """
 
@@ -19,13 +26,12 @@ from __future__ import annotations
 
 import errno
 import itertools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from . import kernel, libseccomp
 from .sandbox import CLONE_NAMESPACE_FLAGS, SeccompPlan
 
-if TYPE_CHECKING:
-    import pyseccomp
 
 TIOCSTI = 0x5412  # push a byte into a terminal's input: keystroke injection into the owner's shell
 TIOCLINUX = 0x541C  # virtual-console selection paste: the same injection on a VT
@@ -99,14 +105,23 @@ MODE_ARGUMENT = (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("creat", 1), ("o
 SETID_BITS = (0o4000, 0o2000)
 
 
-def build(plan: SeccompPlan, *, log: bool = True,
-          notify: tuple[str, ...] = ()) -> "pyseccomp.SyscallFilter":
+@dataclass
+class Filters:
+    """A plan compiled: `main` (the plan; denials logged) and `quiet` (ENOSYS and user
+    notifications, not logged; None when there are none). `main` allows every call `quiet`
+    answers, so for each call one of them decides. `quiet` is loaded first: libseccomp's own
+    calls while loading a filter (seccomp, prctl, memory) need not be in an allow-list."""
+    main: Any
+    quiet: Any
+
+
+def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) -> Filters:
     """`notify`: calls handed to the supervisor (seccomp user notification) before they run;
     corral uses it for execve/execveat, the `exec` tripwire."""
     pyseccomp = libseccomp.load()
     MASKED_EQ, Arg = pyseccomp.MASKED_EQ, pyseccomp.Arg
 
-    deny, enosys = action(plan.deny_action), pyseccomp.ERRNO(errno.ENOSYS)
+    deny = action(plan.deny_action)
     if plan.mode not in ("deny-list", "allow-list"):
         raise ValueError(f"unknown seccomp mode {plan.mode!r}")
     default = pyseccomp.ALLOW if plan.mode == "deny-list" else deny
@@ -121,11 +136,7 @@ def build(plan: SeccompPlan, *, log: bool = True,
             filt.add_rule(act, nr, *args)
 
     special = set(plan.enosys)  # enosys wins over the list in both modes (see sandbox.py)
-    for name in sorted(special) if enosys != default else ():
-        add(enosys, name)
-    # Sorted, so the same plan always compiles to the same program.
-    for name in sorted(set(notify) - special):
-        add(pyseccomp.NOTIFY, name)
+    quiet = _quiet(sorted(special), sorted(set(notify) - special))
     if plan.mode == "deny-list":
         listed = set(plan.syscalls) - special - set(notify)
         for name in sorted(listed):
@@ -144,7 +155,9 @@ def build(plan: SeccompPlan, *, log: bool = True,
                 add(deny, "ioctl", Arg(1, MASKED_EQ, LOW32, cmd))
     else:
         listed = (set(plan.syscalls) | set(ALWAYS_ALLOWED)) - special - set(notify)
-        for name in sorted(listed - {"clone", "ioctl"}):
+        # What `quiet` answers, `main` must allow: its deny action (EPERM, or a kill, which
+        # would beat quiet's answer) is for the calls nobody listed.
+        for name in sorted((listed - {"clone", "ioctl"}) | special | set(notify)):
             add(pyseccomp.ALLOW, name)
         # A listed rule cannot be narrowed with a rule whose action is the default one
         # (libseccomp refuses it), so these allow only the harmless arguments instead.
@@ -153,26 +166,45 @@ def build(plan: SeccompPlan, *, log: bool = True,
         if "ioctl" in listed:
             for mask, datum in _not_in_low32(TTY_INJECTION):
                 add(pyseccomp.ALLOW, "ioctl", Arg(1, MASKED_EQ, mask, datum))
+    return Filters(filt, quiet)
+
+
+def _quiet(enosys: list[str], notify: list[str]) -> Any:
+    """The unlogged filter: allows everything but `enosys` (ENOSYS) and `notify` (user
+    notification); calls of another ABI it leaves to the main filter."""
+    if not enosys and not notify:
+        return None
+    pyseccomp = libseccomp.load()
+    filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    filt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.ALLOW)
+    for act, names in ((pyseccomp.ERRNO(errno.ENOSYS), enosys), (pyseccomp.NOTIFY, notify)):
+        for name in names:  # sorted: the same plan always compiles to the same program
+            if (nr := _number(name)) is not None:
+                filt.add_rule(act, nr)
     return filt
 
 
-def notify_fd(filt: "pyseccomp.SyscallFilter") -> int:
-    """The listener descriptor of a loaded filter with NOTIFY rules. pyseccomp has no public
-    accessor for it, so libseccomp's seccomp_notify_fd() is called on the filter context."""
+def notify_fd(filters: Filters) -> int:
+    """The listener descriptor of the loaded quiet filter's NOTIFY rules. pyseccomp has no
+    public accessor for it, so libseccomp's seccomp_notify_fd() is called on the filter."""
     pyseccomp = libseccomp.load()
 
-    fd = pyseccomp._libseccomp.seccomp_notify_fd(filt._filter)  # noqa: SLF001
+    if filters.quiet is None:
+        raise OSError(errno.ENOENT, "seccomp_notify_fd: no notification rules")
+    fd = pyseccomp._libseccomp.seccomp_notify_fd(filters.quiet._filter)  # noqa: SLF001
     if fd < 0:
         raise OSError(-fd, "seccomp_notify_fd: no listener")
     return fd
 
 
-def load(filt: "pyseccomp.SyscallFilter") -> None:
+def load(filters: Filters) -> None:
     """In the child, last thing before execve. The kernel accepts a filter from an unprivileged
     process only under no_new_privs; launch sets it earlier, set it here if it did not."""
     if kernel.prctl(kernel.PR_GET_NO_NEW_PRIVS) != 1:
         kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
-    filt.load()  # the child is single-threaded after fork: no TSYNC needed
+    if filters.quiet is not None:
+        filters.quiet.load()
+    filters.main.load()  # the child is single-threaded after fork: no TSYNC needed
 
 
 def apply(plan: SeccompPlan) -> None:
@@ -180,10 +212,11 @@ def apply(plan: SeccompPlan) -> None:
 
 
 def export_bpf(plan: SeccompPlan) -> bytes:
-    """The compiled classic-BPF program (struct sock_filter array), for tests and inspection."""
+    """The main filter's classic-BPF program (struct sock_filter array), for tests and
+    inspection."""
     import tempfile
 
     with tempfile.TemporaryFile() as out:
-        build(plan).export_bpf(out)
+        build(plan).main.export_bpf(out)
         out.seek(0)
         return out.read()
