@@ -256,3 +256,37 @@ def test_status_json_for_a_stopped_service(tmp_path, corral_root, netns, service
         assert corral("status", "nosuchsvc").returncode == 2
     finally:
         corral("uninstall", service_name, "--purge", netns=netns)
+
+
+def test_run_copies_every_line_of_output(tmp_path, corral_root, netns, service_name):
+    """The supervisor copies a process's output in batches (one wake per window, not per
+    line): nothing is lost, in order, on the terminal of `corral run` and in the log file,
+    also when the process writes more than a pipe's default 64 KiB before exiting."""
+    from conftest import write_manifest
+
+    lines = 30000  # ~170 KB
+    # `split` writes half a line, pauses past the copy window, then the rest: the two halves
+    # arrive in two reads, and must still be shown as one line.
+    split = ("import sys, time\\nfor _ in range(3):\\n    sys.stdout.write('ab'); sys.stdout.flush(); "
+             "time.sleep(0.1); sys.stdout.write('cd\\\\n'); sys.stdout.flush()\\n"
+             "sys.stdout.write('no newline at the end')")
+    manifest = write_manifest(tmp_path, service_name, f'''
+[image]
+include = ["/usr/bin/seq", "/usr/bin/python3.11", "/usr/lib/python3.11"]
+[process.main]
+command = ["/usr/bin/seq", "{lines}"]
+[process.split]
+command = ["/usr/bin/python3.11", "-I", "-c", "{split}"]
+''')
+    corral("install", str(manifest), netns=netns, check=True)
+    try:
+        result = corral("run", str(manifest), netns=netns)
+        assert result.returncode == 0, result.stderr
+        shown = [line for line in result.stdout.splitlines() if line.startswith("main| ")]
+        assert shown == [f"main| {n}" for n in range(1, lines + 1)]
+        assert [line for line in result.stdout.splitlines() if line.startswith("split| ")] \
+            == ["split| abcd"] * 3 + ["split| no newline at the end"]
+        log = corral_root / "run/corral" / service_name / "logs/main.log"
+        assert log.read_text().splitlines() == [str(n) for n in range(1, lines + 1)]
+    finally:
+        corral("uninstall", service_name, "--purge", netns=netns)

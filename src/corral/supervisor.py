@@ -29,8 +29,13 @@ from .runtime import ProcessSpec, ServiceSpec
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
-STOP_GRACE = 5.0
-DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire  # seconds a process with a SIGTERM handler gets before SIGKILL
+STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
+DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire
+# A process's output is copied at most every LOG_BATCH seconds, not at every write: one wake of
+# this (Python) loop per line cost a line-per-request service a quarter of its request rate
+# (bench/run.sh, part (c)). The pipe holds what a window's output can be, so no writer waits.
+LOG_BATCH = 0.025
+LOG_PIPE_SIZE = 1 << 20
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 
@@ -51,6 +56,7 @@ class Child:
     exit_code: int | None = None
     next_start: float = 0.0
     error: str = ""
+    partial: str = ""  # output after its last newline, not echoed yet (a line split by reads)
 
 
 def _iso(ts: float) -> str:
@@ -77,6 +83,7 @@ class Supervisor:
         self.notify_fds: dict[int, str] = {}  # seccomp listener -> process name
         self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
+        self.log_paused: dict[str, float] = {}  # process -> when its output is copied next
         self.watcher: Any = None
         self.poller: Any = None
         self.control: socket.socket | None = None
@@ -129,6 +136,10 @@ class Supervisor:
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
             log_r, log_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(log_r, False)
+            try:
+                fcntl.fcntl(log_r, fcntl.F_SETPIPE_SZ, LOG_PIPE_SIZE)
+            except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB will do
+                pass
             log = open(os.path.join(self.run_dir, "logs", f"{proc.name}.log"), "a")
             self.children[proc.name] = Child(proc, group, log_r, log_w, log)
             self.selector.register(log_r, selectors.EVENT_READ, ("log", proc.name))
@@ -325,6 +336,9 @@ class Supervisor:
         return self.last_archive
 
     def teardown(self) -> None:
+        self.resume_logs(everything=True)  # the last words of every process
+        for child in self.children.values():
+            self.end_output(child)
         self.close_epochs("schedule")  # what the last stretch wrote is in the log
         try:
             self.release()
@@ -469,6 +483,8 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> None:
+        if self.log_paused:
+            timeout = max(0.0, min(timeout, min(self.log_paused.values()) - time.monotonic()))
         for key, _ in self.selector.select(timeout):
             kind, name = key.data
             child = self.children.get(name) if name else None
@@ -483,6 +499,8 @@ class Supervisor:
                     self.stopping = True
             elif kind == "log":
                 self.copy_log(child)
+                self.selector.unregister(child.log_r)  # the rest of this window's output later
+                self.log_paused[name] = time.monotonic() + LOG_BATCH
             elif kind == "notify":
                 self._notify_ready(key.fd, name)
             elif kind == "audit":
@@ -497,8 +515,21 @@ class Supervisor:
                         self.watcher.trip(_packet_event(event))
             elif kind == "exit":
                 self.copy_log(child)
+                self.end_output(child)
                 self.reap(child)
                 self.write_state()
+        self.resume_logs()
+
+    def resume_logs(self, everything: bool = False) -> None:
+        """Copy the output of processes whose batch window has ended (or all), and watch their
+        pipes again."""
+        now = time.monotonic()
+        for name, due in list(self.log_paused.items()):
+            if everything or now >= due:
+                del self.log_paused[name]
+                child = self.children[name]
+                self.copy_log(child)
+                self.selector.register(child.log_r, selectors.EVENT_READ, ("log", name))
 
     def _notify_ready(self, fd: int, name: str) -> None:
         import select
@@ -516,18 +547,37 @@ class Supervisor:
             self.drop_notify(fd)
 
     def copy_log(self, child: Child) -> None:
-        try:
-            data = os.read(child.log_r, 65536)
-        except BlockingIOError:
-            return
+        """Copy the process's output that is in its pipe now (at most 16 reads: a process
+        that writes without pause must not keep the loop here)."""
+        for _ in range(16):
+            try:
+                data = os.read(child.log_r, LOG_PIPE_SIZE)
+            except BlockingIOError:
+                return
+            self._write_log(child, data)
+            if len(data) < LOG_PIPE_SIZE:
+                return
+
+    def _write_log(self, child: Child, data: bytes) -> None:
         if data:
             text = data.decode(errors="replace")
             child.log.write(text)
             child.log.flush()
             if self.echo is not None:
-                for line in text.splitlines():
-                    self.echo.write(f"{child.spec.name}| {line}\n")
-                self.echo.flush()
+                *lines, child.partial = (child.partial + text).split("\n")
+                self._echo(child, lines)
+
+    def _echo(self, child: Child, lines: list[str]) -> None:
+        if self.echo is not None and lines:
+            for line in lines:
+                self.echo.write(f"{child.spec.name}| {line}\n")
+            self.echo.flush()
+
+    def end_output(self, child: Child) -> None:
+        """The process is gone: its last line, even without a newline."""
+        if child.partial:
+            self._echo(child, [child.partial])
+            child.partial = ""
 
     def serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
