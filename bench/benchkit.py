@@ -394,9 +394,12 @@ def clean_stale(prefix: str, tag: str, extra: Any = None) -> None:
 
 
 # -- the sample service ----------------------------------------------------------------------
+NOTES_LIMITS = '{ memory = "128M", pids = 32, open_files = 256, cpu = 0.5 }'
+
+
 def notes_manifest(path: Path, name: str, port: int = 8080, react: str | None = None,
                    app_extra: str = "", add: dict[str, str] | None = None,
-                   image_extra: str = "") -> Path:
+                   image_extra: str = "", limits: str = NOTES_LIMITS) -> Path:
     """The sample "notes" service under a benchmark name: the same containment as
     examples/notes (and tests/conftest.py's notes_manifest), on `port`."""
     added = {"/opt/notes/notes.py": str(NOTES_PY)} | (add or {})
@@ -415,7 +418,7 @@ mode = "0750"
 command = ["/usr/bin/python3.11", "-I", "/opt/notes/notes.py", "{port}"]
 listen = ["tcp/{port}"]
 connect = ["udp/53@127.0.0.53"]
-limits = {{ memory = "128M", pids = 32, open_files = 256, cpu = 0.5 }}
+limits = {limits}
 environment = {{ LANG = "C.UTF-8", NOTES_DIR = "/srv/notes" }}
 {app_extra}
 {watch}''')

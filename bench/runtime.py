@@ -10,6 +10,8 @@
 (b) run-time overhead of the containment on a syscall-heavy and a file-heavy loop (bench/loop.c,
     compiled here with gcc): the program's own timing inside `corral run` versus the same
     binary run directly, on a file system of the same kind (tmpfs, and overlay on tmpfs).
+(c) a real service's cost: the sample's requests contained, plain and under firejail
+    (bench/service_load.py).
 
 Everything runs in a throwaway CORRAL_ROOT and network namespace; all it creates (netns, users,
 state, mounts, temp dir) is removed in `finally`, and a previous run that was killed is cleaned
@@ -33,10 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit as bk  # noqa: E402
+from service_load import measure_service, service_lines  # noqa: E402
 
 BENCH = bk.REPO / "bench"
 CORRAL, VENV_PY, TMP = bk.CORRAL, bk.VENV_PY, bk.TMP
-# temp dir /tmp/corral-bench-PID, netns corral-bench-PID, services cbPIDt and cbPIDl
+# temp dir /tmp/corral-bench-PID, netns corral-bench-PID, services cbPIDt, cbPIDl and cbPIDs
 PREFIX, TAG = "corral-bench-", "cb"
 RESULTS = bk.RESULTS_DIR / "latest.json"
 GOAL_PCT = 3.0
@@ -541,12 +544,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "cgroup mounts)")
     parser.add_argument("--no-disk", action="store_true",
                         help="skip the context run on the host's /tmp (slow on disk)")
+    parser.add_argument("--service-rounds", type=int, default=8,
+                        help="rounds of requests per server in part (c) (8)")
+    parser.add_argument("--requests", type=int, default=500,
+                        help="sequential requests per round and server in part (c) (500)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.loop_rounds, args.loop_reps = 5, 1, 2, 2
         args.files = min(args.files, 5000)
+        args.service_rounds, args.requests = 2, 100
     return args
 
 
@@ -566,12 +574,16 @@ def main(argv: list[str]) -> int:
         startup = measure_startup(world, rows, args.repeats, args.warmup)
         places = prepare_places(world)
         runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
+        service = measure_service(world, args.service_rounds, args.requests,
+                                  [tool("firejail"), *FIREJAIL_POLICY])
         report = build_report(args, rows, startup, runtime, places)
+        report["service"] = service
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
     bk.note_load(report)
     bk.publish(report, args.out, args.json, lambda: (
-        f"{table(report)}\n\n{report['elapsed_s']:.0f} s; results in {args.out}"))
+        f"{table(report)}\n\n" + "\n".join(service_lines(report["service"]))
+        + f"\n\n{report['elapsed_s']:.0f} s; results in {args.out}"))
     return 0
 
 
