@@ -2,9 +2,10 @@
 
 The sample service (examples/notes/notes.py, Python's http.server) answers GET /health three
 ways at once in the benchmark's network namespace: contained by corral (`corral up`, the
-sample's manifest without its cpu limit, which would measure the quota rather than the
-containment), plainly as root (no containment), and under firejail (its policy of parts (a)
-and (b), with the namespace's network). One client in the namespace sends sequential requests,
+sample's manifest with the default cpu limit of 1 CPU instead of its 0.5, which this server at
+full speed would hit: the quota would be measured rather than the containment), plainly as root
+(no containment), and under firejail (its policy of parts (a) and (b), with the namespace's
+network). One client in the namespace sends sequential requests,
 each on a new connection as http.server's HTTP/1.0 answers them: so every request pays a TCP
 handshake through the service's nftables table, the server's syscalls through its seccomp
 filter and its file accesses through Landlock. Rounds alternate the three in a shuffled order;
@@ -26,8 +27,8 @@ import benchkit as bk
 PORTS = {"corral": 8080, "plain": 8081, "firejail": 8082}
 LABELS = {"corral": "contained by corral", "plain": "outside, plain (root, no containment)",
           "firejail": "firejail (peer)"}
-# Without the sample's cpu = 0.5: a quota would be measured, not the containment.
-LIMITS = '{ memory = "128M", pids = 32, open_files = 256 }'
+# The sample's limits with the default cpu = 1.0 (see above).
+LIMITS = '{ memory = "128M", pids = 32, open_files = 256, cpu = 1.0 }'
 CLIENT = """import http.client, sys, time
 port, count = int(sys.argv[1]), int(sys.argv[2])
 t0 = time.perf_counter_ns()
