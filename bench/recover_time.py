@@ -135,24 +135,6 @@ def op_restart(world: bk.World, name: str, manifest: Path) -> dict[str, float]:
     return out
 
 
-def restore_py_mtimes(world: bk.World, name: str) -> int:
-    """Give each .py file of the base its host original's mtime (the base build does not keep
-    mtimes, so every .pyc's recorded source mtime differs and Python recompiles every module
-    at every start, unable to write the cache). Returns how many files were changed."""
-    base = world.base_root(name)
-    changed = 0
-    for path in (base / "usr/lib/python3.11").rglob("*.py"):
-        host = Path("/") / path.relative_to(base)
-        try:
-            st = host.stat()
-        except OSError:
-            continue
-        if path.is_file() and not path.is_symlink():
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-            changed += 1
-    return changed
-
-
 OPS = {"revert, empty delta": (op_revert, False),
        "revert, big delta": (op_revert, True),
        "restart, empty delta": (op_restart, False),
@@ -371,12 +353,6 @@ def table(report: dict[str, Any]) -> str:
         verdict = "met" if ratio < GOAL_REVERT_RATIO else "NOT met"
         out.append(f"revert / restart, {kind} delta: {ratio:.2f}x (goal < "
                    f"{GOAL_REVERT_RATIO}x: {verdict})")
-    pyc = report.get("valid_pyc_probe")
-    if pyc:
-        out += ["", f"context: the same, after giving the base's {pyc['py_files_restored']} .py "
-                "files their host mtimes back (the build does not keep", "mtimes, so every "
-                ".pyc in the base is stale and Python compiles every module at each start):"]
-        out.append(recovery_rows(pyc["rows"], " [valid .pyc]"))
     shipped = report.get("shipped_sample")
     if shipped and shipped.get("rows"):
         out += ["", "context: examples/notes/notes.toml as shipped (its volume is journaled: "
@@ -415,8 +391,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15, help="measured rounds (15)")
     parser.add_argument("--files", type=int, default=1000, help="small files in the big delta")
     parser.add_argument("--mib", type=int, default=50, help="MiB of random data in it (50)")
-    parser.add_argument("--no-pyc-probe", action="store_true",
-                        help="skip the context rows with the base's .py mtimes restored")
     parser.add_argument("--no-shipped", action="store_true",
                         help="skip the context rows of examples/notes/notes.toml as shipped")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds")
@@ -440,14 +414,6 @@ def main(argv: list[str]) -> int:
         world.install(manifest, name)
         world.corral("up", str(manifest))
         recovery = measure_recovery(world, name, manifest, args.rounds, args.files, args.mib)
-        pyc = None
-        if not args.no_pyc_probe:
-            restored = restore_py_mtimes(world, name)
-            world.corral("revert", name)  # the running interpreter started with stale .pyc
-            pyc = {"py_files_restored": restored, "rows": measure_recovery(
-                world, name, manifest, args.rounds, args.files, args.mib,
-                {k: OPS[k] for k in ("revert, empty delta", "restart, empty delta")},
-                "valid .pyc probe")}
         floor = measure_floor(world, name, args.rounds)
         tamper = measure_tamper(world, name, args.rounds)
         world.corral("down", name)
@@ -460,7 +426,7 @@ def main(argv: list[str]) -> int:
         "params": {"rounds": args.rounds, "delta_files": args.files, "delta_mib": args.mib,
                    "aide": (lambda r: (r.stdout + r.stderr).strip().splitlines()[:1])(
                     subprocess.run(["aide", "--version"], capture_output=True, text=True))},
-        "recovery": recovery, "valid_pyc_probe": pyc, "shipped_sample": shipped,
+        "recovery": recovery, "shipped_sample": shipped,
         "floor": floor, "tamper": tamper,
         "ratios": {
             "revert/restart, empty delta": round(med["revert, empty delta"]
