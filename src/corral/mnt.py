@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import kernel
@@ -82,16 +84,9 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
     for the service's status (a volume that had to be bind-mounted)."""
     os.makedirs(root, mode=0o755, exist_ok=True)
     upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
-    # The layers are named through descriptors, so that /proc/self/mountinfo inside shows
-    # "/proc/self/fd/N" instead of the host's paths of the state directory.
-    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in (base, upper, work)]
-    try:
-        lower_fd, upper_fd, work_fd = (f"/proc/self/fd/{fd}" for fd in fds)
+    with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
         kernel.mount("corral-root", root, "overlay", SAFE,
                      f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
-    finally:
-        for fd in fds:
-            os.close(fd)
     for path in noexec:
         target = os.path.join(root, path.lstrip("/"))
         if os.path.isdir(target) and not os.path.islink(target):
@@ -132,15 +127,24 @@ def _mount_volume(vol: VolumeMount, target: str) -> None:
     empty = os.path.join(os.path.dirname(vol.work), ".empty")
     for path in (empty, vol.work):
         os.makedirs(path, mode=0o700, exist_ok=True)
-    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-           for p in (empty, vol.source, vol.work)]
-    try:
-        lower, upper, work = (f"/proc/self/fd/{fd}" for fd in fds)
+    with _by_descriptor(empty, vol.source, vol.work) as (lower, upper, work):
         # index=off: after a revert the old overlay may linger (lazily detached) for a moment,
         # and with the index on, a second overlay on the same upper is refused. uuid=off: else
         # the kernel stores a trusted.overlay.uuid xattr on the volume directory.
         kernel.mount("corral-volume", target, "overlay", SAFE | MS_NOEXEC,
                      f"lowerdir={lower},upperdir={upper},workdir={work},index=off,uuid=off")
+
+
+@contextmanager
+def _by_descriptor(*dirs: str) -> Iterator[tuple[str, ...]]:
+    """Overlay layers named "/proc/self/fd/N", so that the service's /proc/self/mountinfo shows
+    that instead of the host's paths of the state directory. The descriptors (O_PATH, no
+    symlink followed at the end) are open only for the mount call."""
+    fds: list[int] = []
+    try:
+        for path in dirs:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        yield tuple(f"/proc/self/fd/{fd}" for fd in fds)
     finally:
         for fd in fds:
             os.close(fd)
