@@ -230,6 +230,21 @@ def test_the_supervisors_death_takes_every_process_with_it(notes):
     assert cgroups_of(notes.name) == []
 
 
+def test_uninstall_after_the_supervisors_death_leaves_nothing(tmp_path, corral_root, netns,
+                                                              service_name):
+    manifest = notes_manifest(tmp_path, service_name)
+    corral("install", str(manifest), netns=netns, check=True)
+    svc = Service(service_name, netns, corral_root, manifest)
+    try:
+        svc.corral("up", str(manifest), check=True)
+        os.kill(svc.status()["supervisor"], signal.SIGKILL)
+        svc.corral("uninstall", service_name, "--purge", check=True)
+        assert mounts_mentioning(service_name) == []
+        assert cgroups_of(service_name) == []
+    finally:
+        svc.corral("uninstall", service_name, "--purge")
+
+
 def test_up_fails_clearly_when_the_program_cannot_start(tmp_path, corral_root, netns,
                                                        service_name):
     manifest = notes_manifest(tmp_path, service_name).read_text().replace(

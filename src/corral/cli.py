@@ -9,7 +9,7 @@ import click
 
 from .cli_base import need_root, run_foreground, service_name
 from .cli_common import handled, print_json
-from .errors import EXIT_USAGE
+from .errors import EXIT_USAGE, CorralError
 
 
 _print_json = print_json
@@ -89,6 +89,11 @@ def uninstall(target: str, purge: bool, as_json: bool) -> None:
     name = _service_name(target)
     if supervisor_alive(read_state(name)):
         do_down(name)
+    else:  # what a supervisor that died left (delta mount, cgroups); best effort
+        try:
+            do_down(name)
+        except (CorralError, OSError):
+            pass
     report = do_uninstall(name, purge=purge)
     _report(report, as_json, f"{report.service}: nothing to remove")
 
