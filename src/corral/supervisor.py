@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from . import cgroup, landlock, launch, mnt, notify, runtime
+from . import cgroup, landlock, launch, mnt, notify, output, runtime
 from .atomic import write_json
+from .output import Output
 from .runtime import ProcessSpec, ServiceSpec
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
@@ -31,11 +32,6 @@ RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
 STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
 DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire
-# A process's output is copied at most every LOG_BATCH seconds, not at every write: one wake of
-# this (Python) loop per line cost a line-per-request service a quarter of its request rate
-# (bench/run.sh, part (c)). The pipe holds what a window's output can be, so no writer waits.
-LOG_BATCH = 0.025
-LOG_PIPE_SIZE = 1 << 20
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 
@@ -43,9 +39,7 @@ SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 class Child:
     spec: ProcessSpec
     group: Any
-    log_r: int
-    log_w: int
-    log: TextIO
+    output: Output
     state: str = "starting"  # running | backoff | exited | failed | stopped
     holder: int = 0
     init: int = 0
@@ -56,7 +50,6 @@ class Child:
     exit_code: int | None = None
     next_start: float = 0.0
     error: str = ""
-    partial: str = ""  # output after its last newline, not echoed yet (a line split by reads)
 
 
 def _iso(ts: float) -> str:
@@ -83,7 +76,6 @@ class Supervisor:
         self.notify_fds: dict[int, str] = {}  # seccomp listener -> process name
         self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
-        self.log_paused: dict[str, float] = {}  # process -> when its output is copied next
         self.watcher: Any = None
         self.poller: Any = None
         self.control: socket.socket | None = None
@@ -134,15 +126,10 @@ class Supervisor:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
                                    cpu=proc.limits.get("cpu"))
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
-            log_r, log_w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(log_r, False)
-            try:
-                fcntl.fcntl(log_r, fcntl.F_SETPIPE_SZ, LOG_PIPE_SIZE)
-            except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB will do
-                pass
-            log = open(os.path.join(self.run_dir, "logs", f"{proc.name}.log"), "a")
-            self.children[proc.name] = Child(proc, group, log_r, log_w, log)
-            self.selector.register(log_r, selectors.EVENT_READ, ("log", proc.name))
+            out = Output(proc.name, os.path.join(self.run_dir, "logs", f"{proc.name}.log"),
+                         self.echo)
+            self.children[proc.name] = Child(proc, group, out)
+            self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
 
     def _noexec_paths(self) -> tuple[str, ...]:
         """/tmp and every `writable` path: what the service writes must never run. A path
@@ -338,7 +325,7 @@ class Supervisor:
     def teardown(self) -> None:
         self.resume_logs(everything=True)  # the last words of every process
         for child in self.children.values():
-            self.end_output(child)
+            child.output.end()
         self.close_epochs("schedule")  # what the last stretch wrote is in the log
         try:
             self.release()
@@ -363,7 +350,7 @@ class Supervisor:
     # -- processes --------------------------------------------------------------------------
     def spawn(self, child: Child) -> launch.Spawned | None:
         try:
-            return launch.spawn(self.spec, child.spec, child.log_w, child.group)
+            return launch.spawn(self.spec, child.spec, child.output.write_fd, child.group)
         except OSError as exc:
             child.error = str(exc)
             return None
@@ -372,7 +359,7 @@ class Supervisor:
         """Start a child, or finish the start of one spawned already."""
         try:
             if spawned is None:
-                spawned = launch.spawn(self.spec, child.spec, child.log_w, child.group)
+                spawned = launch.spawn(self.spec, child.spec, child.output.write_fd, child.group)
             started = launch.finish(spawned, lambda fd, n=child.spec.name: self.on_exec(n, fd))
         except OSError as exc:
             child.error = str(exc)
@@ -483,8 +470,9 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> None:
-        if self.log_paused:
-            timeout = max(0.0, min(timeout, min(self.log_paused.values()) - time.monotonic()))
+        paused = [c.output.paused_until for c in self.children.values() if c.output.paused_until]
+        if paused:
+            timeout = max(0.0, min(timeout, min(paused) - time.monotonic()))
         for key, _ in self.selector.select(timeout):
             kind, name = key.data
             child = self.children.get(name) if name else None
@@ -497,10 +485,10 @@ class Supervisor:
                     self.revert_requested = True
                 if set(received) - {signal.SIGUSR1}:
                     self.stopping = True
-            elif kind == "log":
-                self.copy_log(child)
-                self.selector.unregister(child.log_r)  # the rest of this window's output later
-                self.log_paused[name] = time.monotonic() + LOG_BATCH
+            elif kind == "log":  # copy it now, the rest of this batch window's output later
+                child.output.copy()
+                self.selector.unregister(child.output.read_fd)
+                child.output.paused_until = time.monotonic() + output.BATCH
             elif kind == "notify":
                 self._notify_ready(key.fd, name)
             elif kind == "audit":
@@ -514,8 +502,8 @@ class Supervisor:
                     if self.watcher is not None and not self.halting:
                         self.watcher.trip(_packet_event(event))
             elif kind == "exit":
-                self.copy_log(child)
-                self.end_output(child)
+                child.output.copy()
+                child.output.end()
                 self.reap(child)
                 self.write_state()
         self.resume_logs()
@@ -524,12 +512,12 @@ class Supervisor:
         """Copy the output of processes whose batch window has ended (or all), and watch their
         pipes again."""
         now = time.monotonic()
-        for name, due in list(self.log_paused.items()):
-            if everything or now >= due:
-                del self.log_paused[name]
-                child = self.children[name]
-                self.copy_log(child)
-                self.selector.register(child.log_r, selectors.EVENT_READ, ("log", name))
+        for name, child in self.children.items():
+            out = child.output
+            if out.paused_until and (everything or now >= out.paused_until):
+                out.paused_until = None
+                out.copy()
+                self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", name))
 
     def _notify_ready(self, fd: int, name: str) -> None:
         import select
@@ -545,39 +533,6 @@ class Supervisor:
             self.on_exec(name, fd)
         except OSError:
             self.drop_notify(fd)
-
-    def copy_log(self, child: Child) -> None:
-        """Copy the process's output that is in its pipe now (at most 16 reads: a process
-        that writes without pause must not keep the loop here)."""
-        for _ in range(16):
-            try:
-                data = os.read(child.log_r, LOG_PIPE_SIZE)
-            except BlockingIOError:
-                return
-            self._write_log(child, data)
-            if len(data) < LOG_PIPE_SIZE:
-                return
-
-    def _write_log(self, child: Child, data: bytes) -> None:
-        if data:
-            text = data.decode(errors="replace")
-            child.log.write(text)
-            child.log.flush()
-            if self.echo is not None:
-                *lines, child.partial = (child.partial + text).split("\n")
-                self._echo(child, lines)
-
-    def _echo(self, child: Child, lines: list[str]) -> None:
-        if self.echo is not None and lines:
-            for line in lines:
-                self.echo.write(f"{child.spec.name}| {line}\n")
-            self.echo.flush()
-
-    def end_output(self, child: Child) -> None:
-        """The process is gone: its last line, even without a newline."""
-        if child.partial:
-            self._echo(child, [child.partial])
-            child.partial = ""
 
     def serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
