@@ -15,10 +15,6 @@ from .errors import EXIT_USAGE, CorralError
 _print_json = print_json
 
 
-def _need_root() -> None:
-    need_root()
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="corral")
 def main() -> None:
@@ -68,7 +64,7 @@ def install(file: str, as_json: bool) -> None:
     from .progress import wanted
 
     service_plan = plan_service(file, load_manifest(file))
-    _need_root()
+    need_root()
     report = do_install(service_plan, file, show_progress=wanted(as_json))
     _report(report, as_json, f"{report.service}: installed, nothing to change")
 
@@ -85,8 +81,8 @@ def uninstall(target: str, purge: bool, as_json: bool) -> None:
     from .service import down as do_down
     from .service import read_state, supervisor_alive
 
-    _need_root()
-    name = _service_name(target)
+    need_root()
+    name = service_name(target)
     if supervisor_alive(read_state(name)):
         do_down(name)
     else:  # what a supervisor that died left (delta mount, cgroups); best effort
@@ -114,8 +110,8 @@ def up(file: str, as_json: bool) -> None:
     """Start the service in the background; returns when every process runs and listens."""
     from .service import up as do_up
 
-    _need_root()
-    result = do_up(_installed(file))
+    need_root()
+    result = do_up(service_name(file))
     if as_json:
         _print_json(result)
     else:
@@ -132,8 +128,8 @@ def down(name: str) -> None:
     """Stop the service: every process, its delta, mounts and cgroups go."""
     from .service import down as do_down
 
-    _need_root()
-    result = do_down(_service_name(name))
+    need_root()
+    result = do_down(service_name(name))
     click.echo(f"{result['service']}: {'stopped' if result['changed'] else 'was not running'}")
 
 
@@ -146,7 +142,7 @@ def status(name: str | None, as_json: bool) -> None:
     from .report import status_text
     from .service import status as do_status
 
-    result = do_status(_service_name(name) if name else None)
+    result = do_status(service_name(name) if name else None)
     if as_json:
         _print_json(result if name is None else result[0])
     else:
@@ -162,8 +158,8 @@ def exec_(name: str, process: str, argv: tuple[str, ...]) -> None:
     """Run CMD inside PROCESS's containment: NAME PROCESS -- CMD..."""
     from .service import exec_in
 
-    _need_root()
-    sys.exit(exec_in(_service_name(name), process, list(argv)))
+    need_root()
+    sys.exit(exec_in(service_name(name), process, list(argv)))
 
 
 @main.command()
@@ -175,8 +171,8 @@ def delta(name: str, as_json: bool) -> None:
     from .report import delta_text
     from .service import delta_of
 
-    _need_root()
-    result = delta_of(_service_name(name))
+    need_root()
+    result = delta_of(service_name(name))
     _print_json(result) if as_json else click.echo(delta_text(result))
 
 
@@ -189,8 +185,8 @@ def revert(name: str, reason: str, as_json: bool) -> None:
     """Kill, archive the delta, restart from the clean base; volumes are kept."""
     from .service import revert as do_revert
 
-    _need_root()
-    result = do_revert(_service_name(name), reason=reason)
+    need_root()
+    result = do_revert(service_name(name), reason=reason)
     if as_json:
         _print_json(result)
     else:
@@ -212,7 +208,7 @@ def base_list(name: str, as_json: bool) -> None:
     from .base import list_versions
     from .service import spec_of
 
-    result = list_versions(spec_of(_service_name(name)))
+    result = list_versions(spec_of(service_name(name)))
     if as_json:
         _print_json(result)
         return
@@ -230,8 +226,8 @@ def base_build(name: str) -> None:
     from .host import build_next_base
     from .progress import wanted
 
-    _need_root()
-    version = build_next_base(_service_name(name), show_progress=wanted())
+    need_root()
+    version = build_next_base(service_name(name), show_progress=wanted())
     click.echo(f"{name}: built base version {version}; corral base use {name} {version} "
                "to switch to it")
 
@@ -245,8 +241,8 @@ def base_use(name: str, version: int) -> None:
     from .base import use
     from .service import spec_of
 
-    _need_root()
-    use(spec_of(_service_name(name)), version)
+    need_root()
+    use(spec_of(service_name(name)), version)
     click.echo(f"{name}: base version {version} is current; it takes effect at the next "
                f"start or `corral revert {name}`")
 
@@ -261,8 +257,8 @@ def verify(name: str, as_json: bool) -> None:
     from .errors import EXIT_CHECK
     from .service import spec_of
 
-    _need_root()
-    spec = spec_of(_service_name(name))
+    need_root()
+    spec = spec_of(service_name(name))
     result = do_verify(spec.state, spec.base_version)
     if as_json:
         _print_json(result)
@@ -286,8 +282,8 @@ def commit(name: str, allow: tuple[str, ...], as_json: bool) -> None:
     """Fold the running service's delta into a new base version, only on purpose."""
     from .service import commit_delta
 
-    _need_root()
-    result = commit_delta(_service_name(name), list(allow))
+    need_root()
+    result = commit_delta(service_name(name), list(allow))
     if as_json:
         _print_json(result)
         return
@@ -310,19 +306,12 @@ def incidents_cmd(name: str | None, as_json: bool, close_id: str | None) -> None
     if close_id:
         if not name:
             raise click.UsageError("--close needs the service NAME")
-        _need_root()
-        closed = close_incidents(_service_name(name), close_id)
+        need_root()
+        closed = close_incidents(service_name(name), close_id)
         click.echo(f"{name}: closed {len(closed)} incident(s)")
         return
-    records = incidents_of(_service_name(name) if name else None)
+    records = incidents_of(service_name(name) if name else None)
     _print_json(records) if as_json else click.echo(incidents_text(records))
-
-
-def _installed(target: str) -> str:
-    return _service_name(target)
-
-
-_service_name = service_name
 
 
 def _report(report: Any, as_json: bool, unchanged: str) -> None:

@@ -120,19 +120,11 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def start(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object,
-          on_exec: Callable[[int], None]) -> Started:
-    """Fork the contained process; returns once it has exec'd its program (or raises).
-    `on_exec(notify_fd)` answers one pending exec notification (the program's own execve
-    arrives before this returns)."""
-    return finish(spawn(spec, proc, out_fd, cgroup), on_exec)
-
-
 def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Spawned:
-    """Fork the contained process and return at once. It joins its cgroup (the kernel's first
-    cgroup migration waits for an RCU grace period, ~10 ms), namespaces, root and sandbox while
-    the caller goes on (the supervisor starts its sensors meanwhile); nothing of the program
-    runs before `finish` answers its execve."""
+    """Fork the contained process and return at once; `finish` completes the start. It joins
+    its cgroup (the kernel's first cgroup migration waits for an RCU grace period, ~10 ms),
+    namespaces, root and sandbox while the caller goes on (the supervisor starts its sensors
+    meanwhile); nothing of the program runs before `finish` answers its execve."""
     filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     volumes = volumes_of(spec)
