@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the persistent-state redo log (corral.journal) costs, on this machine:
+"""What the persistent-state redo log (corral.recover.journal.log) costs, on this machine:
 
     .venv/bin/python bench/journal_bench.py [--dir DIR] [--parts acd] [--quick] [--json]
 
@@ -40,10 +40,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from corral import cgroup  # noqa: E402
-from corral.journal import Journal, freezer, iso  # noqa: E402
-from corral.journal_store import (Meta, digest, encode, meta_json, path_json,  # noqa: E402
-                                  write_durable)
+from corral.launch import cgroup  # noqa: E402
+from corral.recover.journal.journal import Journal
+from corral.recover.journal.config import freezer
+from corral.core.text import iso  # noqa: E402
+from corral.recover.journal.store import Meta, digest, encode, meta_json, path_json, write_durable
 
 WRITER = r"""
 import os, random, sys, time

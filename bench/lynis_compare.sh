@@ -31,10 +31,10 @@ if [ "$plant" = 1 ]; then
 fi
 
 # `corral audit`, through the main CLI once it registers the command, else its own module.
-if "$PY" -c 'import sys; from corral.cli import main; sys.exit("audit" not in main.commands)'; then
-    audit=("$PY" -m corral.cli audit)
+if "$PY" -c 'import sys; from corral.cli.main import main; sys.exit("audit" not in main.commands)'; then
+    audit=("$PY" -m corral.cli.main audit)
 else
-    audit=("$PY" -m corral.cli_audit)
+    audit=("$PY" -m corral.cli.audit)
 fi
 
 echo "running lynis (about a minute)..." >&2

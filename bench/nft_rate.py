@@ -10,8 +10,8 @@ One system user per size; each user's allow-list holds SIZE connect entries: SIZ
 (tcp/20000,20002,...@10.200.x.y/32, 100 ports per address) and the declared destination
 tcp/9000@10.78.0.2, which the client's traffic matches.
 
-- nft: one corral service table per user, built by corral.nftables.service_ruleset and applied
-  with corral.nftables.apply (`nft -j -f -`), all three loaded at once (a packet also passes the
+- nft: one corral service table per user, built by corral.plan.nft_rules.service_ruleset and applied
+  with corral.host.nft.apply (`nft -j -f -`), all three loaded at once (a packet also passes the
   other tables' dispatch, the same small cost for every size).
 - iptables: the same entries as a linear chain per user, one rule per entry
   (-d ADDR -p tcp --dport P -m owner --uid-owner UID -j ACCEPT), the declared destination last,
@@ -50,9 +50,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from corral import nftables  # noqa: E402
-from corral.netspec import Endpoint  # noqa: E402
-from corral.nftables import ProcessFlows, service_ruleset  # noqa: E402
+from corral.host import nft
+from corral.core.netspec import Endpoint  # noqa: E402
+from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
 
 PREFIX = "corral-nftb"            # netns corral-nftb-PID[-p], temp dir, users corral-nftbPIDsI-app
 MARK = "corral nft bench"         # GECOS of our users: only those are ever deleted
@@ -278,7 +278,7 @@ def run_nft(lab: Lab, binary: Path, sizes: list[int], samples: int, seconds: flo
         times = []
         for _ in range(3 if size == max(sizes) else 1):  # re-applying replaces the table
             start = time.perf_counter()
-            nftables.apply(ruleset, netns=lab.ns)
+            nft.apply(ruleset, netns=lab.ns)
             times.append(time.perf_counter() - start)
         applied[size] = {"build_s": round(built, 3), "apply_s": round(statistics.median(times), 3),
                          "apply_samples_s": [round(t, 3) for t in times], "json_bytes": len(doc)}
@@ -289,7 +289,7 @@ def run_nft(lab: Lab, binary: Path, sizes: list[int], samples: int, seconds: flo
     rates = measure(lab, binary, sizes, samples, seconds, what)
     check_paths(lab, binary, sizes, what)
     for index, _ in enumerate(sizes):
-        nftables.delete_table(lab.service(index), netns=lab.ns)
+        nft.delete_table(lab.service(index), netns=lab.ns)
     return {"rows": summarize(rates), "apply": applied}
 
 

@@ -275,9 +275,9 @@ def measure_tamper(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
 
 
 def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
-    """What a CLI call costs before it does anything: the interpreter with corral.cli (click),
-    then with corral.report too, which `corral delta` imports even for --json (it pulls in
-    corral.plan, corral.manifest with pydantic, and corral.closure); and verify's own work,
+    """What a CLI call costs before it does anything: the interpreter with corral.cli.main (click),
+    then with corral.cli.report too, which `corral delta` imports even for --json (it pulls in
+    corral.plan.service, corral.manifest.model with pydantic, and corral.plan.closure); and verify's own work,
     in-process."""
     def wall(argv: list[str]) -> float:
         t0 = time.perf_counter()
@@ -286,16 +286,16 @@ def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
         return (time.perf_counter() - t0) * 1000
 
     py = str(bk.VENV_PY)
-    variants = {"python -c 'import corral.cli'": [py, "-c", "import corral.cli"],
-                "python -c 'import corral.cli, corral.report'":
-                    [py, "-c", "import corral.cli, corral.report"],
+    variants = {"python -c 'import corral.cli.main'": [py, "-c", "import corral.cli.main"],
+                "python -c 'import corral.cli.main, corral.cli.report'":
+                    [py, "-c", "import corral.cli.main, corral.cli.report"],
                 "corral --version": [str(bk.CORRAL), "--version"]}
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for label, argv in variants.items():
             samples[label].append(wall(argv))
     code = ("import time, json, os; t0 = time.perf_counter()\n"
-            "from corral.base import verify; from corral.runtime import read\n"
+            "from corral.host.base import verify; from corral.host.runtime import read\n"
             "t1 = time.perf_counter(); spec = read(os.environ['SVC'])\n"
             "r = verify(spec.state, spec.base_version); t2 = time.perf_counter()\n"
             "print(json.dumps({'import_ms': (t1 - t0) * 1000, 'verify_ms': (t2 - t1) * 1000}))")

@@ -50,7 +50,7 @@ RECORD_IMPORTS = """import atexit, json, sys
 out, manifest = sys.argv[1:3]
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
 sys.argv = ["corral", "run", manifest]
-from corral.entry import main
+from corral.cli.entry import main
 main()
 """
 IMPORT_ALL = """import importlib, json, sys

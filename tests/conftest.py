@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-CORRAL = [sys.executable, "-m", "corral.entry"]  # the `corral` executable's entry point
+CORRAL = [sys.executable, "-m", "corral.cli.entry"]  # the `corral` executable's entry point
 TEST_PREFIX = "corral-tst"
 
 

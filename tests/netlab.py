@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from corral import nftables
+from corral.plan import nft_rules as nftables
 
 # Test users must run a python they can read; pyenv shims under /root are not readable.
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"

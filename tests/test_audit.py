@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from conftest import NOTES_PY, corral, notes_manifest, remove_test_users, write_manifest
-from corral import audit, audit_net
-from corral.audit_checks import _endpoint_exposure
-from corral.audit_image import Entry, image_findings, resolve_in
-from corral.audit_walk import file_findings
+from corral.audit import host as audit, net as audit_net
+from corral.audit.checks import _endpoint_exposure
+from corral.audit.image import Entry, image_findings, resolve_in
+from corral.audit.walk import file_findings
 
 DATA = Path(__file__).parent / "data" / "audit"
 root = pytest.mark.root
@@ -32,11 +32,11 @@ root = pytest.mark.root
 
 def audit_cli(*args: str, netns: str | None = None) -> subprocess.CompletedProcess:
     """`corral audit ...`; until cli.py registers the command, its module runs it the same way."""
-    from corral import cli
+    from corral.cli import main as cli
 
     if "audit" in cli.main.commands:
         return corral("audit", *args, netns=netns)
-    argv = [sys.executable, "-m", "corral.cli_audit", *args]
+    argv = [sys.executable, "-m", "corral.cli.audit", *args]
     if netns:
         argv = ["ip", "netns", "exec", netns] + argv
     env = {k: v for k, v in os.environ.items() if k != "CORRAL_DEBUG"}

@@ -1,4 +1,4 @@
-"""corral.cgroup against the real cgroupfs. Every test works under corral/tst<hex>/ only, and
+"""corral.launch.cgroup against the real cgroupfs. Every test works under corral/tst<hex>/ only, and
 the fixtures remove those cgroups and reap the children even when a test fails."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from contextlib import suppress
 
 import pytest
 
-from corral import cgroup
-from corral.cgroup import BASE, Cgroup, Limits
+from corral.launch import cgroup
+from corral.launch.cgroup import BASE, Cgroup, Limits
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not cgroup.layout().hierarchies, reason="no cgroupfs mounted")]

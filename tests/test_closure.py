@@ -1,4 +1,4 @@
-"""Tests of corral.closure: real host binaries against ldd, and fake roots built in tmp_path.
+"""Tests of corral.plan.closure: real host binaries against ldd, and fake roots built in tmp_path.
 
 ldd is used here only as an oracle, on trusted host files. Where the kernel's own path resolution
 is the oracle, a forked child chroots into a tree and stats paths there (needs root: skipped
@@ -22,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.closure import ClosureError, ImageEntry, _Closure, _Unresolved, image_closure
+from corral.plan.closure import ClosureError, ImageEntry, _Closure, _Unresolved, image_closure
 
 IS_ROOT = os.geteuid() == 0
 

@@ -13,7 +13,7 @@ from conftest import CORRAL, corral, write_manifest
 RUN_WITHOUT_CLICK = """import atexit, sys
 atexit.register(lambda: print("click" in sys.modules, file=sys.stderr))
 sys.argv = ["corral", "run", sys.argv[1]]
-from corral.entry import main
+from corral.cli.entry import main
 main()
 """
 
@@ -53,13 +53,13 @@ def test_other_spellings_of_run_go_through_click(corral_root):
 
 
 def test_pyseccomp_loads_without_ldconfig():
-    """corral.libseccomp answers find_library from the known sonames: the real search (which
+    """corral.kernel.libseccomp answers find_library from the known sonames: the real search (which
     forks ldconfig) is not called for libc or libseccomp."""
     code = """import ctypes.util
 def refuse(name):
     raise AssertionError(f"find_library({name!r}) was searched")
 ctypes.util.find_library = refuse
-from corral.libseccomp import load
+from corral.kernel.libseccomp import load
 seccomp = load()
 assert seccomp.resolve_syscall(seccomp.Arch.NATIVE, "getppid") > 0
 assert ctypes.util.find_library is refuse  # put back as it was
@@ -72,8 +72,8 @@ print("ok")
 def test_reading_commands_stay_off_the_manifest_model():
     """status, delta and incidents (report, service, delta) never load pydantic or the ELF
     parser: ~120 ms of imports that only check, plan and install need."""
-    code = ("import sys, corral.cli, corral.report, corral.service, corral.delta; "
+    code = ("import sys, corral.cli.main, corral.cli.report, corral.supervise.control, corral.recover.delta; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'elftools') "
-            "or m in ('corral.manifest', 'corral.plan', 'corral.closure')))")
+            "or m in ('corral.manifest.model', 'corral.plan.service', 'corral.plan.closure')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout == "[]\n", result.stderr

@@ -1,4 +1,4 @@
-"""Tests for corral.events (the NFLOG reader) and corral.cli_events (`corral host events`).
+"""Tests for corral.watch.nflog (the NFLOG reader) and corral.cli.events (`corral host events`).
 
 Pure tests parse hand-made packets. The kernel tests need root, nft, ip, useradd and setpriv; they
 never touch the host: a throwaway netns MAIN (veth 10.77.0.1/24 fd77::1/64) with a peer netns
@@ -27,11 +27,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import events, nftables
-from corral.events import EventReader, EventsError, parse_headers, parse_packet, parse_prefix
-from corral.netspec import parse_endpoint
-from corral.nftables import (LOG_BURST, LOG_RATE, NFLOG_GROUP, ProcessFlows, nflog_group,
-                             service_ruleset)
+from corral.watch import nflog as events
+from corral.host import nft
+from corral.watch.nflog import EventReader, EventsError, parse_headers, parse_packet, parse_prefix
+from corral.core.netspec import parse_endpoint
+from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, NFLOG_GROUP, ProcessFlows, nflog_group, service_ruleset)
 from netlab import (TCP_SERVERS, drop_counter, need_root, run, spawn, stop, system_users, tcp_client,
                     veth_pair)
 
@@ -130,7 +130,7 @@ def test_parse_packet_message():
 
 
 def test_import_is_light():
-    code = "import sys, corral.events, corral.cli_events; print(sorted(m for m in ('pyroute2', 'ctypes', 'rich', 'psutil', 'pydantic') if m in sys.modules))"
+    code = "import sys, corral.watch.nflog, corral.cli.events; print(sorted(m for m in ('pyroute2', 'ctypes', 'rich', 'psutil', 'pydantic') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
 
@@ -190,7 +190,7 @@ def lab():
         server = spawn(peer, None, TCP_SERVERS, "10.77.0.2:9000")
         try:
             flows = [ProcessFlows("app", user, (), (parse_endpoint("tcp/9000@10.77.0.2"),))]
-            nftables.apply(service_ruleset(service, flows), netns=ns)
+            nft.apply(service_ruleset(service, flows), netns=ns)
             fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 yield Lab(service, user, pwd.getpwnam(user).pw_uid, ns, fd)
@@ -292,7 +292,7 @@ def test_stream_until_quiet(lab):
 
 
 def cli(ns: str, *args: str) -> subprocess.Popen:
-    code = "from corral.cli_events import events; events(prog_name='corral host events')"
+    code = "from corral.cli.events import events; events(prog_name='corral host events')"
     return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

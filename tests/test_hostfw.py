@@ -32,16 +32,16 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import hostfw_rules
-from corral.cli_host import host as host_cli
-from corral.hostfw_rules import HostSpec, ServiceFlows, host_ruleset, management_first
-from corral.netspec import parse_endpoint, parse_ports
+from corral.plan import host_rules as hostfw_rules
+from corral.cli.host import host as host_cli
+from corral.plan.host_rules import HostSpec, ServiceFlows, host_ruleset, management_first
+from corral.core.netspec import parse_endpoint, parse_ports
 from netlab import (CLIENT, TCP_SERVERS, addr, finish, link, netns, nft_in, run, settle, sh, spawn,
                     stop)
 
 GOLDEN = Path(__file__).parent / "golden"
 PY = sys.executable
-HOST_CLI = [PY, "-m", "corral.cli_host"]
+HOST_CLI = [PY, "-m", "corral.cli.host"]
 
 APP = """name = "app"
 [process.web]
@@ -99,7 +99,7 @@ def files(tmp_path, monkeypatch):
 
 
 def plan_of(path: Path):
-    from corral.hostfw import plan_host
+    from corral.host.firewall import plan_host
 
     return plan_host(str(path))
 
@@ -225,11 +225,12 @@ def test_invalid_installed_manifest_named(files):
 
 
 def test_cli_imports_only_click():
-    code = ("import sys; import corral.cli_host; "
+    code = ("import sys; import corral.cli.host; "
             "print(sorted(m for m in sys.modules if m.startswith(('corral.', 'pydantic'))))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
     # The shared error contract (cli_common, errors) is plain Python: no pydantic, no netlink.
-    assert out.strip() == "['corral.cli_base', 'corral.cli_common', 'corral.cli_host', 'corral.errors']"
+    assert out.strip() == ("['corral.cli', 'corral.cli.base', 'corral.cli.common', 'corral.cli.host', "
+                           "'corral.core', 'corral.core.errors']")
 
 
 # ---------------------------------------------------------------- kernel helpers

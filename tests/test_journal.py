@@ -1,4 +1,4 @@
-"""The redo log of journaled volumes (corral.journal): epochs, diffs, excision, commit, check,
+"""The redo log of journaled volumes (corral.recover.journal.log): epochs, diffs, excision, commit, check,
 on real directories (a volume is just a directory; no service needs to run), and the CLI."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral import journal_fs
-from corral.errors import RuntimeFailure, UsageError
-from corral.journal import Journal, journaled_volumes
-from corral.journal_objects import Objects
-from corral.journal_store import CHUNK
+from corral.recover.journal import fs as journal_fs
+from corral.core.errors import RuntimeFailure, UsageError
+from corral.recover.journal.journal import Journal
+from corral.recover.journal.config import journaled_volumes
+from corral.recover.journal.objects import Objects
+from corral.recover.journal.store import CHUNK
 
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None  # property tests: no fsync cost
 
@@ -219,8 +220,8 @@ def test_the_frozen_scan_is_the_boundary(env):
 
 @pytest.mark.root
 def test_the_service_cgroup_is_frozen_around_the_boundary_and_thawed(env):
-    from corral import cgroup
-    from corral.journal import freezer
+    from corral.launch import cgroup
+    from corral.recover.journal.config import freezer
 
     spec = SimpleNamespace(service="tstjfreeze", processes=[SimpleNamespace(name="w")])
     group = cgroup.Cgroup.create("tstjfreeze", "w", cgroup.Limits())
@@ -246,7 +247,7 @@ def test_the_service_cgroup_is_frozen_around_the_boundary_and_thawed(env):
 def test_one_writer_at_a_time(env):
     import fcntl
 
-    from corral.journal import JournalBusy
+    from corral.recover.journal.log import JournalBusy
 
     j = env.journal
     j.ensure()
@@ -658,7 +659,7 @@ quiet = "1h"
 def installed(corral_root, tmp_path):
     """An installed service as far as the journal cares: runtime.json, install.json naming
     the manifest, and its volume directories."""
-    from corral import runtime
+    from corral.host import runtime
 
     name = "tstjournal"
     manifest = tmp_path / "svc.toml"
@@ -679,7 +680,7 @@ def installed(corral_root, tmp_path):
 
 
 def invoke(*args: str):
-    from corral.cli_state import state
+    from corral.cli.state import state
 
     return CliRunner().invoke(state, list(args), catch_exceptions=False)
 
@@ -732,7 +733,7 @@ def test_cli_mark_log_diff_excise_commit_check(installed):
 
 
 def test_cli_refuses_to_excise_a_running_service(installed):
-    from corral.paths import run_dir
+    from corral.core.paths import run_dir
 
     invoke("mark", "tstjournal")
     # supervisor_alive() looks for "corral" in the pid's command line

@@ -26,9 +26,9 @@ from typing import Any
 import blake3
 import pytest
 
-from corral import journal_store
-from corral.errors import RuntimeFailure
-from corral.journal import Journal
+from corral.recover.journal import store as journal_store
+from corral.core.errors import RuntimeFailure
+from corral.recover.journal.journal import Journal
 
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 FUTURE = 4_000_000_000.0  # a clock for commit: every epoch is long past quiet
@@ -85,7 +85,7 @@ def volume_view(vol: Path) -> dict[bytes, tuple]:
 def journal_view(state: Path) -> dict[bytes, tuple]:
     """The volume as the log says it is: the baseline with every live epoch replayed."""
     j = Journal(state, "v")
-    head = j._head()
+    head = j.head()
     out: dict[bytes, tuple] = {}
     for path, m in j._replay(head, head["epoch"]).items():
         key = os.fsencode(path)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from corral import landlock
-from corral.sandbox import LandlockPlan
+from corral.launch import landlock
+from corral.plan.sandbox import LandlockPlan
 
 ABI = landlock.abi_version()
 INTERP = "/lib64/ld-linux-x86-64.so.2"  # PT_INTERP of Debian's x86_64 binaries

@@ -24,7 +24,7 @@ from conftest import NOTES_PY, REPO, corral, in_netns, notes_manifest
 pytestmark = pytest.mark.root
 
 PYTHON = "/usr/bin/python3.11"
-LEARN = [sys.executable, "-c", "from corral.cli_learn import learn; learn()"]
+LEARN = [sys.executable, "-c", "from corral.cli.learn import learn; learn()"]
 
 WORKLOAD = """
 import sys, urllib.request as u
@@ -193,7 +193,7 @@ def test_a_dangerous_call_during_learn_is_exit_3(tmp_path):
 
 
 def test_parse_trace_reads_sockets_writes_and_resumed_calls():
-    from corral.learn import parse_trace
+    from corral.learn.trace import parse_trace
 
     trace = [
         '10 execve("/usr/bin/prog", ["prog"], 0x7ffd /* 1 var */) = 0',

@@ -1,4 +1,4 @@
-"""Tests for corral.nftables: golden file, pure properties, and the rules on a real kernel.
+"""Tests for corral.plan.nft_rules: golden file, pure properties, and the rules on a real kernel.
 
 The kernel tests need root, nft, ip, useradd and setpriv. They never touch the host's ruleset:
 everything is applied inside throwaway network namespaces (corral-t-*), deleted even on failure.
@@ -21,9 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import nftables
-from corral.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
-from corral.nftables import NftError, ProcessFlows, service_ruleset
+from corral.plan import nft_rules as nftables
+from corral.host import nft
+from corral.core.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
+from corral.host.nft import NftError
+from corral.plan.nft_rules import ProcessFlows, service_ruleset
 from netlab import (CLIENT, TCP_SERVERS, drop_counter, finish, need_root, netns, nft_in, run, settle,
                     spawn, stop, system_users, veth_pair)
 
@@ -244,7 +246,7 @@ def lab(users):
             # settle it before any test counts a timeout as "blocked".
             settle(ns, "fd77::2", "9002")
             assert run(ns, None, CLIENT, "10.77.0.2", "9000") == "ok"
-            nftables.apply(service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
+            nft.apply(service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
                                                           LAB_WORKER_CONNECT)), netns=ns)
             yield Lab(service, names, ns, peer)
         finally:
@@ -260,12 +262,12 @@ BLOCKED = ("TimeoutError", "PermissionError")
 @need_root
 def test_check_mode_accepts_ruleset():
     with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
-        nftables.check(service_ruleset("web", SAMPLE, uids={"corral-web-app": 64001,
+        nft.check(service_ruleset("web", SAMPLE, uids={"corral-web-app": 64001,
                                                             "corral-web-worker": 64002}), netns=ns)
         # nft resolves user names even in check mode: an unknown user is an error, not a no-op rule.
         with pytest.raises(NftError, match="User does not exist"):
-            nftables.check(service_ruleset("web", SAMPLE), netns=ns)
-        assert not nftables.table_exists("web", netns=ns)
+            nft.check(service_ruleset("web", SAMPLE), netns=ns)
+        assert not nft.table_exists("web", netns=ns)
 
 
 @need_root
@@ -352,19 +354,19 @@ def test_apply_twice_same_state_and_atomic_failure(users):
     service, names = users
     wanted = service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT, LAB_WORKER_CONNECT))
     with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
-        nftables.apply(wanted, netns=ns)
+        nft.apply(wanted, netns=ns)
         first = listing(ns, service)
-        nftables.apply(wanted, netns=ns)
+        nft.apply(wanted, netns=ns)
         assert listing(ns, service) == first
         # A different plan replaces the table completely; re-applying the first one restores it.
-        nftables.apply(service_ruleset(service, flows(service, ["udp/1-2"], ["udp/7"], [])), netns=ns)
+        nft.apply(service_ruleset(service, flows(service, ["udp/1-2"], ["udp/7"], [])), netns=ns)
         assert listing(ns, service) != first
-        nftables.apply(wanted, netns=ns)
+        nft.apply(wanted, netns=ns)
         assert listing(ns, service) == first
         # One transaction: a failing document leaves the installed table as it was.
         broken = service_ruleset(service, [ProcessFlows("app", "corral-no-such-user-x", (), ())])
         with pytest.raises(NftError, match="User does not exist"):
-            nftables.apply(broken, netns=ns)
+            nft.apply(broken, netns=ns)
         assert listing(ns, service) == first
 
 
@@ -376,10 +378,10 @@ def test_delete_table_only_ours(users):
                "add chain inet othertable out { type filter hook output priority 0; policy accept; }; "
                "add rule inet othertable out counter")
         other = nft_in(ns, "list", "table", "inet", "othertable")
-        assert not nftables.delete_table(service, netns=ns)
-        nftables.apply(service_ruleset(service, flows(service, [], [], [])), netns=ns)
-        assert nftables.table_exists(service, netns=ns)
-        assert nftables.delete_table(service, netns=ns)
-        assert not nftables.table_exists(service, netns=ns)
-        assert not nftables.delete_table(service, netns=ns)
+        assert not nft.delete_table(service, netns=ns)
+        nft.apply(service_ruleset(service, flows(service, [], [], [])), netns=ns)
+        assert nft.table_exists(service, netns=ns)
+        assert nft.delete_table(service, netns=ns)
+        assert not nft.table_exists(service, netns=ns)
+        assert not nft.delete_table(service, netns=ns)
         assert nft_in(ns, "list", "table", "inet", "othertable") == other

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import zstandard
 
-from corral import archive, delta
+from corral.recover import archive, delta
 
 pytestmark = pytest.mark.root
 

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import seccomp
-from corral.sandbox import CLONE_NAMESPACE_FLAGS, DEFAULT_DENY, SeccompPlan, default_deny
+from corral.launch import seccomp
+from corral.plan.sandbox import CLONE_NAMESPACE_FLAGS, DEFAULT_DENY, SeccompPlan, default_deny
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 syscall numbers and ABIs"),
@@ -202,7 +202,7 @@ def test_threads_leave_no_audit_record(monkeypatch):
     """clone3's ENOSYS, which glibc meets at every new thread, comes from the unlogged filter:
     no audit record (each cost a kauditd round and a parse in the supervisor). A denial made
     after it is one, so the reader did see the child's records."""
-    from corral import sensors
+    from corral.watch import sensors
 
     monkeypatch.setattr(sensors, "IGNORED_CALLS", set())  # see clone3 records, if any
     reader = sensors.AuditReader()
@@ -512,5 +512,5 @@ def test_actions():
 
 
 def test_import_is_lean():
-    code = "import sys, corral.seccomp; assert 'pyseccomp' not in sys.modules"
+    code = "import sys, corral.launch.seccomp; assert 'pyseccomp' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

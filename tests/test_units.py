@@ -1,8 +1,8 @@
 import pytest
 
-from corral.errors import key_path
-from corral.paths import escape_path
-from corral.units import parse_duration, parse_size
+from corral.core.errors import key_path
+from corral.core.paths import escape_path
+from corral.core.units import parse_duration, parse_size
 
 
 @pytest.mark.parametrize("raw,value", [("64M", 64 << 20), ("1G", 1 << 30), (4096, 4096),
@@ -42,7 +42,7 @@ def test_escape_path_is_unambiguous():
 def test_sandbox_doc_lists_every_denied_call():
     from pathlib import Path
 
-    from corral.sandbox import default_deny
+    from corral.plan.sandbox import default_deny
 
     doc = (Path(__file__).parent.parent / "docs" / "sandbox.md").read_text()
     assert [name for name in default_deny() if f"`{name}`" not in doc] == []
@@ -51,7 +51,7 @@ def test_sandbox_doc_lists_every_denied_call():
 def test_manifest_doc_mentions_every_key():
     from pathlib import Path
 
-    from corral.manifest import Image, Limits, Manifest, Process, Volume, Watch
+    from corral.manifest.model import Image, Limits, Manifest, Process, Volume, Watch
 
     doc = (Path(__file__).parent.parent / "docs" / "manifest.md").read_text()
     for model in (Manifest, Image, Volume, Process, Limits, Watch):

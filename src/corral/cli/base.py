@@ -1,0 +1,71 @@
+"""The parts of the `corral` command that need no click: the error contract (exit codes, one
+line per error, no traceback), the root check, and reading a NAME|FILE argument. `entry` runs
+`corral run FILE` with these alone; cli_common wraps every click subcommand in `call_handled`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from corral.core.errors import EXIT_RUNTIME, CorralError, InputError
+
+
+def say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def call_handled(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call `func`, turning corral's errors into their exit codes; anything else is a bug,
+    reported in one line (CORRAL_DEBUG=1 shows the traceback)."""
+    try:
+        return func(*args, **kwargs)
+    except CorralError as exc:
+        say(str(exc) if isinstance(exc, InputError) else f"corral: {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        say("corral: interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        click = sys.modules.get("click")  # its own exceptions carry usage errors and exits
+        if click is not None and isinstance(exc, (click.exceptions.Exit, click.ClickException)):
+            raise
+        if os.environ.get("CORRAL_DEBUG"):
+            raise
+        say(f"corral: internal error: {type(exc).__name__}: {exc} "
+            "(set CORRAL_DEBUG=1 for details; please report it)")
+        sys.exit(EXIT_RUNTIME)
+
+
+def need_root(what: str = "changes the host") -> None:
+    if os.geteuid() != 0:
+        say(f"corral: this command {what} and must run as root")
+        sys.exit(EXIT_RUNTIME)
+
+
+def service_name(target: str) -> str:
+    """A NAME, or a manifest FILE whose name is read (a valid manifest is not required to
+    uninstall, only a readable name)."""
+    from corral.core.errors import UsageError
+    from corral.core.names import SERVICE_NAME
+
+    if SERVICE_NAME.match(target) and not os.path.exists(target):
+        return target
+    from corral.manifest import tomlfile
+
+    name = tomlfile.load(target).get("name")
+    if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        raise UsageError(f"{target}: name: missing or invalid, cannot tell which service")
+    return name
+
+
+def run_foreground(file: str) -> None:
+    """`corral run FILE`: the service in the foreground; exits with its exit code."""
+    from corral.supervise.control import run
+
+    need_root()
+    sys.exit(run(service_name(file)))

@@ -1,0 +1,151 @@
+"""Plain text for people: aligned, short, the full detail is in --json."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # status, delta and incidents must not load the manifest model and ELF parser
+    from corral.plan.service import ServicePlan
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _image_lines(plan: ServicePlan) -> list[str]:
+    entries = plan.image.entries
+    files = [e for e in entries if e.kind == "file"]
+    total = 0
+    for entry in files:
+        try:
+            total += os.lstat(os.path.join(plan.image.host_root, entry.path.lstrip("/"))).st_size
+        except OSError:
+            pass
+    included = tuple(p.rstrip("/") + "/" for p in plan.image.include)
+    libraries = sorted(e.path for e in files if ".so" in e.path and not e.path.startswith(included))
+    lines = [f"base image  from {plan.image.source}: {len(entries)} entries, {len(files)} files, "
+             f"{_size(total)}"]
+    lines += [f"  include         {path}" for path in plan.image.include]
+    lines += [f"  add             {a.path}" for a in plan.image.added]
+    lines += [f"  needed library  {lib}" for lib in libraries[:30]]
+    if len(libraries) > 30:
+        lines.append(f"  ... and {len(libraries) - 30} more (corral plan --json lists all)")
+    lines.append("  /etc/passwd, /etc/group: root and " + ", ".join(u.name for u in plan.users))
+    return lines
+
+
+def plan_text(plan: ServicePlan) -> str:
+    out = [f"service {plan.service}  ({plan.file})", "", "users"]
+    width = max(len(u.name) for u in plan.users)
+    for user in plan.users:
+        out.append(f"  {user.name:<{width}}  process {user.process}, system uid, no login shell, "
+                   "no home")
+    out += ["", *_image_lines(plan), "", "volumes"]
+    for vol in plan.volumes or ():
+        journal = f", journal, epoch {vol.epoch}s" if vol.journal else ""
+        out.append(f"  {vol.path:<20} owner {vol.owner}, mode {vol.mode:04o}{journal}")
+    if not plan.volumes:
+        out.append("  none: nothing survives a revert")
+    rules = sum(1 for item in plan.ruleset["nftables"] if "rule" in item.get("add", {}))
+    out += ["", f"firewall  table {plan.table}: {rules} rules, one atomic transaction"]
+    for sandbox in plan.sandbox:
+        listen = ", ".join(str(p) for p in _flows(plan, sandbox.process, "listen")) or "none"
+        connect = ", ".join(str(c) for c in _flows(plan, sandbox.process, "connect")) or "none"
+        out.append(f"  {sandbox.process:<8} in: {listen}; out: {connect}; all else dropped, logged")
+    out += ["", "sandbox"]
+    for s in plan.sandbox:
+        limits = s.limits
+        out += [
+            f"  {s.process}  as {s.user}: {' '.join(s.command)}",
+            f"    capabilities  {', '.join(s.capabilities) or 'none'}; no_new_privs",
+            f"    namespaces    {' '.join(s.namespaces)} (network: host, filtered per user)",
+            f"    executables   {', '.join(s.executables)}",
+            f"    seccomp       {s.seccomp.mode}, {len(s.seccomp.syscalls)} system calls",
+            f"    writable      {', '.join(s.landlock.read_write)}",
+            f"    limits        memory {_size(limits['memory'])}, pids {limits['pids']}, "
+            f"open files {limits['open_files']}, cpu {limits['cpu']}",
+        ]
+    return "\n".join(out)
+
+
+def _flows(plan: ServicePlan, process: str, kind: str) -> list[object]:
+    for flow in plan.flows:
+        if flow.process == process:
+            return list(getattr(flow, kind))
+    return []
+
+
+def status_text(services: list[dict]) -> str:
+    if not services:
+        return "no service installed"
+    out = []
+    for svc in services:
+        out.append(f"{svc['service']}: {svc['state']}  (base {svc['base_version']}, delta "
+                   f"{svc['delta']['kind']} {_size(svc['delta']['bytes'])}, incidents "
+                   f"{svc['incidents']} ({svc['open_incidents']} open), journal epochs "
+                   f"{svc['journal_epochs']})")
+        if svc.get("error"):
+            out.append(f"  {svc['error']}")
+        if svc.get("isolated"):
+            out.append("  ISOLATED: network cut and processes frozen (corral revert to recover)")
+        if svc.get("landlock"):
+            out.append(f"  {svc['landlock']}")
+        for warning in svc.get("warnings") or ():
+            out.append(f"  warning: {warning}")
+        if svc.get("archives"):
+            last = svc["archives"][-1]
+            out.append(f"  archives {len(svc['archives'])}, last {last['created_at']} "
+                       f"({last['reason']}, {last['changes']} changes)")
+        for p in svc["processes"]:
+            pid = f"pid {p['pid']}" if p["pid"] else "-"
+            extra = f"  restarts {p['restarts']}" if p["restarts"] else ""
+            if p.get("error"):
+                extra += f"  ({p['error']})"
+            out.append(f"  {p['name']:<8} {p['state']:<8} {pid:<10} {p['user']}{extra}")
+    return "\n".join(out)
+
+
+def delta_text(result: dict) -> str:
+    changes = result["changes"]
+    if not changes:
+        return f"{result['service']}: no change against base {result['base_version']}"
+    sign = {"added": "+", "modified": "~", "deleted": "-"}
+    width = max(len(c["kind"]) for c in changes)
+    out = [f"{result['service']}: {len(changes)} changes against base {result['base_version']}"]
+    for c in changes:
+        extra = []
+        if c.get("mode"):
+            extra.append(c["mode"])
+        if c.get("size") is not None:
+            extra.append(_size(c["size"]))
+        if c.get("target"):
+            extra.append(f"-> {c['target']}")
+        if c.get("details"):
+            extra.append(",".join(c["details"]))
+        if c.get("setid"):
+            extra.append("SETID")
+        elif c.get("executable"):
+            extra.append("executable")
+        out.append(f"  {sign[c['change']]} {c['kind']:<{width}} {c['path']}  {' '.join(extra)}")
+    if result["base_writes"]:
+        out.append(f"  base-write: {', '.join(result['base_writes'])}")
+    return "\n".join(out)
+
+
+def incidents_text(records: list[dict]) -> str:
+    if not records:
+        return "no incidents"
+    out = []
+    for r in records:
+        detail = " ".join(f"{k}={v}" for k, v in (r.get("detail") or {}).items() if v is not None)
+        count = f" x{r['count']}" if r.get("count", 1) > 1 else ""
+        state = "closed" if r.get("closed_at") else "OPEN"
+        out.append(f"{r.get('detected_at', '?')}  {r.get('service')}/{r.get('process')}  "
+                   f"{r.get('tripwire')}{count}  {detail}  -> {r.get('reaction')} in "
+                   f"{r.get('latency_ms')} ms  [{state}] {r.get('id')}")
+    return "\n".join(out)

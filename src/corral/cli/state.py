@@ -1,0 +1,285 @@
+"""`corral state ...`: the redo log of a service's journaled volumes (corral.recover.journal.log).
+
+Registered by cli.py with `main.add_command(state)`. Epoch ids are per volume (each volume has
+its own schedule); a service with several journaled volumes needs --volume PATH for diff and
+excise, the other commands act on every journaled volume.
+
+`state mark` closes the epoch itself rather than asking the supervisor: it takes the journal's
+lock (so it never overlaps the supervisor's scheduled close) and freezes the service's cgroups
+around the scan when the service runs, exactly as the supervisor does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from corral.core.errors import EXIT_CHECK, RuntimeFailure, UsageError, escape_controls
+
+
+def handled(func: Callable[..., Any]) -> Callable[..., Any]:
+    """cli.handled (errors to exit codes), looked up when called: cli imports this module."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from corral.cli.main import handled as cli_handled
+
+        return cli_handled(func)(*args, **kwargs)
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
+    from corral.recover.journal.config import journal_config
+    from corral.core.names import SERVICE_NAME
+
+    if not SERVICE_NAME.match(name):
+        raise UsageError(f"{name!r}: not a service name")
+    spec, found, quiet = journal_config(name)
+    if not found:
+        raise UsageError(f"{name}: no volume has journal = true")
+    paths = ", ".join(v.path for v in found)
+    if volume is not None:
+        found = [v for v in found if v.path == volume.rstrip("/") or v.store == volume]
+        if not found:
+            raise UsageError(f"{name}: {volume}: not a journaled volume (journaled: {paths})")
+    if one and len(found) > 1:
+        raise UsageError(f"{name}: {len(found)} journaled volumes ({paths}); epochs are per "
+                         "volume: choose one with --volume PATH")
+    return spec, found, quiet
+
+
+def _journal(spec: Any, vol: Any) -> Any:
+    from corral.recover.journal.journal import Journal
+
+    return Journal(spec, vol.store)
+
+
+def _running(name: str) -> dict[str, Any] | None:
+    from corral.supervise.control import read_state, supervisor_alive
+
+    state = read_state(name)
+    return state if supervisor_alive(state) else None
+
+
+def _text(value: Any) -> str:
+    return escape_controls(str(value)) if value not in (None, "") else "-"
+
+
+volume_option = click.option("--volume", metavar="PATH",
+                             help="The journaled volume (path inside the service's root).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON document for machines.")
+
+
+@click.group("state")
+def state() -> None:
+    """The persistent-state redo log: epochs of the journaled volumes, excision, commit."""
+
+
+@state.command()
+@click.argument("name")
+@click.option("--note", help="Recorded with the epoch.")
+@volume_option
+@json_option
+@handled
+def mark(name: str, note: str | None, volume: str | None, as_json: bool) -> None:
+    """End the current epoch now; prints the new epoch's id."""
+    from corral.recover.journal.config import freezer
+
+    spec, found, _ = _volumes(name, volume)
+    running = _running(name)
+    out = []
+    for vol in found:
+        writer = None
+        if running:
+            pid = ((running.get("processes") or {}).get(vol.owner) or {}).get("pid")
+            writer = {"process": vol.owner, "pid": pid}
+        epoch = _journal(spec, vol).close_epoch(
+            "mark", note=note, writer_hint=writer, freeze=freezer(spec) if running else None)
+        out.append({"volume": vol.path, "epoch": epoch})
+    if as_json:
+        _print_json({"service": name, "epochs": out})
+    elif len(out) == 1:
+        click.echo(out[0]["epoch"])
+    else:
+        for item in out:
+            click.echo(f"{item['volume']}  {item['epoch']}")
+
+
+@state.command()
+@click.argument("name")
+@volume_option
+@json_option
+@handled
+def log(name: str, volume: str | None, as_json: bool) -> None:
+    """Epochs, oldest first: id, start, end, reason, files changed, incidents."""
+    spec, found, _ = _volumes(name, volume)
+    result = []
+    for vol in found:
+        journal = _journal(spec, vol)
+        result.append({"volume": vol.path, "store": vol.store, **journal.info(),
+                       "epochs": journal.log()})
+    if as_json:
+        _print_json({"service": name, "volumes": result})
+        return
+    for item in result:
+        if not item["journaled"]:
+            click.echo(f"{name} {item['volume']}: not journaled yet (it starts with the service)")
+            continue
+        base = item["baseline"]
+        click.echo(f"{name} {item['volume']}: baseline at epoch {base['epoch']} "
+                   f"({base['entries']} entries, {base['created']}); epoch {item['epoch'] + 1} "
+                   f"open since {item['open_since']}")
+        if not item["epochs"]:
+            continue
+        click.echo(f"  {'EPOCH':>6}  {'START':<27}  {'END':<27}  {'REASON':<8}  {'FILES':>6}  "
+                   "INCIDENTS  NOTE")
+        for e in item["epochs"]:
+            note = e["note"]
+            if e.get("excised"):
+                note = f"{_text(note)}; {e['conflicts']} conflict(s) to review" \
+                    if e["conflicts"] else note
+            click.echo(f"  {e['id']:>6}  {e['start']:<27}  {e['end']:<27}  {e['reason']:<8}  "
+                       f"{e['files_changed']:>6}  {_text(','.join(e['incidents'])):<9}  "
+                       f"{_text(note)}")
+
+
+def _writer(change: dict[str, Any]) -> str:
+    writer = change.get("writer")
+    if not writer:
+        return ""
+    pid = f" pid {writer['pid']}" if writer.get("pid") else ""
+    return f"  [{_text(writer.get('process'))}{pid}]"
+
+
+def _epochs(ids: list[int]) -> str:
+    return f"epoch{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+
+
+def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
+    return [f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
+            f"{_epochs(c['after'])}; kept its "
+            f"{'later' if c['kept'] == 'after' else 'pre-stretch'} version; review it"
+            for c in conflicts]
+
+
+@state.command()
+@click.argument("name")
+@click.argument("epoch", type=int)
+@volume_option
+@json_option
+@handled
+def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
+    """What one epoch changed: per path, before and after."""
+    spec, found, _ = _volumes(name, volume, one=True)
+    record = _journal(spec, found[0]).diff(epoch)
+    if as_json:
+        _print_json({"service": name, "volume": found[0].path, **record})
+        return
+    incidents = f", incidents {','.join(record['incidents'])}" if record["incidents"] else ""
+    click.echo(f"epoch {record['id']} ({record['reason']}{incidents}): {record['start']} .. "
+               f"{record['end']}, {len(record['changes'])} change(s)"
+               + (f"; note: {_text(record['note'])}" if record["note"] else ""))
+    if "excised" in record:
+        span = record["excised"]
+        click.echo(f"  excised epochs {span['from']}..{span['to']}")
+        for line in _conflict_lines(record["conflicts"]):
+            click.echo(line)
+    for change in record["changes"]:
+        details = f" ({', '.join(change['details'])})" if change.get("details") else ""
+        click.echo(f"  {change['change']:<9} {change['path']}{details}{_writer(change)}")
+
+
+@state.command()
+@click.argument("name")
+@click.option("--from", "from_", type=int, required=True, metavar="EPOCH",
+              help="First epoch of the stretch to take out.")
+@click.option("--to", type=int, metavar="EPOCH", help="Last epoch of it (default: the latest).")
+@click.option("--prefer", type=click.Choice(["before", "after"]),
+              help="For a file changed inside the stretch and after it: its version before "
+                   "the stretch, or its later one (the default; listed for review either way).")
+@volume_option
+@json_option
+@handled
+def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: str | None,
+           as_json: bool) -> None:
+    """Take a stretch of epochs out of the volume and keep everything after it."""
+    spec, found, _ = _volumes(name, volume, one=True)
+    if _running(name):
+        raise RuntimeFailure(f"{name}: running; an excision rewrites its volume: stop it first "
+                             f"(corral down {name}), nothing was changed")
+    result = _journal(spec, found[0]).excise(from_, to, prefer, stopped=True)
+    if as_json:
+        _print_json({"service": name, "volume": found[0].path, **result})
+        return
+    click.echo(f"{name} {found[0].path}: excised epochs {result['from']}..{result['to']} as "
+               f"epoch {result['epoch']} ({len(result['changes'])} path(s) changed)")
+    for change in result["changes"]:
+        verb = {"added": "restored", "deleted": "removed", "modified": "restored"}
+        click.echo(f"  {verb[change['change']]:<9} {change['path']}")
+    for line in _conflict_lines(result["conflicts"]):
+        click.echo(line)
+    for forced in result["forced"]:
+        click.echo(f"  KEPT      {forced['path']}: needed by {forced['needed_by']['path']}")
+    for path in result["not_restored"]:
+        click.echo(f"  NOT RESTORED {path}: a socket or device cannot be restored")
+
+
+@state.command()
+@click.argument("name")
+@click.option("--accept", type=int, multiple=True, metavar="EPOCH",
+              help="Fold this incident epoch anyway (the incident was reviewed and harmless).")
+@volume_option
+@json_option
+@handled
+def commit(name: str, accept: tuple[int, ...], volume: str | None, as_json: bool) -> None:
+    """Fold epochs older than the manifest's quiet period with no incident into the baseline."""
+    from corral.supervise.control import open_incidents
+
+    spec, found, quiet = _volumes(name, volume)
+    incidents = open_incidents(spec)
+    result = [{"volume": vol.path, **_journal(spec, vol).commit(quiet, incidents, accept)}
+              for vol in found]
+    if as_json:
+        _print_json({"service": name, "quiet_seconds": quiet, "volumes": result})
+        return
+    for item in result:
+        folded = item["folded"]
+        what = f"committed epochs {folded[0]}..{folded[-1]} into the baseline" if folded \
+            else "nothing to commit"
+        click.echo(f"{name} {item['volume']}: {what} ({item['stopped']}); reclaimed "
+                   f"{item['reclaimed_objects']} object(s), {item['reclaimed_bytes']} bytes")
+
+
+@state.command()
+@click.argument("name")
+@volume_option
+@json_option
+@handled
+def check(name: str, volume: str | None, as_json: bool) -> None:
+    """Verify the journal: hash chain, objects, head (exit 3 on a problem)."""
+    spec, found, _ = _volumes(name, volume)
+    result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
+    bad = any(item["problems"] for item in result)
+    if as_json:
+        _print_json({"service": name, "ok": not bad, "volumes": result})
+    else:
+        for item in result:
+            if item["problems"]:
+                click.echo(f"{name} {item['volume']}: {len(item['problems'])} problem(s):")
+                for problem in item["problems"]:
+                    click.echo(f"  {escape_controls(problem)}")
+            else:
+                click.echo(f"{name} {item['volume']}: sound ({item['epochs']} epoch(s), "
+                           f"{item['objects']} object(s))")
+    sys.exit(EXIT_CHECK if bad else 0)

@@ -1,0 +1,132 @@
+"""Base versions: integrity manifests, verification, switching versions, and `commit`, which
+folds a checked delta into a new version.
+
+A base is corral's own tree, but `verify` exists because someone outside the service may have
+changed it (a trojaned binary planted from the host side), so it is read like a hostile tree:
+directory descriptors and O_NOFOLLOW all the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.host import runtime
+from corral.core.text import show
+from corral.core.tree import KINDS, hash_and_magic
+from corral.core.fsio import write_json
+from corral.core.errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
+
+INTEGRITY = "integrity.json"
+
+
+class CheckFailed(CorralError):
+    exit_code = EXIT_CHECK
+
+
+def _walk(dir_fd: int, prefix: bytes, out: dict[str, dict[str, Any]]) -> None:
+    for item in sorted(os.scandir(dir_fd), key=lambda e: e.name):
+        name = os.fsencode(item.name)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        path = prefix + name
+        entry: dict[str, Any] = {"kind": KINDS.get(stat.S_IFMT(st.st_mode), "?"),
+                                 "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+                                 "uid": st.st_uid, "gid": st.st_gid}
+        if stat.S_ISREG(st.st_mode):
+            entry["size"] = st.st_size
+            entry["blake3"] = hash_and_magic(dir_fd, name)[0]
+        elif stat.S_ISLNK(st.st_mode):
+            entry["target"] = show(os.readlink(name, dir_fd=dir_fd))
+        out[show(path)] = entry
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+            try:
+                _walk(sub, path + b"/", out)
+            finally:
+                os.close(sub)
+
+
+def snapshot(root: Path) -> dict[str, dict[str, Any]]:
+    """Every entry of a tree: type, mode, owner, size, blake3 or symlink text."""
+    out: dict[str, dict[str, Any]] = {}
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _walk(fd, b"/", out)
+    finally:
+        os.close(fd)
+    return out
+
+
+def seal(version_dir: Path) -> None:
+    """Record the integrity manifest of a freshly built base.
+
+    The base stays read-only by construction rather than by mode bits (which would leak into
+    the service's view through the overlay, e.g. a /tmp without write permission): it lives in
+    a root-only directory, overlayfs never writes to a lower layer, and `verify` reports any
+    change made to it from outside."""
+    entries = snapshot(version_dir / "root")
+    data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "hash": "blake3", "entries": entries}
+    write_json(version_dir / INTEGRITY, data)
+
+
+def verify(state: Path, version: int) -> dict[str, Any]:
+    version_dir = state / "base" / str(version)
+    try:
+        recorded = json.loads((version_dir / INTEGRITY).read_text())["entries"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeFailure(f"base {version}: integrity manifest unreadable: {exc}") from None
+    current = snapshot(version_dir / "root")
+    problems = []
+    for path in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(path), current.get(path)
+        if was == now:
+            continue
+        if was is None:
+            problems.append({"path": path, "change": "added", "now": now})
+        elif now is None:
+            problems.append({"path": path, "change": "deleted", "was": was})
+        else:
+            fields = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            problems.append({"path": path, "change": "modified", "fields": fields,
+                             "was": was, "now": now})
+    return {"version": version, "entries": len(recorded), "problems": problems}
+
+
+def versions(state: Path) -> list[int]:
+    base = state / "base"
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+
+
+def list_versions(spec: runtime.ServiceSpec) -> list[dict[str, Any]]:
+    out = []
+    for version in versions(spec.state):
+        try:
+            meta = json.loads((spec.state / "base" / str(version) / "image.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        out.append({"version": version, "current": version == spec.base_version,
+                    "entries": meta.get("entries"), "bytes": meta.get("bytes"),
+                    "from": meta.get("from"), "note": meta.get("note")})
+    return out
+
+
+def use(spec: runtime.ServiceSpec, version: int) -> runtime.ServiceSpec:
+    if version not in versions(spec.state):
+        raise UsageError(f"{spec.service}: no base version {version} "
+                         f"(have {', '.join(map(str, versions(spec.state))) or 'none'})")
+    updated = dataclasses.replace(spec, base_version=version)
+    runtime.write(updated)
+    record_path = spec.state / "install.json"
+    record = json.loads(record_path.read_text())
+    record.setdefault("base", {})["version"] = version
+    write_json(record_path, record)
+    return updated

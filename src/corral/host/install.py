@@ -1,0 +1,293 @@
+"""Apply a plan to the host and undo it: users, base image, volumes, the service's nft table.
+
+Every step that changes the host registers its undo before the next step starts; a failure
+runs the undos in reverse, so a failed install leaves the host as it found it. The install
+record (state/install.json) is rewritten atomically after each step, so even a SIGKILLed install
+leaves a record of what exists, which the next install or uninstall picks up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.host import image, runtime, users
+from corral.plan import nft_rules as nftables
+from corral.host import nft
+from corral.core.fsio import write_json
+from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.paths import lib_dir, lib_root, run_dir, run_root
+from corral.plan.service import ServicePlan
+from corral.plan.service import UserSpec
+
+RECORD = "install.json"
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def read_record(service: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((lib_dir(service) / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RuntimeFailure(f"{service}: install record unreadable: {exc}") from None
+
+
+@dataclass
+class Report:
+    """What an install or uninstall changed, for people and for --json."""
+
+    service: str
+    changed: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "changed": self.changed}
+
+
+class _Undo:
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, what: str, action: Callable[[], Any]) -> None:
+        self.steps.append((what, action))
+
+    def run(self) -> list[str]:
+        failed = []
+        for what, action in reversed(self.steps):
+            try:
+                action()
+            except Exception as exc:  # keep undoing the rest; report what stayed
+                failed.append(f"{what}: {exc}")
+        return failed
+
+
+def _fault(step: str) -> None:
+    """Test hook: CORRAL_TEST_FAIL_AFTER=<step> makes install fail right after that step, so the
+    tests can prove the undo path against real users, files and tables."""
+    if os.environ.get("CORRAL_TEST_FAIL_AFTER") == step:
+        raise RuntimeFailure(f"injected failure after step {step!r}")
+
+
+def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) -> Report:
+    state = lib_dir(plan.service)
+    record = read_record(plan.service) or {}
+    original = json.loads(json.dumps(record))
+    report = Report(plan.service)
+    undo = _Undo()
+    try:
+        missing = [d for d in (state, *state.parents) if not d.exists()]
+        for d in reversed(missing):
+            if not d.exists():
+                d.mkdir(mode=0o700)
+                # Everything inside a directory this run created is this run's own work.
+                undo.push(f"remove {d}", lambda d=d: shutil.rmtree(d))
+        undo.push("restore install record",
+                  lambda: _save(state, original) if original
+                  else (state / RECORD).unlink(missing_ok=True))
+        record.update(service=plan.service, manifest=os.path.abspath(manifest_file))
+        accounts = _install_users(plan, record, report, undo)
+        _save(state, record)
+        _fault("users")
+        _install_base(plan, state, record, accounts, report, undo, show_progress)
+        _save(state, record)
+        _fault("base")
+        _install_volumes(plan, state, record, report, undo)
+        _save(state, record)
+        _fault("volumes")
+        _install_table(plan, record, report, undo)
+        _save(state, record)
+        _fault("table")
+        runtime.write(runtime_spec(plan, record))
+        _remove_dropped_users(plan, record, report)
+        record["installed_at"] = record.get("installed_at") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _save(state, record)
+    except BaseException as exc:
+        left = undo.run()
+        message = f"install of {plan.service} failed: {exc}; undone"
+        if left:
+            message += "; could not undo: " + "; ".join(left)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise RuntimeFailure(message) from exc
+    return report
+
+
+def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSpec:
+    """What `run` needs, with the uids install just made or found."""
+    ids = {u["name"]: (u["uid"], u["gid"]) for u in record["users"]}
+    processes = []
+    for sandbox, flow in zip(plan.sandbox, plan.flows):
+        uid, gid = ids[sandbox.user]
+        processes.append(runtime.ProcessSpec(
+            name=sandbox.process, user=sandbox.user, uid=uid, gid=gid,
+            command=list(sandbox.command), environment=dict(sandbox.environment),
+            capabilities=list(sandbox.capabilities), limits=dict(sandbox.limits),
+            seccomp=dataclasses.asdict(sandbox.seccomp),
+            landlock=dataclasses.asdict(sandbox.landlock),
+            listen=[str(p) for p in flow.listen]))
+    owners = {u.name: u.process for u in plan.users}
+    return runtime.ServiceSpec(
+        service=plan.service, base_version=record["base"]["version"], delta=plan.delta,
+        delta_size=plan.delta_size, processes=processes,
+        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner], v.journal, v.epoch)
+                 for v in plan.volumes],
+        watch=dict(plan.watch),
+        exec_paths={s.process: list(s.executables) for s in plan.sandbox})
+
+
+def _save(state: Path, record: dict[str, Any]) -> None:
+    write_json(state / RECORD, record)
+
+
+def _install_users(plan: ServicePlan, record: dict[str, Any], report: Report,
+                   undo: _Undo) -> list[tuple[str, users.SystemUser]]:
+    known = {u["name"] for u in record.get("users", [])}
+    entries = {u["name"]: u for u in record.get("users", [])}
+    accounts = []
+    for spec in plan.users:
+        existing = users.lookup(spec.name)
+        if existing is not None:
+            if spec.name not in known and not users.is_ours(spec):
+                raise RuntimeFailure(f"user {spec.name} exists and was not created by corral; "
+                                     "refusing to adopt it (remove or rename it first)")
+            account = existing
+        else:
+            account = users.create(spec)
+            undo.push(f"remove user {spec.name}", lambda spec=spec: users.remove(spec))
+            report.changed.append(f"created user {spec.name} (uid {account.uid})")
+        entries[spec.name] = {"name": spec.name, "process": spec.process,
+                              "uid": account.uid, "gid": account.gid}
+        accounts.append((spec.comment, account))
+    record["users"] = sorted(entries.values(), key=lambda u: u["name"])
+    return accounts
+
+
+def _remove_dropped_users(plan: ServicePlan, record: dict[str, Any], report: Report) -> None:
+    wanted = {u.name for u in plan.users}
+    for entry in list(record["users"]):
+        if entry["name"] not in wanted:
+            users.remove(UserSpec(entry["name"], plan.service, entry["process"]))
+            record["users"].remove(entry)
+            report.changed.append(f"removed user {entry['name']}")
+
+
+def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
+                  accounts: list[tuple[str, users.SystemUser]], report: Report, undo: _Undo,
+                  show_progress: bool) -> None:
+    wanted = digest({"image": plan.to_json()["image"],
+                     "accounts": [(c, a.name, a.uid, a.gid) for c, a in accounts]})
+    base = record.get("base") or {}
+    current = base.get("version")
+    if current and base.get("digest") == wanted and image.base_dir(state, current).is_dir():
+        return
+    version = max([v for v in base.get("versions", []) if isinstance(v, int)] + [0]) + 1
+    path = image.build_base(plan, state, version, accounts, show_progress)
+    undo.push(f"remove base {version}", lambda: shutil.rmtree(path, ignore_errors=True))
+    undo.push("restore base record", lambda saved=dict(base): record.__setitem__("base", saved))
+    record["base"] = {"version": version, "digest": wanted,
+                      "versions": sorted(set(base.get("versions", [])) | {version})}
+    report.changed.append(f"built base version {version} ({len(plan.image.entries)} entries)")
+
+
+def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], report: Report,
+                     undo: _Undo) -> None:
+    volumes_dir = state / "volumes"
+    if not volumes_dir.exists():
+        volumes_dir.mkdir(mode=0o711)
+        undo.push("remove volumes dir", volumes_dir.rmdir)
+    for vol in plan.volumes:
+        owner = users.lookup(vol.owner)
+        assert owner is not None  # created in the users step
+        path = volumes_dir / vol.store
+        if not path.exists():
+            path.mkdir(mode=0o700)
+            undo.push(f"remove volume {vol.path}", path.rmdir)
+            report.changed.append(f"created volume {vol.path}")
+        st = path.lstat()
+        if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (owner.uid, owner.gid, vol.mode):
+            os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+            os.chmod(path, vol.mode, follow_symlinks=False)
+    record["volumes"] = [{"path": v.path, "store": v.store, "owner": v.owner,
+                          "mode": f"{v.mode:04o}"} for v in plan.volumes]
+
+
+def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
+                   undo: _Undo) -> None:
+    group = nftables.nflog_group(plan.service)
+    for other in lib_root().iterdir():
+        if other.name != plan.service and (other / RECORD).exists() \
+                and nftables.nflog_group(other.name) == group:
+            raise RuntimeFailure(f"services {plan.service} and {other.name} would share NFLOG "
+                                 f"group {group} (their watchers need one each); rename one")
+    wanted = digest(plan.ruleset)
+    exists = nft.table_exists(plan.service)
+    if exists and record.get("table", {}).get("digest") == wanted:
+        return
+    if exists and "table" not in record:
+        raise RuntimeFailure(f"nftables table {plan.table} exists and was not made by corral; "
+                             "refusing to replace it")
+    nft.apply(plan.ruleset)
+    if not exists:
+        undo.push(f"delete table {plan.table}", lambda: nft.delete_table(plan.service))
+    record["table"] = {"name": plan.table, "digest": wanted}
+    report.changed.append(f"applied nftables table {plan.table}")
+
+
+def uninstall(service: str, purge: bool = False) -> Report:
+    record = read_record(service)
+    if record is None:
+        raise UsageError(f"{service}: not installed")
+    report = Report(service)
+    state = lib_dir(service)
+    if nft.delete_table(service):
+        report.changed.append(f"deleted nftables table inet {nftables.table_name(service)}")
+    for entry in record.get("users", []):
+        if users.remove(UserSpec(entry["name"], service, entry["process"])):
+            report.changed.append(f"removed user {entry['name']}")
+    shutil.rmtree(run_dir(service), ignore_errors=True)
+    if purge:
+        shutil.rmtree(state)
+        report.changed.append(f"removed {state} (volumes included)")
+    else:
+        for child in state.iterdir():
+            if child.name != "volumes":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        report.changed.append(f"removed base images; volumes kept in {state / 'volumes'}")
+    for parent in (run_root(), lib_root()):
+        try:
+            parent.rmdir()  # only if no other service is left
+        except OSError:
+            pass
+    return report
+
+
+def build_next_base(service: str, show_progress: bool = False) -> int:
+    """A new base version from the installed manifest as the host has it now (after a package
+    upgrade, say). It is not used until `corral base use`."""
+    from corral.host import base
+    from corral.manifest.model import load_manifest
+    from corral.plan.service import plan_service
+
+    record = read_record(service)
+    if record is None:
+        raise UsageError(f"{service}: not installed")
+    plan = plan_service(record["manifest"], load_manifest(record["manifest"]))
+    accounts = [(spec.comment, users.lookup(spec.name)) for spec in plan.users]
+    if any(account is None for _, account in accounts):
+        raise RuntimeFailure(f"{service}: a user is missing; run corral install again")
+    state = lib_dir(service)
+    version = max(base.versions(state) + [0]) + 1
+    image.build_base(plan, state, version, accounts, show_progress)
+    return version

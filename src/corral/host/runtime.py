@@ -1,0 +1,92 @@
+"""What a running service needs, written by `install` as runtime.json so the launch path reads
+one JSON file instead of re-planning (no manifest model, no ELF parsing at start-up)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.core.paths import lib_dir, run_dir
+
+RUNTIME = "runtime.json"
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    user: str
+    uid: int
+    gid: int
+    command: list[str]
+    environment: dict[str, str]
+    capabilities: list[str]
+    limits: dict[str, Any]
+    seccomp: dict[str, Any]
+    landlock: dict[str, Any]
+    listen: list[str]
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    path: str
+    store: str
+    owner: str  # process name
+    journal: bool | None = None  # None: written before install recorded it (read the manifest)
+    epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    service: str
+    base_version: int
+    delta: str
+    delta_size: int
+    processes: list[ProcessSpec]
+    volumes: list[VolumeSpec]
+    watch: dict[str, Any] = dataclasses.field(default_factory=dict)  # react, tripwires, ...
+    exec_paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return lib_dir(self.service)
+
+    @property
+    def run(self) -> Path:
+        return run_dir(self.service)
+
+    @property
+    def base_root(self) -> Path:
+        return self.state / "base" / str(self.base_version) / "root"
+
+    @property
+    def delta_dir(self) -> Path:
+        return self.run / "delta" if self.delta == "tmpfs" else self.state / "delta"
+
+    @property
+    def root(self) -> Path:
+        return self.run / "root"
+
+    def process(self, name: str) -> ProcessSpec | None:
+        return next((p for p in self.processes if p.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def write(spec: ServiceSpec) -> None:
+    from corral.core.fsio import write_json
+
+    write_json(spec.state / RUNTIME, spec.to_json())
+
+
+def read(service: str) -> ServiceSpec | None:
+    try:
+        data = json.loads((lib_dir(service) / RUNTIME).read_text())
+    except FileNotFoundError:
+        return None
+    data["processes"] = [ProcessSpec(**p) for p in data["processes"]]
+    data["volumes"] = [VolumeSpec(**v) for v in data["volumes"]]
+    return ServiceSpec(**data)

@@ -1,0 +1,183 @@
+"""The service's root file system: read-only BASE + throwaway DELTA (overlayfs), a minimal /dev,
+the volumes, and per process its own /proc, then pivot_root.
+
+Two levels, like the processes that do them:
+- `prepare_service_root` runs in the supervisor, which has its own private mount namespace: the
+  delta (tmpfs in the host namespace, so `corral delta` and `revert` can read it), the overlay,
+  /dev and the volumes. None of these mounts is visible on the host.
+- `enter_root` runs in each process's child, in a new mount namespace copied from the
+  supervisor's: its /proc (it has its own PID namespace), read-only volumes it does not own,
+  then pivot_root and detach the old root, so nothing of the host stays reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from corral.kernel import syscalls as kernel
+from corral.kernel.syscalls import (MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT)
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+SAFE = MS_NOSUID | MS_NODEV
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    path: str  # inside the root
+    source: str  # host directory under the state directory
+    owner: str  # process name that may write
+    work: str  # overlayfs work directory for it, on the same file system as `source`
+
+
+def _is_mountpoint(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            return any(line.split()[4] == path for line in handle)
+    except OSError:
+        return False
+
+
+def mount_delta(delta_dir: str, kind: str, size: int) -> None:
+    """The writable layer: a tmpfs of `size` (host namespace) or a plain directory for "disk"."""
+    os.makedirs(delta_dir, mode=0o700, exist_ok=True)
+    if kind == "tmpfs" and not _is_mountpoint(delta_dir):
+        kernel.mount("corral-delta", delta_dir, "tmpfs", SAFE, f"size={size},mode=0700")
+    for sub in ("upper", "work"):
+        os.makedirs(os.path.join(delta_dir, sub), mode=0o755, exist_ok=True)
+
+
+def unmount_delta(delta_dir: str, kind: str) -> None:
+    if kind == "tmpfs" and _is_mountpoint(delta_dir):
+        kernel.umount2(delta_dir, MNT_DETACH)
+    if kind == "tmpfs":
+        shutil.rmtree(delta_dir, ignore_errors=True)
+
+
+def clear_delta(delta_dir: str) -> None:
+    """Empty the delta (a fresh start from the base) without unmounting it."""
+    for name in os.listdir(delta_dir):
+        path = os.path.join(delta_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    for sub in ("upper", "work"):
+        os.makedirs(os.path.join(delta_dir, sub), mode=0o755)
+
+
+def private_namespace() -> None:
+    """Give the calling process its own mount namespace whose mounts never propagate back."""
+    kernel.unshare(kernel.CLONE_NEWNS)
+    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[VolumeMount],
+                         noexec: tuple[str, ...] = ("/tmp",)) -> list[str]:
+    """In the supervisor's private mount namespace: overlay, /dev, volumes, and `noexec` for
+    the places the service can write to (so nothing it writes can be mapped executable, not
+    even through the dynamic loader, which Landlock must let it execute). Returns warnings
+    for the service's status (a volume that had to be bind-mounted)."""
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
+    with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
+        kernel.mount("corral-root", root, "overlay", SAFE,
+                     f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
+    for path in noexec:
+        target = os.path.join(root, path.lstrip("/"))
+        if os.path.isdir(target) and not os.path.islink(target):
+            kernel.mount(target, target, None, MS_BIND)
+            kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
+    _mount_dev(os.path.join(root, "dev"))
+    warnings = []
+    for vol in volumes:
+        target = os.path.join(root, vol.path.lstrip("/"))
+        # The mount point comes from the base (plan adds it); refuse one the delta replaced with
+        # a symlink, which would redirect the bind mount outside the root.
+        if os.path.islink(target) or not os.path.isdir(target):
+            raise OSError(f"volume mount point {vol.path} is not a directory in the root")
+        try:
+            _mount_volume(vol, target)
+        except OSError as exc:
+            # Some file systems cannot be an overlay's upper layer (an overlay itself, as in a
+            # container; NFS; XFS without d_type): a bind mount works everywhere, at the price
+            # of the host path showing in the service's mountinfo. Said in `status`.
+            kernel.mount(vol.source, target, None, MS_BIND)
+            kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
+            warnings.append(f"volume {vol.path} is bind-mounted (its file system cannot be an "
+                            f"overlay's upper layer: {exc.strerror}); the service can see its "
+                            "host path in /proc/self/mountinfo")
+    return warnings
+
+
+def _mount_volume(vol: VolumeMount, target: str) -> None:
+    """The volume as the upper layer of an overlay over an empty directory, not a bind mount.
+
+    A bind mount's root shows in the service's /proc/self/mountinfo as its path on the host file
+    system (the state directory's layout). An overlay is a superblock of its own, so its root is
+    "/", and its layers are named through descriptors as for the root. Files live in the volume
+    directory as they are (the lower layer is empty: no copy-up, no whiteouts; only a directory
+    made at the top is marked opaque, as the overlay's root merges the empty layer).
+    Caveat, documented: the overlay caches lookups, so files the host adds to a running
+    service's volume may stay invisible to it; write through `corral exec` or stop it first."""
+    empty = os.path.join(os.path.dirname(vol.work), ".empty")
+    for path in (empty, vol.work):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    with _by_descriptor(empty, vol.source, vol.work) as (lower, upper, work):
+        # index=off: after a revert the old overlay may linger (lazily detached) for a moment,
+        # and with the index on, a second overlay on the same upper is refused. uuid=off: else
+        # the kernel stores a trusted.overlay.uuid xattr on the volume directory.
+        kernel.mount("corral-volume", target, "overlay", SAFE | MS_NOEXEC,
+                     f"lowerdir={lower},upperdir={upper},workdir={work},index=off,uuid=off")
+
+
+@contextmanager
+def _by_descriptor(*dirs: str) -> Iterator[tuple[str, ...]]:
+    """Overlay layers named "/proc/self/fd/N", so that the service's /proc/self/mountinfo shows
+    that instead of the host's paths of the state directory. The descriptors (O_PATH, no
+    symlink followed at the end) are open only for the mount call."""
+    fds: list[int] = []
+    try:
+        for path in dirs:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        yield tuple(f"/proc/self/fd/{fd}" for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _mount_dev(dev: str) -> None:
+    """A /dev with only null, zero, full, random and urandom (bind mounts of the host's nodes,
+    so no mknod is needed) and the usual symlinks to /proc/self/fd."""
+    kernel.mount("corral-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    for name in DEVICES:
+        node = os.path.join(dev, name)
+        open(node, "w").close()
+        kernel.mount(f"/dev/{name}", node, None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+    os.mkdir(os.path.join(dev, "shm"), 0o1777)
+    kernel.mount("corral-shm", os.path.join(dev, "shm"), "tmpfs",
+                 SAFE | MS_NOEXEC, "size=16m,mode=1777")
+    kernel.mount(None, dev, None, MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY,
+                 "size=64k,mode=0755")
+
+
+def enter_root(root: str, process: str, volumes: list[VolumeMount]) -> None:
+    """In the process's new mount + PID namespaces: /proc, read-only foreign volumes, pivot."""
+    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    kernel.mount("proc", os.path.join(root, "proc"), "proc", SAFE | MS_NOEXEC)
+    for vol in volumes:
+        if vol.owner != process:
+            target = os.path.join(root, vol.path.lstrip("/"))
+            kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | SAFE | MS_NOEXEC)
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
+    # only the new root (the trick runc and nsjail use; no put_old directory needed).
+    kernel.pivot_root(".", ".")
+    kernel.umount2(".", MNT_DETACH)
+    os.chdir("/")

@@ -1,0 +1,307 @@
+"""Start one contained process, or run a command inside a running one's containment.
+
+    supervisor ──fork──> holder: joins the cgroup, unshares mount, PID, IPC, UTS and cgroup
+                          namespaces, forks, waits and passes the exit status on
+                          └──fork──> init (PID 1 of its namespace): /proc, pivot_root,
+                                     hostname, rlimits, new session, user and capabilities,
+                                     no_new_privs, Landlock, seccomp (last), execve
+
+Everything that can fail before execve is reported through a close-on-exec pipe, so the
+supervisor knows whether the program really started. Both children die with their parent
+(PR_SET_PDEATHSIG), and when the init dies the kernel kills its whole PID namespace: no orphan
+outlives the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from corral.launch import creds, landlock, mnt, seccomp
+from corral.kernel import syscalls as kernel, notify
+from corral.host.runtime import ProcessSpec, ServiceSpec
+from corral.plan.sandbox import LandlockPlan, SeccompPlan
+
+NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
+              | kernel.CLONE_NEWUTS | kernel.CLONE_NEWCGROUP)
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass
+class Spawned:
+    """A process forked and setting itself up; its program's execve waits for `finish`."""
+    name: str
+    holder: int
+    sock: socket.socket  # brings the seccomp listener once the filter is loaded
+    err_r: int  # the error pipe: EOF when execve succeeded, else the failed stage's message
+    pid_r: int  # the init's host pid, from the holder
+
+
+@dataclass
+class Started:
+    holder: int  # the holder's pid: its exit status is the process's
+    init: int  # host pid of the contained program (PID 1 inside)
+    notify_fd: int = -1  # seccomp listener for its execve calls (the `exec` tripwire)
+
+
+EXEC_CALLS = ("execve", "execveat")
+
+
+class LaunchError(OSError):
+    pass
+
+
+def landlock_plan(proc: ProcessSpec) -> LandlockPlan:
+    return LandlockPlan(**{k: tuple(v) for k, v in proc.landlock.items()})
+
+
+def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
+    return SeccompPlan(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in proc.seccomp.items()})
+
+
+def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
+    return [mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner,
+                            str(spec.state / "volume-work" / v.store))
+            for v in spec.volumes]
+
+
+def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, ...],
+             notify_sock: socket.socket | None = None) -> None:
+    """Common tail of start and exec, as root inside the namespaces and the root."""
+    nofile = int(proc.limits.get("open_files", 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files with the service's secrets
+    if out_fd >= 0:
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+    top = os.sysconf("SC_OPEN_MAX")
+    keep = sorted(set(keep_fds) | {0, 1, 2})
+    start = 0
+    for fd in keep + [top]:
+        if start < fd:
+            os.closerange(start, fd)
+        start = fd + 1
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # a new session: no controlling terminal to inject keystrokes into
+    creds.drop_privileges(proc.uid, proc.gid, proc.capabilities)
+    # The kernel clears the parent-death signal when the uid changes: set it again, so the
+    # program still dies with its holder (and the holder with the supervisor).
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+    landlock.restrict(landlock_plan(proc))
+    seccomp.load(filt)
+    if notify_sock is not None:  # hand the listener up before the first execve blocks on it
+        fd = seccomp.notify_fd(filt)
+        notify.send_fd(notify_sock, fd)
+        os.close(fd)
+        notify_sock.close()
+
+
+def _memfd_noexec() -> None:
+    """vm.memfd_noexec=2 (per PID namespace, kernel 6.3+): memfds can never be executed, so
+    nothing the process writes into memory can be run as a program."""
+    try:
+        with open("/proc/sys/vm/memfd_noexec", "w") as handle:
+            handle.write("2")
+    except OSError:
+        pass  # older kernels: Landlock still refuses to execute a memfd
+
+
+def _report(err_w: int, stage: str, exc: BaseException) -> None:
+    try:
+        os.write(err_w, f"{stage}: {exc}".encode()[:4000])
+    finally:
+        os._exit(127)
+
+
+def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Spawned:
+    """Fork the contained process and return at once; `finish` completes the start. It joins
+    its cgroup (the kernel's first cgroup migration waits for an RCU grace period, ~10 ms),
+    namespaces, root and sandbox while the caller goes on (the supervisor starts its sensors
+    meanwhile); nothing of the program runs before `finish` answers its execve."""
+    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    volumes = volumes_of(spec)
+    env = dict(proc.environment)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    holder = os.fork()
+    if holder == 0:
+        stage = "namespaces"
+        try:
+            os.close(err_r)
+            os.close(pid_r)
+            parent_sock.close()
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+            cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
+            kernel.unshare(NAMESPACES)
+            init = os.fork()
+            if init == 0:
+                stage = "root"
+                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+                mnt.enter_root(str(spec.root), proc.name, volumes)
+                socket.sethostname(spec.service)
+                _memfd_noexec()
+                stage = "sandbox"
+                _confine(proc, filt, out_fd, (err_w, child_sock.fileno()), child_sock)
+                stage = "exec"
+                os.execve(proc.command[0], proc.command, env)
+            child_sock.close()
+            os.write(pid_w, struct.pack("i", init))
+            os.close(pid_w)
+            os.close(err_w)
+            _wait_and_exit(init)
+        except BaseException as exc:  # noqa: BLE001 - the child must never return
+            _report(err_w, stage, exc)
+    os.close(err_w)
+    os.close(pid_w)
+    child_sock.close()
+    return Spawned(proc.name, holder, parent_sock, err_r, pid_r)
+
+
+def finish(spawned: Spawned, on_exec: Callable[[int], None]) -> Started:
+    """Wait for a spawned process to reach its execve, let it run (on_exec answers the
+    notification), and return once it has exec'd (or raise with the stage that failed)."""
+    notify_fd = -1
+    try:
+        _, notify_fd = notify.recv_fd(spawned.sock)  # None: the child failed before the filter
+        message = _await_exec(spawned.err_r, notify_fd, on_exec)
+        raw = _read_all(spawned.pid_r)
+    except BaseException:
+        if notify_fd is not None and notify_fd >= 0:
+            os.close(notify_fd)
+        raise
+    finally:
+        abandon(spawned, kill=False)
+    if message:
+        os.waitpid(spawned.holder, 0)
+        if notify_fd is not None:
+            os.close(notify_fd)
+        raise LaunchError(f"process {spawned.name}: {message.decode(errors='replace')}")
+    return Started(spawned.holder, struct.unpack("i", raw)[0],
+                   -1 if notify_fd is None else notify_fd)
+
+
+def abandon(spawned: Spawned, kill: bool = True) -> None:
+    """Close what `spawn` left open; with `kill`, also stop the process (its init dies with
+    its holder) and reap it: for a start given up before `finish`."""
+    for fd in (spawned.err_r, spawned.pid_r):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    spawned.sock.close()
+    if kill:
+        try:
+            os.kill(spawned.holder, signal.SIGKILL)
+            os.waitpid(spawned.holder, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _await_exec(err_r: int, notify_fd: int | None, on_exec: Callable[[int], None]) -> bytes:
+    """Read the error pipe to its end (the exec succeeded, or a message), answering the exec
+    notifications that arrive meanwhile: the program's own execve is one of them."""
+    import selectors
+
+    chunks = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(err_r, selectors.EVENT_READ, "err")
+        if notify_fd is not None:
+            sel.register(notify_fd, selectors.EVENT_READ, "notify")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "notify":
+                    on_exec(notify_fd)
+                    continue
+                chunk = os.read(err_r, 4096)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _wait_and_exit(pid: int) -> None:
+    """The holder: pass the program's exit status on, as a shell would (128 + signal)."""
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+             else 128 + os.WTERMSIG(status))
+
+
+NS_ORDER = (("cgroup", kernel.CLONE_NEWCGROUP), ("ipc", kernel.CLONE_NEWIPC),
+            ("uts", kernel.CLONE_NEWUTS), ("pid", kernel.CLONE_NEWPID),
+            ("mnt", kernel.CLONE_NEWNS))
+
+
+def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object,
+               forward_notify: Callable[[int], None]) -> int:
+    """`corral exec`: run argv in the namespaces, root, user, Landlock and seccomp of the
+    running process `target` (host pid of its init), in its cgroup. Its exec notifications go
+    to `forward_notify(fd)` (the service's supervisor, whose watcher answers them). Returns the
+    exit code."""
+    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ns_fds = [(os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
+              for name, flag in NS_ORDER]
+    env = dict(proc.environment)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    holder = os.fork()
+    if holder == 0:
+        stage = "namespaces"
+        try:
+            os.close(err_r)
+            parent_sock.close()
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+            cgroup.add(os.getpid())
+            for fd, flag in ns_fds:
+                kernel.setns(fd, flag)  # mnt last: it also moves our root and cwd into it
+                os.close(fd)
+            child = os.fork()
+            if child == 0:
+                stage = "sandbox"
+                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+                os.chdir("/")
+                _confine(proc, filt, -1, (err_w, child_sock.fileno()), child_sock)
+                stage = "exec"
+                os.execvpe(argv[0], argv, env | {"PATH": env.get("PATH", DEFAULT_PATH)})
+            os.close(err_w)
+            child_sock.close()
+            _wait_and_exit(child)
+        except BaseException as exc:  # noqa: BLE001
+            _report(err_w, stage, exc)
+    for fd, _ in ns_fds:
+        os.close(fd)
+    os.close(err_w)
+    child_sock.close()
+    try:
+        _, notify_fd = notify.recv_fd(parent_sock)
+        if notify_fd is not None:
+            forward_notify(notify_fd)
+            os.close(notify_fd)
+        message = _read_all(err_r)
+    finally:
+        os.close(err_r)
+        parent_sock.close()
+    _, status = os.waitpid(holder, 0)
+    if message:
+        raise LaunchError(message.decode(errors="replace"))
+    return os.waitstatus_to_exitcode(status)

@@ -1,0 +1,262 @@
+"""Per-service nftables table: inclusive network filtering for each process's system user.
+
+Every process of a service runs as its own user (corral-SERVICE-PROCESS) in the host's network
+namespace, so the kernel can only tell processes apart by the socket owner (`meta skuid`).
+For each service we install one table, `inet corral-SERVICE`:
+
+    set P-connect4 / P-connect6   ipv4_addr|ipv6_addr . inet_proto . inet_service, flags interval
+    set P-listen                  inet_proto . inet_service, flags interval
+    chain output   hook output, policy accept    meta skuid vmap { USER : goto proc-P, ... }
+    chain proc-P   fib saddr type != local       -> log "corral S P spoof", drop
+                   ct direction original, (daddr . l4proto . dport) in P-connect4/6 -> accept
+                   ct direction reply, (l4proto . sport) in P-listen              -> accept
+                   ct direction original -> log "... egress", drop
+                   ct direction reply    -> log "... listen", drop   (serving an undeclared port)
+                   anything else         -> log "... untracked", drop (invalid/untracked by conntrack)
+
+Why this shape:
+- Only the output hook: at input the receiving socket is not known yet, so inbound is enforced on
+  the way back out (a server on an undeclared port cannot send its SYN-ACK / UDP answer).
+  Consequence: a UDP datagram can still *reach* an undeclared socket; it just gets no reply.
+- Policy accept and a per-user vmap: traffic of users we do not know (root, other services, the
+  kernel's own control sockets) never enters a process chain. A drop in any table is final, so
+  accepting here never overrides anybody else's drop and the chain priority does not matter.
+- Related packets get no exemption. ICMP errors and RSTs the kernel generates for a flow come from
+  kernel sockets with no owning user, so `meta skuid` never matches them; inbound ICMP errors are
+  not filtered at all (no input hook). A *user's* socket can only emit related packets with
+  CAP_NET_RAW or a conntrack helper; both are denied (they fall into egress/listen).
+- Loopback is not special: 127.0.0.1 is just an address that must be declared.
+- Anti-spoofing uses `fib saddr type != local` right in the output hook (the kernel accepts fib
+  there and it works for IPv4 and IPv6): a contained user can only send from the host's addresses.
+- `meta skuid` is the owner of the socket's *file* (the creator at socket() time; for a SYN-ACK,
+  the listener). A socket created by another user and handed in (socket activation, SCM_RIGHTS) is
+  attributed to its creator, so the launcher must not pass root-created sockets to a process.
+- Sets keep the per-packet cost nearly flat however long the allow-list (measured, bench/nft.md:
+  0.92 of the 10-entry rate at 100,000 entries, where a linear iptables chain keeps 0.007). Not
+  quite constant: concatenated interval sets use the kernel's pipapo backend, whose lookup grows
+  slowly with the element count; exact host+port entries in a hash set would stay flat (to do).
+  Interval sets refuse partially overlapping elements, so entries are split into disjoint boxes.
+- User names, not uids, go into the JSON (nft resolves them when the ruleset is applied, also in
+  check mode; an unknown user is an error). The plan is computable before the users exist and the
+  golden file holds no uids. Pass `uids` to embed numbers instead. The kernel stores the uid, so
+  a user deleted and recreated with another uid needs the table applied again.
+- The rules live in the kernel: they keep holding when corral is not running (fail closed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from corral.core.netspec import Endpoint, PortSpec
+
+# NFLOG group that denied packets are copied to; the watcher binds this group. It is an arbitrary
+# fixed 16-bit number (rules and watcher agree without configuration), kept away from the small
+# groups (0, 1, 2) that ulogd and most examples use.
+NFLOG_GROUP = 3079  # the host table's group (corral host events)
+NFLOG_SERVICE_BASE, NFLOG_SERVICE_SPAN = 3100, 20000
+
+
+def nflog_group(service: str) -> int:
+    """Each service logs to its own NFLOG group: the kernel allows one listener per group, and
+    that listener is the service's own watcher. Derived from the name, so the plan stays pure;
+    install refuses two installed services that would share one."""
+    return NFLOG_SERVICE_BASE + zlib.crc32(service.encode()) % NFLOG_SERVICE_SPAN
+# At most this many log messages per second per (process, reason); drops are always counted.
+LOG_RATE = 10
+LOG_BURST = 20
+# Copy only the headers (IPv6 40 + TCP with options 60) to the log, never the payload.
+LOG_SNAPLEN = 128
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_ANY = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ProcessFlows:
+    process: str                   # "app"
+    user: str                      # "corral-web-app" (system user name)
+    listen: tuple[PortSpec, ...]   # inbound allowed to these ports
+    connect: tuple[Endpoint, ...]  # egress allow-list (network None = any address)
+
+
+def table_name(service: str) -> str:
+    _check_name("service", service)
+    return "corral-" + service
+
+
+# ---------------------------------------------------------------- set contents (pure helpers)
+
+def merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted union of inclusive ranges, adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
+
+def subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of `ranges` not covered by `holes` (both merged, sorted)."""
+    out = []
+    for first, last in ranges:
+        for hfirst, hlast in holes:
+            if hlast < first or hfirst > last:
+                continue
+            if hfirst > first:
+                out.append((first, hfirst - 1))
+            first = hlast + 1
+            if first > last:
+                break
+        if first <= last:
+            out.append((first, last))
+    return out
+
+
+def connect_boxes(connect: Iterable[Endpoint], version: int) -> list[tuple[Network, str, int, int]]:
+    """Disjoint (network, proto, first, last) boxes whose union is the allow-list of one family.
+
+    Prefixes are either nested or disjoint, so a network only keeps the ports that no enclosing
+    network already allows; the kernel rejects partially overlapping elements otherwise.
+    """
+    own: dict[tuple[str, Network], list[tuple[int, int]]] = {}
+    for ep in connect:
+        net = _ANY[version] if ep.network is None else ipaddress.ip_network(ep.network)
+        if net.version == version:
+            own.setdefault((ep.proto, net), []).append((ep.first, ep.last))
+    boxes = []
+    for (proto, net), ranges in own.items():
+        covered = [r for (p, outer), rs in own.items()
+                   if p == proto and outer != net and net.subnet_of(outer) for r in rs]
+        for first, last in subtract(merge(ranges), merge(covered)):
+            boxes.append((net, proto, first, last))
+    return sorted(boxes, key=lambda b: (b[0], b[1], b[2]))
+
+
+def listen_boxes(listen: Iterable[PortSpec]) -> list[tuple[str, int, int]]:
+    by_proto: dict[str, list[tuple[int, int]]] = {}
+    for spec in listen:
+        by_proto.setdefault(spec.proto, []).append((spec.first, spec.last))
+    return [(proto, f, l) for proto in sorted(by_proto) for f, l in merge(by_proto[proto])]
+
+
+def port(first: int, last: int) -> int | dict:
+    return first if first == last else {"range": [first, last]}
+
+
+def addr(net: Network) -> str | dict:
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+# ---------------------------------------------------------------- the ruleset (pure)
+
+def _check_name(kind: str, name: str) -> None:
+    # Names end up in set/chain names and in log prefixes that the watcher splits on spaces.
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f'{kind} name "{name}" must match [A-Za-z0-9][A-Za-z0-9_.-]*')
+
+
+def match(left: dict, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+_DIRECTION = {"ct": {"key": "direction"}}
+_L4PROTO = {"meta": {"key": "l4proto"}}
+_SPOOFED = match({"fib": {"flags": ["saddr"], "result": "type"}}, "local", "!=")
+
+
+def th(field: str) -> dict:
+    return {"payload": {"protocol": "th", "field": field}}
+
+
+def _deny(service: str, process: str, match: list[dict], reason: str) -> list[tuple[list, str | None]]:
+    """Log (rate limited) and drop. Two rules: the limit must gate only the log, never the drop;
+    the drop rule's counter and comment let tests and operators see which reason fired."""
+    prefix = f"corral {service} {process} {reason}"
+    log = [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
+           {"log": {"prefix": prefix, "group": nflog_group(service), "snaplen": LOG_SNAPLEN}}]
+    return [(match + log, None), (match + [{"counter": None}, {"drop": None}], reason)]
+
+
+def _process_rules(service: str, process: str) -> list[tuple[list, str | None]]:
+    """(expressions, comment) of the rules in chain proc-PROCESS, in order."""
+    rules = _deny(service, process, [_SPOOFED], "spoof")  # first: no allow rule may let it out
+    for version, family in ((4, "ip"), (6, "ip6")):
+        daddr = {"payload": {"protocol": family, "field": "daddr"}}
+        rules.append(([match(_DIRECTION, "original"),
+                       match({"concat": [daddr, _L4PROTO, th("dport")]}, f"@{process}-connect{version}"),
+                       {"accept": None}], None))
+    rules.append(([match(_DIRECTION, "reply"),
+                   match({"concat": [_L4PROTO, th("sport")]}, f"@{process}-listen"),
+                   {"accept": None}], None))
+    rules += _deny(service, process, [match(_DIRECTION, "original")], "egress")
+    rules += _deny(service, process, [match(_DIRECTION, "reply")], "listen")
+    rules += _deny(service, process, [], "untracked")
+    return rules
+
+
+def service_ruleset(service: str, flows: Sequence[ProcessFlows],
+                    uids: Mapping[str, int] | None = None) -> dict:
+    """libnftables JSON that atomically (re)creates table inet corral-SERVICE.
+
+    add+delete+add of the table makes it idempotent whether or not the table exists, and nft
+    applies one document as one transaction: on any error the previous table stays untouched.
+    Output is deterministic (processes sorted by name, set elements sorted).
+    """
+    table = table_name(service)
+    flows = sorted(flows, key=lambda f: f.process)
+    for kind, names in (("process", [f.process for f in flows]), ("user", [f.user for f in flows])):
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate {kind} in service {service}: {sorted(names)}")
+    base = {"family": "inet", "table": table}
+    cmds: list[dict] = [
+        {"add": {"table": {"family": "inet", "name": table}}},
+        {"delete": {"table": {"family": "inet", "name": table}}},
+        {"add": {"table": {"family": "inet", "name": table}}},
+    ]
+
+    def add(kind: str, **obj) -> None:
+        cmds.append({"add": {kind: {**base, **obj}}})
+
+    for f in flows:
+        _check_name("process", f.process)
+        for version, addr_type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            elems = [{"concat": [addr(net), proto, port(first, last)]}
+                     for net, proto, first, last in connect_boxes(f.connect, version)]
+            add("set", name=f"{f.process}-connect{version}", type=[addr_type, "inet_proto", "inet_service"],
+                flags=["interval"], **({"elem": elems} if elems else {}))
+        elems = [{"concat": [proto, port(first, last)]} for proto, first, last in listen_boxes(f.listen)]
+        add("set", name=f"{f.process}-listen", type=["inet_proto", "inet_service"],
+            flags=["interval"], **({"elem": elems} if elems else {}))
+
+    # The watcher's `isolate` reaction adds the service's uids here: all their packets stop at
+    # once (replies too, so nothing reaches them either), with one set-element update.
+    add("set", name="isolated", type="uid")
+    add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
+    for f in flows:
+        add("chain", name=f"proc-{f.process}")
+    add("rule", chain="output", comment="isolated",
+        expr=[{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": "@isolated"}},
+              {"counter": None}, {"drop": None}])
+
+    if flows:  # an anonymous vmap cannot be empty
+        try:
+            keys = [f.user if uids is None else uids[f.user] for f in flows]
+        except KeyError as exc:
+            raise ValueError(f"no uid given for user {exc}") from None
+        dispatch = [[key, {"goto": {"target": f"proc-{f.process}"}}] for key, f in zip(keys, flows)]
+        add("rule", chain="output", comment="dispatch by socket owner",
+            expr=[{"vmap": {"key": {"meta": {"key": "skuid"}}, "data": {"set": dispatch}}}])
+
+    for f in flows:
+        for expr, comment in _process_rules(service, f.process):
+            add("rule", chain=f"proc-{f.process}", expr=expr, **({"comment": comment} if comment else {}))
+    return {"nftables": cmds}

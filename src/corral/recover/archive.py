@@ -1,0 +1,118 @@
+"""Archive a delta before it is thrown away: a zstd-compressed tar plus a metadata file.
+
+The archive keeps symlinks as symlinks (their text, never their target), whiteouts as 0/0
+character devices, and copies file contents through descriptors opened with O_NOFOLLOW below the
+delta's own directory descriptor, so no host file can ever end up in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.recover import delta
+
+ARCHIVE = "delta.tar.zst"
+META = "meta.json"
+DEFAULT_KEEP = 10
+
+
+def _add_tree(tar: tarfile.TarFile, dir_fd: int, prefix: str) -> int:
+    count = 0
+    for item in sorted(os.scandir(dir_fd), key=lambda e: e.name):
+        name = item.name
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        info = tarfile.TarInfo(prefix + name)
+        info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        info.mtime = int(st.st_mtime)
+        fileobj = None
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+            fileobj = os.fdopen(fd, "rb")
+            info.size = os.fstat(fd).st_size
+        elif stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
+        elif stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+        elif stat.S_ISCHR(st.st_mode):  # whiteouts (0/0) and anything else the service made
+            info.type = tarfile.CHRTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        elif stat.S_ISFIFO(st.st_mode):
+            info.type = tarfile.FIFOTYPE
+        else:
+            continue  # sockets and block devices carry no content worth keeping
+        try:
+            tar.addfile(info, fileobj)
+        finally:
+            if fileobj is not None:
+                fileobj.close()
+        count += 1
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+            try:
+                count += _add_tree(tar, sub, prefix + name + "/")
+            finally:
+                os.close(sub)
+    return count
+
+
+def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, Any],
+                  keep: int = DEFAULT_KEEP) -> Path:
+    """Write archives/<time>-<reason>/{delta.tar.zst,meta.json}; returns the directory."""
+    import zstandard
+
+    found = delta.changes(upper_fd, base_fd)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+    reason = "".join(c if c.isalnum() else "-" for c in str(meta.get("reason", "revert")))[:32]
+    archives.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = archives / f"{stamp}-{reason}"
+    work = archives / f".{stamp}-{reason}.tmp"
+    work.mkdir(mode=0o700)
+    try:
+        with open(work / ARCHIVE, "wb") as raw:
+            with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst:
+                with tarfile.open(fileobj=zst, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    entries = _add_tree(tar, upper_fd, "")
+            raw.flush()
+            os.fsync(raw.fileno())
+        record = dict(meta, created_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+                      + f".{int(now % 1 * 1e6):06d}Z", entries=entries,
+                      changes=[c.to_json() for c in found])
+        (work / META).write_text(json.dumps(record, indent=2) + "\n")
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    prune(archives, keep)
+    return final
+
+
+def prune(archives: Path, keep: int) -> None:
+    kept = sorted(p for p in archives.iterdir() if not p.name.startswith("."))
+    for old in kept[:-keep] if keep > 0 else kept:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_archives(archives: Path) -> list[dict[str, Any]]:
+    out = []
+    if not archives.is_dir():
+        return out
+    for path in sorted(p for p in archives.iterdir() if not p.name.startswith(".")):
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({"path": str(path / ARCHIVE), "created_at": meta.get("created_at"),
+                    "reason": meta.get("reason"), "incident": meta.get("incident"),
+                    "changes": len(meta.get("changes", [])),
+                    "bytes": (path / ARCHIVE).stat().st_size})
+    return out

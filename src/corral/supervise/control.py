@@ -1,0 +1,363 @@
+"""Run-time commands on an installed service: up, run, down, status, exec."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.watch import incidents
+from corral.host import runtime
+from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.paths import lib_root, run_dir
+from corral.host.runtime import ServiceSpec
+
+READY_TIMEOUT = 30.0
+
+
+def spec_of(service: str) -> ServiceSpec:
+    spec = runtime.read(service)
+    if spec is None:
+        raise UsageError(f"{service}: not installed (corral install FILE first)")
+    return spec
+
+
+def read_state(service: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir(service) / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def supervisor_alive(state: dict[str, Any] | None) -> bool:
+    if not state or state.get("phase") in ("stopped", "exited", "killed"):
+        return False
+    pid = state.get("supervisor")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"corral" in handle.read()  # `corral run` or `-m corral.supervise.supervisor`
+    except (OSError, TypeError):
+        return False
+
+
+def _supervisor_argv(service: str) -> list[str]:
+    return [sys.executable, "-m", "corral.supervise.supervisor", service]
+
+
+def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
+    from corral.recover.archive import list_archives  # tarfile: only status needs it, not the launch path
+
+    return list_archives(spec.state / "archives")
+
+
+def run(service: str) -> int:
+    """Foreground: this process is the supervisor; its exit code is the service's."""
+    from corral.supervise import supervisor
+
+    spec_of(service)
+    if supervisor_alive(read_state(service)):
+        raise RuntimeFailure(f"{service}: already running")
+    return supervisor.main([service, "--foreground"])
+
+
+def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Start the supervisor in the background; return when every process runs and listens."""
+    spec = spec_of(service)
+    if supervisor_alive(read_state(service)):
+        return {"service": service, "changed": False, "state": read_state(service)}
+    run_path = spec.run
+    run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (run_path / "state.json").unlink(missing_ok=True)
+    with open(run_path / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = read_state(service)
+        if proc.poll() is not None and (not state or state.get("phase") != "running"):
+            detail = (state or {}).get("error") or _tail(run_path / "supervisor.log")
+            raise RuntimeFailure(f"{service}: did not start: {detail}")
+        if state and state.get("phase") == "failed":
+            down(service)
+            raise RuntimeFailure(f"{service}: did not start: {state.get('error')}")
+        crashed = _crashed_during_start(spec, state)
+        if crashed:
+            down(service)
+            raise RuntimeFailure(f"{service}: did not start: {crashed}")
+        if state and state.get("phase") == "running" and _all_listening(spec, state):
+            return {"service": service, "changed": True, "state": state}
+        time.sleep(0.02)
+    down(service)
+    raise RuntimeFailure(f"{service}: not ready within {timeout:.0f}s (processes running and "
+                         "declared ports listening); stopped again")
+
+
+def _crashed_during_start(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
+    """A process that exits before the service is ready will not get better by waiting."""
+    for name, pstate in ((state or {}).get("processes") or {}).items():
+        if pstate.get("state") in ("backoff", "failed", "exited"):
+            log = _tail(spec.run / "logs" / f"{name}.log")
+            why = pstate.get("error") or f"exited with code {pstate.get('exit_code')}"
+            return f"process {name} {why}; its log: {log}"
+    return ""
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text().strip().splitlines()[-lines:])
+    except OSError:
+        return "no log"
+
+
+def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
+    listening = listening_sockets()
+    for proc in spec.processes:
+        pstate = state["processes"].get(proc.name, {})
+        if pstate.get("state") != "running":
+            return False
+        for entry in proc.listen:
+            proto, ports = entry.split("/")
+            first = int(ports.split("-")[0])
+            if (proto, first, proc.uid) not in listening:
+                return False
+    return True
+
+
+def listening_sockets() -> set[tuple[str, int, int]]:
+    """(proto, port, uid) of every listening TCP socket and bound UDP socket on the host."""
+    out = set()
+    for proto, files, wanted in (("tcp", ("/proc/net/tcp", "/proc/net/tcp6"), "0A"),
+                                 ("udp", ("/proc/net/udp", "/proc/net/udp6"), "07")):
+        for name in files:
+            try:
+                with open(name) as handle:
+                    next(handle)
+                    for line in handle:
+                        fields = line.split()
+                        if fields[3] == wanted:
+                            port = int(fields[1].rsplit(":", 1)[1], 16)
+                            out.add((proto, port, int(fields[7])))
+            except OSError:
+                continue
+    return out
+
+
+def down(service: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop the supervisor (it stops every process, unmounts, removes cgroups), then clean up
+    whatever a dead supervisor left: no process, mount or cgroup stays behind."""
+    spec = spec_of(service)
+    state = read_state(service)
+    changed = False
+    if supervisor_alive(state):
+        os.kill(state["supervisor"], signal.SIGTERM)
+        changed = True
+        deadline = time.time() + timeout
+        while supervisor_alive(read_state(service)) and time.time() < deadline:
+            time.sleep(0.02)
+        if supervisor_alive(read_state(service)):
+            os.kill(state["supervisor"], signal.SIGKILL)
+            time.sleep(0.1)
+    _cleanup(spec)
+    return {"service": service, "changed": changed}
+
+
+def _cleanup(spec: ServiceSpec) -> None:
+    from corral.launch import cgroup, mnt
+
+    cgroup.remove_service(spec.service)
+    mnt.unmount_delta(str(spec.delta_dir), spec.delta)
+    for name in ("state.json", "supervisor.lock"):
+        (spec.run / name).unlink(missing_ok=True)
+
+
+def status(service: str | None) -> list[dict[str, Any]]:
+    names = [service] if service else sorted(p.name for p in lib_root().iterdir()
+                                             if (p / runtime.RUNTIME).exists()) \
+        if lib_root().exists() else []
+    return [_status_of(name) for name in names]
+
+
+def _status_of(service: str) -> dict[str, Any]:
+    spec = spec_of(service)
+    state = read_state(service)
+    alive = supervisor_alive(state)
+    processes = []
+    for proc in spec.processes:
+        pstate = (state or {}).get("processes", {}).get(proc.name, {}) if alive else {}
+        processes.append({
+            "name": proc.name, "user": proc.user, "uid": proc.uid,
+            "state": pstate.get("state", "down"), "pid": pstate.get("pid"),
+            "restarts": pstate.get("restarts", 0), "exit_code": pstate.get("exit_code"),
+            "error": pstate.get("error") or None, "listen": proc.listen,
+        })
+    ended = (state or {}).get("phase") if (state or {}).get("phase") in (
+        "failed", "exited", "killed") else None
+    return {
+        "service": service,
+        "state": (state or {}).get("phase", "down") if alive else (ended or "down"),
+        "error": (state or {}).get("error") or None if (alive or ended) else None,
+        "supervisor": state.get("supervisor") if alive else None,
+        "base_version": spec.base_version,
+        "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
+        "landlock": (state or {}).get("landlock") if alive else None,
+        "warnings": (state or {}).get("warnings", []) if alive else [],
+        "processes": processes,
+        "incidents": len(all_incidents := incidents.read(spec.state)),
+        "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),
+        "isolated": bool((state or {}).get("isolated")) if alive else False,
+        "sensors": (state or {}).get("sensors") if alive else None,
+        "journal_epochs": _journal_epochs(spec),
+        "reverts": (state or {}).get("reverts", 0) if alive else 0,
+        "archives": _archives(spec),
+    }
+
+
+def _delta_bytes(spec: ServiceSpec) -> int:
+    upper = spec.delta_dir / "upper"
+    total = 0
+    for top, _, files in os.walk(upper):  # never follows symlinks
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def exec_in(service: str, process: str, argv: list[str]) -> int:
+    from corral.launch import cgroup, pipeline as launch
+
+    spec = spec_of(service)
+    proc = spec.process(process)
+    if proc is None:
+        known = ", ".join(p.name for p in spec.processes)
+        raise UsageError(f"{service}: no process {process!r} (processes: {known})")
+    state = read_state(service)
+    pid = ((state or {}).get("processes", {}).get(process) or {}).get("pid")
+    if not supervisor_alive(state) or not pid:
+        raise RuntimeFailure(f"{service}: process {process} is not running")
+    group = cgroup.Cgroup.create(service, process, cgroup.Limits(
+        memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
+        cpu=proc.limits.get("cpu")))
+    def forward(fd: int) -> None:
+        """The command's exec listener goes to the supervisor, whose watcher answers it."""
+        import socket
+
+        from corral.kernel.notify import send_fd, unix_path
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(10)
+            short, dir_fd = unix_path(str(spec.run / "control.sock"))
+            try:
+                sock.connect(short)
+            finally:
+                os.close(dir_fd)
+            send_fd(sock, fd, json.dumps({"process": process}).encode())
+            if sock.recv(16) != b"ok":
+                raise RuntimeFailure(f"{service}: the supervisor refused the exec session")
+
+    try:
+        return launch.run_inside(proc, pid, argv, group, forward)
+    except OSError as exc:  # LaunchError included: what failed before the command ran
+        raise RuntimeFailure(f"{service}: exec in {process}: {exc}") from None
+
+
+def _upper_path(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
+    """The delta's upper layer, seen through the supervisor's mount namespace when it runs
+    (the tmpfs may be mounted in a namespace other than ours, e.g. under `ip netns exec`)."""
+    upper = str(spec.delta_dir / "upper")
+    if supervisor_alive(state):
+        return f"/proc/{state['supervisor']}/root{upper}"
+    if spec.delta == "disk" and os.path.isdir(upper):
+        return upper
+    raise RuntimeFailure(f"{spec.service}: not running; its tmpfs delta was discarded at stop")
+
+
+def delta_of(service: str) -> dict[str, Any]:
+    from corral.recover import delta
+    from corral.core import text
+    from corral.supervise.supervisor import open_dirs
+
+    spec = spec_of(service)
+    state = read_state(service)
+    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+        found = delta.changes(upper_fd, base_fd)
+    return {"service": service, "base_version": spec.base_version,
+            "changes": [c.to_json() for c in found],
+            "base_writes": [text.show(c.path) for c in delta.base_writes(found)]}
+
+
+def revert(service: str, reason: str = "revert", incident: str | None = None,
+           timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Ask the supervisor to kill, archive the delta and restart from the clean base; return
+    when every process runs and listens again."""
+    spec = spec_of(service)
+    state = read_state(service)
+    if not supervisor_alive(state):
+        raise RuntimeFailure(f"{service}: not running (start it with corral up)")
+    before = state.get("reverts", 0)
+    request = spec.run / "revert-request.json"
+    request.write_text(json.dumps({"reason": reason, "incident": incident}))
+    os.kill(state["supervisor"], signal.SIGUSR1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = read_state(service) or {}
+        if now.get("reverts", 0) > before and now.get("phase") == "running" \
+                and _all_listening(spec, now):
+            return {"service": service, "archive": now.get("last_archive"),
+                    "base_version": now.get("base_version")}
+        if not supervisor_alive(now):
+            raise RuntimeFailure(f"{service}: the supervisor stopped during the revert")
+        time.sleep(0.01)
+    raise RuntimeFailure(f"{service}: not back within {timeout:.0f}s after the revert")
+
+
+def open_incidents(spec: ServiceSpec) -> list[dict[str, Any]]:
+    from corral.watch import incidents
+
+    return incidents.open_ones(spec.state)
+
+
+def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
+    from corral.recover import commit
+    from corral.supervise.supervisor import open_dirs
+
+    spec = spec_of(service)
+    if open_incidents(spec):
+        raise RuntimeFailure(f"{service}: an incident is open; commit refused until it is "
+                             "closed (corral incidents)")
+    state = read_state(service)
+    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+        result = commit.commit(spec, upper_fd, base_fd, allow)
+    if supervisor_alive(state):
+        revert(service, reason="commit")
+    return result
+
+
+def incidents_of(service: str | None) -> list[dict[str, Any]]:
+    names = [service] if service else [s["service"] for s in status(None)]
+    out: list[dict[str, Any]] = []
+    for name in names:
+        out.extend(incidents.read(spec_of(name).state))
+    return sorted(out, key=lambda i: i.get("detected_at") or "")
+
+
+def close_incidents(service: str, which: str) -> list[str]:
+    closed = incidents.close(spec_of(service).state, which)
+    if not closed and which != "all":
+        raise UsageError(f"{service}: no open incident {which!r}")
+    return closed
+
+
+def _journal_epochs(spec: ServiceSpec) -> int:
+    journaled = [v for v in spec.volumes if getattr(v, "journal", False)]
+    if not journaled:
+        return 0
+    from corral.recover.journal.journal import Journal
+
+    return sum(Journal(spec, v.store).info()["epoch"] for v in journaled)

@@ -1,0 +1,199 @@
+"""Sensors that feed the watcher, each a file descriptor for the supervisor's selector.
+
+- AuditReader: the kernel's audit records, read-only through the netlink multicast group
+  (no auditd needed, nothing about the host's audit setup changes). corral's seccomp filters
+  log every denial (SECCOMP records, with the kernel's own timestamp), which gives the `ptrace`,
+  `setuid` and dangerous-syscall tripwires.
+- DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
+  (cost proportional to the delta, which is small while the service behaves).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.recover import delta
+from corral.core import tree
+from corral.core import text
+
+NETLINK_AUDIT = 9
+AUDIT_NLGRP_READLOG = 1
+AUDIT_SECCOMP = 1326
+_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
+_STAMP = re.compile(r"audit\((\d+)\.(\d+):\d+\)")
+PTRACE_CALLS = {"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"}
+SETID_CALLS = {"chmod", "fchmod", "fchmodat", "creat", "open", "openat", "mkdir", "mkdirat",
+               "mknod", "mknodat"}
+# Not violations: exec calls are the notify sensor's (every one is logged as USER_NOTIF), and
+# clone3 gets ENOSYS on purpose so that glibc falls back to clone (every new thread does it).
+IGNORED_CALLS = {"execve", "execveat", "clone3"}
+
+
+@dataclass
+class Event:
+    tripwire: str
+    uid: int | None
+    pid: int | None
+    at: float  # when the act happened (the kernel's timestamp where there is one)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _in_initial_netns(make):  # type: ignore[no-untyped-def]
+    """The kernel multicasts audit records only in the initial network namespace, so the
+    socket is made there even when the service (and its supervisor) live in another one."""
+    from corral.kernel import syscalls as kernel
+
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    initial = -1
+    # PID 1 may refuse (a VM agent that is not dumpable); kthreadd (PID 2) always lives in
+    # the initial namespaces.
+    for pid in (1, 2):
+        try:
+            initial = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            break
+        except OSError:
+            continue
+    if initial < 0:
+        os.close(own)
+        return make()
+    try:
+        if os.stat(f"/proc/self/fd/{own}").st_ino == os.stat(f"/proc/self/fd/{initial}").st_ino:
+            return make()
+        kernel.setns(initial, kernel.CLONE_NEWNET)
+        try:
+            return make()
+        finally:
+            kernel.setns(own, kernel.CLONE_NEWNET)
+    finally:
+        os.close(own)
+        os.close(initial)
+
+
+class AuditReader:
+    def __init__(self) -> None:
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 NETLINK_AUDIT)
+            sock.bind((0, 1 << (AUDIT_NLGRP_READLOG - 1)))
+            return sock
+
+        self.sock = _in_initial_netns(make)
+        self.sock.setblocking(False)
+        self._names: dict[int, str] = {}
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _syscall_name(self, nr: int) -> str:
+        if nr not in self._names:
+            from corral.kernel.libseccomp import load
+
+            pyseccomp = load()
+            try:
+                name = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, nr)
+                self._names[nr] = name.decode() if isinstance(name, bytes) else str(name)
+            except Exception:  # unknown number: keep the number
+                self._names[nr] = str(nr)
+        return self._names[nr]
+
+    def read(self) -> list[Event]:
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError:  # ENOBUFS after a burst: records were lost; go on reading
+                continue
+            while len(data) >= 16:
+                length, kind = struct.unpack_from("=IH", data)
+                body = data[16:length].decode(errors="replace")
+                data = data[(length + 3) & ~3:]
+                if kind == AUDIT_SECCOMP and (event := self.parse(body)) is not None:
+                    out.append(event)
+                if length < 16:
+                    break
+
+    def parse(self, body: str) -> Event | None:
+        fields = {k: v.strip('"') for k, v in _FIELD.findall(body)}
+        stamp = _STAMP.search(body)
+        try:
+            uid, pid, nr = int(fields["uid"]), int(fields["pid"]), int(fields["syscall"])
+        except (KeyError, ValueError):
+            return None
+        name = self._syscall_name(nr)
+        if name in IGNORED_CALLS:
+            return None
+        tripwire = "ptrace" if name in PTRACE_CALLS else "setuid" if name in SETID_CALLS \
+            else "syscall"
+        at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
+        return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
+                                              "comm": fields.get("comm")})
+
+
+class DeltaPoller:
+    """Report each base file the service overwrote, deleted or chmodded, once."""
+
+    def __init__(self, upper: str, base: str):
+        self.upper, self.base = upper, base
+        self.reported: set[bytes] = set()
+        self.seen: dict[bytes, tuple[int, int, int]] = {}
+
+    def poll(self, now: float) -> list[Event]:
+        try:
+            upper = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return []
+        try:
+            base = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(upper)
+            return []
+        events: list[Event] = []
+        try:
+            self._walk(upper, base, b"/", now, events)
+        finally:
+            os.close(upper)
+            os.close(base)
+        return events
+
+    def _walk(self, upper: int, base: int | None, prefix: bytes, now: float,
+              events: list[Event]) -> None:
+        for item in os.scandir(upper):
+            name = os.fsencode(item.name)
+            path = prefix + name
+            try:
+                st = os.stat(name, dir_fd=upper, follow_symlinks=False)
+            except OSError:
+                continue
+            base_st = tree.lstat_at(base, name)
+            if stat.S_ISDIR(st.st_mode):
+                sub = tree.open_dir(upper, name)
+                sub_base = tree.open_dir(base, name) if base_st is not None and \
+                    stat.S_ISDIR(base_st.st_mode) else None
+                if sub is not None:
+                    try:
+                        self._walk(sub, sub_base, path + b"/", now, events)
+                    finally:
+                        os.close(sub)
+                if sub_base is not None:
+                    os.close(sub_base)
+                continue
+            if base_st is None or path in self.reported:
+                continue
+            sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
+                base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)
+            if sensitive:
+                self.reported.add(path)
+                change = "deleted" if tree.is_whiteout(st) else "modified"
+                events.append(Event("base-write", st.st_uid, None, st.st_mtime or now,
+                                    {"path": text.show(path), "change": change}))
