@@ -11,31 +11,13 @@ around the scan when the service runs, exactly as the supervisor does.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
+from corral.cli.common import handled, print_json
 from corral.core.errors import EXIT_CHECK, RuntimeFailure, UsageError, escape_controls
-
-
-def handled(func: Callable[..., Any]) -> Callable[..., Any]:
-    """cli.handled (errors to exit codes), looked up when called: cli imports this module."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from corral.cli.main import handled as cli_handled
-
-        return cli_handled(func)(*args, **kwargs)
-
-    return wrapper
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
 
 
 def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
@@ -108,7 +90,7 @@ def mark(name: str, note: str | None, volume: str | None, as_json: bool) -> None
             "mark", note=note, writer_hint=writer, freeze=freezer(spec) if running else None)
         out.append({"volume": vol.path, "epoch": epoch})
     if as_json:
-        _print_json({"service": name, "epochs": out})
+        print_json({"service": name, "epochs": out})
     elif len(out) == 1:
         click.echo(out[0]["epoch"])
     else:
@@ -130,7 +112,7 @@ def log(name: str, volume: str | None, as_json: bool) -> None:
         result.append({"volume": vol.path, "store": vol.store, **journal.info(),
                        "epochs": journal.log()})
     if as_json:
-        _print_json({"service": name, "volumes": result})
+        print_json({"service": name, "volumes": result})
         return
     for item in result:
         if not item["journaled"]:
@@ -184,7 +166,7 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
     spec, found, _ = _volumes(name, volume, one=True)
     record = _journal(spec, found[0]).diff(epoch)
     if as_json:
-        _print_json({"service": name, "volume": found[0].path, **record})
+        print_json({"service": name, "volume": found[0].path, **record})
         return
     incidents = f", incidents {','.join(record['incidents'])}" if record["incidents"] else ""
     click.echo(f"epoch {record['id']} ({record['reason']}{incidents}): {record['start']} .. "
@@ -220,7 +202,7 @@ def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: st
                              f"(corral down {name}), nothing was changed")
     result = _journal(spec, found[0]).excise(from_, to, prefer, stopped=True)
     if as_json:
-        _print_json({"service": name, "volume": found[0].path, **result})
+        print_json({"service": name, "volume": found[0].path, **result})
         return
     click.echo(f"{name} {found[0].path}: excised epochs {result['from']}..{result['to']} as "
                f"epoch {result['epoch']} ({len(result['changes'])} path(s) changed)")
@@ -251,7 +233,7 @@ def commit(name: str, accept: tuple[int, ...], volume: str | None, as_json: bool
     result = [{"volume": vol.path, **_journal(spec, vol).commit(quiet, incidents, accept)}
               for vol in found]
     if as_json:
-        _print_json({"service": name, "quiet_seconds": quiet, "volumes": result})
+        print_json({"service": name, "quiet_seconds": quiet, "volumes": result})
         return
     for item in result:
         folded = item["folded"]
@@ -272,7 +254,7 @@ def check(name: str, volume: str | None, as_json: bool) -> None:
     result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
     bad = any(item["problems"] for item in result)
     if as_json:
-        _print_json({"service": name, "ok": not bad, "volumes": result})
+        print_json({"service": name, "ok": not bad, "volumes": result})
     else:
         for item in result:
             if item["problems"]:

@@ -38,3 +38,16 @@ def load() -> ModuleType:
     finally:
         ctypes.util.find_library = search
     return pyseccomp
+
+
+def notify_fd(filt: object) -> int:
+    """The listener descriptor of a loaded filter's NOTIFY rules (seccomp_notify_fd(3)).
+    pyseccomp has no accessor for it, so this one call reaches into its filter object for the
+    libseccomp context; it is the only place that does."""
+    import errno
+
+    pyseccomp = load()
+    fd = pyseccomp._libseccomp.seccomp_notify_fd(filt._filter)  # type: ignore[attr-defined]  # noqa: SLF001
+    if fd < 0:
+        raise OSError(-fd or errno.EINVAL, "seccomp_notify_fd: no listener")
+    return int(fd)

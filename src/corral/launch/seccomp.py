@@ -185,16 +185,10 @@ def _quiet(enosys: list[str], notify: list[str]) -> Any:
 
 
 def notify_fd(filters: Filters) -> int:
-    """The listener descriptor of the loaded quiet filter's NOTIFY rules. pyseccomp has no
-    public accessor for it, so libseccomp's seccomp_notify_fd() is called on the filter."""
-    pyseccomp = libseccomp.load()
-
+    """The listener descriptor of the loaded quiet filter's NOTIFY rules."""
     if filters.quiet is None:
         raise OSError(errno.ENOENT, "seccomp_notify_fd: no notification rules")
-    fd = pyseccomp._libseccomp.seccomp_notify_fd(filters.quiet._filter)  # noqa: SLF001
-    if fd < 0:
-        raise OSError(-fd, "seccomp_notify_fd: no listener")
-    return fd
+    return libseccomp.notify_fd(filters.quiet)
 
 
 def load(filters: Filters) -> None:

@@ -11,7 +11,7 @@ from pydantic import BeforeValidator, ValidationError
 
 from corral.manifest import tomlfile
 from corral.core.errors import InputError, Problem
-from corral.manifest.model import Connect, _Strict, load_manifest, problems_from
+from corral.manifest.model import Connect, Strict, load_manifest, problems_from
 
 INTERFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -32,13 +32,13 @@ def _prefix(raw: object) -> str:
         raise ValueError(f'"{raw}": {reason}') from None
 
 
-class Lan(_Strict):
+class Lan(Strict):
     interface: Annotated[str, BeforeValidator(_interface)]
     prefixes: list[Annotated[str, BeforeValidator(_prefix)]]
     services: list[str] = []
 
 
-class HostFile(_Strict):
+class HostFile(Strict):
     role: Literal["server", "router"]
     management: list[Connect] = []
     allow_out: list[Connect] = []

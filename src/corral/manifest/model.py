@@ -110,11 +110,11 @@ Capability = Annotated[str, BeforeValidator(normalize_capability)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
 
-class Image(_Strict):
+class Image(Strict):
     source: Annotated[str, AfterValidator(_image_from)] = Field("closure", alias="from")
     include: list[AbsPath] = []
     # corral extension: vendor files copied into the image, {image path = source}; a relative
@@ -124,7 +124,7 @@ class Image(_Strict):
     delta_size: Size = Field(64 << 20)
 
 
-class Volume(_Strict):
+class Volume(Strict):
     path: AbsPath
     owner: str
     mode: Annotated[int, BeforeValidator(_mode)] = 0o750
@@ -132,14 +132,14 @@ class Volume(_Strict):
     epoch: Duration = 600
 
 
-class Limits(_Strict):
+class Limits(Strict):
     memory: Size = 512 << 20
     pids: Annotated[int, AfterValidator(_positive)] = 256
     open_files: Annotated[int, AfterValidator(_positive)] = 1024
     cpu: Annotated[float, AfterValidator(_cpu)] = 1.0
 
 
-class Process(_Strict):
+class Process(Strict):
     command: Annotated[list[Text], Field(min_length=1)]
     capabilities: list[Capability] = []
     listen: list[Ports] = []
@@ -156,7 +156,7 @@ class Process(_Strict):
         return list(self.exec_) if self.exec_ is not None else [self.command[0]]
 
 
-class Watch(_Strict):
+class Watch(Strict):
     react: Literal["log", "isolate", "kill", "revert"] = "revert"
     tripwires: list[Literal[TRIPWIRES]] = list(TRIPWIRES)  # type: ignore[valid-type]
     quiet: Duration = 86400
@@ -164,7 +164,7 @@ class Watch(_Strict):
     on_incident: Annotated[list[Text], Field(min_length=1)] | None = None
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     name: Annotated[str, AfterValidator(_service_name)]
     image: Image = Image()
     volume: list[Volume] = []
