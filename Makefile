@@ -7,13 +7,21 @@ APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux
                 bubblewrap ca-certificates strace dnsmasq-base
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: demo test system venv bench clean
+.PHONY: demo test lint system venv bench clean
 
 demo: venv
 	bash examples/demo.sh
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests
+
+# Style and bugs (ruff), types (mypy), the pipeline's layers (import-linter, contract in
+# pyproject.toml), and declared against imported dependencies (deptry). CI runs it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/deptry src
 
 bench: venv
 	bash bench/run.sh
@@ -38,7 +46,7 @@ venv: system $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,lint]'
 	touch $(STAMP)
 
 clean:
