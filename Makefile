@@ -7,7 +7,7 @@ APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux
                 bubblewrap ca-certificates strace dnsmasq-base
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: demo test lint system venv bench clean
+.PHONY: demo test lint layers system venv bench clean
 
 demo: venv
 	bash examples/demo.sh
@@ -22,6 +22,12 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/deptry src
+
+# docs/layers.dot and .svg: the folders and their imports, drawn from the code (Graphviz).
+layers: venv
+	@dpkg-query -W -f='$${Status}\n' graphviz 2>/dev/null | grep -q '^install ok installed' || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends graphviz
+	$(VENV)/bin/python docs/layers.py
 
 bench: venv
 	bash bench/run.sh
