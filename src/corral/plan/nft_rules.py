@@ -133,7 +133,7 @@ def connect_boxes(connect: Iterable[Endpoint], version: int) -> list[tuple[Netwo
     boxes = []
     for (proto, net), ranges in own.items():
         covered = [r for (p, outer), rs in own.items()
-                   if p == proto and outer != net and net.subnet_of(outer) for r in rs]
+                   if p == proto and outer != net and _subnet_of(net, outer) for r in rs]
         for first, last in subtract(merge(ranges), merge(covered)):
             boxes.append((net, proto, first, last))
     return sorted(boxes, key=lambda b: (b[0], b[1], b[2]))
@@ -148,6 +148,15 @@ def listen_boxes(listen: Iterable[PortSpec]) -> list[tuple[str, int, int]]:
 
 def port(first: int, last: int) -> int | dict:
     return first if first == last else {"range": [first, last]}
+
+
+def _subnet_of(net: Network, outer: Network) -> bool:
+    """net.subnet_of(outer), typed: both of one version (another version is never a subnet)."""
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return net.subnet_of(outer)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return net.subnet_of(outer)
+    return False
 
 
 def addr(net: Network) -> str | dict:
