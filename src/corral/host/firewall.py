@@ -161,13 +161,14 @@ def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
             pending = None  # stale (reboot, or the guard was killed): nothing is really pending
         chained = pending is not None
         old_previous = guard.read(directory / "previous.json")
-        previous = old_previous if chained else guard.snapshot()
+        fresh = None if chained else guard.snapshot()  # chained: keep the chain's first state
+        previous = old_previous if fresh is None else fresh
         token = secrets.token_hex(16)
         guard_pid = None
         started = time.time()
         try:
-            if not chained:
-                guard.write(directory / "previous.json", previous)
+            if fresh is not None:  # not chained
+                guard.write(directory / "previous.json", fresh)
             guard_pid = guard.start_guard(directory, token, timeout)
             record = {"token": token, "guard_pid": guard_pid, "host_file": plan.host_file,
                       "host_digest": plan.host_digest, "role": plan.spec.role,
@@ -190,8 +191,8 @@ def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
                 raise RuntimeFailure(f"applying table inet {TABLE} failed: {exc}; "
                                      "the table was left as it was") from None
             raise
-        if chained:
-            guard.stop_guard(pending)  # superseded: its token is gone from pending.json anyway
+        if pending is not None:  # chained: that guard is superseded (its token is gone anyway)
+            guard.stop_guard(pending)
         (directory / "rolled_back.json").unlink(missing_ok=True)
         _pause("applied")
     return {"table": f"inet {TABLE}", "host_file": plan.host_file, "role": plan.spec.role,
