@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -115,13 +116,13 @@ class Strict(BaseModel):
 
 
 class Image(Strict):
-    source: Annotated[str, AfterValidator(_image_from)] = Field("closure", alias="from")
+    source: Annotated[str, AfterValidator(_image_from)] = Field(default="closure", alias="from")
     include: list[AbsPath] = []
     # corral extension: vendor files copied into the image, {image path = source}; a relative
     # source is relative to the manifest's directory.
     add: dict[AbsPath, Annotated[str, AfterValidator(_source_path)]] = {}
     delta: Literal["tmpfs", "disk"] = "tmpfs"
-    delta_size: Size = Field(64 << 20)
+    delta_size: Size = Field(default=64 << 20)
 
 
 class Volume(Strict):
@@ -189,7 +190,7 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _message(err: dict[str, Any], or_list: bool = False) -> str:
+def _message(err: Mapping[str, Any], or_list: bool = False) -> str:
     kind, value = err["type"], err.get("input")
     expected = {
         "string_type": "a string", "int_type": "an integer", "float_type": "a number",
@@ -223,7 +224,7 @@ def _is_tag(part: str | int) -> bool:
 def problems_from(file: str, exc: ValidationError) -> list[Problem]:
     errors = exc.errors()
 
-    def union_key(err: dict[str, Any]) -> tuple:
+    def union_key(err: Mapping[str, Any]) -> tuple:
         loc = err["loc"]
         first_tag = next((i for i, p in enumerate(loc) if _is_tag(p)), None)
         return loc[:first_tag] if first_tag is not None else ()
