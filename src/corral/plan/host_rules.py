@@ -45,9 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.core.netspec import Endpoint, PortSpec
-from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, LOG_SNAPLEN, NFLOG_GROUP, Network, connect_boxes, listen_boxes)
+from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, LOG_SNAPLEN, NFLOG_GROUP, Network,
+                                    connect_boxes, listen_boxes)
 # The same expression builders and interval arithmetic as the service tables.
-from corral.plan.nft_rules import (addr as _addr, match as _match, merge as _merge, port as _port, subtract as _subtract, th as _th)
+from corral.plan.nft_rules import (addr as _addr, match as _match, merge as _merge,
+                                    port as _port, subtract as _subtract, th as _th)
 
 TABLE = "corral-host"
 FAMILIES = ((4, "ip"), (6, "ip6"))
@@ -259,7 +261,8 @@ def host_ruleset(spec: HostSpec) -> dict:
     for version, _ in FAMILIES:
         doc.flow_set(f"mgmt{version}", spec.management, version)
     doc.set("listen", ["inet_proto", "inet_service"],
-            [{"concat": [proto, _port(f, l)]} for proto, f, l in listen_boxes(listen)])
+            [{"concat": [proto, _port(first, last)]}
+             for proto, first, last in listen_boxes(listen)])
     for version, _ in FAMILIES:
         doc.flow_set(f"egress{version}", _not_loopback(list(spec.allow_out) + connect), version)
     if router:
@@ -369,8 +372,8 @@ def management_first(ruleset: dict, spec: HostSpec) -> bool:
         return [r for r in rules if r["chain"] == chain][:n]
 
     for version, _ in FAMILIES:
-        want = [{"concat": [_addr(net), proto, _port(f, l)]}
-                for net, proto, f, l in connect_boxes(spec.management, version)]
+        want = [{"concat": [_addr(net), proto, _port(first, last)]}
+                for net, proto, first, last in connect_boxes(spec.management, version)]
         if sets.get(f"mgmt{version}") != want:
             return False
     inputs = first("input", 2)

@@ -143,7 +143,8 @@ def listen_boxes(listen: Iterable[PortSpec]) -> list[tuple[str, int, int]]:
     by_proto: dict[str, list[tuple[int, int]]] = {}
     for spec in listen:
         by_proto.setdefault(spec.proto, []).append((spec.first, spec.last))
-    return [(proto, f, l) for proto in sorted(by_proto) for f, l in merge(by_proto[proto])]
+    return [(proto, first, last)
+            for proto in sorted(by_proto) for first, last in merge(by_proto[proto])]
 
 
 def port(first: int, last: int) -> int | dict:
@@ -261,7 +262,8 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
             keys = [f.user if uids is None else uids[f.user] for f in flows]
         except KeyError as exc:
             raise ValueError(f"no uid given for user {exc}") from None
-        dispatch = [[key, {"goto": {"target": f"proc-{f.process}"}}] for key, f in zip(keys, flows)]
+        dispatch = [[key, {"goto": {"target": f"proc-{f.process}"}}]
+                    for key, f in zip(keys, flows, strict=True)]  # keys: one per flow
         add("rule", chain="output", comment="dispatch by socket owner",
             expr=[{"vmap": {"key": {"meta": {"key": "skuid"}}, "data": {"set": dispatch}}}])
 
