@@ -258,7 +258,8 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
         add(("process",), "at least one [process.NAME] table is required")
     for pname in m.process:
         if not PROCESS_NAME.match(pname):
-            add(("process", pname), f'"{pname}": a process name is 1-8 characters: a-z first, then a-z or 0-9')
+            add(("process", pname),
+                f'"{pname}": a process name is 1-8 characters: a-z first, then a-z or 0-9')
         elif pname in RESERVED_PROCESS_NAMES:
             add(("process", pname), f'"{pname}": reserved (a cgroup v1 control file has this name)')
 
@@ -267,10 +268,13 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
         if vol.owner not in m.process:
             known = ", ".join(sorted(m.process)) or "none"
             add(("volume", i, "owner"), f'"{vol.owner}": no such process (processes: {known})')
-        if vol.path == "/" or any(vol.path == r or vol.path.startswith(r + "/") for r in RESERVED_ROOTS):
-            add(("volume", i, "path"), f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
+        if vol.path == "/" or any(vol.path == r or vol.path.startswith(r + "/")
+                                  for r in RESERVED_ROOTS):
+            add(("volume", i, "path"),
+                f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
         for j, other in seen_paths:
-            if vol.path == other or vol.path.startswith(other + "/") or other.startswith(vol.path + "/"):
+            if vol.path == other or vol.path.startswith(other + "/") \
+                    or other.startswith(vol.path + "/"):
                 add(("volume", i, "path"), f'"{vol.path}": overlaps volume[{j}] "{other}"')
         seen_paths.append((i, vol.path))
 
@@ -283,11 +287,13 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
             add(base + ("exec",), f'does not include command[0] "{proc.command[0]}"')
         for k, port in enumerate(proc.listen):
             if port.first < 1024 and "NET_BIND_SERVICE" not in proc.capabilities:
-                add(base + ("listen", k), f'"{port}": ports below 1024 need capabilities = ["NET_BIND_SERVICE"]')
+                add(base + ("listen", k),
+                    f'"{port}": ports below 1024 need capabilities = ["NET_BIND_SERVICE"]')
             for number in range(port.first, port.last + 1):
                 owner = listeners.setdefault((port.proto, number), pname)
                 if owner != pname:
-                    add(base + ("listen", k), f'"{port}": {port.proto}/{number} is already declared by process "{owner}"')
+                    add(base + ("listen", k), f'"{port}": {port.proto}/{number} is already '
+                                              f'declared by process "{owner}"')
                     break
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):
