@@ -93,8 +93,9 @@ class Finding:
         return WHY_FIX.get(self.kind, ("", ""))[1]
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "severity": self.severity, "kind": self.kind, "what": self.what,
-               "where": self.where, "why": self.why, "fix": self.fix}
+        out: dict[str, Any] = {"id": self.id, "severity": self.severity, "kind": self.kind,
+                               "what": self.what, "where": self.where, "why": self.why,
+                               "fix": self.fix}
         if self.detail:
             out["detail"] = self.detail
         return out

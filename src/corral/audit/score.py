@@ -9,7 +9,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 from corral.audit.findings import SEVERITIES, Finding
 from corral.audit.checks import CHECKS, HostFacts, ProcView, ServiceView, VolView
@@ -117,7 +117,8 @@ def view_from_installed(name: str) -> ServiceView:
         processes.append(ProcView(
             name=p.name, user=p.user, uid=p.uid, capabilities=tuple(p.capabilities),
             syscalls=p.seccomp.get("mode", "deny-list"),
-            allowed=tuple(p.seccomp.get("syscalls", ())) if p.seccomp.get("mode") == "allow-list" else (),
+            allowed=(tuple(p.seccomp.get("syscalls", ())) if p.seccomp.get("mode") == "allow-list"
+                     else ()),
             listen=tuple(p.listen),
             connect=tuple(str(e) for e in manifest_proc.connect) if manifest_proc else None,
             exec=tuple(spec.exec_paths.get(p.name) or [p.command[0]]), program=p.command[0],
@@ -188,7 +189,8 @@ def load_policy(file: str | None) -> Policy:
         if key == "weights" and isinstance(value, dict):
             for check_id, weight in value.items():
                 if check_id not in CHECK_IDS:
-                    bad(("weights", check_id), f'unknown check (known: {", ".join(sorted(CHECK_IDS))})')
+                    bad(("weights", check_id),
+                        f'unknown check (known: {", ".join(sorted(CHECK_IDS))})')
                 elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
                     bad(("weights", check_id), "expected a number, 0 or more")
                 else:
@@ -224,9 +226,21 @@ def load_policy(file: str | None) -> Policy:
 
 # -- the arithmetic --------------------------------------------------------------------------------
 
+class CheckRow(TypedDict):
+    """One check in score()'s "checks": `status` and `lost` are added once the total is known."""
+    id: str
+    title: str
+    weight: float
+    exposure: float | None  # 0 (none) .. 1 (full); None: not applicable, or skipped
+    reason: str
+    status: NotRequired[Literal["pass", "partial", "fail", "n/a", "skipped"]]
+    lost: NotRequired[float]  # points of the 100 this check costs
+
+
 def score(view: ServiceView, host: HostFacts, policy: Policy | None = None) -> dict[str, Any]:
     policy = policy or Policy()
-    rows = []
+    rows: list[CheckRow] = []
+    exposure: float | None
     for c in CHECKS:
         weight = policy.weights.get(c.id, c.weight)
         if c.id in policy.skip:

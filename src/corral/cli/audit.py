@@ -17,10 +17,13 @@ import click
 
 from corral.cli.common import handled
 
-SEVERITY_STYLE = {"high": {"fg": "red", "bold": True}, "medium": {"fg": "yellow"},
-                  "low": {"fg": "cyan"}, "info": {"dim": True}}
-STATUS_STYLE = {"pass": {"fg": "green"}, "partial": {"fg": "yellow"}, "fail": {"fg": "red"},
-                "n/a": {"dim": True}, "skipped": {"dim": True}}
+# Keyword arguments of click.style.
+SEVERITY_STYLE: dict[str, dict[str, Any]] = {
+    "high": {"fg": "red", "bold": True}, "medium": {"fg": "yellow"}, "low": {"fg": "cyan"},
+    "info": {"dim": True}}
+STATUS_STYLE: dict[str, dict[str, Any]] = {
+    "pass": {"fg": "green"}, "partial": {"fg": "yellow"}, "fail": {"fg": "red"},
+    "n/a": {"dim": True}, "skipped": {"dim": True}}
 
 
 _handled = handled  # the same error contract as every other subcommand
@@ -67,7 +70,9 @@ def _findings_text(title: str, findings: list[Any], verbose: bool, colour: bool)
     if shown:
         rows = [["SEVERITY", "KIND", "WHERE", "WHAT"]] + [[f.severity, f.kind, f.where, f.what]
                                                           for f in shown]
-        lines += _table(rows, [None] + [SEVERITY_STYLE[f.severity] for f in shown], colour, "  ")
+        styles: list[dict[str, Any] | None] = [None]
+        styles += [SEVERITY_STYLE[f.severity] for f in shown]
+        lines += _table(rows, styles, colour, "  ")
         lines.append("  why it matters, and the fix:")
         for kind in dict.fromkeys(f.kind for f in shown):
             if kind in WHY_FIX:

@@ -55,7 +55,7 @@ def _digest(data: Any) -> str:
 @dataclass(frozen=True)
 class HostPlan:
     host_file: str      # absolute path
-    host_digest: str    # sha256 of the file's bytes: confirm accepts the same file under another path
+    host_digest: str    # sha256 of the file's bytes: confirm accepts the same file elsewhere
     spec: HostSpec
     ruleset: dict
 
@@ -80,7 +80,8 @@ def _flows(manifest_file: str, manifest: Any) -> ServiceFlows:
     listen = sorted({p for proc in manifest.process.values() for p in proc.listen})
     connect = sorted({e for proc in manifest.process.values() for e in proc.connect},
                      key=lambda e: (e.network or "", e.proto, e.first, e.last))
-    return ServiceFlows(manifest.name, os.path.abspath(manifest_file), tuple(listen), tuple(connect))
+    return ServiceFlows(manifest.name, os.path.abspath(manifest_file), tuple(listen),
+                        tuple(connect))
 
 
 def installed_services() -> list[ServiceFlows]:
@@ -94,8 +95,9 @@ def installed_services() -> list[ServiceFlows]:
     for record_file in sorted(lib_root().glob("*/install.json")):
         name = record_file.parent.name
         if name == STATE:
-            raise UsageError(f'an installed service is named "{STATE}": its table inet corral-{STATE} '
-                             "is the host's own table; uninstall it and install it under another name")
+            raise UsageError(f'an installed service is named "{STATE}": its table inet '
+                             f"corral-{STATE} is the host's own table; uninstall it and install "
+                             "it under another name")
         try:
             manifest_file = json.loads(record_file.read_text())["manifest"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -149,7 +151,8 @@ def _pause(step: str) -> None:
 
 def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
     if not management_first(plan.ruleset, plan.spec):  # cannot happen; never risk it
-        raise RuntimeFailure("internal error: ruleset would not accept management first; nothing applied")
+        raise RuntimeFailure("internal error: ruleset would not accept management first; "
+                             "nothing applied")
     try:
         nft.check(plan.ruleset)
     except nft.NftError as exc:
@@ -161,13 +164,14 @@ def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
             pending = None  # stale (reboot, or the guard was killed): nothing is really pending
         chained = pending is not None
         old_previous = guard.read(directory / "previous.json")
-        previous = old_previous if chained else guard.snapshot()
+        fresh = None if chained else guard.snapshot()  # chained: keep the chain's first state
+        previous = old_previous if fresh is None else fresh
         token = secrets.token_hex(16)
         guard_pid = None
         started = time.time()
         try:
-            if not chained:
-                guard.write(directory / "previous.json", previous)
+            if fresh is not None:  # not chained
+                guard.write(directory / "previous.json", fresh)
             guard_pid = guard.start_guard(directory, token, timeout)
             record = {"token": token, "guard_pid": guard_pid, "host_file": plan.host_file,
                       "host_digest": plan.host_digest, "role": plan.spec.role,
@@ -190,8 +194,8 @@ def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
                 raise RuntimeFailure(f"applying table inet {TABLE} failed: {exc}; "
                                      "the table was left as it was") from None
             raise
-        if chained:
-            guard.stop_guard(pending)  # superseded: its token is gone from pending.json anyway
+        if pending is not None:  # chained: that guard is superseded (its token is gone anyway)
+            guard.stop_guard(pending)
         (directory / "rolled_back.json").unlink(missing_ok=True)
         _pause("applied")
     return {"table": f"inet {TABLE}", "host_file": plan.host_file, "role": plan.spec.role,
@@ -217,13 +221,14 @@ def confirm(file: str) -> dict[str, Any]:
         if pending is None:
             last = guard.read(directory / "rolled_back.json")
             if last:
-                raise RuntimeFailure(f"nothing to confirm: the apply of {last.get('host_file')} was "
-                                     f"rolled back at {last['at']} ({last['by']}); "
+                raise RuntimeFailure("nothing to confirm: the apply of "
+                                     f"{last.get('host_file')} was rolled back at {last['at']} "
+                                     f"({last['by']}); "
                                      f"{last.get('message', '')}. Apply it again")
             raise RuntimeFailure("nothing to confirm: no apply is pending")
         if not _same_file(pending, file):
-            raise UsageError(f"{file}: the pending apply is of {pending['host_file']}, not this file; "
-                             "nothing confirmed")
+            raise UsageError(f"{file}: the pending apply is of {pending['host_file']}, not this "
+                             "file; nothing confirmed")
         running = guard.is_running(pending)
         (directory / "pending.json").unlink()   # this alone disarms the guard
         confirmed = {key: pending[key] for key in ("host_file", "host_digest", "role",

@@ -92,6 +92,8 @@ def build_base(plan: ServicePlan, state: Path, version: int,
                     dst.mkdir(exist_ok=True)
                     os.chmod(dst, entry.mode & MODE_MASK, follow_symlinks=False)
                 elif entry.kind == "symlink":
+                    if entry.target is None:
+                        raise ValueError(f"image entry {entry.path}: a symlink without a target")
                     os.symlink(entry.target, dst)
                 else:
                     total += _copy_entry(src_root, entry, dst)

@@ -51,7 +51,9 @@ class Layout:
 
 def parse_layout(mountinfo: str, read: Callable[[str], str]) -> Layout:
     """The hierarchies to use, from mountinfo text; `read` reads v2's cgroup.controllers."""
-    found, v2, taken = [], None, set()
+    found: list[Hierarchy] = []
+    v2: str | None = None
+    taken: set[str] = set()
     for line in mountinfo.splitlines():
         left, _, right = line.partition(" - ")
         fstype, _source, options = (right.split() + ["", "", ""])[:3]
@@ -221,9 +223,10 @@ class Cgroup:
             _write(v2, "1")
             _wait(lambda: _keyed(self._v2, "cgroup.events").get("frozen") == "1", timeout, v2)
         elif state := self._v1_freezer:
-            # v1 may stay FREEZING on a straggler; writing FROZEN again retries it
-            _wait(lambda: not _write(state, "FROZEN") and _read(state).strip() == "FROZEN",
-                  timeout, state)
+            def frozen_v1() -> bool:  # v1 may stay FREEZING on a straggler: FROZEN again retries
+                _write(state, "FROZEN")
+                return _read(state).strip() == "FROZEN"
+            _wait(frozen_v1, timeout, state)
         else:
             raise OSError(errno.ENOTSUP, "no cgroup freezer on this machine", self.name)
 

@@ -21,11 +21,15 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from corral.launch import creds, landlock, mnt, seccomp
 from corral.kernel import syscalls as kernel, notify
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
+
+if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
+    from corral.launch.cgroup import Cgroup
 
 NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
               | kernel.CLONE_NEWUTS | kernel.CLONE_NEWCGROUP)
@@ -61,8 +65,9 @@ def landlock_plan(proc: ProcessSpec) -> LandlockPlan:
 
 
 def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
-    return SeccompPlan(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in proc.seccomp.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v  # as ProcessSpec has it
+                              for k, v in proc.seccomp.items()}
+    return SeccompPlan(**fields)
 
 
 def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
@@ -71,7 +76,7 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
             for v in spec.volumes]
 
 
-def _confine(proc: ProcessSpec, filt: object, out_fd: int, keep_fds: tuple[int, ...],
+def _confine(proc: ProcessSpec, filt: seccomp.Filters, out_fd: int, keep_fds: tuple[int, ...],
              notify_sock: socket.socket | None = None) -> None:
     """Common tail of start and exec, as root inside the namespaces and the root."""
     nofile = int(proc.limits.get("open_files", 1024))
@@ -121,7 +126,7 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> Spawned:
+def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> Spawned:
     """Fork the contained process and return at once; `finish` completes the start. It joins
     its cgroup (the kernel's first cgroup migration waits for an RCU grace period, ~10 ms),
     namespaces, root and sandbox while the caller goes on (the supervisor starts its sensors
@@ -169,7 +174,7 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: object) -> 
 def finish(spawned: Spawned, on_exec: Callable[[int], None]) -> Started:
     """Wait for a spawned process to reach its execve, let it run (on_exec answers the
     notification), and return once it has exec'd (or raise with the stage that failed)."""
-    notify_fd = -1
+    notify_fd: int | None = -1
     try:
         _, notify_fd = notify.recv_fd(spawned.sock)  # None: the child failed before the filter
         message = _await_exec(spawned.err_r, notify_fd, on_exec)
@@ -211,7 +216,7 @@ def _await_exec(err_r: int, notify_fd: int | None, on_exec: Callable[[int], None
     notifications that arrive meanwhile: the program's own execve is one of them."""
     import selectors
 
-    chunks = []
+    chunks: list[bytes] = []
     with selectors.DefaultSelector() as sel:
         sel.register(err_r, selectors.EVENT_READ, "err")
         if notify_fd is not None:
@@ -219,6 +224,7 @@ def _await_exec(err_r: int, notify_fd: int | None, on_exec: Callable[[int], None
         while True:
             for key, _ in sel.select():
                 if key.data == "notify":
+                    assert notify_fd is not None  # registered only when there is one
                     on_exec(notify_fd)
                     continue
                 chunk = os.read(err_r, 4096)
@@ -252,7 +258,7 @@ NS_ORDER = (("cgroup", kernel.CLONE_NEWCGROUP), ("ipc", kernel.CLONE_NEWIPC),
             ("mnt", kernel.CLONE_NEWNS))
 
 
-def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: object,
+def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: Cgroup,
                forward_notify: Callable[[int], None]) -> int:
     """`corral exec`: run argv in the namespaces, root, user, Landlock and seccomp of the
     running process `target` (host pid of its init), in its cgroup. Its exec notifications go

@@ -92,7 +92,7 @@ def _not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
     common = values[0] & ~diff & LOW32
     pairs = [(bit, ~common & bit) for bit in _bits(LOW32 & ~diff)]
     for chosen in itertools.product((0, 1), repeat=len(_bits(diff))):
-        v = common | sum(b for b, c in zip(_bits(diff), chosen) if c)
+        v = common | sum(b for b, c in zip(_bits(diff), chosen, strict=True) if c)
         if v not in values:
             pairs.append((LOW32, v))
     return pairs
@@ -131,7 +131,7 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
     if log:
         filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
 
-    def add(act: int, name: str, *args: Arg) -> None:
+    def add(act: int, name: str, *args: Any) -> None:  # args: pyseccomp.Arg (no type info)
         if (nr := _number(name)) is not None:
             filt.add_rule(act, nr, *args)
 

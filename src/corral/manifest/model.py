@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -115,13 +116,13 @@ class Strict(BaseModel):
 
 
 class Image(Strict):
-    source: Annotated[str, AfterValidator(_image_from)] = Field("closure", alias="from")
+    source: Annotated[str, AfterValidator(_image_from)] = Field(default="closure", alias="from")
     include: list[AbsPath] = []
     # corral extension: vendor files copied into the image, {image path = source}; a relative
     # source is relative to the manifest's directory.
     add: dict[AbsPath, Annotated[str, AfterValidator(_source_path)]] = {}
     delta: Literal["tmpfs", "disk"] = "tmpfs"
-    delta_size: Size = Field(64 << 20)
+    delta_size: Size = Field(default=64 << 20)
 
 
 class Volume(Strict):
@@ -189,7 +190,7 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _message(err: dict[str, Any], or_list: bool = False) -> str:
+def _message(err: Mapping[str, Any], or_list: bool = False) -> str:
     kind, value = err["type"], err.get("input")
     expected = {
         "string_type": "a string", "int_type": "an integer", "float_type": "a number",
@@ -223,7 +224,7 @@ def _is_tag(part: str | int) -> bool:
 def problems_from(file: str, exc: ValidationError) -> list[Problem]:
     errors = exc.errors()
 
-    def union_key(err: dict[str, Any]) -> tuple:
+    def union_key(err: Mapping[str, Any]) -> tuple:
         loc = err["loc"]
         first_tag = next((i for i, p in enumerate(loc) if _is_tag(p)), None)
         return loc[:first_tag] if first_tag is not None else ()
@@ -257,7 +258,8 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
         add(("process",), "at least one [process.NAME] table is required")
     for pname in m.process:
         if not PROCESS_NAME.match(pname):
-            add(("process", pname), f'"{pname}": a process name is 1-8 characters: a-z first, then a-z or 0-9')
+            add(("process", pname),
+                f'"{pname}": a process name is 1-8 characters: a-z first, then a-z or 0-9')
         elif pname in RESERVED_PROCESS_NAMES:
             add(("process", pname), f'"{pname}": reserved (a cgroup v1 control file has this name)')
 
@@ -266,10 +268,13 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
         if vol.owner not in m.process:
             known = ", ".join(sorted(m.process)) or "none"
             add(("volume", i, "owner"), f'"{vol.owner}": no such process (processes: {known})')
-        if vol.path == "/" or any(vol.path == r or vol.path.startswith(r + "/") for r in RESERVED_ROOTS):
-            add(("volume", i, "path"), f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
+        if vol.path == "/" or any(vol.path == r or vol.path.startswith(r + "/")
+                                  for r in RESERVED_ROOTS):
+            add(("volume", i, "path"),
+                f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
         for j, other in seen_paths:
-            if vol.path == other or vol.path.startswith(other + "/") or other.startswith(vol.path + "/"):
+            if vol.path == other or vol.path.startswith(other + "/") \
+                    or other.startswith(vol.path + "/"):
                 add(("volume", i, "path"), f'"{vol.path}": overlaps volume[{j}] "{other}"')
         seen_paths.append((i, vol.path))
 
@@ -282,11 +287,13 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
             add(base + ("exec",), f'does not include command[0] "{proc.command[0]}"')
         for k, port in enumerate(proc.listen):
             if port.first < 1024 and "NET_BIND_SERVICE" not in proc.capabilities:
-                add(base + ("listen", k), f'"{port}": ports below 1024 need capabilities = ["NET_BIND_SERVICE"]')
+                add(base + ("listen", k),
+                    f'"{port}": ports below 1024 need capabilities = ["NET_BIND_SERVICE"]')
             for number in range(port.first, port.last + 1):
                 owner = listeners.setdefault((port.proto, number), pname)
                 if owner != pname:
-                    add(base + ("listen", k), f'"{port}": {port.proto}/{number} is already declared by process "{owner}"')
+                    add(base + ("listen", k), f'"{port}": {port.proto}/{number} is already '
+                                              f'declared by process "{owner}"')
                     break
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):

@@ -28,7 +28,9 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import InterpSegment
 
 MAX_SYMLINKS = 40  # the kernel's limit per path lookup (ELOOP beyond)
 
@@ -69,6 +71,11 @@ class _Unresolved(Exception):
     """A path that does not resolve; str() reads like strerror."""
 
 
+def _strerror(exc: OSError) -> str:
+    """strerror in lower case; an OSError raised without an errno has none: its str() then."""
+    return (exc.strerror or str(exc)).lower()
+
+
 @dataclass(frozen=True)
 class _Elf:
     arch: tuple[int, bool, str]  # EI_CLASS, little endian, e_machine: what must match to load
@@ -103,11 +110,12 @@ def _parse_elf(f) -> _Elf | None:
     try:
         f.seek(0)
         elf = ELFFile(f)
-        interp, dyn = None, {"needed": [], "soname": [], "rpath": [], "runpath": []}
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_INTERP":
+        interp: str | None = None
+        dyn: dict[str, list[str]] = {"needed": [], "soname": [], "rpath": [], "runpath": []}
+        for seg in elf.iter_segments():  # pyelftools makes these classes of PT_INTERP, PT_DYNAMIC
+            if isinstance(seg, InterpSegment):
                 interp = seg.get_interp_name()
-            elif seg["p_type"] == "PT_DYNAMIC":
+            elif isinstance(seg, DynamicSegment):
                 for tag in seg.iter_tags():  # DT_NEEDED -> tag.needed, DT_RPATH -> tag.rpath...
                     if (kind := str(tag.entry.d_tag)[3:].lower()) in dyn:
                         dyn[kind].append(getattr(tag, kind))
@@ -123,7 +131,8 @@ class _Closure:
         self.entries: dict[str, ImageEntry] = {}
         self._lstat: dict[str, os.stat_result | None] = {}
         self._elf: dict[str, _Elf | None] = {}
-        self._found: dict[tuple, tuple[str, _Resolved] | None] = {}  # search results
+        # search results: (the path ld.so opens, its resolution, the ELF found there)
+        self._found: dict[tuple, tuple[str, _Resolved, _Elf] | None] = {}
         self._to_walk: list[str] = []  # directories wanted with everything beneath them
         self._walked: set[str] = set()
         self._programs: list[str] = []  # ELF files that start a load chain of their own
@@ -139,6 +148,13 @@ class _Closure:
             except (FileNotFoundError, NotADirectoryError):
                 self._lstat[path] = None
         return self._lstat[path]
+
+    def found(self, path: str) -> os.stat_result:
+        """lstat of a path that resolve() or walk_trees() returned: it exists (and is cached)."""
+        st = self.lstat(path)
+        if st is None:
+            raise ClosureError(f'"{path}": vanished while the closure was computed', path=path)
+        return st
 
     def resolve(self, path: str) -> _Resolved:
         """Follow every symlink like the kernel in a chroot at host_root; raise _Unresolved."""
@@ -177,7 +193,7 @@ class _Closure:
             try:  # O_NOFOLLOW|O_NONBLOCK: never through a symlink swapped in, never hang on a fifo
                 fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as exc:
-                raise ClosureError(f'"{path}": {exc.strerror.lower()}', path=path) from None
+                raise ClosureError(f'"{path}": {_strerror(exc)}', path=path) from None
             # Most files are no ELF: no parse for them. Scripts are data too: their #! line is
             # not followed (an interpreter the service needs is named in `include`).
             with os.fdopen(fd, "rb") as f:
@@ -201,7 +217,7 @@ class _Closure:
             self.entries[link] = ImageEntry(link, "symlink", target, 0o777)
         for d in res.dirs:
             self.add_dir(d)
-        st = self.lstat(res.path)
+        st = self.found(res.path)
         if stat.S_ISDIR(st.st_mode):
             self._to_walk.append(res.path)
         elif stat.S_ISREG(st.st_mode):
@@ -234,7 +250,7 @@ class _Closure:
             try:
                 children = list(os.scandir(self.prefix + d))
             except OSError as exc:
-                raise ClosureError(f'"{d}": {exc.strerror.lower()}', path=d) from None
+                raise ClosureError(f'"{d}": {_strerror(exc)}', path=d) from None
             for e in children:
                 path = d.rstrip("/") + "/" + e.name
                 st = self._lstat[path] = e.stat(follow_symlinks=False)
@@ -258,7 +274,7 @@ class _Closure:
             res = self.resolve(path)
         except (_Unresolved, ClosureError):  # missing or a symlink loop: no directories from it
             return
-        if res.path in seen or not stat.S_ISREG(self.lstat(res.path).st_mode):  # include loops
+        if res.path in seen or not stat.S_ISREG(self.found(res.path).st_mode):  # include loops
             return
         seen.add(res.path)
         with open(self.prefix + res.path, encoding="utf-8", errors="replace") as f:
@@ -279,8 +295,10 @@ class _Closure:
     def expand(self, text: str, node: _Node) -> str | None:
         """Dynamic string tokens; None if one has no value (ld.so then drops the element)."""
         platform, lib, _ = _ARCH.get(node.elf.arch[::2], _OTHER_ARCH)
-        values = {"ORIGIN": node.origin, "LIB": lib, "PLATFORM": platform}
-        if any(values[m.group(1) or m.group(2)] is None for m in _DST.finditer(text)):
+        values = {"ORIGIN": node.origin, "LIB": lib}
+        if platform is not None:
+            values["PLATFORM"] = platform
+        if any((m.group(1) or m.group(2)) not in values for m in _DST.finditer(text)):
             return None
         return _DST.sub(lambda m: values[m.group(1) or m.group(2)], text)
 
@@ -296,8 +314,8 @@ class _Closure:
         dirs += self._conf + list(_ARCH.get(node.elf.arch[::2], _OTHER_ARCH)[2])
         return list(dict.fromkeys(d.rstrip("/") for d in dirs if d.startswith("/")))
 
-    def find_library(self, node: _Node, name: str) -> tuple[str, _Resolved]:
-        """(the path ld.so opens, its resolution) for the DT_NEEDED `name` of `node`."""
+    def find_library(self, node: _Node, name: str) -> tuple[str, _Resolved, _Elf]:
+        """(the path ld.so opens, its resolution, its ELF) for the DT_NEEDED `name` of `node`."""
         if "/" in name:  # a path, not a name to search for; DSTs are expanded in it too
             path = self.expand(name, node)
             candidates = [path] if path and path.startswith("/") else []
@@ -309,23 +327,26 @@ class _Closure:
             for cand in candidates:
                 with contextlib.suppress(_Unresolved):
                     res = self.resolve(cand)
-                    if stat.S_ISREG(self.lstat(res.path).st_mode) and \
+                    if stat.S_ISREG(self.found(res.path).st_mode) and \
                             (lib := self.elf(res.path)) and lib.arch == node.elf.arch:
-                        self._found[key] = (cand, res)
+                        self._found[key] = (cand, res, lib)
                         break
-        if self._found[key] is None:
+        found = self._found[key]
+        if found is None:
             where = ("which is not found in its RUNPATH, /etc/ld.so.conf paths or the default "
                      "directories" if "/" not in name else "which is not found")
             raise ClosureError(f'"{node.path}" needs "{name}", {where}', path=node.path,
                                library=name)
-        return self._found[key]
+        return found
 
     def add_interp(self, node: _Node) -> str:
         """PT_INTERP, wanted for every ELF that has one (libc.so.6 too), and a program itself."""
         interp = node.elf.interp
+        if interp is None:  # callers check node.elf.interp first
+            raise ValueError(f'"{node.path}" has no program interpreter')
         try:
             res = self.resolve(interp)
-            if not stat.S_ISREG(self.lstat(res.path).st_mode):
+            if not stat.S_ISREG(self.found(res.path).st_mode):
                 raise _Unresolved
         except _Unresolved:
             raise ClosureError(f'"{node.path}" needs program interpreter "{interp}", which is not '
@@ -351,12 +372,11 @@ class _Closure:
             for name in node.elf.needed:
                 if name in by_name:
                     continue
-                opened, res = self.find_library(node, name)
+                opened, res, lib = self.find_library(node, name)
                 by_name[name] = res.path
                 self.add_resolved(res, program=False)
                 if res.path not in loaded:  # one object per file, as ld.so (by inode)
                     loaded.add(res.path)
-                    lib = self.elf(res.path)
                     if lib.soname:
                         by_name.setdefault(lib.soname, res.path)
                     chain.append(_Node(res.path, lib, posixpath.dirname(opened), node))

@@ -45,9 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.core.netspec import Endpoint, PortSpec
-from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, LOG_SNAPLEN, NFLOG_GROUP, Network, connect_boxes, listen_boxes)
+from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, LOG_SNAPLEN, NFLOG_GROUP, Network,
+                                    connect_boxes, listen_boxes)
 # The same expression builders and interval arithmetic as the service tables.
-from corral.plan.nft_rules import (addr as _addr, match as _match, merge as _merge, port as _port, subtract as _subtract, th as _th)
+from corral.plan.nft_rules import (addr as _addr, match as _match, merge as _merge,
+                                    port as _port, subtract as _subtract, th as _th)
 
 TABLE = "corral-host"
 FAMILIES = ((4, "ip"), (6, "ip6"))
@@ -116,7 +118,25 @@ class HostSpec:
 
 def _nets(prefixes: Iterable[str | Network], version: int) -> list[Network]:
     nets = [ipaddress.ip_network(p) for p in prefixes]
-    return list(ipaddress.collapse_addresses(n for n in nets if n.version == version))
+    # collapse_addresses takes one version: IPv4Network is version 4, IPv6Network version 6
+    if version == 4:
+        return list(ipaddress.collapse_addresses(
+            n for n in nets if isinstance(n, ipaddress.IPv4Network)))
+    return list(ipaddress.collapse_addresses(
+        n for n in nets if isinstance(n, ipaddress.IPv6Network)))
+
+
+def _address(value: int, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
+def _summarize(first: int, last: int, version: int) -> list[Network]:
+    """The fewest prefixes that cover first..last exactly."""
+    if version == 4:
+        return list(ipaddress.summarize_address_range(
+            ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)))
+    return list(ipaddress.summarize_address_range(
+        ipaddress.IPv6Address(first), ipaddress.IPv6Address(last)))
 
 
 def _ranges(nets: Iterable[Network]) -> list[tuple[int, int]]:
@@ -127,11 +147,11 @@ def _without(prefixes: Iterable[str], holes: Iterable[Network], version: int) ->
     """Set elements for the prefixes minus the holes: a prefix where a piece is one, else a
     range (a host carved out of 10.0.0.0/8 leaves two ranges, not twenty-four prefixes)."""
     left = _subtract(_ranges(_nets(prefixes, version)), _ranges(_nets(holes, version)))
-    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
     out: list[dict | str] = []
     for first, last in left:
-        nets = list(ipaddress.summarize_address_range(make(first), make(last)))
-        out.append(_addr(nets[0]) if len(nets) == 1 else {"range": [str(make(first)), str(make(last))]})
+        nets = _summarize(first, last, version)
+        out.append(_addr(nets[0]) if len(nets) == 1 else
+                   {"range": [str(_address(first, version)), str(_address(last, version))]})
     return out
 
 
@@ -218,7 +238,7 @@ class _Doc:
                  for net, proto, first, last in connect_boxes(endpoints, version)]
         self.set(name, [addr_type, "inet_proto", "inet_service"], elems)
 
-    def net_set(self, name: str, nets: Iterable[Network], version: int) -> None:
+    def net_set(self, name: str, nets: Iterable[str | Network], version: int) -> None:
         self.set(name, "ipv4_addr" if version == 4 else "ipv6_addr",
                  [_addr(n) for n in _nets(nets, version)])
 
@@ -241,7 +261,8 @@ def host_ruleset(spec: HostSpec) -> dict:
     for version, _ in FAMILIES:
         doc.flow_set(f"mgmt{version}", spec.management, version)
     doc.set("listen", ["inet_proto", "inet_service"],
-            [{"concat": [proto, _port(f, l)]} for proto, f, l in listen_boxes(listen)])
+            [{"concat": [proto, _port(first, last)]}
+             for proto, first, last in listen_boxes(listen)])
     for version, _ in FAMILIES:
         doc.flow_set(f"egress{version}", _not_loopback(list(spec.allow_out) + connect), version)
     if router:
@@ -351,8 +372,8 @@ def management_first(ruleset: dict, spec: HostSpec) -> bool:
         return [r for r in rules if r["chain"] == chain][:n]
 
     for version, _ in FAMILIES:
-        want = [{"concat": [_addr(net), proto, _port(f, l)]}
-                for net, proto, f, l in connect_boxes(spec.management, version)]
+        want = [{"concat": [_addr(net), proto, _port(first, last)]}
+                for net, proto, first, last in connect_boxes(spec.management, version)]
         if sets.get(f"mgmt{version}") != want:
             return False
     inputs = first("input", 2)

@@ -133,7 +133,7 @@ def connect_boxes(connect: Iterable[Endpoint], version: int) -> list[tuple[Netwo
     boxes = []
     for (proto, net), ranges in own.items():
         covered = [r for (p, outer), rs in own.items()
-                   if p == proto and outer != net and net.subnet_of(outer) for r in rs]
+                   if p == proto and outer != net and _subnet_of(net, outer) for r in rs]
         for first, last in subtract(merge(ranges), merge(covered)):
             boxes.append((net, proto, first, last))
     return sorted(boxes, key=lambda b: (b[0], b[1], b[2]))
@@ -143,11 +143,21 @@ def listen_boxes(listen: Iterable[PortSpec]) -> list[tuple[str, int, int]]:
     by_proto: dict[str, list[tuple[int, int]]] = {}
     for spec in listen:
         by_proto.setdefault(spec.proto, []).append((spec.first, spec.last))
-    return [(proto, f, l) for proto in sorted(by_proto) for f, l in merge(by_proto[proto])]
+    return [(proto, first, last)
+            for proto in sorted(by_proto) for first, last in merge(by_proto[proto])]
 
 
 def port(first: int, last: int) -> int | dict:
     return first if first == last else {"range": [first, last]}
+
+
+def _subnet_of(net: Network, outer: Network) -> bool:
+    """net.subnet_of(outer), typed: both of one version (another version is never a subnet)."""
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return net.subnet_of(outer)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return net.subnet_of(outer)
+    return False
 
 
 def addr(net: Network) -> str | dict:
@@ -252,7 +262,8 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
             keys = [f.user if uids is None else uids[f.user] for f in flows]
         except KeyError as exc:
             raise ValueError(f"no uid given for user {exc}") from None
-        dispatch = [[key, {"goto": {"target": f"proc-{f.process}"}}] for key, f in zip(keys, flows)]
+        dispatch = [[key, {"goto": {"target": f"proc-{f.process}"}}]
+                    for key, f in zip(keys, flows, strict=True)]  # keys: one per flow
         add("rule", chain="output", comment="dispatch by socket owner",
             expr=[{"vmap": {"key": {"meta": {"key": "skuid"}}, "data": {"set": dispatch}}}])
 

@@ -156,6 +156,7 @@ class Watcher:
                 helper = subprocess.Popen(self.on_incident, stdin=subprocess.PIPE,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True)
+                assert helper.stdin is not None  # stdin=PIPE
                 helper.stdin.write(json.dumps(public).encode())
                 helper.stdin.close()
                 self.helpers.append(helper)

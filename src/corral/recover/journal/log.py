@@ -42,8 +42,10 @@ from corral.recover.journal.plan import changes as _changes
 from corral.recover.journal.plan import plan_excision
 from corral.recover.journal.plan import summary as _summary
 from corral.recover.journal.objects import Objects
-from corral.recover.journal.store import (GENESIS, Meta, digest, encode, from_index_key, index_key, meta_from_json, meta_from_row, meta_row, path_from_json, path_json, read_cache, unlink_durable, write_cache, write_durable,
-                                          HEAD, failed)
+from corral.recover.journal.store import (GENESIS, HEAD, Meta, digest, encode, failed,
+                                          from_index_key, index_key, meta_from_json,
+                                          meta_from_row, meta_row, path_from_json, path_json,
+                                          read_cache, unlink_durable, write_cache, write_durable)
 
 
 REASONS = ("schedule", "incident", "revert", "mark", "excise")
@@ -179,8 +181,9 @@ class Log:
         """The journal starts from the volume as it is: every file is stored once, so the
         first epoch can say what any file was before it changed."""
         now = iso(self.clock())
+        base_ref = {"file": "baseline-0.json", "hash": "", "anchor": GENESIS}  # hash: once written
         head = {"format": 1, "epoch": 0, "hash": GENESIS, "first": 1, "opened": now,
-                "baseline": {"file": "baseline-0.json", "hash": "", "anchor": GENESIS}}
+                "baseline": base_ref}
         self._known, self._observed = {}, {}  # nothing read before is stored in this journal
         try:
             (self.dir / "epochs").mkdir(exist_ok=True, mode=0o700)
@@ -191,7 +194,7 @@ class Log:
                                "entries": {index_key(p): meta_row(m)
                                            for p, m in scan.entries.items()}})
             write_durable(self.dir / "baseline-0.json", baseline)
-            head["baseline"]["hash"] = digest(baseline)
+            base_ref["hash"] = digest(baseline)
             write_durable(self.dir / HEAD, encode(head))  # the journal exists from here on
         except OSError as exc:
             self.objects.discard()
