@@ -76,40 +76,60 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
             for v in spec.volumes]
 
 
-def _confine(proc: ProcessSpec, filt: seccomp.Filters, out_fd: int, keep_fds: tuple[int, ...],
-             notify_sock: socket.socket | None = None) -> None:
-    """Common tail of start and exec, as root inside the namespaces and the root."""
-    nofile = int(proc.limits.get("open_files", 1024))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files with the service's secrets
-    if out_fd >= 0:
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-    top = os.sysconf("SC_OPEN_MAX")
-    keep = sorted(set(keep_fds) | {0, 1, 2})
-    start = 0
-    for fd in keep + [top]:
-        if start < fd:
-            os.closerange(start, fd)
-        start = fd + 1
-    if os.getsid(0) != os.getpid():
-        os.setsid()  # a new session: no controlling terminal to inject keystrokes into
-    creds.drop_privileges(proc.uid, proc.gid, proc.capabilities)
-    # The kernel clears the parent-death signal when the uid changes: set it again, so the
-    # program still dies with its holder (and the holder with the supervisor).
+# ---------------------------------------------------------------- the start sequence, as data
+#
+# What a process goes through between fork and execve, in order, as tables run by one loop
+# (nsjail's containProc, minijail_enter): the security-critical order is reviewable in one
+# place, a failure is labelled with its step, and `corral exec` says "the same, minus the root"
+# instead of repeating it. Each step acts on a `Jail`, the one value both paths build.
+
+
+@dataclass
+class Jail:
+    """What the steps of one contained process act on (minijail's struct minijail)."""
+    proc: ProcessSpec
+    filt: seccomp.Filters
+    cgroup: Cgroup
+    keep_fds: tuple[int, ...]  # descriptors that survive the close of all others
+    notify_sock: socket.socket | None  # where the seccomp listener is handed up
+    out_fd: int = -1  # the output pipe (stdout, stderr); -1: keep the caller's
+    service: ServiceSpec | None = None  # start only: the service's root and name
+    volumes: tuple[mnt.VolumeMount, ...] = ()  # start only
+    ns_fds: tuple[tuple[int, int], ...] = ()  # exec only: the running process's namespaces
+
+
+Step = tuple[str, Callable[[Jail], None]]
+
+
+def _die_with_parent(jail: Jail) -> None:
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-    landlock.restrict(landlock_plan(proc))
-    seccomp.load(filt)
-    if notify_sock is not None:  # hand the listener up before the first execve blocks on it
-        fd = seccomp.notify_fd(filt)
-        notify.send_fd(notify_sock, fd)
+
+
+def _join_cgroup(jail: Jail) -> None:
+    jail.cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
+
+
+def _unshare(jail: Jail) -> None:
+    kernel.unshare(NAMESPACES)
+
+
+def _join_namespaces(jail: Jail) -> None:
+    for fd, flag in jail.ns_fds:
+        kernel.setns(fd, flag)  # mnt last: it also moves our root and cwd into it
         os.close(fd)
-        notify_sock.close()
 
 
-def _memfd_noexec() -> None:
+def _enter_root(jail: Jail) -> None:
+    assert jail.service is not None  # a start's jail always names its service
+    mnt.enter_root(str(jail.service.root), jail.proc.name, list(jail.volumes))
+
+
+def _hostname(jail: Jail) -> None:
+    assert jail.service is not None
+    socket.sethostname(jail.service.service)
+
+
+def _memfd_noexec(jail: Jail) -> None:
     """vm.memfd_noexec=2 (per PID namespace, kernel 6.3+): memfds can never be executed, so
     nothing the process writes into memory can be run as a program."""
     try:
@@ -117,6 +137,86 @@ def _memfd_noexec() -> None:
             handle.write("2")
     except OSError:
         pass  # older kernels: Landlock still refuses to execute a memfd
+
+
+def _cwd_root(jail: Jail) -> None:
+    os.chdir("/")
+
+
+def _rlimits(jail: Jail) -> None:
+    nofile = int(jail.proc.limits.get("open_files", 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files with the service's secrets
+
+
+def _fds(jail: Jail) -> None:
+    """stdin from /dev/null, stdout and stderr to the output pipe; every other descriptor but
+    the kept ones closed, so nothing of the supervisor leaks in."""
+    if jail.out_fd >= 0:
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(jail.out_fd, 1)
+        os.dup2(jail.out_fd, 2)
+    top = os.sysconf("SC_OPEN_MAX")
+    keep = sorted(set(jail.keep_fds) | {0, 1, 2})
+    start = 0
+    for fd in keep + [top]:
+        if start < fd:
+            os.closerange(start, fd)
+        start = fd + 1
+
+
+def _session(jail: Jail) -> None:
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # a new session: no controlling terminal to inject keystrokes into
+
+
+def _creds(jail: Jail) -> None:
+    creds.drop_privileges(jail.proc.uid, jail.proc.gid, jail.proc.capabilities)
+
+
+def _landlock(jail: Jail) -> None:
+    landlock.restrict(landlock_plan(jail.proc))
+
+
+def _seccomp(jail: Jail) -> None:
+    seccomp.load(jail.filt)
+
+
+def _hand_up_listener(jail: Jail) -> None:
+    """Hand the exec listener up before the first execve blocks on it."""
+    if jail.notify_sock is not None:
+        fd = seccomp.notify_fd(jail.filt)
+        notify.send_fd(jail.notify_sock, fd)
+        os.close(fd)
+        jail.notify_sock.close()
+
+
+# The holder: in the service's cgroup, then in new namespaces (it forks the init there).
+HOLDER: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("cgroup", _join_cgroup),
+                            ("namespaces", _unshare))
+# The init, PID 1 of the new namespaces: its own root.
+INIT: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("root", _enter_root),
+                          ("hostname", _hostname), ("memfd", _memfd_noexec))
+# Both the init and a `corral exec` command, as root inside the namespaces and the root. The
+# sandbox comes last and in this order: creds drop root; the kernel clears the parent-death
+# signal when the uid changes, so it is set again; Landlock, then seccomp (its filter would
+# refuse the Landlock calls), then the listener goes up.
+CONFINE: tuple[Step, ...] = (("rlimits", _rlimits), ("fds", _fds), ("session", _session),
+                             ("creds", _creds), ("pdeathsig", _die_with_parent),
+                             ("landlock", _landlock), ("seccomp", _seccomp),
+                             ("notify", _hand_up_listener))
+# `corral exec`: the holder joins the running process's cgroup and namespaces instead.
+EXEC_HOLDER: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("cgroup", _join_cgroup),
+                                 ("namespaces", _join_namespaces))
+EXEC_CHILD: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("cwd", _cwd_root), *CONFINE)
+
+
+def run_steps(steps: tuple[Step, ...], jail: Jail, at: list[str]) -> None:
+    """Run the steps in order; `at[0]` names the one running, for the error report."""
+    for name, step in steps:
+        at[0] = name
+        step(jail)
 
 
 def _report(err_w: int, stage: str, exc: BaseException) -> None:
@@ -133,30 +233,23 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> 
     meanwhile); nothing of the program runs before `finish` answers its execve."""
     filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    volumes = volumes_of(spec)
     env = dict(proc.environment)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    jail = Jail(proc, filt, cgroup, (err_w, child_sock.fileno()), child_sock, out_fd,
+                service=spec, volumes=tuple(volumes_of(spec)))
     holder = os.fork()
     if holder == 0:
-        stage = "namespaces"
+        at = ["fork"]
         try:
             os.close(err_r)
             os.close(pid_r)
             parent_sock.close()
-            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-            cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
-            kernel.unshare(NAMESPACES)
+            run_steps(HOLDER, jail, at)
             init = os.fork()
             if init == 0:
-                stage = "root"
-                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-                mnt.enter_root(str(spec.root), proc.name, volumes)
-                socket.sethostname(spec.service)
-                _memfd_noexec()
-                stage = "sandbox"
-                _confine(proc, filt, out_fd, (err_w, child_sock.fileno()), child_sock)
-                stage = "exec"
+                run_steps(INIT + CONFINE, jail, at)
+                at[0] = "exec"
                 os.execve(proc.command[0], proc.command, env)
             child_sock.close()
             os.write(pid_w, struct.pack("i", init))
@@ -164,7 +257,7 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> 
             os.close(err_w)
             _wait_and_exit(init)
         except BaseException as exc:  # noqa: BLE001 - the child must never return
-            _report(err_w, stage, exc)
+            _report(err_w, at[0], exc)
     os.close(err_w)
     os.close(pid_w)
     child_sock.close()
@@ -270,30 +363,25 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: Cgroup,
               for name, flag in NS_ORDER]
     env = dict(proc.environment)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    jail = Jail(proc, filt, cgroup, (err_w, child_sock.fileno()), child_sock,
+                ns_fds=tuple(ns_fds))
     holder = os.fork()
     if holder == 0:
-        stage = "namespaces"
+        at = ["fork"]
         try:
             os.close(err_r)
             parent_sock.close()
-            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-            cgroup.add(os.getpid())
-            for fd, flag in ns_fds:
-                kernel.setns(fd, flag)  # mnt last: it also moves our root and cwd into it
-                os.close(fd)
+            run_steps(EXEC_HOLDER, jail, at)
             child = os.fork()
             if child == 0:
-                stage = "sandbox"
-                kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-                os.chdir("/")
-                _confine(proc, filt, -1, (err_w, child_sock.fileno()), child_sock)
-                stage = "exec"
+                run_steps(EXEC_CHILD, jail, at)
+                at[0] = "exec"
                 os.execvpe(argv[0], argv, env | {"PATH": env.get("PATH", DEFAULT_PATH)})
             os.close(err_w)
             child_sock.close()
             _wait_and_exit(child)
-        except BaseException as exc:  # noqa: BLE001
-            _report(err_w, stage, exc)
+        except BaseException as exc:  # noqa: BLE001 - the child must never return
+            _report(err_w, at[0], exc)
     for fd, _ in ns_fds:
         os.close(fd)
     os.close(err_w)
