@@ -173,7 +173,7 @@ class DeltaPoller:
                 try:
                     self._walk(upper, base, now, events)
                 except tree.WalkError as exc:
-                    self.state = f"error: {exc}"
+                    self.state = f"error: {exc.why}"  # the path (long) is in the incident
                     if exc.path not in self.reported:
                         self.reported.add(exc.path)
                         events.append(Event("base-write", None, None, now, {
