@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -213,3 +214,67 @@ def test_commit_refuses_while_an_incident_is_open(notes):
     (notes.state_dir / "incidents.jsonl").write_text(json.dumps({"id": "i-1"}) + "\n")
     result = notes.corral("commit", notes.name)
     assert result.returncode == 1 and "an incident is open" in result.stderr
+
+
+COMMIT_UNDER_LOW_FD_LIMIT = """
+import os, resource, sys, types
+from pathlib import Path
+from corral.core.errors import CorralError
+from corral.recover import commit
+state, upper, base_root = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+spec = types.SimpleNamespace(service="deep", state=state, base_root=Path(base_root),
+                             base_version=1)
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+base_fd = os.open(base_root, os.O_RDONLY | os.O_DIRECTORY)
+try:
+    commit.commit(spec, upper_fd, base_fd, [])
+except CorralError as exc:
+    print("refused", exc.exit_code, exc)
+    sys.exit(0)
+except BaseException as exc:
+    print("failed", type(exc).__name__, exc)
+    sys.exit(1)
+print("committed")
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("levels,limit", [(700, 1024), (350, 400)])
+def test_commit_refuses_a_deep_setuid_file_under_a_low_descriptor_limit(tmp_path, levels, limit):
+    """Review 6.2: the check skipped what it could not open (EMFILE), the copy did not, and a
+    setuid executable went into the new base. Now one walk checks and copies, bounded in
+    descriptors: beyond MAX_DEPTH it refuses, within it sees the file and refuses that."""
+    from corral.core import tree
+
+    state = tmp_path / "state"
+    base_root = state / "base/1/root"
+    (base_root / "tmp").mkdir(parents=True)
+    (state / "base/1/image.json").write_text("{}")
+    upper = tmp_path / "upper"
+    (upper / "tmp").mkdir(parents=True)
+    fd = os.open(upper / "tmp", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    payload = os.open("payload", os.O_CREAT | os.O_WRONLY, 0o755, dir_fd=fd)
+    os.write(payload, b"\x7fELF")
+    os.fchmod(payload, 0o4755)
+    os.close(payload)
+    os.close(fd)
+    try:
+        run = subprocess.run([sys.executable, "-c", COMMIT_UNDER_LOW_FD_LIMIT, str(state),
+                              str(upper), str(base_root), str(limit)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.startswith("refused 3 ")  # CheckFailed: the commit's exit code
+        if levels > tree.MAX_DEPTH:
+            assert "cannot be checked whole" in run.stdout
+        else:
+            assert "/payload: added, setuid/setgid and executable or library" in run.stdout
+        assert sorted(os.listdir(state / "base")) == ["1"]  # nothing built, nothing left
+    finally:
+        with tree.directory(str(tmp_path)) as top:  # pytest's clean-up would recurse
+            tree.remove(top, "upper")

@@ -232,3 +232,29 @@ import time; time.sleep(2)
     assert json.loads(notes.corral("delta", notes.name, "--json").stdout)["changes"] == []
     counters = notes.corral("status", notes.name).stdout
     assert "1 open" in counters
+
+
+def test_sensors_say_when_they_fail_instead_of_spinning_or_going_blind(tmp_path):
+    """Review 3.6: a persistent recv error was retried forever (100% CPU), and a delta poller
+    that could not open the delta returned nothing while `status` said "on"."""
+    import os
+    import socket
+
+    from corral.watch import sensors
+
+    reader = sensors.AuditReader.__new__(sensors.AuditReader)
+    reader.sock, spare = socket.socketpair()
+    reader._names, reader.state, reader.lost = {}, "on", 0
+    os.close(reader.sock.fileno())  # EBADF on every recv from now on
+    try:
+        assert reader.read() == []  # returns at once instead of spinning
+        assert reader.state.startswith("off: ")
+    finally:
+        reader.sock.detach()
+        spare.close()
+    poller = sensors.DeltaPoller(str(tmp_path / "no-upper"), str(tmp_path))
+    assert poller.poll(0.0) == []
+    assert poller.state.startswith("off: cannot open ")
+    (tmp_path / "upper").mkdir()
+    poller.upper = str(tmp_path / "upper")
+    assert poller.poll(0.0) == [] and poller.state == poller.ON

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.audit.findings import Finding
+from corral.core import tree
 from corral.core.text import show
 
 # Kernel and network file systems the host walk does not enter when it crosses into them (the
@@ -26,7 +27,7 @@ PSEUDO_FS = frozenset("""proc sysfs devtmpfs devpts cgroup cgroup2 securityfs de
     selinuxfs nfsd""".split())
 NETWORK_FS = frozenset("""nfs nfs4 cifs smb3 smbfs ceph glusterfs afs 9p lustre gfs2 ocfs2
     fuse.sshfs fuse.rclone fuse.s3fs fuse.gcsfuse davfs""".split())
-MAX_DEPTH = 256  # one descriptor per level is held open; a deeper tree is reported, not walked
+MAX_DEPTH = tree.MAX_DEPTH  # a deeper tree is reported (too_deep), not walked
 SYSTEM_DIRS = (b"/usr/bin/", b"/usr/sbin/", b"/bin/", b"/sbin/", b"/usr/lib/", b"/usr/lib64/",
                b"/usr/libexec/", b"/lib/", b"/lib64/", b"/usr/local/bin/", b"/usr/local/sbin/")
 
@@ -62,10 +63,6 @@ class WalkStats:
                 "too_deep": self.too_deep, "stopped_at": self.stopped_at}
 
 
-class _Stop(Exception):
-    pass
-
-
 class Walker:
     """Calls `visit(path, stat)` for every entry below each root, never following a symlink.
 
@@ -97,9 +94,7 @@ class Walker:
             st = os.fstat(fd)
             self._seen.add((st.st_dev, st.st_ino))
             self.visit(start.rstrip(b"/") or b"/", st)  # the root's own mode counts too
-            self._dir(fd, start.rstrip(b"/"), st.st_dev, 1)
-        except _Stop:
-            pass
+            self._walk(fd, start.rstrip(b"/"), st.st_dev)
         finally:
             os.close(fd)
         if self.tick and self._pending:
@@ -107,60 +102,44 @@ class Walker:
             self._pending = 0
         return self.stats
 
-    def _dir(self, fd: int, path: bytes, dev: int, depth: int) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.stats.stopped_at = show(path or b"/")
-            raise _Stop
-        try:
-            with os.scandir(fd) as it:
-                names = [os.fsencode(e.name) for e in it]
-        except OSError:
-            self.stats.errors += 1
-            return
-        for name in names:
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except OSError:
-                self.stats.errors += 1
-                continue
-            child = path + b"/" + name
-            self.stats.entries += 1
+    def _walk(self, fd: int, start: bytes, dev: int) -> None:
+        """tree.walk, with what it cannot read counted (an audit reports, it does not stop at
+        the first unreadable directory) and the mounts and bind mounts it must not enter."""
+        stats = self.stats
+
+        def error(_path: bytes, _exc: OSError) -> None:
+            stats.errors += 1
+
+        def too_deep(entry: tree.Entry) -> None:
+            stats.too_deep.append(show(entry.path))
+
+        for entry in tree.walk(fd, prefix=start, on_error=error, on_too_deep=too_deep):
+            st, child = entry.st, entry.path
+            stats.entries += 1
             self._pending += 1
             if self.tick and self._pending >= 2000:
                 self.tick(self._pending)
                 self._pending = 0
             if self.links is not None and stat.S_ISLNK(st.st_mode):
                 try:
-                    self.links[child] = os.readlink(name, dir_fd=fd)
+                    self.links[child] = os.readlink(entry.name, dir_fd=entry.dir_fd)
                 except OSError:
-                    self.stats.errors += 1
+                    stats.errors += 1
             self.visit(child, st)
-            if stat.S_ISDIR(st.st_mode):
-                self._enter(fd, name, child, dev, depth)
-
-    def _enter(self, fd: int, name: bytes, child: bytes, dev: int, depth: int) -> None:
-        if child in self.skip_paths:
-            return
-        try:
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                          | os.O_NONBLOCK, dir_fd=fd)
-        except OSError:
-            self.stats.errors += 1
-            return
-        try:
-            st = os.fstat(sub)  # what was really opened, whatever was swapped in meanwhile
-            if st.st_dev != dev and self.types.get(st.st_dev) in self.skip_types:
-                self.stats.skipped.append(f"{show(child)} ({self.types[st.st_dev]})")
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                stats.stopped_at = show(child)
                 return
-            if (st.st_dev, st.st_ino) in self._seen:  # a bind mount of something walked
-                return
-            self._seen.add((st.st_dev, st.st_ino))
-            if depth >= MAX_DEPTH:
-                self.stats.too_deep.append(show(child))
-                return
-            self._dir(sub, child, st.st_dev, depth + 1)
-        finally:
-            os.close(sub)
+            if child in self.skip_paths:
+                entry.enter = False
+            elif st.st_dev != dev and self.types.get(st.st_dev) in self.skip_types:
+                stats.skipped.append(f"{show(child)} ({self.types[st.st_dev]})")
+                entry.enter = False
+            elif (st.st_dev, st.st_ino) in self._seen:  # a bind mount of something walked
+                entry.enter = False
+            else:
+                self._seen.add((st.st_dev, st.st_ino))
 
 
 def estimate_entries(roots: Iterable[str], skip_types: frozenset[str]) -> int:

@@ -45,6 +45,9 @@ def need_root(what: str = "changes the host") -> None:
     if os.geteuid() != 0:
         say(f"corral: this command {what} and must run as root")
         sys.exit(EXIT_RUNTIME)
+    from corral.core.tree import raise_nofile_limit
+
+    raise_nofile_limit()  # root commands walk hostile trees (delta, commit, audit): see there
 
 
 def service_name(target: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from corral.host import runtime
 from corral.core.text import show
+from corral.core import tree
 from corral.core.tree import KINDS, hash_and_magic
 from corral.core.fsio import write_json
 from corral.core.errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
@@ -29,37 +30,22 @@ class CheckFailed(CorralError):
     exit_code = EXIT_CHECK
 
 
-def _walk(dir_fd: int, prefix: bytes, out: dict[str, dict[str, Any]]) -> None:
-    for item in sorted(os.scandir(dir_fd), key=lambda e: e.name):
-        name = os.fsencode(item.name)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        path = prefix + name
-        entry: dict[str, Any] = {"kind": KINDS.get(stat.S_IFMT(st.st_mode), "?"),
-                                 "mode": f"{stat.S_IMODE(st.st_mode):04o}",
-                                 "uid": st.st_uid, "gid": st.st_gid}
-        if stat.S_ISREG(st.st_mode):
-            entry["size"] = st.st_size
-            entry["blake3"] = hash_and_magic(dir_fd, name)[0]
-        elif stat.S_ISLNK(st.st_mode):
-            entry["target"] = show(os.readlink(name, dir_fd=dir_fd))
-        out[show(path)] = entry
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dir_fd)
-            try:
-                _walk(sub, path + b"/", out)
-            finally:
-                os.close(sub)
-
-
 def snapshot(root: Path) -> dict[str, dict[str, Any]]:
-    """Every entry of a tree: type, mode, owner, size, blake3 or symlink text."""
+    """Every entry of a tree: type, mode, owner, size, blake3 or symlink text. A tree the walk
+    cannot see whole (tree.WalkError) raises: an integrity manifest must not have holes."""
     out: dict[str, dict[str, Any]] = {}
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _walk(fd, b"/", out)
-    finally:
-        os.close(fd)
+    with tree.directory(str(root)) as fd:
+        for item in tree.walk(fd):
+            st = item.st
+            entry: dict[str, Any] = {"kind": KINDS.get(stat.S_IFMT(st.st_mode), "?"),
+                                     "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+                                     "uid": st.st_uid, "gid": st.st_gid}
+            if stat.S_ISREG(st.st_mode):
+                entry["size"] = st.st_size
+                entry["blake3"] = hash_and_magic(item.dir_fd, item.name)[0]
+            elif stat.S_ISLNK(st.st_mode):
+                entry["target"] = show(os.readlink(item.name, dir_fd=item.dir_fd))
+            out[show(item.path)] = entry
     return out
 
 

@@ -13,11 +13,11 @@ Two levels, like the processes that do them:
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from corral.core import tree
 from corral.kernel import syscalls as kernel
 from corral.kernel.syscalls import (MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT)
 
@@ -54,17 +54,24 @@ def unmount_delta(delta_dir: str, kind: str) -> None:
     if kind == "tmpfs" and _is_mountpoint(delta_dir):
         kernel.umount2(delta_dir, MNT_DETACH)
     if kind == "tmpfs":
-        shutil.rmtree(delta_dir, ignore_errors=True)
+        try:  # unmounted: an empty mount point, unless the unmount above failed
+            _empty(delta_dir)
+            os.rmdir(delta_dir)
+        except (OSError, tree.WalkError):
+            pass
+
+
+def _empty(directory: str) -> None:
+    """Remove everything in a directory the service filled: tree.remove, iterative, because
+    shutil.rmtree recurses and a service can nest its /tmp deeper than Python's stack."""
+    with tree.directory(directory) as fd:
+        for name in os.listdir(fd):
+            tree.remove(fd, name)
 
 
 def clear_delta(delta_dir: str) -> None:
     """Empty the delta (a fresh start from the base) without unmounting it."""
-    for name in os.listdir(delta_dir):
-        path = os.path.join(delta_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+    _empty(delta_dir)
     for sub in ("upper", "work"):
         os.makedirs(os.path.join(delta_dir, sub), mode=0o755)
 

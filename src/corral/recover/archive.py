@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corral.core import tree
+from corral.core.text import show
 from corral.recover import delta
 
 ARCHIVE = "delta.tar.zst"
@@ -23,22 +25,28 @@ META = "meta.json"
 DEFAULT_KEEP = 10
 
 
-def _add_tree(tar: tarfile.TarFile, dir_fd: int, prefix: str) -> int:
+def _add_tree(tar: tarfile.TarFile, dir_fd: int, truncated: list[bytes]) -> int:
+    """Every entry of the upper layer, as deep as the walk goes: the directories too deep to
+    enter are listed in `truncated` (the meta says so) rather than failing the archive, which
+    is the revert's only record of what the service did."""
     count = 0
-    for item in sorted(os.scandir(dir_fd), key=lambda e: e.name):
-        name = item.name
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        info = tarfile.TarInfo(prefix + name)
+    for entry in tree.walk(dir_fd, on_too_deep=lambda e: truncated.append(e.path)):
+        name, st = entry.name, entry.st
+        info = tarfile.TarInfo(os.fsdecode(entry.path[1:]))
         info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         info.mtime = int(st.st_mtime)
         fileobj = None
         if stat.S_ISREG(st.st_mode):
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=entry.dir_fd)
+            except FileNotFoundError:
+                continue  # gone since listed (see tree.walk)
             fileobj = os.fdopen(fd, "rb")
             info.size = os.fstat(fd).st_size
         elif stat.S_ISLNK(st.st_mode):
-            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.fsdecode(os.readlink(name, dir_fd=entry.dir_fd))
         elif stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
         elif stat.S_ISCHR(st.st_mode):  # whiteouts (0/0) and anything else the service made
@@ -54,13 +62,6 @@ def _add_tree(tar: tarfile.TarFile, dir_fd: int, prefix: str) -> int:
             if fileobj is not None:
                 fileobj.close()
         count += 1
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dir_fd)
-            try:
-                count += _add_tree(tar, sub, prefix + name + "/")
-            finally:
-                os.close(sub)
     return count
 
 
@@ -69,7 +70,8 @@ def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, A
     """Write archives/<time>-<reason>/{delta.tar.zst,meta.json}; returns the directory."""
     import zstandard
 
-    found = delta.changes(upper_fd, base_fd)
+    too_deep: list[bytes] = []
+    found = delta.changes(upper_fd, base_fd, truncated=too_deep)
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
     reason = "".join(c if c.isalnum() else "-" for c in str(meta.get("reason", "revert")))[:32]
@@ -81,12 +83,15 @@ def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, A
         with open(work / ARCHIVE, "wb") as raw:
             with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst:
                 with tarfile.open(fileobj=zst, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    entries = _add_tree(tar, upper_fd, "")
+                    entries = _add_tree(tar, upper_fd, [])
             raw.flush()
             os.fsync(raw.fileno())
         record = dict(meta, created_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
                       + f".{int(now % 1 * 1e6):06d}Z", entries=entries,
                       changes=[c.to_json() for c in found])
+        if too_deep:  # the archive and the changes stop there; the revert removes it all
+            record["truncated"] = {"max_depth": tree.MAX_DEPTH,
+                                   "not_entered": [show(p) for p in too_deep[:50]]}
         (work / META).write_text(json.dumps(record, indent=2) + "\n")
         os.rename(work, final)
     except BaseException:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 
 from corral.core.errors import UsageError
 from corral.core.text import show
-from corral.core.tree import is_opaque, is_whiteout
+from corral.core import tree
+from corral.core.tree import is_whiteout
 from corral.host import runtime
 from corral.host.base import INTEGRITY, CheckFailed, seal, use, versions
 from corral.recover import delta
@@ -43,64 +43,72 @@ def refusals(changes: list[delta.Change], allow: list[str]) -> list[str]:
     return out
 
 
-def _apply_upper(upper_fd: int, dest: Path, prefix: str = "") -> None:
-    """Copy the upper layer over a copy of the base: whiteouts delete, opaque dirs replace."""
-    for item in sorted(os.scandir(upper_fd), key=lambda e: e.name):
-        name = item.name
-        st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
-        target = dest / prefix / name
+def _fold(upper_fd: int, base_fd: int, dest: Path) -> list[delta.Change]:
+    """Copy the upper layer over a copy of the base (whiteouts delete, opaque dirs replace) and
+    return its changes, in ONE walk: what the refusals check is what was copied, read from the
+    same descriptor. (Two walks, a check then a copy, once disagreed: the check skipped what it
+    could not open, the copy did not.) A walk that cannot see the whole delta raises."""
+    found: list[delta.Change] = []
+    for entry in tree.walk(upper_fd, base_fd=base_fd):
+        st = entry.st
+        target = dest / os.fsdecode(entry.path[1:])
         if os.path.lexists(target) and (is_whiteout(st) or not stat.S_ISDIR(st.st_mode)
                                         or not target.is_dir() or target.is_symlink()):
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() \
-                else target.unlink()
-        if is_whiteout(st):
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=upper_fd)
-            try:
-                if target.is_dir() and is_opaque(sub):
-                    shutil.rmtree(target)
-                target.mkdir(exist_ok=True)
-                _apply_upper(sub, dest, f"{prefix}{name}/")
-            finally:
-                os.close(sub)
-        elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=upper_fd), target)
+            _remove(target)
+        if stat.S_ISDIR(st.st_mode) and not is_whiteout(st):
+            if target.is_dir() and entry.opaque:
+                _remove(target)
+            target.mkdir(exist_ok=True)
+            found.extend(delta.of_entry(entry))
         elif stat.S_ISREG(st.st_mode):
-            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
-            try:
-                with open(target, "xb") as out, os.fdopen(os.dup(src), "rb") as data:
-                    shutil.copyfileobj(data, out)
-            finally:
-                os.close(src)
+            with open(target, "xb") as out:
+                described = delta.of_entry(entry, sink=out)
+            if described and described[0].blake3 is None:  # not what was listed any more
+                raise tree.WalkError(entry.path, "changed while being copied")
+            found.extend(described)
+        elif stat.S_ISLNK(st.st_mode):
+            described = delta.of_entry(entry)
+            found.extend(described)
+            os.symlink(described[0].target if described else
+                       os.readlink(entry.name, dir_fd=entry.dir_fd), target)
+            continue
         else:
-            continue  # devices, fifos and sockets never enter a base
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(target, stat.S_IMODE(st.st_mode) & 0o1777)  # never setuid in a base
-            os.chown(target, st.st_uid, st.st_gid)
+            found.extend(delta.of_entry(entry))
+            continue  # whiteouts (their deletions are in `found`), devices, fifos, sockets
+        os.chmod(target, stat.S_IMODE(st.st_mode) & 0o1777)  # never setuid in a base
+        os.chown(target, st.st_uid, st.st_gid)
+    return sorted(found, key=lambda c: c.path)
+
+
+def _remove(path: Path) -> None:
+    with tree.directory(str(path.parent)) as parent:
+        tree.remove(parent, path.name)
 
 
 def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
            allow: list[str]) -> dict[str, Any]:
     """Fold the delta into base version max+1 and make it the current one."""
-    found = delta.changes(upper_fd, base_fd)
-    if not found:
-        raise UsageError(f"{spec.service}: the delta is empty; nothing to commit")
-    refused = refusals(found, allow)
-    if refused:
-        raise CheckFailed(f"{spec.service}: commit refused; these changes need --allow PATH:\n  "
-                          + "\n  ".join(refused))
     version = max(versions(spec.state)) + 1
     final = spec.state / "base" / str(version)
     work = spec.state / "base" / f".building-{version}"
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():
+        _remove(work)
     work.mkdir()
     try:
         # cp -a keeps every link and owner and never follows a symlink; the base is ours.
         subprocess.run(["cp", "-a", "--reflink=auto", str(spec.base_root), str(work / "root")],
                        check=True, capture_output=True)
-        _apply_upper(upper_fd, work / "root")
+        try:
+            found = _fold(upper_fd, base_fd, work / "root")
+        except tree.WalkError as exc:
+            raise CheckFailed(f"{spec.service}: commit refused; the delta cannot be checked "
+                              f"whole: {exc}") from None
+        if not found:
+            raise UsageError(f"{spec.service}: the delta is empty; nothing to commit")
+        refused = refusals(found, allow)
+        if refused:
+            raise CheckFailed(f"{spec.service}: commit refused; these changes need --allow "
+                              "PATH:\n  " + "\n  ".join(refused))
         previous = json.loads((spec.base_root.parent / "image.json").read_text())
         (work / "image.json").write_text(json.dumps(
             dict(previous, version=version, note=f"commit of the delta on base "
@@ -111,7 +119,7 @@ def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
         (work / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(work, final)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
         raise
     use(spec, version)
     return {"service": spec.service, "version": version, "from_version": spec.base_version,

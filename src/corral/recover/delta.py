@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from corral.core.text import show
-from corral.core.tree import KINDS, hash_and_magic, is_opaque, is_whiteout, lstat_at, open_dir
+from corral.core import tree
+from corral.core.tree import KINDS, hash_and_magic, is_whiteout
 
 # Paths whose change in the delta shadows what the service runs or trusts: base-write tripwire.
 SENSITIVE_PREFIXES = (b"/bin/", b"/sbin/", b"/usr/bin/", b"/usr/sbin/", b"/lib/", b"/lib64/",
@@ -67,13 +67,13 @@ class _Entry:
     blake3: str | None = None
     target: bytes | None = None
     elf: bool = False
-    children: dict[bytes, Any] = field(default_factory=dict)
 
 
-def _describe(dir_fd: int, name: bytes, st: os.stat_result) -> _Entry:
+def _describe(dir_fd: int, name: bytes, st: os.stat_result,
+              sink: BinaryIO | None = None) -> _Entry:
     entry = _Entry(st)
     if stat.S_ISREG(st.st_mode):
-        entry.blake3, entry.elf = hash_and_magic(dir_fd, name)
+        entry.blake3, entry.elf = hash_and_magic(dir_fd, name, sink)
     elif stat.S_ISLNK(st.st_mode):
         entry.target = os.readlink(name, dir_fd=dir_fd)
     return entry
@@ -104,76 +104,54 @@ def _change(path: bytes, kind_of: str, entry: _Entry, base: _Entry | None) -> Ch
     return Change(path, "modified", details=tuple(details), **common)
 
 
-def _base_entries(fd: int | None, prefix: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
-    """Every path under a base directory (for an opaque directory: all of them deleted)."""
-    if fd is None:
-        return
-    for item in os.scandir(fd):
-        name = os.fsencode(item.name)
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        yield prefix + name, st
-        if stat.S_ISDIR(st.st_mode):
-            sub = open_dir(fd, name)
-            try:
-                yield from _base_entries(sub, prefix + name + b"/")
-            finally:
-                if sub is not None:
-                    os.close(sub)
+def _kind(st: os.stat_result) -> str:
+    return KINDS.get(stat.S_IFMT(st.st_mode), "?")
 
 
-def changes(upper_fd: int, base_fd: int) -> list[Change]:
-    """Walk the upper layer against the base; both are directory fds."""
+def changes(upper_fd: int, base_fd: int, truncated: list[bytes] | None = None) -> list[Change]:
+    """Walk the upper layer against the base; both are directory fds. A tree the walk cannot
+    see whole raises (tree.WalkError, TooDeep past tree.MAX_DEPTH), unless `truncated` is given:
+    then the directories too deep to enter are listed there (the archive of a revert keeps
+    what it can)."""
+    on_too_deep = None if truncated is None else (lambda e: truncated.append(e.path))
     out: list[Change] = []
-    _walk(upper_fd, base_fd, b"/", out)
+    for entry in tree.walk(upper_fd, base_fd=base_fd, on_too_deep=on_too_deep):
+        out.extend(of_entry(entry))
     return sorted(out, key=lambda c: c.path)
 
 
-def _walk(upper_fd: int, base_fd: int | None, prefix: bytes, out: list[Change]) -> None:
-    for item in os.scandir(upper_fd):
-        name = os.fsencode(item.name)
-        path = prefix + name
-        st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
-        base_st = lstat_at(base_fd, name)
-        if is_whiteout(st):
-            if base_st is not None:
-                out.append(Change(path, "deleted", KINDS.get(stat.S_IFMT(base_st.st_mode), "?")))
-                if stat.S_ISDIR(base_st.st_mode):
-                    sub = open_dir(base_fd, name)
-                    try:
-                        out.extend(Change(p, "deleted", KINDS.get(stat.S_IFMT(s.st_mode), "?"))
-                                   for p, s in _base_entries(sub, path + b"/"))
-                    finally:
-                        if sub is not None:
-                            os.close(sub)
-            continue
-        entry = _describe(upper_fd, name, st)
-        base_entry = _describe(base_fd, name, base_st) if base_st is not None else None
-        change = _change(path, KINDS.get(stat.S_IFMT(st.st_mode), "?"), entry, base_entry)
-        if change is not None:
-            out.append(change)
-        if stat.S_ISDIR(st.st_mode):
-            sub_upper = open_dir(upper_fd, name)
-            if sub_upper is None:
-                continue
-            base_is_dir = base_st is not None and stat.S_ISDIR(base_st.st_mode)
-            sub_base = open_dir(base_fd, name) if base_is_dir else None
-            try:
-                if sub_base is not None and is_opaque(sub_upper):
-                    # The directory hides the base's: whatever the upper lacks is deleted.
-                    present = {os.fsencode(e.name) for e in os.scandir(sub_upper)}
-                    for base_item in os.scandir(sub_base):
-                        bname = os.fsencode(base_item.name)
-                        if bname not in present:
-                            bst = os.stat(bname, dir_fd=sub_base, follow_symlinks=False)
-                            out.append(Change(path + b"/" + bname, "deleted",
-                                              KINDS.get(stat.S_IFMT(bst.st_mode), "?")))
-                    os.close(sub_base)
-                    sub_base = None
-                _walk(sub_upper, sub_base, path + b"/", out)
-            finally:
-                os.close(sub_upper)
-                if sub_base is not None:
-                    os.close(sub_base)
+def of_entry(entry: tree.Entry, sink: BinaryIO | None = None) -> list[Change]:
+    """What one entry of the upper layer changes in the base (a whiteout: every base path
+    below it deleted; an opaque directory: the base's entries it lacks). `sink` receives a
+    regular file's content as it is hashed, so that commit copies exactly what was checked."""
+    path, st, base_st = entry.path, entry.st, entry.base_st
+    if is_whiteout(st):
+        if base_st is None:
+            return []
+        out = [Change(path, "deleted", _kind(base_st))]
+        if stat.S_ISDIR(base_st.st_mode):
+            with tree.opened(entry.base_fd, os.fsdecode(entry.name),  # type: ignore[arg-type]
+                             tree.DIR_FLAGS) as sub:
+                out.extend(Change(e.path, "deleted", _kind(e.st))
+                           for e in tree.walk(sub, prefix=path, depth=entry.depth))
+        return out
+    described = _describe(entry.dir_fd, entry.name, st, sink)
+    base = _describe(entry.base_fd, entry.name, base_st) if base_st is not None else None  # type: ignore[arg-type]
+    change = _change(path, _kind(st), described, base)
+    out = [change] if change is not None else []
+    if entry.opaque and base_st is not None and stat.S_ISDIR(base_st.st_mode):
+        # The directory hides the base's: whatever the upper lacks is deleted.
+        name = os.fsdecode(entry.name)
+        with tree.opened(entry.dir_fd, name, tree.DIR_FLAGS) as sub_upper, \
+                tree.opened(entry.base_fd, name, tree.DIR_FLAGS) as sub_base:  # type: ignore[arg-type]
+            present = set(os.listdir(sub_upper))
+            for bname in sorted(set(os.listdir(sub_base)) - present):
+                try:
+                    bst = os.stat(bname, dir_fd=sub_base, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append(Change(path + b"/" + os.fsencode(bname), "deleted", _kind(bst)))
+    return out
 
 
 def base_writes(found: list[Change]) -> list[Change]:

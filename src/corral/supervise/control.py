@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -218,14 +219,19 @@ def _status_of(service: str) -> dict[str, Any]:
 
 
 def _delta_bytes(spec: ServiceSpec) -> int:
-    upper = spec.delta_dir / "upper"
+    """What the delta's files take, as far as the walk goes: `status` must show even when the
+    service made its delta unwalkable (os.walk recursed and raised; the poller reports that)."""
+    from corral.core import tree
+
     total = 0
-    for top, _, files in os.walk(upper):  # never follows symlinks
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(top, name)).st_blocks * 512
-            except OSError:
-                pass
+    try:
+        with tree.directory(str(spec.delta_dir / "upper")) as upper:
+            for entry in tree.walk(upper, on_error=lambda *_: None,
+                                   on_too_deep=lambda _: None):
+                if not stat.S_ISDIR(entry.st.st_mode):
+                    total += entry.st.st_blocks * 512
+    except OSError:
+        pass
     return total
 
 

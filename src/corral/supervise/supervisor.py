@@ -25,6 +25,8 @@ from typing import Any, TextIO
 from corral.launch import cgroup, landlock, pipeline as launch, mnt, output
 from corral.kernel import notify
 from corral.host import runtime
+from corral.core import tree
+from corral.core.errors import CorralError
 from corral.core.fsio import write_json
 from corral.launch.output import Output
 from corral.host.runtime import ProcessSpec, ServiceSpec
@@ -212,7 +214,7 @@ class Supervisor:
             self.sensors["network"] = f"off: {exc}"
         self.poller = sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
                                           str(self.spec.base_root))
-        self.sensors["base-write"] = "on (delta poll)"
+        self.sensors["base-write"] = self.poller.state
         self.sensors["exec"] = "on (seccomp user notification)"
         path = os.path.join(self.run_dir, "control.sock")
         try:
@@ -452,7 +454,7 @@ class Supervisor:
                     "service": self.spec.service, "reason": request.get("reason", "revert"),
                     "incident": request.get("incident"), "base_version": self.spec.base_version})
             self.last_archive = str(path / archive.ARCHIVE)
-        except OSError as exc:
+        except (OSError, CorralError) as exc:  # a tree.WalkError too: revert all the same
             self.last_archive = None
             print(f"corral supervisor: archiving the delta failed: {exc}", file=sys.stderr)
         if fresh is not None and fresh.base_version != self.spec.base_version:
@@ -499,6 +501,11 @@ class Supervisor:
                 for event in self.audit.read():
                     if self.watcher is not None and not self.halting:
                         self.watcher.trip(event)
+                if self.audit.state != "on":  # failed for good: drop it, say so in status
+                    self.selector.unregister(self.audit)
+                    self.audit.close()
+                    self.sensors["audit"] = self.audit.state
+                    self.write_state()
             elif kind == "control":
                 self.accept_control()
             elif kind == "nflog":
@@ -539,6 +546,7 @@ class Supervisor:
             self.drop_notify(fd)
 
     def serve(self) -> int:
+        tree.raise_nofile_limit()  # see there: a service must not make us run out of fds
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
@@ -576,6 +584,9 @@ class Supervisor:
                     next_poll = now + DELTA_POLL
                     for event in self.poller.poll(now):
                         self.watcher.trip(event, process=self._writer_of(event.detail["path"]))
+                    if self.sensors.get("base-write") != self.poller.state:
+                        self.sensors["base-write"] = self.poller.state
+                        self.write_state()
                 self.watcher.flush_counts()
                 if self.journals and self.phase == "running" and not self.halting:
                     self.close_epochs("schedule", due_only=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -86,6 +87,8 @@ class AuditReader:
         self.sock = _in_initial_netns(make)
         self.sock.setblocking(False)
         self._names: dict[int, str] = {}
+        self.state = "on"  # or "off: why" once reading failed for good
+        self.lost = 0  # ENOBUFS overruns: records the kernel dropped
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -112,8 +115,14 @@ class AuditReader:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 return out
-            except OSError:  # ENOBUFS after a burst: records were lost; go on reading
-                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # after a burst: records were lost; read on
+                    self.lost += 1
+                    continue
+                # Anything else (EBADF, ...) would fail again at once: retrying spun the
+                # supervisor at 100% CPU. Stop and say so; the supervisor drops the sensor.
+                self.state = f"off: {exc.strerror or exc}"
+                return out
             while len(data) >= 16:
                 length, kind = struct.unpack_from("=IH", data)
                 body = data[16:length].decode(errors="replace")
@@ -141,54 +150,46 @@ class AuditReader:
 
 
 class DeltaPoller:
-    """Report each base file the service overwrote, deleted or chmodded, once."""
+    """Report each base file the service overwrote, deleted or chmodded, once.
+
+    A delta the walk cannot see whole (nested past tree.MAX_DEPTH, or unreadable) is itself a
+    `base-write` event, change "unwalkable": the service may be hiding a base write where the
+    poller cannot look, and a walk that raised must never stop the supervisor (that once let
+    a service crash it and take its delta with it, unarchived). `state` says how the sensor
+    is ("on", or what is wrong) for the supervisor's `sensors` (shown by `corral status`)."""
+
+    ON = "on (delta poll)"
 
     def __init__(self, upper: str, base: str):
         self.upper, self.base = upper, base
         self.reported: set[bytes] = set()
         self.seen: dict[bytes, tuple[int, int, int]] = {}
+        self.state = self.ON
 
     def poll(self, now: float) -> list[Event]:
         try:
-            upper = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+            with tree.directory(self.upper) as upper, tree.directory(self.base) as base:
+                events: list[Event] = []
+                try:
+                    self._walk(upper, base, now, events)
+                except tree.WalkError as exc:
+                    self.state = f"error: {exc.why}"  # the path (long) is in the incident
+                    if exc.path not in self.reported:
+                        self.reported.add(exc.path)
+                        events.append(Event("base-write", None, None, now, {
+                            "path": text.show(exc.path or b"/"), "change": "unwalkable",
+                            "why": exc.why}))
+                    return events
+        except OSError as exc:  # the delta or the base itself: the tripwire is blind
+            self.state = f"off: cannot open {exc.filename}: {exc.strerror}"
             return []
-        try:
-            base = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            os.close(upper)
-            return []
-        events: list[Event] = []
-        try:
-            self._walk(upper, base, b"/", now, events)
-        finally:
-            os.close(upper)
-            os.close(base)
+        self.state = self.ON
         return events
 
-    def _walk(self, upper: int, base: int | None, prefix: bytes, now: float,
-              events: list[Event]) -> None:
-        for item in os.scandir(upper):
-            name = os.fsencode(item.name)
-            path = prefix + name
-            try:
-                st = os.stat(name, dir_fd=upper, follow_symlinks=False)
-            except OSError:
-                continue
-            base_st = tree.lstat_at(base, name)
-            if stat.S_ISDIR(st.st_mode):
-                sub = tree.open_dir(upper, name)
-                sub_base = tree.open_dir(base, name) if base_st is not None and \
-                    stat.S_ISDIR(base_st.st_mode) else None
-                if sub is not None:
-                    try:
-                        self._walk(sub, sub_base, path + b"/", now, events)
-                    finally:
-                        os.close(sub)
-                if sub_base is not None:
-                    os.close(sub_base)
-                continue
-            if base_st is None or path in self.reported:
+    def _walk(self, upper: int, base: int, now: float, events: list[Event]) -> None:
+        for entry in tree.walk(upper, base_fd=base):
+            st, base_st, path = entry.st, entry.base_st, entry.path
+            if stat.S_ISDIR(st.st_mode) or base_st is None or path in self.reported:
                 continue
             sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
                 base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)

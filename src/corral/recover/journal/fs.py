@@ -18,13 +18,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from corral.core import tree
 from corral.core.tree import KINDS
 from corral.recover.journal.objects import Objects
 from corral.recover.journal.store import CHUNK, Meta, digest, point, syncfs
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_DEPTH = 400  # deeper entries are not journaled (listed as skipped): Python's recursion
-#                  limit is 1000, and a contained service must not crash the journal with depth
+MAX_DEPTH = tree.MAX_DEPTH  # deeper entries are not journaled (listed as skipped): a
+#                            contained service must not crash the journal with depth
 # A file whose ctime is this close to the scan's start is read again next time rather than
 # trusted to its observation: timestamps come from a coarse clock, so a second write within the
 # same tick as the one observed could leave (size, mtime, ctime) unchanged ("racy git"). Any
@@ -63,20 +64,18 @@ class Scan:
         fd = os.open(root, DIR_FLAGS)
         try:
             self.dev = os.fstat(fd).st_dev
-            self._walk(fd, "", 0)
+            self._walk(fd)
         finally:
             os.close(fd)
         return self
 
-    def _walk(self, fd: int, prefix: str, depth: int) -> None:
+    def _walk(self, fd: int) -> None:
         entries, observed, last, known = self.entries, self.observed, self.last_observed, \
             self.known  # locals: this loop runs once per file of the volume
-        for entry in os.scandir(fd):  # an fd: fstatat(fd, name, AT_SYMLINK_NOFOLLOW) below
-            name, path = entry.name, prefix + entry.name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+        skipped = self.skipped
+        too_deep = lambda e: skipped.append(os.fsdecode(e.path[1:]))  # noqa: E731
+        for entry in tree.walk(fd, on_too_deep=too_deep):
+            name, path, st = os.fsdecode(entry.name), os.fsdecode(entry.path[1:]), entry.st
             mode = st.st_mode
             if stat.S_ISREG(mode):
                 obs = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -86,7 +85,7 @@ class Scan:
                     entries[path] = known[path]
                     observed[path] = obs
                 elif not (self.defer_fresh and st.st_ctime_ns >= self.start_ns - RACY_NS):
-                    self._read(fd, name, path, st)
+                    self._read(entry.dir_fd, name, path, st)
                 # (a fresh file would be read again when frozen anyway: its observation is
                 # not trusted; reading it now would only store a version about to be replaced)
                 continue
@@ -94,7 +93,7 @@ class Scan:
                 meta = Meta("dir", stat.S_IMODE(mode), st.st_uid, st.st_gid)
             elif stat.S_ISLNK(mode):
                 try:
-                    target = os.readlink(name, dir_fd=fd)
+                    target = os.readlink(name, dir_fd=entry.dir_fd)
                 except OSError:
                     continue
                 meta = Meta("symlink", 0o777, st.st_uid, st.st_gid, target=target)
@@ -102,18 +101,9 @@ class Scan:
                 meta = Meta(KINDS.get(stat.S_IFMT(mode), "other"), stat.S_IMODE(mode),
                             st.st_uid, st.st_gid)
             entries[path] = meta if known.get(path) != meta else known[path]
-            if stat.S_ISDIR(mode):
-                if st.st_dev != self.dev or depth >= MAX_DEPTH:
-                    self.skipped.append(path)
-                    continue
-                try:
-                    sub = os.open(name, DIR_FLAGS, dir_fd=fd)
-                except OSError:  # swapped for something else meanwhile
-                    continue
-                try:
-                    self._walk(sub, path + "/", depth + 1)
-                finally:
-                    os.close(sub)
+            if stat.S_ISDIR(mode) and st.st_dev != self.dev:
+                skipped.append(path)  # another file system mounted in the volume
+                entry.enter = False
 
     def _read(self, dir_fd: int, name: str, path: str, st: os.stat_result) -> None:
         """Read a new or changed file once: hash it whole and by chunk, stage new chunks."""
@@ -202,38 +192,9 @@ def _open_parent(root_fd: int, path: str) -> tuple[int, str]:
 
 
 def _remove(dir_fd: int, name: str) -> None:
-    """Remove an entry, a directory with everything under it, never following a symlink.
-    Depth first holding one descriptor at a time: the service may have made the tree deeper
-    than Python's recursion limit or the descriptor limit. Going back up through ".." is safe
-    here: the service is stopped, and ".." is never a symlink."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        point()
-        return
-    names = [name]
-    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    try:
-        while names:
-            sub = None
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        sub = entry.name
-                        break
-                    os.unlink(entry.name, dir_fd=fd)
-            if sub is not None:
-                child = os.open(sub, DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-                names.append(sub)
-                continue
-            up = os.open("..", DIR_FLAGS, dir_fd=fd) if len(names) > 1 else os.dup(dir_fd)
-            os.close(fd)
-            fd = up
-            os.rmdir(names.pop(), dir_fd=fd)
-    finally:
-        os.close(fd)
+    """Remove an entry, a directory with everything under it (tree.remove: iterative, one
+    descriptor at a time, however deep the service made it)."""
+    tree.remove(dir_fd, name)
     point()
 
 
