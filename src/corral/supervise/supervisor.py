@@ -26,6 +26,7 @@ from corral.launch import cgroup, landlock, pipeline as launch, mnt, output
 from corral.kernel import notify
 from corral.host import runtime
 from corral.core.fsio import write_json
+from corral.core.text import iso, parse_iso
 from corral.launch.output import Output
 from corral.host.runtime import ProcessSpec, ServiceSpec
 
@@ -54,8 +55,7 @@ class Child:
     error: str = ""
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+_iso = iso  # the one timestamp format (core.text)
 
 
 class Supervisor:
@@ -614,12 +614,10 @@ PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
 
 def _packet_event(event: dict[str, Any]) -> Any:
     """A dropped packet (from the service's NFLOG group) as a tripwire event."""
-    from datetime import datetime
-
     from corral.watch.sensors import Event
 
     try:
-        at = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+        at = parse_iso(event["time"])
     except (KeyError, ValueError, AttributeError):
         at = 0.0
     detail = {k: event.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
