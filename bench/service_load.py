@@ -14,6 +14,7 @@ the figure is the median time per request, and corral's cost the ratio to the pl
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -113,7 +114,7 @@ def measure_service(world: Any, rounds: int, requests: int,
         for kind in order:
             samples[kind].append(_batch(world, PORTS[kind], requests))
         bk.progress(f"service: {rnd + 1}/{rounds} rounds")
-    incidents = world.corral("incidents", name, "--json").stdout
+    incidents = json.loads(world.corral("incidents", name, "--json").stdout)["incidents"]
     medians = {kind: statistics.median(values) for kind, values in samples.items()}
     return {
         "requests_per_batch": requests, "rounds": rounds,
@@ -122,7 +123,7 @@ def measure_service(world: Any, rounds: int, requests: int,
         "corral_vs_plain_pct": (medians["corral"] / medians["plain"] - 1) * 100,
         "firejail_vs_plain_pct": (medians["firejail"] / medians["plain"] - 1) * 100,
         "corral_vs_firejail_pct": (medians["corral"] / medians["firejail"] - 1) * 100,
-        "incidents_during_run": incidents.strip() not in ("", "[]"),
+        "incidents_during_run": bool(incidents),
     }
 
 

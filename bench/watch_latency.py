@@ -225,7 +225,7 @@ def incident_lines(world: bk.World, name: str) -> list[dict[str, Any]]:
 
 
 def incidents_cli(world: bk.World, name: str) -> dict[str, dict[str, Any]]:
-    records = json.loads(world.corral("incidents", name, "--json").stdout)
+    records = json.loads(world.corral("incidents", name, "--json").stdout)["incidents"]
     return {r["id"]: r for r in records}
 
 

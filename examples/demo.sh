@@ -140,7 +140,7 @@ sleep 0.5
 post "good note after the attack"
 echo "  closed epoch $(in_ns "$CORRAL" state mark notes --note "more good work")"
 in_ns "$CORRAL" state log notes
-bad=$(in_ns "$CORRAL" state log notes --json | python3 -c 'import json, sys; d = json.load(sys.stdin); vols = d["volumes"] if isinstance(d, dict) and "volumes" in d else d; epochs = vols[0]["epochs"] if isinstance(vols, list) and vols and "epochs" in vols[0] else vols; print([e["id"] for e in epochs if e.get("incidents")][-1])')
+bad=$(in_ns "$CORRAL" state log notes --json | python3 -c 'import json, sys; epochs = json.load(sys.stdin)["volumes"][0]["epochs"]; print([e["id"] for e in epochs if e.get("incidents")][-1])')
 bold "   corral down, then excise epoch $bad (the attack's stretch): later good work is kept"
 in_ns "$CORRAL" down notes
 in_ns "$CORRAL" state excise notes --from "$bad" --to "$bad"

@@ -155,7 +155,7 @@ class Service:
     def status(self) -> dict:
         import json
 
-        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)
+        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)["services"][0]
 
 
 @pytest.fixture

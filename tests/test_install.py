@@ -195,5 +195,5 @@ def test_uninstall_of_an_unknown_service_is_a_usage_error(corral_root):
 def test_install_reports_json(tmp_path, corral_root, netns, service_name):
     out = json.loads(corral("install", sample(tmp_path, service_name), "--json", netns=netns,
                             check=True).stdout)
-    assert out["service"] == service_name and len(out["changed"]) == 5
+    assert out["service"] == service_name and out["changed"] is True and len(out["changes"]) == 5
     corral("uninstall", service_name, "--purge", netns=netns, check=True)

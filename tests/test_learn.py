@@ -141,10 +141,10 @@ def test_learn_writes_a_manifest_that_runs_the_service_contained(
         assert "workload ok" in run.stdout
         time.sleep(1.0)  # let the watcher see anything the workload caused
         incidents = json.loads(corral("incidents", service_name, "--json", netns=netns,
-                                      check=True).stdout)
+                                      check=True).stdout)["incidents"]
         assert incidents == []
         status = json.loads(corral("status", service_name, "--json", netns=netns,
-                                   check=True).stdout)
+                                   check=True).stdout)["services"][0]
         assert status["state"] == "running" and status["reverts"] == 0
 
         # Smaller than the hand-written image (all of /usr/lib/python3.11).
@@ -285,7 +285,7 @@ def test_learn_a_real_debian_daemon_dnsmasq(tmp_path, corral_root, netns, servic
         assert done.returncode == 0, done.stderr
         time.sleep(1.0)
         incidents = json.loads(corral("incidents", service_name, "--json", netns=netns,
-                                      check=True).stdout)
+                                      check=True).stdout)["incidents"]
         assert incidents == []
         print(f"dnsmasq image entries: {plan_entries(manifest)}")
     finally:

@@ -86,9 +86,16 @@ def test_exec_runs_inside_the_same_containment(notes):
 
 
 def test_exec_exit_code_and_unknown_process(notes):
+    # The command's own code passes through; exec's own failures take docker's 125/126/127,
+    # so a command's 1, 2 or 3 is never mistaken for corral's (docs/cli.md).
     assert notes.exec("raise SystemExit(7)").returncode == 7
+    assert notes.exec("raise SystemExit(2)").returncode == 2
     result = notes.corral("exec", notes.name, "nosuch", "--", "/usr/bin/python3.11")
-    assert result.returncode == 2 and "no process 'nosuch'" in result.stderr
+    assert result.returncode == 125 and "no process 'nosuch'" in result.stderr
+    result = notes.exec("", argv=["/usr/bin/no-such-program"])
+    assert result.returncode == 127 and "Traceback" not in result.stderr, result.stderr
+    result = notes.exec("", argv=["/opt/notes/notes.py"])  # in the image, not executable
+    assert result.returncode == 126 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_writes_land_in_the_delta_and_down_discards_them(notes):
@@ -266,7 +273,7 @@ def test_status_json_for_a_stopped_service(tmp_path, corral_root, netns, service
     manifest = notes_manifest(tmp_path, service_name)
     corral("install", str(manifest), netns=netns, check=True)
     try:
-        data = json.loads(corral("status", service_name, "--json", check=True).stdout)
+        data = json.loads(corral("status", service_name, "--json", check=True).stdout)["services"][0]
         assert data["state"] == "down" and data["processes"][0]["state"] == "down"
         assert corral("status", "nosuchsvc").returncode == 2
     finally:

@@ -25,7 +25,7 @@ except OSError as exc:
 
 
 def incidents(svc: Service) -> list[dict]:
-    return json.loads(svc.corral("incidents", svc.name, "--json", check=True).stdout)
+    return json.loads(svc.corral("incidents", svc.name, "--json", check=True).stdout)["incidents"]
 
 
 def wait_for(predicate, timeout: float = 10.0):

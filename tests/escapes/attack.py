@@ -224,7 +224,7 @@ class Contained:
                 time.sleep(0.2)
 
     def status(self) -> dict:
-        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)
+        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)["services"][0]
 
     def app(self) -> dict:
         return self.status()["processes"][0]

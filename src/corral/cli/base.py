@@ -41,22 +41,34 @@ def call_handled(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         sys.exit(EXIT_RUNTIME)
 
 
-def need_root(what: str = "changes the host") -> None:
+def need_root(what: str = "changes the host", exit_code: int = EXIT_RUNTIME) -> None:
+    """The one root check and message of every command that needs root (exit 1; `exec` passes
+    125, its own failure code)."""
     if os.geteuid() != 0:
         say(f"corral: this command {what} and must run as root")
-        sys.exit(EXIT_RUNTIME)
+        sys.exit(exit_code)
     from corral.core.tree import raise_nofile_limit
 
     raise_nofile_limit()  # root commands walk hostile trees (delta, commit, audit): see there
 
 
+def is_file(target: str) -> bool:
+    """The one NAME|FILE rule (SPEC, "NAME and FILE"): a manifest is a path, so it contains `/`
+    or ends in `.toml`; any other argument is a service name. Nothing on disk is consulted, so
+    the same word means the same service from any directory."""
+    return "/" in target or target.endswith(".toml")
+
+
 def service_name(target: str) -> str:
-    """A NAME, or a manifest FILE whose name is read (a valid manifest is not required to
-    uninstall, only a readable name)."""
+    """The service a NAME|FILE argument names: a NAME as it is (validated), or the name read
+    from the manifest FILE (a valid manifest is not required to uninstall, a readable name is)."""
     from corral.core.errors import UsageError
     from corral.core.names import SERVICE_NAME
 
-    if SERVICE_NAME.match(target) and not os.path.exists(target):
+    if not is_file(target):
+        if not SERVICE_NAME.match(target):
+            raise UsageError(f"{target!r}: not a service name (a manifest FILE contains / or "
+                             "ends in .toml)")
         return target
     from corral.manifest import tomlfile
 

@@ -13,7 +13,8 @@ import time
 
 import click
 
-from corral.core.errors import CorralError, escape_controls
+from corral.cli.common import handled
+from corral.core.errors import escape_controls
 
 # Minimum column widths of the plain output; a longer value widens its column from then on.
 _COLUMNS = (("TIME (UTC)", 27), ("SERVICE", 10), ("PROCESS", 10), ("REASON", 9), ("PROTO", 6),
@@ -92,6 +93,7 @@ class _Merged:
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N events.")
 @click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
               help="Stop after S seconds (default: follow until interrupted).")
+@handled
 def events(as_json: bool, services: tuple[str, ...], count: int | None,
            timeout: float | None) -> None:
     """Follow the packets that corral's nftables tables drop (sampled: at most a few per second
@@ -127,9 +129,6 @@ def events(as_json: bool, services: tuple[str, ...], count: int | None,
                     click.echo(f"corral: events lost: the receive buffer overflowed "
                                f"{reader.lost - lost} time(s)", err=True)
                     lost = reader.lost
-    except CorralError as exc:
-        click.echo(f"corral: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         pass                       # the normal way to stop following
     except BrokenPipeError:        # `corral host events | head`

@@ -7,24 +7,19 @@ file (`FILE: key.path: message`) or usage, 1 for a failure at run time.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from corral.cli.base import need_root
-from corral.cli.common import handled
+from corral.cli.common import handled, print_json, table
 
-
-_handled = handled  # the same error contract as every other subcommand
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON object for machines (docs/cli.md).")
 
 
 def _need_root() -> None:
     need_root("changes the host's firewall")
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
 
 
 def _warn(plan: Any) -> None:
@@ -61,8 +56,7 @@ def _plan_text(plan: Any) -> str:
     else:
         rows.append(("forward", "nothing"))
     rows.append(("dropped", "logged to NFLOG group 3079, prefix \"corral host CHAIN\""))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return table(rows)
 
 
 def _from(ep: Any) -> str:
@@ -77,15 +71,15 @@ def host() -> None:
 
 @host.command("plan")
 @click.argument("host_file", metavar="HOST.toml")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (with the nft ruleset).")
-@_handled
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (with the nft ruleset).")
+@handled
 def plan_cmd(host_file: str, as_json: bool) -> None:
     """Show the table that apply would install; changes nothing."""
     from corral.host.firewall import plan_host
 
     plan = plan_host(host_file)
     _warn(plan)
-    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else _plan_text(plan))
+    print_json(plan.to_json()) if as_json else click.echo(_plan_text(plan))
 
 
 @host.command("apply")
@@ -93,8 +87,8 @@ def plan_cmd(host_file: str, as_json: bool) -> None:
 @click.option("--confirm-timeout", type=click.FloatRange(min=0, min_open=True), default=60,
               show_default=True, metavar="SECONDS",
               help="Roll back to the previous table unless `corral host confirm` comes in time.")
-@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
-@_handled
+@json_option
+@handled
 def apply_cmd(host_file: str, confirm_timeout: float, as_json: bool) -> None:
     """Apply the table atomically; it rolls back by itself unless confirmed within the timeout.
     Applying again while one is pending keeps the older saved state and restarts the timer."""
@@ -105,7 +99,7 @@ def apply_cmd(host_file: str, confirm_timeout: float, as_json: bool) -> None:
     _warn(plan)
     result = apply(plan, confirm_timeout)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     click.echo(f"{result['table']}: applied {result['host_file']} (role {result['role']})")
     if result["chained"]:
@@ -117,13 +111,17 @@ def apply_cmd(host_file: str, confirm_timeout: float, as_json: bool) -> None:
 
 @host.command("confirm")
 @click.argument("host_file", metavar="HOST.toml")
-@_handled
-def confirm_cmd(host_file: str) -> None:
+@json_option
+@handled
+def confirm_cmd(host_file: str, as_json: bool) -> None:
     """Keep the applied table: cancel the pending rollback."""
     from corral.host.firewall import confirm
 
     _need_root()
     result = confirm(host_file)
+    if as_json:
+        print_json(result)
+        return
     click.echo(f"{result['table']}: confirmed {result['host_file']} (role {result['role']}, applied "
                f"at {result['applied_at']}); the rollback due at {result['rollback_at_cancelled']} "
                "is cancelled")
@@ -133,13 +131,17 @@ def confirm_cmd(host_file: str) -> None:
 
 @host.command("rollback")
 @click.argument("host_file", metavar="HOST.toml")
-@_handled
-def rollback_cmd(host_file: str) -> None:
+@json_option
+@handled
+def rollback_cmd(host_file: str, as_json: bool) -> None:
     """Restore now the table as it was before the last apply (confirmed or not)."""
     from corral.host.firewall import rollback
 
     _need_root()
     result = rollback(host_file)
+    if as_json:
+        print_json(result)
+        return
     click.echo(f"{result['table']}: {result['message']} (state saved at {result['saved_at']})")
 
 

@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from corral.cli.common import handled
+from corral.cli.base import need_root
+from corral.cli.common import handled, print_json
 from corral.core.errors import EXIT_CHECK, InputError, Problem
 
 
@@ -34,19 +35,19 @@ def _env_pair(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--env", "environment", multiple=True, callback=_env_pair, metavar="NAME=VALUE",
               help="Environment of the program while learning, written to the manifest "
                    "(LANG=C.UTF-8 unless given); nothing else is passed on.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Report what was learned as one JSON object (docs/cli.md).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handled
 def learn(out: str, name: str | None, process: str, duration: float | None,
-          environment: dict[str, str], command: tuple[str, ...]) -> None:
+          environment: dict[str, str], as_json: bool, command: tuple[str, ...]) -> None:
     """Run CMD under observation (strace) while you exercise it, and write the minimal manifest
     it needs. Stop it with Ctrl-C (or SIGTERM), --duration, or let it exit. Exit code 3 when it
     did something containment can never allow (the manifest is written anyway, with the reason)."""
     from corral.learn.trace import learn as do_learn
     from corral.manifest.model import parse_manifest
 
-    if os.geteuid() != 0:
-        click.echo("corral: learn needs root (strace of any program, its binds)", err=True)
-        sys.exit(1)
+    need_root("traces any program and its binds")
     learned = do_learn(list(command), name=name, process=process, duration=duration,
                        environment=environment)
     # What is written must pass `corral check`.
@@ -61,10 +62,19 @@ def learn(out: str, name: str | None, process: str, duration: float | None,
         handle.write(learned.text)
     os.replace(tmp, out)
     obs = learned.observed
-    click.echo(f"wrote {out}: {len(learned.include)} includes, "
-               f"{len(obs.listen)} listen, {len(obs.connect)} connect, "
-               f"{len(obs.syscalls)} system calls seen", err=True)
-    for violation in learned.violations:
+    if as_json:
+        print_json({"service": tomllib.loads(learned.text).get("name"), "file": out,
+                    "process": process, "exit_status": learned.exit_status,
+                    "include": learned.include,
+                    "listen": sorted(f"{proto}/{port}" for proto, port in obs.listen),
+                    "connect": sorted(f"{proto}/{port}@{addr}" for proto, port, addr
+                                      in obs.connect),
+                    "syscalls": sorted(obs.syscalls), "violations": learned.violations})
+    else:
+        click.echo(f"wrote {out}: {len(learned.include)} includes, "
+                   f"{len(obs.listen)} listen, {len(obs.connect)} connect, "
+                   f"{len(obs.syscalls)} system calls seen", err=True)
+    for violation in learned.violations:  # on stderr with --json too: a person may be watching
         click.echo(f"corral: violation during learn: {violation}", err=True)
     if learned.violations:
         sys.exit(EXIT_CHECK)

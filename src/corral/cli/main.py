@@ -8,11 +8,11 @@ from typing import Any
 import click
 
 from corral.cli.base import need_root, run_foreground, service_name
-from corral.cli.common import handled, print_json
-from corral.core.errors import EXIT_USAGE, CorralError
+from corral.cli.common import handled, print_json, table
+from corral.core.errors import EXIT_EXEC_FAILED, EXIT_USAGE, CorralError
 
-
-_print_json = print_json
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON object for machines (docs/cli.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,20 +24,27 @@ def main() -> None:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True)
+@json_option
 @handled
-def check(files: tuple[str, ...]) -> None:
+def check(files: tuple[str, ...], as_json: bool) -> None:
     """Validate manifests or host files; print nothing but errors (exit 2 if any)."""
+    from corral.core.errors import key_path
     from corral.manifest.check import check_files
 
     problems = check_files(files)
-    for problem in problems:
-        click.echo(str(problem), err=True)
+    if as_json:
+        print_json({"ok": not problems, "files": list(files),
+                    "problems": [{"file": p.file, "where": key_path(p.loc), "message": p.message}
+                                 for p in problems]})
+    else:
+        for problem in problems:
+            click.echo(str(problem), err=True)
     sys.exit(EXIT_USAGE if problems else 0)
 
 
 @main.command()
 @click.argument("file")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@json_option
 @handled
 def plan(file: str, as_json: bool) -> None:
     """Show the desired state of a service; changes nothing."""
@@ -47,14 +54,17 @@ def plan(file: str, as_json: bool) -> None:
 
     service_plan = plan_service(file, load_manifest(file))
     if as_json:
-        _print_json(service_plan.to_json())
+        data = {"service": service_plan.service, "file": file, **service_plan.to_json()}
+        delta = data["delta"]  # a size is `bytes` in every --json (status says bytes too)
+        data["delta"] = {"kind": delta["kind"], "bytes": delta.get("size", delta.get("bytes"))}
+        print_json(data)
     else:
         click.echo(plan_text(service_plan))
 
 
 @main.command()
 @click.argument("file")
-@click.option("--json", "as_json", is_flag=True, help="Report what changed as JSON.")
+@json_option
 @handled
 def install(file: str, as_json: bool) -> None:
     """Create the users, build the base image and apply the firewall table; idempotent."""
@@ -72,7 +82,7 @@ def install(file: str, as_json: bool) -> None:
 @main.command()
 @click.argument("target", metavar="FILE|NAME")
 @click.option("--purge", is_flag=True, help="Also delete the volumes (all persistent state).")
-@click.option("--json", "as_json", is_flag=True, help="Report what changed as JSON.")
+@json_option
 @handled
 def uninstall(target: str, purge: bool, as_json: bool) -> None:
     """Remove all that install made (users, base, table); volumes kept unless --purge."""
@@ -104,7 +114,7 @@ def run(file: str) -> None:
 
 @main.command()
 @click.argument("file")
-@click.option("--json", "as_json", is_flag=True, help="Report the state as JSON.")
+@json_option
 @handled
 def up(file: str, as_json: bool) -> None:
     """Start the service in the background; returns when every process runs and listens."""
@@ -113,7 +123,7 @@ def up(file: str, as_json: bool) -> None:
     need_root()
     result = do_up(service_name(file))
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         state = result["state"]
         verb = "started" if result["changed"] else "already running"
@@ -122,20 +132,24 @@ def up(file: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
+@json_option
 @handled
-def down(name: str) -> None:
+def down(name: str, as_json: bool) -> None:
     """Stop the service: every process, its delta, mounts and cgroups go."""
     from corral.supervise.control import down as do_down
 
     need_root()
     result = do_down(service_name(name))
-    click.echo(f"{result['service']}: {'stopped' if result['changed'] else 'was not running'}")
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"{result['service']}: {'stopped' if result['changed'] else 'was not running'}")
 
 
 @main.command()
-@click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.argument("name", required=False, metavar="[NAME|FILE]")
+@json_option
 @handled
 def status(name: str | None, as_json: bool) -> None:
     """Processes, users, delta size, incidents and journal epochs of one or all services."""
@@ -143,28 +157,54 @@ def status(name: str | None, as_json: bool) -> None:
     from corral.supervise.control import status as do_status
 
     result = do_status(service_name(name) if name else None)
-    if as_json:
-        _print_json(result if name is None else result[0])
+    if as_json:  # one shape with or without NAME: {"services": [...]}
+        print_json({"services": result})
     else:
         click.echo(status_text(result))
 
 
-@main.command("exec", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+class _ExecCommand(click.Command):
+    """`corral exec` passes CMD's exit code through, so a usage error of its own must not look
+    like CMD's 2: it takes 125, as every other failure of corral's in `exec` does."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_EXEC_FAILED
+            raise
+
+
+@main.command("exec", cls=_ExecCommand, context_settings={"ignore_unknown_options": True})
+@click.argument("name", metavar="NAME|FILE")
 @click.argument("process")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
 @handled
 def exec_(name: str, process: str, argv: tuple[str, ...]) -> None:
-    """Run CMD inside PROCESS's containment: NAME PROCESS -- CMD..."""
+    """Run CMD inside PROCESS's containment: NAME PROCESS -- CMD...
+
+    \b
+    Exit codes (as docker and podman exec):
+      CMD's own   CMD ran; its exit code (128+N if a signal N killed it)
+      125         corral failed: not root, not installed or running, no such PROCESS, usage
+      126         CMD was found but could not be executed
+      127         CMD was not found
+    """
     from corral.supervise.control import exec_in
 
-    need_root()
-    sys.exit(exec_in(service_name(name), process, list(argv)))
+    need_root(exit_code=EXIT_EXEC_FAILED)
+    try:
+        code = exec_in(service_name(name), process, list(argv))
+    except CorralError as exc:  # corral's own 1, 2 or 3 would read as CMD's
+        if exc.exit_code not in (126, 127):
+            exc.exit_code = EXIT_EXEC_FAILED
+        raise
+    sys.exit(code)
 
 
 @main.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.argument("name", metavar="NAME|FILE")
+@json_option
 @handled
 def delta(name: str, as_json: bool) -> None:
     """What the running service changed against its base (added, modified, deleted)."""
@@ -173,13 +213,13 @@ def delta(name: str, as_json: bool) -> None:
 
     need_root()
     result = delta_of(service_name(name))
-    _print_json(result) if as_json else click.echo(delta_text(result))
+    print_json(result) if as_json else click.echo(delta_text(result))
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--reason", default="revert", help="Recorded with the archived delta.")
-@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@json_option
 @handled
 def revert(name: str, reason: str, as_json: bool) -> None:
     """Kill, archive the delta, restart from the clean base; volumes are kept."""
@@ -188,7 +228,7 @@ def revert(name: str, reason: str, as_json: bool) -> None:
     need_root()
     result = do_revert(service_name(name), reason=reason)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         click.echo(f"{result['service']}: reverted to base {result['base_version']}; "
                    f"delta archived in {result['archive']}")
@@ -200,56 +240,69 @@ def base_group() -> None:
 
 
 @base_group.command("list")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.argument("name", metavar="NAME|FILE")
+@json_option
 @handled
 def base_list(name: str, as_json: bool) -> None:
     """The base versions of a service; * marks the current one."""
     from corral.host.base import list_versions
     from corral.supervise.control import spec_of
 
-    result = list_versions(spec_of(service_name(name)))
+    service = service_name(name)
+    # `base_version` is the name of a base version in every --json (status, delta, revert).
+    versions = [{"base_version": v["version"], **{k: x for k, x in v.items() if k != "version"}}
+                for v in list_versions(spec_of(service))]
     if as_json:
-        _print_json(result)
+        print_json({"service": service, "versions": versions})
         return
-    for v in result:
-        note = f"  {v['note']}" if v.get("note") else ""
-        click.echo(f"{'*' if v['current'] else ' '} {v['version']:>3}  {v['entries']} entries"
-                   f"{note}")
+    click.echo(table([["*" if v["current"] else "", v["base_version"], f"{v['entries']} entries",
+                       v.get("note") or ""] for v in versions], right=[1]))
 
 
 @base_group.command("build")
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
+@json_option
 @handled
-def base_build(name: str) -> None:
+def base_build(name: str, as_json: bool) -> None:
     """Build a new base version from the installed manifest (not used until `base use`)."""
     from corral.host.install import build_next_base
     from corral.core.progress import wanted
 
     need_root()
-    version = build_next_base(service_name(name), show_progress=wanted())
-    click.echo(f"{name}: built base version {version}; corral base use {name} {version} "
+    service = service_name(name)
+    version = build_next_base(service, show_progress=wanted(as_json))
+    if as_json:
+        print_json({"service": service, "base_version": version, "current": False})
+        return
+    click.echo(f"{service}: built base version {version}; corral base use {service} {version} "
                "to switch to it")
 
 
 @base_group.command("use")
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.argument("version", type=int)
+@json_option
 @handled
-def base_use(name: str, version: int) -> None:
+def base_use(name: str, version: int, as_json: bool) -> None:
     """Switch to another base version; it takes effect at the next start or revert."""
     from corral.host.base import use
     from corral.supervise.control import spec_of
 
     need_root()
-    use(spec_of(service_name(name)), version)
-    click.echo(f"{name}: base version {version} is current; it takes effect at the next "
-               f"start or `corral revert {name}`")
+    spec = spec_of(service_name(name))
+    use(spec, version)
+    if as_json:
+        print_json({"service": spec.service, "base_version": version,
+                    "previous_base_version": spec.base_version,
+                    "changed": version != spec.base_version})
+        return
+    click.echo(f"{spec.service}: base version {version} is current; it takes effect at the next "
+               f"start or `corral revert {spec.service}`")
 
 
 @main.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.argument("name", metavar="NAME|FILE")
+@json_option
 @handled
 def verify(name: str, as_json: bool) -> None:
     """Check the current base against its integrity manifest (exit 3 if it was changed)."""
@@ -259,43 +312,48 @@ def verify(name: str, as_json: bool) -> None:
 
     need_root()
     spec = spec_of(service_name(name))
-    result = do_verify(spec.state, spec.base_version)
+    found = do_verify(spec.state, spec.base_version)
+    result = {"service": spec.service, "base_version": found["version"], "ok": not found["problems"],
+              "entries": found["entries"], "problems": found["problems"]}
     if as_json:
-        _print_json(result)
+        print_json(result)
     elif not result["problems"]:
-        click.echo(f"{name}: base {result['version']} intact ({result['entries']} entries)")
+        click.echo(f"{spec.service}: base {result['base_version']} intact "
+                   f"({result['entries']} entries)")
     else:
-        click.echo(f"{name}: base {result['version']} CHANGED since it was built:")
-        for p in result["problems"]:
-            fields = f" ({', '.join(p['fields'])})" if p.get("fields") else ""
-            click.echo(f"  {p['change']:<8} {p['path']}{fields}")
+        click.echo(f"{spec.service}: base {result['base_version']} CHANGED since it was built:")
+        click.echo(table([[p["change"], p["path"] + (f" ({', '.join(p['fields'])})"
+                                                     if p.get("fields") else "")]
+                          for p in result["problems"]], indent=2))
     sys.exit(EXIT_CHECK if result["problems"] else 0)
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--allow", multiple=True, metavar="PATH",
               help="Allow a change to an executable, library, setuid file or protected path.")
-@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@json_option
 @handled
 def commit(name: str, allow: tuple[str, ...], as_json: bool) -> None:
-    """Fold the running service's delta into a new base version, only on purpose."""
+    """Fold the running service's delta into a new base version, only on purpose.
+
+    Exit 3 when refused (a change to an executable without --allow, or an open incident)."""
     from corral.supervise.control import commit_delta
 
     need_root()
     result = commit_delta(service_name(name), list(allow))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    for change in result["changes"]:
-        click.echo(f"  {change['change']:<8} {change['path']}")
-    click.echo(f"{name}: committed {len(result['changes'])} changes as base version "
-               f"{result['version']}; restarted on it with a fresh delta")
+    if result["changes"]:
+        click.echo(table([[c["change"], c["path"]] for c in result["changes"]], indent=2))
+    click.echo(f"{result['service']}: committed {len(result['changes'])} changes as base version "
+               f"{result['base_version']}; restarted on it with a fresh delta")
 
 
 @main.command("incidents")
-@click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="A JSON array of the records.")
+@click.argument("name", required=False, metavar="[NAME|FILE]")
+@json_option
 @click.option("--close", "close_id", metavar="ID|all", help="Close an incident after review.")
 @handled
 def incidents_cmd(name: str | None, as_json: bool, close_id: str | None) -> None:
@@ -303,22 +361,29 @@ def incidents_cmd(name: str | None, as_json: bool, close_id: str | None) -> None
     from corral.cli.report import incidents_text
     from corral.supervise.control import close_incidents, incidents_of
 
+    service = service_name(name) if name else None
     if close_id:
-        if not name:
+        if not service:
             raise click.UsageError("--close needs the service NAME")
         need_root()
-        closed = close_incidents(service_name(name), close_id)
-        click.echo(f"{name}: closed {len(closed)} incident(s)")
+        closed = close_incidents(service, close_id)
+        if as_json:
+            print_json({"service": service, "changed": bool(closed), "closed": closed})
+        else:
+            click.echo(f"{service}: closed {len(closed)} incident(s)")
         return
-    records = incidents_of(service_name(name) if name else None)
-    _print_json(records) if as_json else click.echo(incidents_text(records))
+    records = incidents_of(service)
+    if as_json:  # SPEC: {"incidents": [...]}; `service` is null for all services
+        print_json({"service": service, "incidents": records})
+    else:
+        click.echo(incidents_text(records))
 
 
 def _report(report: Any, as_json: bool, unchanged: str) -> None:
     if as_json:
-        _print_json(report.to_json())
-    elif report.changed:
-        for line in report.changed:
+        print_json(report.to_json())
+    elif report.changes:
+        for line in report.changes:
             click.echo(f"{report.service}: {line}")
     else:
         click.echo(unchanged)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from corral.cli.common import table
+
 if TYPE_CHECKING:  # status, delta and incidents must not load the manifest model and ELF parser
     from corral.plan.service import ServicePlan
 
@@ -41,10 +43,8 @@ def _image_lines(plan: ServicePlan) -> list[str]:
 
 def plan_text(plan: ServicePlan) -> str:
     out = [f"service {plan.service}  ({plan.file})", "", "users"]
-    width = max(len(u.name) for u in plan.users)
-    for user in plan.users:
-        out.append(f"  {user.name:<{width}}  process {user.process}, system uid, no login shell, "
-                   "no home")
+    out.append(table([[u.name, f"process {u.process}, system uid, no login shell, no home"]
+                      for u in plan.users], indent=2))
     out += ["", *_image_lines(plan), "", "volumes"]
     for vol in plan.volumes or ():
         journal = f", journal, epoch {vol.epoch}s" if vol.journal else ""
@@ -101,12 +101,15 @@ def status_text(services: list[dict]) -> str:
             last = svc["archives"][-1]
             out.append(f"  archives {len(svc['archives'])}, last {last['created_at']} "
                        f"({last['reason']}, {last['changes']} changes)")
+        rows = []
         for p in svc["processes"]:
-            pid = f"pid {p['pid']}" if p["pid"] else "-"
-            extra = f"  restarts {p['restarts']}" if p["restarts"] else ""
+            extra = f"restarts {p['restarts']}" if p["restarts"] else ""
             if p.get("error"):
                 extra += f"  ({p['error']})"
-            out.append(f"  {p['name']:<8} {p['state']:<8} {pid:<10} {p['user']}{extra}")
+            rows.append([p["name"], p["state"], f"pid {p['pid']}" if p["pid"] else "-",
+                         p["user"], extra.strip()])
+        if rows:
+            out.append(table(rows, indent=2))
     return "\n".join(out)
 
 
@@ -115,14 +118,14 @@ def delta_text(result: dict) -> str:
     if not changes:
         return f"{result['service']}: no change against base {result['base_version']}"
     sign = {"added": "+", "modified": "~", "deleted": "-"}
-    width = max(len(c["kind"]) for c in changes)
     out = [f"{result['service']}: {len(changes)} changes against base {result['base_version']}"]
+    rows = []
     for c in changes:
         extra = []
         if c.get("mode"):
             extra.append(c["mode"])
-        if c.get("size") is not None:
-            extra.append(_size(c["size"]))
+        if c.get("bytes") is not None:
+            extra.append(_size(c["bytes"]))
         if c.get("target"):
             extra.append(f"-> {c['target']}")
         if c.get("details"):
@@ -131,7 +134,8 @@ def delta_text(result: dict) -> str:
             extra.append("SETID")
         elif c.get("executable"):
             extra.append("executable")
-        out.append(f"  {sign[c['change']]} {c['kind']:<{width}} {c['path']}  {' '.join(extra)}")
+        rows.append([sign[c["change"]], c["kind"], c["path"], " ".join(extra)])
+    out.append(table(rows, indent=2))
     if result["base_writes"]:
         out.append(f"  base-write: {', '.join(result['base_writes'])}")
     return "\n".join(out)
@@ -140,12 +144,12 @@ def delta_text(result: dict) -> str:
 def incidents_text(records: list[dict]) -> str:
     if not records:
         return "no incidents"
-    out = []
+    rows = []
     for r in records:
         detail = " ".join(f"{k}={v}" for k, v in (r.get("detail") or {}).items() if v is not None)
         count = f" x{r['count']}" if r.get("count", 1) > 1 else ""
-        state = "closed" if r.get("closed_at") else "OPEN"
-        out.append(f"{r.get('detected_at', '?')}  {r.get('service')}/{r.get('process')}  "
-                   f"{r.get('tripwire')}{count}  {detail}  -> {r.get('reaction')} in "
-                   f"{r.get('latency_ms')} ms  [{state}] {r.get('id')}")
-    return "\n".join(out)
+        rows.append([r.get("detected_at", "?"), f"{r.get('service')}/{r.get('process')}",
+                     f"{r.get('tripwire')}{count}", detail,
+                     f"-> {r.get('reaction')} in {r.get('latency_ms')} ms",
+                     "closed" if r.get("closed_at") else "OPEN", r.get("id")])
+    return table(rows)

@@ -16,16 +16,15 @@ from typing import Any
 
 import click
 
-from corral.cli.common import handled, print_json
+from corral.cli.base import need_root, service_name
+from corral.cli.common import handled, print_json, table
 from corral.core.errors import EXIT_CHECK, RuntimeFailure, UsageError, escape_controls
 
 
 def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
+    """The journaled volumes of service `name` (already resolved by cli.base.service_name)."""
     from corral.recover.journal.config import journal_config
-    from corral.core.names import SERVICE_NAME
 
-    if not SERVICE_NAME.match(name):
-        raise UsageError(f"{name!r}: not a service name")
     spec, found, quiet = journal_config(name)
     if not found:
         raise UsageError(f"{name}: no volume has journal = true")
@@ -69,13 +68,15 @@ def state() -> None:
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--note", help="Recorded with the epoch.")
 @volume_option
 @json_option
 @handled
 def mark(name: str, note: str | None, volume: str | None, as_json: bool) -> None:
     """End the current epoch now; prints the new epoch's id."""
+    need_root("writes the service's journal")
+    name = service_name(name)
     from corral.recover.journal.config import freezer
 
     spec, found, _ = _volumes(name, volume)
@@ -99,12 +100,13 @@ def mark(name: str, note: str | None, volume: str | None, as_json: bool) -> None
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @volume_option
 @json_option
 @handled
 def log(name: str, volume: str | None, as_json: bool) -> None:
     """Epochs, oldest first: id, start, end, reason, files changed, incidents."""
+    name = service_name(name)
     spec, found, _ = _volumes(name, volume)
     result = []
     for vol in found:
@@ -124,16 +126,16 @@ def log(name: str, volume: str | None, as_json: bool) -> None:
                    f"open since {item['open_since']}")
         if not item["epochs"]:
             continue
-        click.echo(f"  {'EPOCH':>6}  {'START':<27}  {'END':<27}  {'REASON':<8}  {'FILES':>6}  "
-                   "INCIDENTS  NOTE")
+        rows = []
         for e in item["epochs"]:
             note = e["note"]
             if e.get("excised"):
                 note = f"{_text(note)}; {e['conflicts']} conflict(s) to review" \
                     if e["conflicts"] else note
-            click.echo(f"  {e['id']:>6}  {e['start']:<27}  {e['end']:<27}  {e['reason']:<8}  "
-                       f"{e['files_changed']:>6}  {_text(','.join(e['incidents'])):<9}  "
-                       f"{_text(note)}")
+            rows.append([e["id"], e["start"], e["end"], e["reason"], e["files_changed"],
+                         _text(",".join(e["incidents"])), _text(note)])
+        click.echo(table(rows, ["EPOCH", "START", "END", "REASON", "FILES", "INCIDENTS", "NOTE"],
+                         right=[0, 4], indent=2))
 
 
 def _writer(change: dict[str, Any]) -> str:
@@ -156,13 +158,14 @@ def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.argument("epoch", type=int)
 @volume_option
 @json_option
 @handled
 def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
     """What one epoch changed: per path, before and after."""
+    name = service_name(name)
     spec, found, _ = _volumes(name, volume, one=True)
     record = _journal(spec, found[0]).diff(epoch)
     if as_json:
@@ -183,7 +186,7 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--from", "from_", type=int, required=True, metavar="EPOCH",
               help="First epoch of the stretch to take out.")
 @click.option("--to", type=int, metavar="EPOCH", help="Last epoch of it (default: the latest).")
@@ -196,6 +199,8 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
 def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: str | None,
            as_json: bool) -> None:
     """Take a stretch of epochs out of the volume and keep everything after it."""
+    need_root("writes the service's journal")
+    name = service_name(name)
     spec, found, _ = _volumes(name, volume, one=True)
     if _running(name):
         raise RuntimeFailure(f"{name}: running; an excision rewrites its volume: stop it first "
@@ -218,7 +223,7 @@ def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: st
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--accept", type=int, multiple=True, metavar="EPOCH",
               help="Fold this incident epoch anyway (the incident was reviewed and harmless).")
 @volume_option
@@ -226,6 +231,8 @@ def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: st
 @handled
 def commit(name: str, accept: tuple[int, ...], volume: str | None, as_json: bool) -> None:
     """Fold epochs older than the manifest's quiet period with no incident into the baseline."""
+    need_root("writes the service's journal")
+    name = service_name(name)
     from corral.supervise.control import open_incidents
 
     spec, found, quiet = _volumes(name, volume)
@@ -244,12 +251,14 @@ def commit(name: str, accept: tuple[int, ...], volume: str | None, as_json: bool
 
 
 @state.command()
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @volume_option
 @json_option
 @handled
 def check(name: str, volume: str | None, as_json: bool) -> None:
     """Verify the journal: hash chain, objects, head (exit 3 on a problem)."""
+    need_root("writes the service's journal")
+    name = service_name(name)
     spec, found, _ = _volumes(name, volume)
     result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
     bad = any(item["problems"] for item in result)

@@ -11,6 +11,11 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1  # failed at run time; the message says what and what was left as it was
 EXIT_USAGE = 2  # bad input or usage: manifest errors, unknown service
 EXIT_CHECK = 3  # a check found a problem
+# `corral exec` passes its command's exit code through, so its own failures take the codes
+# Docker and podman reserve for theirs, which a command's 1, 2 or 3 cannot be mistaken for.
+EXIT_EXEC_FAILED = 125  # corral itself failed (not root, not running, no such process, usage)
+EXIT_CANNOT_EXECUTE = 126  # the command was found but could not be executed
+EXIT_NOT_FOUND = 127  # the command was not found
 
 
 def key_path(loc: Sequence[str | int]) -> str:
@@ -76,3 +81,11 @@ class InputError(UsageError):
 
 class RuntimeFailure(CorralError):
     exit_code = EXIT_RUNTIME
+
+
+class ExecFailure(RuntimeFailure):
+    """`corral exec` could not run its command: 125, 126 or 127 (EXIT_EXEC_FAILED...)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_EXEC_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code

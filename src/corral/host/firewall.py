@@ -35,7 +35,6 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from corral.host import firewall_guard as guard
@@ -44,6 +43,7 @@ from corral.core.errors import InputError, Problem, RuntimeFailure, UsageError
 from corral.host.firewall_guard import STATE, TABLE, state_dir
 from corral.plan.host_rules import HostSpec, LanSpec, ServiceFlows, host_ruleset, management_first
 from corral.core.paths import lib_root
+from corral.core.text import iso
 
 
 def _digest(data: Any) -> str:
@@ -177,8 +177,7 @@ def apply(plan: HostPlan, timeout: float) -> dict[str, Any]:
                       "host_digest": plan.host_digest, "role": plan.spec.role,
                       "ruleset_digest": _digest(plan.ruleset), "applied_at": guard.now(),
                       "confirm_timeout": timeout,
-                      "rollback_at": datetime.fromtimestamp(started + timeout, timezone.utc)
-                      .isoformat(timespec="seconds"),
+                      "rollback_at": iso(started + timeout),
                       "previous": "table" if previous and previous["present"] else "absent"}
             guard.write(directory / "pending.json", record)
             _pause("pending")

@@ -1,7 +1,7 @@
 """The dead man's switch of `corral host apply`: state files, table snapshots, the guard.
 
 This is what the detached guard process runs (`python -m corral.host.firewall_guard guard ...`), so it
-imports nothing but the standard library, `nftables` and `paths`: it starts in tens of ms.
+imports nothing but the standard library, `nftables`, `paths` and `text`: it starts in tens of ms.
 
     snapshot  the table as it is now: `nft -j list table inet corral-host` (to restore) and the
               text listing (to verify the restore), or "absent"
@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from corral.core.fsio import write_json
 from corral.core.errors import RuntimeFailure
 from corral.plan.host_rules import TABLE
 from corral.core.paths import lib_root
+from corral.core.text import iso
 
 STATE = "host"  # the state directory's name under /var/lib/corral; nftables.table_name(STATE) == TABLE
 _TABLE = {"table": {"family": "inet", "name": TABLE}}
@@ -48,7 +48,7 @@ def state_dir() -> Path:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return iso(time.time())  # the one timestamp format (core.text)
 
 
 # ---------------------------------------------------------------- state files

@@ -25,6 +25,7 @@ from corral.host import nft
 from corral.core.fsio import write_json
 from corral.core.errors import RuntimeFailure, UsageError
 from corral.core.paths import lib_dir, lib_root, run_dir, run_root
+from corral.core.text import iso
 from corral.plan.service import ServicePlan
 from corral.plan.service import UserSpec
 
@@ -49,10 +50,16 @@ class Report:
     """What an install or uninstall changed, for people and for --json."""
 
     service: str
-    changed: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"service": self.service, "changed": self.changed}
+        # `changed` is a bool in every --json (up, down, install, uninstall); the list of what
+        # changed is `changes` (docs/cli.md).
+        return {"service": self.service, "changed": self.changed, "changes": self.changes}
 
 
 class _Undo:
@@ -110,8 +117,7 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
         _fault("table")
         runtime.write(runtime_spec(plan, record))
         _remove_dropped_users(plan, record, report)
-        record["installed_at"] = record.get("installed_at") or time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record["installed_at"] = record.get("installed_at") or iso(time.time())
         _save(state, record)
     except BaseException as exc:
         left = undo.run()
@@ -166,7 +172,7 @@ def _install_users(plan: ServicePlan, record: dict[str, Any], report: Report,
         else:
             account = users.create(spec)
             undo.push(f"remove user {spec.name}", lambda spec=spec: users.remove(spec))
-            report.changed.append(f"created user {spec.name} (uid {account.uid})")
+            report.changes.append(f"created user {spec.name} (uid {account.uid})")
         entries[spec.name] = {"name": spec.name, "process": spec.process,
                               "uid": account.uid, "gid": account.gid}
         accounts.append((spec.comment, account))
@@ -180,7 +186,7 @@ def _remove_dropped_users(plan: ServicePlan, record: dict[str, Any], report: Rep
         if entry["name"] not in wanted:
             users.remove(UserSpec(entry["name"], plan.service, entry["process"]))
             record["users"].remove(entry)
-            report.changed.append(f"removed user {entry['name']}")
+            report.changes.append(f"removed user {entry['name']}")
 
 
 def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
@@ -198,7 +204,7 @@ def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
     undo.push("restore base record", lambda saved=dict(base): record.__setitem__("base", saved))
     record["base"] = {"version": version, "digest": wanted,
                       "versions": sorted(set(base.get("versions", [])) | {version})}
-    report.changed.append(f"built base version {version} ({len(plan.image.entries)} entries)")
+    report.changes.append(f"built base version {version} ({len(plan.image.entries)} entries)")
 
 
 def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], report: Report,
@@ -214,7 +220,7 @@ def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], rep
         if not path.exists():
             path.mkdir(mode=0o700)
             undo.push(f"remove volume {vol.path}", path.rmdir)
-            report.changed.append(f"created volume {vol.path}")
+            report.changes.append(f"created volume {vol.path}")
         st = path.lstat()
         if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (owner.uid, owner.gid, vol.mode):
             os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
@@ -242,7 +248,7 @@ def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
     if not exists:
         undo.push(f"delete table {plan.table}", lambda: nft.delete_table(plan.service))
     record["table"] = {"name": plan.table, "digest": wanted}
-    report.changed.append(f"applied nftables table {plan.table}")
+    report.changes.append(f"applied nftables table {plan.table}")
 
 
 def uninstall(service: str, purge: bool = False) -> Report:
@@ -252,19 +258,19 @@ def uninstall(service: str, purge: bool = False) -> Report:
     report = Report(service)
     state = lib_dir(service)
     if nft.delete_table(service):
-        report.changed.append(f"deleted nftables table inet {nftables.table_name(service)}")
+        report.changes.append(f"deleted nftables table inet {nftables.table_name(service)}")
     for entry in record.get("users", []):
         if users.remove(UserSpec(entry["name"], service, entry["process"])):
-            report.changed.append(f"removed user {entry['name']}")
+            report.changes.append(f"removed user {entry['name']}")
     shutil.rmtree(run_dir(service), ignore_errors=True)
     if purge:
         shutil.rmtree(state)
-        report.changed.append(f"removed {state} (volumes included)")
+        report.changes.append(f"removed {state} (volumes included)")
     else:
         for child in state.iterdir():
             if child.name != "volumes":
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        report.changed.append(f"removed base images; volumes kept in {state / 'volumes'}")
+        report.changes.append(f"removed base images; volumes kept in {state / 'volumes'}")
     for parent in (run_root(), lib_root()):
         try:
             parent.rmdir()  # only if no other service is left

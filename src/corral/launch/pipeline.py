@@ -15,6 +15,7 @@ outlives the supervisor.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import socket
@@ -57,7 +58,10 @@ EXEC_CALLS = ("execve", "execveat")
 
 
 class LaunchError(OSError):
-    pass
+    """What failed in a child before the program ran; `stage` is where ("namespaces",
+    "sandbox", "exec"), so `corral exec` can tell "not found" from its own failure."""
+
+    stage = ""
 
 
 def landlock_plan(proc: ProcessSpec) -> LandlockPlan:
@@ -397,5 +401,10 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: Cgroup,
         parent_sock.close()
     _, status = os.waitpid(holder, 0)
     if message:
-        raise LaunchError(message.decode(errors="replace"))
+        text = message.decode(errors="replace")
+        error = LaunchError(text)
+        error.stage = text.partition(":")[0]  # _report writes "STAGE: exception"
+        found = re.search(r"\[Errno (\d+)\]", text)
+        error.errno = int(found.group(1)) if found else None
+        raise error
     return os.waitstatus_to_exitcode(status)

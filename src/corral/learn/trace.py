@@ -388,7 +388,9 @@ def render(name: str, process: str, command: list[str], obs: Observed,
         if path not in include and not _under(path, include):
             include.append(path)
     include = sorted(set(include))
-    now = started.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    from corral.core.text import iso  # the one timestamp format
+
+    now = iso(started.timestamp())
     lines = [
         f"# Learned by `corral learn` on {now} from {duration:.0f} s of observation of:",
         f"#   {' '.join(command)}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ from typing import Any
 
 from corral.watch import incidents
 from corral.host import runtime
-from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.errors import (EXIT_CANNOT_EXECUTE, EXIT_EXEC_FAILED, EXIT_NOT_FOUND,
+                                ExecFailure, RuntimeFailure, UsageError)
 from corral.core.paths import lib_root, run_dir
 from corral.host.runtime import ServiceSpec
 
@@ -269,8 +271,14 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
 
     try:
         return launch.run_inside(proc, pid, argv, group, forward)
-    except OSError as exc:  # LaunchError included: what failed before the command ran
-        raise RuntimeFailure(f"{service}: exec in {process}: {exc}") from None
+    except launch.LaunchError as exc:  # what failed before the command ran
+        code = EXIT_EXEC_FAILED
+        if exc.stage == "exec":
+            code = EXIT_NOT_FOUND if exc.errno in (errno.ENOENT, errno.ENOTDIR) \
+                else EXIT_CANNOT_EXECUTE
+        raise ExecFailure(f"{service}: exec in {process}: {exc}", code) from None
+    except OSError as exc:
+        raise ExecFailure(f"{service}: exec in {process}: {exc}") from None
 
 
 def _upper_path(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
@@ -294,8 +302,17 @@ def delta_of(service: str) -> dict[str, Any]:
     with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
         found = delta.changes(upper_fd, base_fd)
     return {"service": service, "base_version": spec.base_version,
-            "changes": [c.to_json() for c in found],
+            "changes": [change_json(c.to_json()) for c in found],
             "base_writes": [text.show(c.path) for c in delta.base_writes(found)]}
+
+
+def change_json(change: dict[str, Any]) -> dict[str, Any]:
+    """One delta change as --json shows it: a size is `bytes` in every corral JSON object
+    (status's delta, base list, archives), so the walker's `size` is renamed here."""
+    if "size" in change:
+        change = dict(change)
+        change["bytes"] = change.pop("size")
+    return change
 
 
 def revert(service: str, reason: str = "revert", incident: str | None = None,
@@ -333,16 +350,21 @@ def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
     from corral.recover import commit
     from corral.supervise.supervisor import open_dirs
 
+    from corral.host.base import CheckFailed
+
     spec = spec_of(service)
-    if open_incidents(spec):
-        raise RuntimeFailure(f"{service}: an incident is open; commit refused until it is "
-                             "closed (corral incidents)")
+    if open_incidents(spec):  # a refusal by a check, as for executables: exit 3 both ways
+        raise CheckFailed(f"{service}: an incident is open; commit refused until it is "
+                          "closed (corral incidents)")
     state = read_state(service)
     with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
         result = commit.commit(spec, upper_fd, base_fd, allow)
     if supervisor_alive(state):
         revert(service, reason="commit")
-    return result
+    # The names every --json uses for a base version (docs/cli.md).
+    return {"service": result["service"], "base_version": result["version"],
+            "from_base_version": result["from_version"],
+            "changes": [change_json(c) for c in result["changes"]]}
 
 
 def incidents_of(service: str | None) -> list[dict[str, Any]]:

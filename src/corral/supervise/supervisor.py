@@ -28,6 +28,7 @@ from corral.host import runtime
 from corral.core import tree
 from corral.core.errors import CorralError
 from corral.core.fsio import write_json
+from corral.core.text import iso, parse_iso
 from corral.launch.output import Output
 from corral.host.runtime import ProcessSpec, ServiceSpec
 
@@ -56,8 +57,7 @@ class Child:
     error: str = ""
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+_iso = iso  # the one timestamp format (core.text)
 
 
 class Supervisor:
@@ -625,12 +625,10 @@ PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
 
 def _packet_event(event: dict[str, Any]) -> Any:
     """A dropped packet (from the service's NFLOG group) as a tripwire event."""
-    from datetime import datetime
-
     from corral.watch.sensors import Event
 
     try:
-        at = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+        at = parse_iso(event["time"])
     except (KeyError, ValueError, AttributeError):
         at = 0.0
     detail = {k: event.get(k) for k in ("proto", "src", "sport", "dst", "dport")}

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corral.core import text
+
 FILE = "incidents.jsonl"
 
 
-def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+iso = text.iso  # the one timestamp format (core.text); kept here for the records' callers
 
 
 def new_id() -> str:

@@ -42,9 +42,9 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 
 from corral.core.errors import RuntimeFailure
+from corral.core.text import iso
 from corral.plan.nft_rules import LOG_SNAPLEN, NFLOG_GROUP
 
 NETLINK_NETFILTER = 12
@@ -156,9 +156,7 @@ def parse_headers(payload: bytes, family: int | None = None) -> dict:
     return out
 
 
-def _iso(seconds: float) -> str:
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds")
-    return stamp.replace("+00:00", "Z")
+_iso = iso  # the one timestamp format (core.text)
 
 
 def parse_packet(msg: bytes | memoryview, received: float,
