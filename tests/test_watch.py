@@ -67,7 +67,9 @@ def test_an_exec_outside_the_list_is_refused_and_reverted(notes):
     before = notes.status()["processes"][0]["pid"]
     result = notes.exec(LD_SO_TRICK)
     assert "escaped" not in result.stdout
-    found = wait_for(lambda: incidents(notes))
+    # The incident is written first, at once; the revert's archive follows as an update.
+    assert wait_for(lambda: incidents(notes))[0]["tripwire"] == "exec"
+    found = wait_for(lambda: [i for i in incidents(notes) if i["delta_archive"]])
     record = found[0]
     assert record["tripwire"] == "exec" and record["process"] == "app"
     assert record["detail"]["path"] == "/lib64/ld-linux-x86-64.so.2"
@@ -222,7 +224,7 @@ except OSError as exc:
 import time; time.sleep(2)
 """
     notes.exec(worm)
-    record = wait_for(lambda: incidents(notes))[0]
+    record = wait_for(lambda: [i for i in incidents(notes) if i["delta_archive"]])[0]
     assert record["tripwire"] == "egress"
     assert record["detail"]["dst"] == "127.0.0.1" and record["detail"]["dport"] == 4444
     assert record["detail"]["proto"] == "udp" and record["latency_ms"] > 0

@@ -14,7 +14,6 @@ import json
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -23,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from corral.launch import cgroup, landlock, pipeline as launch, mnt, output
-from corral.kernel import notify
 from corral.host import runtime
 from corral.core import tree
 from corral.core.errors import CorralError
+from corral.core import log
 from corral.core.fsio import write_json
-from corral.core.text import iso, parse_iso
+from corral.core.text import iso
 from corral.launch.output import Output
+from corral.supervise.exec_guard import ExecGuard
+from corral.supervise.journals import Journals
 from corral.host.runtime import ProcessSpec, ServiceSpec
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
@@ -37,6 +38,7 @@ RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
 STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
 DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire
+TICK = 0.25  # seconds the loop waits for an event before its timed work (polled sensors, ...)
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 
@@ -57,9 +59,6 @@ class Child:
     error: str = ""
 
 
-_iso = iso  # the one timestamp format (core.text)
-
-
 class Supervisor:
     def __init__(self, spec: ServiceSpec, echo: TextIO | None = None):
         self.spec = spec
@@ -76,15 +75,14 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.host_mnt = -1
         self.landlock = landlock.describe_abi()
-        self.allowed: dict[str, set[tuple[int, int]]] = {}  # process -> executables' identities
-        self.notify_fds: dict[int, str] = {}  # seccomp listener -> process name
-        self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off
+        self.exec_guard = ExecGuard(spec, self.selector, self._trip_exec)
+        self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off (state.json)
+        self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
         self.watcher: Any = None
-        self.poller: Any = None
-        self.control: socket.socket | None = None
         self.isolated = False
-        self.journals: list[Any] = []  # [journal, volume, next close time]
+        self.journals = Journals(spec)
+        self.due: dict[str, float] = {}  # polled sensor -> its next drain (monotonic)
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
@@ -99,12 +97,13 @@ class Supervisor:
             "warnings": self.warnings,
             "reverts": self.reverts,
             "isolated": self.isolated,
-            "sensors": self.sensors,
+            "sensors": self.sensors | {name: s.state for name, s in self.live.items()},
+            "journals": self.journals.health,
             "last_archive": self.last_archive,
             "cgroup": cgroup.describe(),
             "processes": {name: {
                 "state": c.state, "pid": c.init or None, "user": c.spec.user,
-                "started_at": _iso(c.started_at) if c.started_at else None,
+                "started_at": iso(c.started_at) if c.started_at else None,
                 "restarts": c.restarts, "exit_code": c.exit_code, "error": c.error,
                 "listen": c.spec.listen,
             } for name, c in self.children.items()},
@@ -124,8 +123,8 @@ class Supervisor:
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
             self._noexec_paths())
         for warning in self.warnings:
-            print(f"corral supervisor: {warning}", file=sys.stderr)
-        self._index_executables()
+            log.warning(warning)
+        self.exec_guard.index(self.spec)
         for proc in self.spec.processes:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
                                    cpu=proc.limits.get("cpu"))
@@ -146,143 +145,75 @@ class Supervisor:
         return tuple(sorted(p for p in out if not any(
             e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
 
-    def _index_executables(self) -> None:
-        """The identities (device, inode) of what each process may exec, in its root."""
-        root = os.open(str(self.spec.root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for proc in self.spec.processes:
-                paths = self.spec.exec_paths.get(proc.name) or [proc.command[0]]
-                self.allowed[proc.name] = {i for p in paths
-                                           if (i := notify.identity(root, p))
-                                           not in (notify.MISSING, notify.UNRESOLVED)}
-        finally:
-            os.close(root)
-
-    def start_journals(self) -> None:
-        """Journaled volumes: finish what a crash interrupted, start the log if new."""
-        volumes = [v for v in self.spec.volumes if getattr(v, "journal", False)]
-        if not volumes:
-            return
-        from corral.recover.journal.journal import Journal
-
-        for vol in volumes:
-            journal = Journal(self.spec, vol.store)
-            journal.recover()
-            journal.ensure()
-            self.journals.append([journal, vol, time.time() + (vol.epoch or 600)])
-
     def close_epochs(self, reason: str, incidents: tuple[str, ...] = (),
                      due_only: bool = False) -> None:
         """End the open epoch of every journaled volume (on its schedule when `due_only`)."""
-        from corral.recover.journal.config import freezer
+        def writer_pid(process: str) -> int | None:
+            child = self.children.get(process)
+            return child.init if child else None
 
-        now = time.time()
-        for entry in self.journals:
-            journal, vol, due = entry
-            if due_only and now < due:
-                continue
-            entry[2] = now + (vol.epoch or 600)
-            child = self.children.get(vol.owner)
-            hint = {"process": vol.owner, "pid": child.init if child else None}
-            running = any(c.init for c in self.children.values())
-            try:
-                journal.close_epoch(reason, incidents=incidents, writer_hint=hint,
-                                    freeze=freezer(self.spec) if running else None,
-                                    wait=not due_only)
-            except Exception as exc:  # noqa: BLE001 - a full disk must not stop the watcher
-                print(f"corral supervisor: journal {vol.path}: {exc}", file=sys.stderr)
+        running = any(c.init for c in self.children.values())
+        if self.journals.close_epochs(reason, incidents, due_only, writer_pid, running):
+            self.write_state()  # a journal's health changed: `corral status` shows it
+
+    def _trip_exec(self, event: Any, process: str) -> None:
+        if self.watcher is not None:
+            self.watcher.trip(event, process=process)
 
     def start_sensors(self) -> None:
-        from corral.watch import sensors, watcher as watch
+        from corral.watch import sensors
+        from corral.watch import watcher as watch
 
         self.watcher = watch.Watcher.for_supervisor(self)
         try:
-            self.audit = sensors.AuditReader()
-            self.selector.register(self.audit, selectors.EVENT_READ, ("audit", ""))
-            self.sensors["audit"] = "on"
+            self._add_sensor(sensors.AuditReader())
         except OSError as exc:
             self.sensors["audit"] = f"off: {exc.strerror}"
         try:
-            from corral.watch import nflog as events
-            from corral.plan import nft_rules as nftables
+            from corral.plan.nft_rules import nflog_group
 
-            self.nflog = events.EventReader(nftables.nflog_group(self.spec.service))
-            self.selector.register(self.nflog, selectors.EVENT_READ, ("nflog", ""))
-            self.sensors["network"] = "on (NFLOG group "\
-                f"{nftables.nflog_group(self.spec.service)})"
+            self._add_sensor(sensors.PacketSensor(nflog_group(self.spec.service)))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.sensors["network"] = f"off: {exc}"
-        self.poller = sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
-                                          str(self.spec.base_root))
-        self.sensors["base-write"] = self.poller.state
+        self._add_sensor(sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
+                                             str(self.spec.base_root), DELTA_POLL))
         self.sensors["exec"] = "on (seccomp user notification)"
-        path = os.path.join(self.run_dir, "control.sock")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        short, dir_fd = notify.unix_path(path)
-        try:
-            self.control.bind(short)
-        finally:
-            os.close(dir_fd)
-        os.chmod(path, 0o600)
-        self.control.listen(8)
-        self.selector.register(self.control, selectors.EVENT_READ, ("control", ""))
+        self.exec_guard.listen(self.run_dir)
 
-    def _writer_of(self, path: str) -> str:
-        """Which process could have written `path` in the delta: a copied-up file keeps the
-        base's owner (root), so the owner does not tell. Landlock lets only the processes
-        whose `writable` paths cover it write there."""
-        names = [p.name for p in self.spec.processes
-                 if any(path == w or path.startswith(w.rstrip("/") + "/")
-                        for w in p.landlock.get("read_write", ()))]
-        return names[0] if len(names) == 1 else (names[0] if names else
-                                                 self.spec.processes[0].name)
+    def _add_sensor(self, sensor: Any) -> None:
+        """A sensor the kernel wakes goes into the selector; one without a descriptor is
+        drained by the loop every `sensor.interval` seconds (`due`)."""
+        self.live[sensor.name] = sensor
+        if sensor.fileno() is not None:
+            self.selector.register(sensor, selectors.EVENT_READ, ("sensor", sensor.name))
+        else:
+            self.due[sensor.name] = 0.0
 
-    def on_exec(self, name: str, fd: int) -> None:
-        """Answer one exec notification: only the process's `exec` paths may run."""
-        from corral.watch.sensors import Event
+    def drain(self, sensor: Any) -> None:
+        """Hand what a sensor saw to the watcher (unless a reaction is under way: those acts
+        die with the processes). A sensor that went off for good leaves the selector, and
+        status says why."""
+        events = sensor.drain(time.time())
+        if self.watcher is not None and not self.halting:
+            for event in events:
+                self.watcher.trip(event)
+        if sensor.state.startswith("off") and sensor.fileno() is not None:
+            self.selector.unregister(sensor)
+            sensor.close()
+            del self.live[sensor.name]
+            self.sensors[sensor.name] = sensor.state
+            self.write_state()
 
-        req = notify.receive(fd)
-        if req is None:
-            return
-        detected = time.time()
-        path, ident = notify.target_of(req)
-        if not notify.still_valid(fd, req.id):
-            return
-        allowed = ident is notify.MISSING or ident in self.allowed.get(name, set())
-        notify.respond(fd, req.id, allowed)  # MISSING: no such file; the kernel will say so
-        if not allowed and self.watcher is not None:
-            proc = self.spec.process(name)
-            self.watcher.trip(Event("exec", proc.uid if proc else None, req.pid, detected,
-                                    {"path": path}), process=name)
-
-    def accept_control(self) -> None:
-        """`corral exec` hands over the exec listener of the command it starts inside."""
-        assert self.control is not None
-        conn, _ = self.control.accept()
-        with conn:
-            try:
-                message, fd = notify.recv_fd(conn)
-                name = json.loads(message or b"{}").get("process")
-            except (OSError, ValueError):
-                return
-            if fd is None:
-                return
-            if name not in self.children:
-                os.close(fd)
-                return
-            self.notify_fds[fd] = name
-            self.selector.register(fd, selectors.EVENT_READ, ("notify", name))
-            conn.send(b"ok")
-
-    def drop_notify(self, fd: int) -> None:
-        if fd in self.notify_fds:
-            del self.notify_fds[fd]
-            self.selector.unregister(fd)
-            os.close(fd)
+    def drain_timed(self) -> None:
+        now = time.monotonic()
+        for name, when in list(self.due.items()):
+            sensor = self.live[name]
+            if now >= when and not self.halting and self.phase == "running":
+                self.due[name] = now + sensor.interval
+                before = sensor.state
+                self.drain(sensor)
+                if sensor.state != before:
+                    self.write_state()
 
     # -- reactions (called by the watcher) --------------------------------------------------
     def isolate(self) -> None:
@@ -312,18 +243,20 @@ class Supervisor:
                 _kill(child.init, signal.SIGKILL)
             child.group.kill()
 
-    def wait_reaped(self) -> None:
-        while any(c.pidfd >= 0 for c in self.children.values()):
-            self.poll(0.05)
-        self.halting = False
+    def alive(self) -> bool:
+        return any(c.pidfd >= 0 for c in self.children.values())
+
+    def settle(self) -> None:
+        """Finish the reactions that waited for the processes to die, now that they have
+        (the loop calls this between selects, never a handler)."""
+        self.watcher.settle()
+        self.halting = bool(self.watcher.pending)  # a restart may have tripped again
 
     def stay_down(self, reason: str) -> None:
-        self.wait_reaped()
         self.phase, self.error = "killed", reason
         self.stopping = True
 
-    def finish_revert(self, record: dict[str, Any]) -> str | None:
-        self.wait_reaped()
+    def revert_for(self, record: dict[str, Any]) -> str | None:
         self.revert({"reason": "incident", "incident": record["id"]})
         return self.last_archive
 
@@ -334,17 +267,16 @@ class Supervisor:
         self.close_epochs("schedule")  # what the last stretch wrote is in the log
         try:
             self.release()
-        except Exception as exc:  # the table may be gone already (uninstall)
-            print(f"corral supervisor: releasing isolation: {exc}", file=sys.stderr)
-        if self.control is not None:
-            self.control.close()
-        if getattr(self, "nflog", None) is not None:
-            self.nflog.close()
+        except Exception as exc:  # noqa: BLE001 - the table may be gone already (uninstall)
+            log.warning(f"releasing isolation: {exc}")
+        self.exec_guard.close()
+        for sensor in self.live.values():
+            sensor.close()
         for child in self.children.values():
             try:
                 child.group.remove()
             except OSError as exc:
-                print(f"corral supervisor: cgroup of {child.spec.name}: {exc}", file=sys.stderr)
+                log.warning(f"cgroup of {child.spec.name}: {exc}")
         cgroup.remove_service(self.spec.service)
         if self.host_mnt >= 0:
             from corral.kernel import syscalls as kernel
@@ -365,22 +297,21 @@ class Supervisor:
         try:
             if spawned is None:
                 spawned = launch.spawn(self.spec, child.spec, child.output.write_fd, child.group)
-            started = launch.finish(spawned, lambda fd, n=child.spec.name: self.on_exec(n, fd))
+            name = child.spec.name
+            started = launch.finish(spawned, lambda fd: self.exec_guard.answer(name, fd))
         except OSError as exc:
             child.error = str(exc)
             self._crashed(child, 127)
             return
         child.holder, child.init = started.holder, started.init
         if started.notify_fd >= 0:
-            self.notify_fds[started.notify_fd] = child.spec.name
-            self.selector.register(started.notify_fd, selectors.EVENT_READ,
-                                   ("notify", child.spec.name))
+            self.exec_guard.add(started.notify_fd, child.spec.name)
         child.pidfd = os.pidfd_open(started.holder)
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child.spec.name))
-        child.state, child.started_at, child.exit_code = "running", time.time(), None
+        child.state, child.started_at, child.exit_code = "running", time.time(), None  # shown
 
     def _crashed(self, child: Child, code: int) -> None:
-        now = time.time()
+        now = time.monotonic()
         child.exit_code = code
         child.crashes = [t for t in child.crashes if now - t < RESTART_WINDOW] + [now]
         if len(child.crashes) > RESTART_LIMIT:
@@ -397,9 +328,7 @@ class Supervisor:
         child.pidfd = -1
         _, status = os.waitpid(child.holder, 0)
         code = os.waitstatus_to_exitcode(status)
-        for fd, name in list(self.notify_fds.items()):
-            if name == child.spec.name:  # its PID namespace is gone: so are exec sessions
-                self.drop_notify(fd)
+        self.exec_guard.drop_process(child.spec.name)
         child.init = 0
         if self.halting:
             child.state, child.exit_code = "stopped", code
@@ -413,12 +342,12 @@ class Supervisor:
         """SIGTERM where the program handles it, SIGKILL otherwise (PID 1 of a namespace
         ignores signals it has no handler for), then the cgroup's kill for anything left."""
         self.halting = True
-        deadline = time.time() + STOP_GRACE
+        deadline = time.monotonic() + STOP_GRACE
         for child in self.children.values():
             if child.init:
                 sig = signal.SIGTERM if _handles_sigterm(child.init) else signal.SIGKILL
                 _kill(child.init, sig)
-        while any(c.pidfd >= 0 for c in self.children.values()) and time.time() < deadline:
+        while self.alive() and time.monotonic() < deadline:
             self.poll(0.1)
         for child in self.children.values():
             if child.pidfd >= 0:
@@ -456,7 +385,7 @@ class Supervisor:
             self.last_archive = str(path / archive.ARCHIVE)
         except (OSError, CorralError) as exc:  # a tree.WalkError too: revert all the same
             self.last_archive = None
-            print(f"corral supervisor: archiving the delta failed: {exc}", file=sys.stderr)
+            log.error(f"archiving the delta failed: {exc}")
         if fresh is not None and fresh.base_version != self.spec.base_version:
             self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
@@ -465,9 +394,9 @@ class Supervisor:
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
             launch.volumes_of(self.spec), self._noexec_paths())
         self.reverts += 1
-        if self.poller is not None:
-            self.poller.reported.clear()
-        self._index_executables()
+        if "base-write" in self.live:  # a fresh delta: report its base writes anew
+            self.live["base-write"].reported.clear()
+        self.exec_guard.index(self.spec)
         for child in self.children.values():
             child.crashes.clear()
             self.start(child)
@@ -479,45 +408,43 @@ class Supervisor:
         paused = [c.output.paused_until for c in self.children.values() if c.output.paused_until]
         if paused:
             timeout = max(0.0, min(timeout, min(paused) - time.monotonic()))
+        handlers = {"signal": self._on_signal, "log": self._on_output, "exit": self._on_exit,
+                    "notify": self.exec_guard.ready, "control": self._on_control,
+                    "sensor": self._on_sensor}
         for key, _ in self.selector.select(timeout):
-            kind, name = key.data
-            child = self.children.get(name) if name else None
-            if kind == "signal":
-                try:
-                    received = os.read(key.fd, 512)
-                except BlockingIOError:
-                    received = b""
-                if signal.SIGUSR1 in received:
-                    self.revert_requested = True
-                if set(received) - {signal.SIGUSR1}:
-                    self.stopping = True
-            elif kind == "log":  # copy it now, the rest of this batch window's output later
-                child.output.copy()
-                self.selector.unregister(child.output.read_fd)
-                child.output.paused_until = time.monotonic() + output.BATCH
-            elif kind == "notify":
-                self._notify_ready(key.fd, name)
-            elif kind == "audit":
-                for event in self.audit.read():
-                    if self.watcher is not None and not self.halting:
-                        self.watcher.trip(event)
-                if self.audit.state != "on":  # failed for good: drop it, say so in status
-                    self.selector.unregister(self.audit)
-                    self.audit.close()
-                    self.sensors["audit"] = self.audit.state
-                    self.write_state()
-            elif kind == "control":
-                self.accept_control()
-            elif kind == "nflog":
-                for event in self.nflog.read(0):
-                    if self.watcher is not None and not self.halting:
-                        self.watcher.trip(_packet_event(event))
-            elif kind == "exit":
-                child.output.copy()
-                child.output.end()
-                self.reap(child)
-                self.write_state()
+            kind, name = key.data  # what registered the descriptor, and for whom
+            handlers[kind](key.fd, name)
         self.resume_logs()
+
+    def _on_signal(self, fd: int, _: str) -> None:
+        try:
+            received = os.read(fd, 512)
+        except BlockingIOError:
+            received = b""
+        if signal.SIGUSR1 in received:
+            self.revert_requested = True
+        if set(received) - {signal.SIGUSR1}:
+            self.stopping = True
+
+    def _on_output(self, fd: int, name: str) -> None:
+        """Copy it now, the rest of this batch window's output later."""
+        out = self.children[name].output
+        out.copy()
+        self.selector.unregister(out.read_fd)
+        out.paused_until = time.monotonic() + output.BATCH
+
+    def _on_exit(self, fd: int, name: str) -> None:
+        child = self.children[name]
+        child.output.copy()
+        child.output.end()
+        self.reap(child)
+        self.write_state()
+
+    def _on_control(self, fd: int, _: str) -> None:
+        self.exec_guard.accept(self.children)
+
+    def _on_sensor(self, fd: int, name: str) -> None:
+        self.drain(self.live[name])
 
     def resume_logs(self, everything: bool = False) -> None:
         """Copy the output of processes whose batch window has ended (or all), and watch their
@@ -530,20 +457,32 @@ class Supervisor:
                 out.copy()
                 self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", name))
 
-    def _notify_ready(self, fd: int, name: str) -> None:
-        import select
-
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        events = poller.poll(0)
-        if events and events[0][1] & (select.POLLHUP | select.POLLERR) \
-                and not events[0][1] & select.POLLIN:
-            self.drop_notify(fd)  # every task using that filter is gone
-            return
-        try:
-            self.on_exec(name, fd)
-        except OSError:
-            self.drop_notify(fd)
+    def tick(self) -> int | None:
+        """The loop's work between two selects: reactions that waited for the processes, the
+        polled sensors, the journals' schedule, a requested revert, restarts after back-off.
+        Returns an exit code once nothing is left to supervise."""
+        if self.watcher.pending and not self.alive():
+            self.settle()
+        self.drain_timed()
+        self.watcher.flush_counts()
+        if self.journals.open and self.phase == "running" and not self.halting:
+            self.close_epochs("schedule", due_only=True)
+        if self.revert_requested and not self.stopping and not self.halting:
+            self.revert()
+        if self.stopping:
+            return None
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.state == "backoff" and now >= child.next_start:
+                self.start(child)
+                self.write_state()
+        if all(c.state in ("exited", "failed") for c in self.children.values()):
+            # nothing left to supervise: a batch job, or all gave up
+            failed = [c for c in self.children.values() if c.state == "failed"]
+            self.phase = "failed" if failed else "exited"
+            self.error = "; ".join(f"{c.spec.name}: {c.error}" for c in failed)
+            return 1 if failed else 0
+        return None
 
     def serve(self) -> int:
         tree.raise_nofile_limit()  # see there: a service must not make us run out of fds
@@ -558,7 +497,7 @@ class Supervisor:
             # journals and sensors start; none runs its program before `start` lets it.
             spawned = {name: self.spawn(child) for name, child in self.children.items()}
             try:
-                self.start_journals()
+                self.journals.start()
                 self.start_sensors()
             except BaseException:
                 for pending in filter(None, spawned.values()):
@@ -576,40 +515,16 @@ class Supervisor:
                 return 1
             self.phase = "running"
             self.write_state()
-            next_poll = 0.0
             while not self.stopping:
-                self.poll(DELTA_POLL)
-                now = time.time()
-                if now >= next_poll and not self.halting and self.phase == "running":
-                    next_poll = now + DELTA_POLL
-                    for event in self.poller.poll(now):
-                        self.watcher.trip(event, process=self._writer_of(event.detail["path"]))
-                    if self.sensors.get("base-write") != self.poller.state:
-                        self.sensors["base-write"] = self.poller.state
-                        self.write_state()
-                self.watcher.flush_counts()
-                if self.journals and self.phase == "running" and not self.halting:
-                    self.close_epochs("schedule", due_only=True)
-                if self.revert_requested and not self.stopping:
-                    self.revert()
-                if self.stopping:
-                    break
-                now = time.time()
-                for child in self.children.values():
-                    if child.state == "backoff" and now >= child.next_start:
-                        self.start(child)
-                        self.write_state()
-                finished = [c.state in ("exited", "failed") for c in self.children.values()]
-                if all(finished):  # nothing left to supervise: a batch job, or all gave up
-                    failed = [c for c in self.children.values() if c.state == "failed"]
-                    self.phase = "failed" if failed else "exited"
-                    self.error = "; ".join(f"{c.spec.name}: {c.error}" for c in failed)
-                    return 1 if failed else 0
+                self.poll(TICK)
+                code = self.tick()
+                if code is not None:
+                    return code
             return 0
         except Exception as exc:
             self.phase, self.error = "failed", str(exc)
             self.write_state()
-            print(f"corral supervisor: {exc}", file=sys.stderr)
+            log.error(str(exc))
             return 1
         finally:
             self.stop_all()
@@ -617,23 +532,6 @@ class Supervisor:
             if self.phase not in ("failed", "exited", "killed"):
                 self.phase = "stopped"
             self.write_state()
-
-
-PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
-                    "untracked": "egress"}
-
-
-def _packet_event(event: dict[str, Any]) -> Any:
-    """A dropped packet (from the service's NFLOG group) as a tripwire event."""
-    from corral.watch.sensors import Event
-
-    try:
-        at = parse_iso(event["time"])
-    except (KeyError, ValueError, AttributeError):
-        at = 0.0
-    detail = {k: event.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
-    return Event(PACKET_TRIPWIRES.get(event.get("reason") or "", "egress"), event.get("uid"),
-                 None, at, detail)
 
 
 @contextmanager

@@ -1,9 +1,14 @@
-"""Sensors that feed the watcher, each a file descriptor for the supervisor's selector.
+"""Sensors that feed the watcher. Each is a `Sensor`: a name (its key in `corral status`), a
+state ("on ..." or "off: why"), and `drain(now)`, which returns the tripwire events found since
+the last call. One the kernel wakes has a `fileno()` for the supervisor's selector; one without
+(`fileno()` is None) is drained every `interval` seconds by the supervisor's loop. The exec
+tripwire is not one: its seccomp notifications must be answered, not only read (supervisor).
 
 - AuditReader: the kernel's audit records, read-only through the netlink multicast group
   (no auditd needed, nothing about the host's audit setup changes). corral's seccomp filters
   log every denial (SECCOMP records, with the kernel's own timestamp), which gives the `ptrace`,
   `setuid` and dangerous-syscall tripwires.
+- PacketSensor: the packets the service's nft table dropped, from its NFLOG group (nflog).
 - DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
   (cost proportional to the delta, which is small while the service behaves).
 """
@@ -17,7 +22,7 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from corral.recover import delta
 from corral.core import tree
@@ -43,6 +48,18 @@ class Event:
     pid: int | None
     at: float  # when the act happened (the kernel's timestamp where there is one)
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Sensor(Protocol):
+    name: str
+    state: str  # "on ..." while it sees; "off: why" once it cannot (shown by `corral status`)
+    interval: float  # seconds between drains of a sensor without a descriptor
+
+    def fileno(self) -> int | None: ...
+
+    def drain(self, now: float) -> list[Event]: ...
+
+    def close(self) -> None: ...
 
 
 def _in_initial_netns(make):  # type: ignore[no-untyped-def]
@@ -77,6 +94,9 @@ def _in_initial_netns(make):  # type: ignore[no-untyped-def]
 
 
 class AuditReader:
+    name = "audit"
+    interval = 0.0
+
     def __init__(self) -> None:
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -95,6 +115,9 @@ class AuditReader:
 
     def close(self) -> None:
         self.sock.close()
+
+    def drain(self, now: float) -> list[Event]:
+        return self.read()
 
     def _syscall_name(self, nr: int) -> str:
         if nr not in self._names:
@@ -149,6 +172,44 @@ class AuditReader:
                                               "comm": fields.get("comm")})
 
 
+PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
+                    "untracked": "egress"}
+
+
+class PacketSensor:
+    """The `egress`, `listen` and `spoof` tripwires: every packet the service's nft table drops
+    is logged to the service's own NFLOG group (plan.nft_rules), read here."""
+
+    name = "network"
+    interval = 0.0
+
+    def __init__(self, group: int):
+        from corral.watch import nflog
+
+        self.reader = nflog.EventReader(group)
+        self.state = f"on (NFLOG group {group})"
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def drain(self, now: float) -> list[Event]:
+        return [packet_event(packet) for packet in self.reader.read(0)]
+
+
+def packet_event(packet: dict[str, Any]) -> Event:
+    """A dropped packet as a tripwire event."""
+    try:
+        at = text.parse_iso(packet["time"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        at = 0.0
+    detail = {k: packet.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
+    return Event(PACKET_TRIPWIRES.get(packet.get("reason") or "", "egress"), packet.get("uid"),
+                 None, at, detail)
+
+
 class DeltaPoller:
     """Report each base file the service overwrote, deleted or chmodded, once.
 
@@ -159,12 +220,23 @@ class DeltaPoller:
     is ("on", or what is wrong) for the supervisor's `sensors` (shown by `corral status`)."""
 
     ON = "on (delta poll)"
+    name = "base-write"
 
-    def __init__(self, upper: str, base: str):
+    def __init__(self, upper: str, base: str, interval: float = 0.25):
+        self.interval = interval  # the walk is metadata only: cheap while the delta is small
         self.upper, self.base = upper, base
         self.reported: set[bytes] = set()
         self.seen: dict[bytes, tuple[int, int, int]] = {}
         self.state = self.ON
+
+    def fileno(self) -> None:
+        return None  # polled: overlayfs has no change notification for its upper layer
+
+    def close(self) -> None:
+        pass
+
+    def drain(self, now: float) -> list[Event]:
+        return self.poll(now)
 
     def poll(self, now: float) -> list[Event]:
         try:

@@ -14,30 +14,13 @@ import json
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from corral.core import log
 from corral.watch import incidents
+from corral.watch.reactions import REACTIONS, Containment, Reaction
 from corral.watch.sensors import Event
 
-from corral.host.runtime import ServiceSpec
-
-
-class Containment(Protocol):
-    """What the watcher's reactions act on: the supervisor, seen through only what they need
-    (so the watcher does not depend on it, and a test can hold a smaller one)."""
-
-    spec: ServiceSpec
-    halting: bool  # a reaction is under way
-
-    def close_epochs(self, reason: str, incidents: tuple[str, ...] = ()) -> None: ...
-
-    def isolate(self) -> None: ...
-
-    def kill_all(self) -> None: ...
-
-    def stay_down(self, reason: str) -> None: ...
-
-    def finish_revert(self, record: dict[str, Any]) -> str | None: ...
 
 COALESCE = 2.0  # seconds: repeats of one tripwire by one process join the open incident
 REVERT_LIMIT = 5  # reverts within REVERT_WINDOW before the service stays down
@@ -57,6 +40,8 @@ class Watcher:
     reverts: list[float] = field(default_factory=list)
     incarnation: float = 0.0  # when the last kill or revert took effect
     helpers: list[subprocess.Popen] = field(default_factory=list)
+    # Reactions that wait for the processes to die, with their records: settle() finishes them.
+    pending: list[tuple[Reaction, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def for_supervisor(cls, sup: Containment) -> Watcher:
@@ -74,9 +59,21 @@ class Watcher:
                 return proc.name
         return None
 
+    def writer_of(self, path: str) -> str:
+        """Which process could have written `path` in the delta: a copied-up file keeps the
+        base's owner (root), so the owner does not tell. Landlock lets only the processes
+        whose `writable` paths cover it write there."""
+        procs = self.sup.spec.processes
+        names = [p.name for p in procs
+                 if any(path == w or path.startswith(w.rstrip("/") + "/")
+                        for w in p.landlock.get("read_write", ()))]
+        return names[0] if names else procs[0].name
+
     # -- the tripwire ---------------------------------------------------------------------
     def trip(self, event: Event, process: str | None = None) -> dict[str, Any] | None:
-        process = process or self.process_of(event.uid)
+        if process is None:
+            process = self.writer_of(event.detail.get("path", "")) \
+                if event.tripwire == "base-write" else self.process_of(event.uid)
         if process is None or not self.enabled(event.tripwire):
             return None
         detected = time.time()
@@ -101,37 +98,45 @@ class Watcher:
             "detected_at": incidents.iso(detected), "reaction": self.react, "count": 1,
             "delta_archive": None,
         }
-        reaction = self.react
-        if reaction == "revert" and self._too_many_reverts(detected):
-            reaction = record["reaction"] = "kill"
+        reaction = REACTIONS[self.react]
+        if reaction.name == "revert" and self._too_many_reverts(detected):
+            reaction = REACTIONS["kill"]
+            record["reaction"] = reaction.name
             record["note"] = (f"more than {REVERT_LIMIT} reverts in {REVERT_WINDOW:.0f}s: "
                               "the service stays down")
-        contained = self.contain(reaction, record)
-        if reaction in ("kill", "revert"):
+        reaction.contain(self.sup, record)
+        contained = time.time()
+        if reaction.waits:
             self.incarnation = contained
         # The journal's epoch ends here, so the bad stretch is bounded by epochs.
-        if reaction != "revert":  # a revert closes its own epoch, with the incident id
+        if reaction.name != "revert":  # a revert closes its own epoch, with the incident id
             self.sup.close_epochs("incident", (record["id"],))
         record["contained_at"] = incidents.iso(contained)
         record["latency_ms"] = round((contained - act) * 1000, 3)
         record["act_at"] = incidents.iso(act)
         self.recent[key] = dict(record, _last=detected, _dirty=False)
-        if reaction == "revert":  # archive (with the incident id) and back from base
-            record["delta_archive"] = self.sup.finish_revert(record)
-            self.recent[key]["delta_archive"] = record["delta_archive"]
+        # The incident is on disk before anything waits: whatever happens to the revert, the
+        # act is recorded. What the reaction finds later (the archive) follows as an update.
         incidents.append(self.sup.spec.state, record)
-        self._announce(record)
+        if reaction.waits:
+            self.pending.append((reaction, record))
+        else:
+            self._announce(record)
         return record
 
-    def contain(self, reaction: str, record: dict[str, Any]) -> float:
-        """Make the reaction take effect; returns the moment it had."""
-        if reaction == "isolate":
-            self.sup.isolate()
-        elif reaction in ("kill", "revert"):
-            self.sup.kill_all()
-            if reaction == "kill":
-                self.sup.stay_down(record.get("note") or f"killed: incident {record['id']}")
-        return time.time()
+    def settle(self) -> None:
+        """Finish the reactions that waited for the processes to die; the supervisor's loop
+        calls this once they are all reaped."""
+        # Only those pending now: a restart may trip again, and that one waits for its own reap.
+        pending, self.pending = self.pending, []
+        for reaction, record in pending:
+            fields = reaction.settle(self.sup, record)
+            if fields:
+                record.update(fields)
+                self.recent.get((record["tripwire"], record["process"]), {}).update(fields)
+                incidents.append(self.sup.spec.state, {"type": "update", "id": record["id"],
+                                                       "fields": fields})
+            self._announce(record)
 
     def _too_many_reverts(self, now: float) -> bool:
         self.reverts = [t for t in self.reverts if now - t < REVERT_WINDOW] + [now]
@@ -149,8 +154,8 @@ class Watcher:
         public = {k: v for k, v in record.items() if not k.startswith("_")}
         try:
             incidents.to_syslog(public)
-        except OSError:
-            pass
+        except OSError as exc:
+            log.warning(f"incident {record['id']}: system log: {exc}")
         if self.on_incident:
             try:
                 helper = subprocess.Popen(self.on_incident, stdin=subprocess.PIPE,
@@ -161,5 +166,5 @@ class Watcher:
                 helper.stdin.close()
                 self.helpers.append(helper)
             except OSError as exc:
-                print(f"corral supervisor: on_incident failed: {exc}")
+                log.warning(f"on_incident {self.on_incident[0]!r} failed: {exc}")
         self.helpers = [h for h in self.helpers if h.poll() is None]

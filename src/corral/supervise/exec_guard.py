@@ -1,0 +1,137 @@
+"""The exec tripwire: each contained process's seccomp filter turns its execve/execveat into a
+notification that this guard answers, from the supervisor, before the kernel goes on. Only the
+process's declared `exec` programs may run, told apart by identity (device, inode) in its root,
+not by name; anything else is refused and trips the watcher.
+
+`corral exec` starts its command under the same filter and hands the listener over through the
+service's control socket, so the same guard answers for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+from corral.host.runtime import ServiceSpec
+from corral.kernel import notify
+from corral.watch.sensors import Event
+
+# What the guard reports a refused exec to: the watcher's trip(event, process=...).
+Trip = Callable[[Event, str], Any]
+
+
+class ExecGuard:
+    def __init__(self, spec: ServiceSpec, selector: selectors.BaseSelector, trip: Trip):
+        self.spec = spec
+        self.selector = selector
+        self.trip = trip
+        self.allowed: dict[str, set[tuple[int, int]]] = {}  # process -> executables' identities
+        self.listeners: dict[int, str] = {}  # seccomp listener -> process name
+        self.control: socket.socket | None = None
+
+    def index(self, spec: ServiceSpec) -> None:
+        """The identities of what each process may exec, in its root (again after a revert:
+        a new root, and perhaps a new base)."""
+        self.spec = spec
+        root = os.open(str(spec.root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for proc in spec.processes:
+                paths = spec.exec_paths.get(proc.name) or [proc.command[0]]
+                self.allowed[proc.name] = {i for p in paths
+                                           if (i := notify.identity(root, p))
+                                           not in (notify.MISSING, notify.UNRESOLVED)}
+        finally:
+            os.close(root)
+
+    def listen(self, run_dir: str) -> None:
+        """The control socket `corral exec` hands its command's listener to (root only)."""
+        path = os.path.join(run_dir, "control.sock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        short, dir_fd = notify.unix_path(path)
+        try:
+            self.control.bind(short)
+        finally:
+            os.close(dir_fd)
+        os.chmod(path, 0o600)
+        self.control.listen(8)
+        self.selector.register(self.control, selectors.EVENT_READ, ("control", ""))
+
+    def add(self, fd: int, process: str) -> None:
+        self.listeners[fd] = process
+        self.selector.register(fd, selectors.EVENT_READ, ("notify", process))
+
+    def answer(self, process: str, fd: int) -> None:
+        """Answer one exec notification: only the process's `exec` paths may run."""
+        req = notify.receive(fd)
+        if req is None:
+            return
+        detected = time.time()
+        path, ident = notify.target_of(req)
+        if not notify.still_valid(fd, req.id):
+            return
+        allowed = ident is notify.MISSING or ident in self.allowed.get(process, set())
+        notify.respond(fd, req.id, allowed)  # MISSING: no such file; the kernel will say so
+        if not allowed:
+            proc = self.spec.process(process)
+            self.trip(Event("exec", proc.uid if proc else None, req.pid, detected,
+                            {"path": path}), process)
+
+    def ready(self, fd: int, process: str) -> None:
+        """A listener is readable: a notification to answer, or every task using that filter
+        is gone (hang-up)."""
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        events = poller.poll(0)
+        if events and events[0][1] & (select.POLLHUP | select.POLLERR) \
+                and not events[0][1] & select.POLLIN:
+            self.drop(fd)
+            return
+        try:
+            self.answer(process, fd)
+        except OSError:
+            self.drop(fd)
+
+    def accept(self, processes: Container[str]) -> None:
+        """`corral exec` hands over the listener of the command it starts inside a process."""
+        assert self.control is not None
+        conn, _ = self.control.accept()
+        with conn:
+            try:
+                message, fd = notify.recv_fd(conn)
+                name = json.loads(message or b"{}").get("process")
+            except (OSError, ValueError):
+                return
+            if fd is None:
+                return
+            if name not in processes:
+                os.close(fd)
+                return
+            self.add(fd, name)
+            conn.send(b"ok")
+
+    def drop(self, fd: int) -> None:
+        if fd in self.listeners:
+            del self.listeners[fd]
+            self.selector.unregister(fd)
+            os.close(fd)
+
+    def drop_process(self, process: str) -> None:
+        """Its PID namespace is gone: so are its exec sessions."""
+        for fd, name in list(self.listeners.items()):
+            if name == process:
+                self.drop(fd)
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
