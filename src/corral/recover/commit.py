@@ -15,7 +15,7 @@ from corral.core.errors import UsageError
 from corral.core.text import show
 from corral.core.tree import is_opaque, is_whiteout
 from corral.host import runtime
-from corral.host.base import INTEGRITY, CheckFailed, seal, use, versions
+from corral.host.base import INTEGRITY, CheckFailed, next_version, seal, use
 from corral.recover import delta
 
 
@@ -91,7 +91,7 @@ def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
     if refused:
         raise CheckFailed(f"{spec.service}: commit refused; these changes need --allow PATH:\n  "
                           + "\n  ".join(refused))
-    version = max(versions(spec.state)) + 1
+    version = next_version(spec.state)
     final = spec.state / "base" / str(version)
     work = spec.state / "base" / f".building-{version}"
     shutil.rmtree(work, ignore_errors=True)
