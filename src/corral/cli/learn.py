@@ -10,6 +10,7 @@ import click
 
 from corral.cli.common import handled
 from corral.core.errors import EXIT_CHECK, InputError, Problem
+from corral.core.fsio import write_text
 
 
 def _env_pair(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
@@ -56,10 +57,8 @@ def learn(out: str, name: str | None, process: str, duration: float | None,
         parse_manifest(out, tomllib.loads(learned.text))  # raises InputError: exit 2
     except tomllib.TOMLDecodeError as exc:  # a bug in the writer, never the user's input
         raise InputError([Problem(out, (), f"learned manifest is not TOML: {exc}")]) from None
-    tmp = out + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(learned.text)
-    os.replace(tmp, out)
+    # Atomic: an interrupted write never leaves half a manifest where a good one was.
+    write_text(out, learned.text)
     obs = learned.observed
     click.echo(f"wrote {out}: {len(learned.include)} includes, "
                f"{len(obs.listen)} listen, {len(obs.connect)} connect, "
