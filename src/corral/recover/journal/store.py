@@ -11,7 +11,6 @@ Whatever a crash leaves behind that head.json does not reach is garbage, removed
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple
 
 from corral.core import fsio
 from corral.core.errors import RuntimeFailure
+from corral.kernel import syscalls
 from corral.core.text import show
 
 CHUNK = 256 << 10  # files are stored in chunks of this size: a page written in place in a
@@ -192,10 +192,7 @@ def syncfs(path: Path) -> None:
     of thousands of fsyncs when an epoch stages thousands of objects."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        syscalls.syncfs(fd, f"syncfs {path}")
     finally:
         os.close(fd)
     point()
