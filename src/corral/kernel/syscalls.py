@@ -83,7 +83,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
           data: str | None = None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                       enc(data)), f"mount {target}")
+                     enc(data)), f"mount {target}")
 
 
 def umount2(target: str, flags: int = 0) -> None:
@@ -92,12 +92,12 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     check(libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()),
-           "pivot_root")
+          "pivot_root")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return check(libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
+                            ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
 
 
 class _CapHeader(ctypes.Structure):
