@@ -171,9 +171,11 @@ def test_firewall_state_from_rulesets():
 
 
 def test_proc_net_addresses():
-    assert audit_net._address("0100007F") == "127.0.0.1"
-    assert audit_net._address("00000000000000000000000001000000") == "::1"
-    assert audit_net._address("0000000000000000FFFF00000100007F") == "127.0.0.1"
+    from corral.kernel.procnet import address_text
+
+    assert address_text("0100007F") == "127.0.0.1"
+    assert address_text("00000000000000000000000001000000") == "::1"
+    assert address_text("0000000000000000FFFF00000100007F") == "127.0.0.1"
 
 
 # -- host: listeners in a throwaway network namespace --------------------------------------------

@@ -412,3 +412,12 @@ def test_scoping():
         assert unscoped == {"before": ["ok", "ok"], "after": ["ok", "ok", "ok"]}
     finally:
         server.close()
+
+
+def test_landlock_prctl_numbers_are_the_kernel_modules():
+    """landlock repeats two prctl numbers so its import needs no ctypes; they must agree."""
+    from corral.kernel import syscalls
+    from corral.launch import landlock as ll
+
+    assert (ll.PR_SET_NO_NEW_PRIVS, ll.PR_GET_NO_NEW_PRIVS) == \
+        (syscalls.PR_SET_NO_NEW_PRIVS, syscalls.PR_GET_NO_NEW_PRIVS)

@@ -291,3 +291,44 @@ def test_learn_a_real_debian_daemon_dnsmasq(tmp_path, corral_root, netns, servic
     finally:
         corral("down", service_name, netns=netns)
         corral("uninstall", service_name, "--purge", netns=netns)
+
+
+def test_render_writes_valid_toml_whatever_the_names(tmp_path):
+    """Review 6.4: quotes, backslashes, newlines, ESC, DEL and bytes that are not UTF-8 in the
+    argv, the traced paths and the environment still give a manifest that parses, with the
+    comments kept as comments (a newline in the command must not end the header comment)."""
+    import datetime
+
+    from corral.learn.trace import Observed, render
+
+    odd = ['say "hi"', "back\\slash", "two\nlines", "esc\x1b[31m", "del\x7f", "tab\there"]
+    not_utf8 = os.fsdecode(b"latin\xe9")  # surrogate-escaped, as Python hands argv over
+    files = []
+    for i, name in enumerate(odd + [not_utf8]):
+        path = tmp_path / f"{i}-{name}"
+        path.write_text("x")
+        files.append(str(path))
+    program = files[0]
+    command = [program, *odd, not_utf8, "name = \"injected\""]
+    obs = Observed(executed=[program], opened=set(files),
+                   written={"/srv/we\"ird\ndir/data", "/run/pid\x1bdir/x.pid"},
+                   listen={("tcp", 8080)}, connect={("udp", 53, "127.0.0.53")},
+                   unix_connect={"/run/so\nck"}, syscalls={"read", "write"})
+    learned = render("odd", "app", command, obs, {"LANG": "C.UTF-8", "NOTE": "a\nb\x7f\""},
+                     0, datetime.datetime.now(datetime.timezone.utc), 1.0)
+    data = tomllib.loads(learned.text)
+    assert data["name"] == "odd"
+    app = data["process"]["app"]
+    assert app["command"][:-2] == [program, *odd]
+    assert app["command"][-2] == "latin\ufffd"  # TOML holds Unicode only; the comment says so
+    assert app["command"][-1] == 'name = "injected"'
+    assert app["environment"] == {"LANG": "C.UTF-8", "NOTE": "a\nb\x7f\""}
+    assert data["volume"] == [{"path": "/srv/we\"ird\ndir", "owner": "app", "mode": "0750"}]
+    assert app["writable"] == ["/run/pid\x1bdir"]
+    included = data["image"]["include"]  # the files, or their directory collapsed
+    assert all(any(f == i or f.startswith(i + "/") for i in included) for f in files)
+    assert data["watch"] == {"react": "revert"}
+    assert "NOT valid UTF-8" in learned.text and "latin\\xe9" in learned.text
+    header = learned.text.split("\nname = ")[0]
+    assert all(line.startswith("#") for line in header.splitlines())
+    assert "Capabilities cannot be learned" in learned.text

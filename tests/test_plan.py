@@ -83,6 +83,35 @@ command = ["/usr/bin/perl", "-e", "1"]
                                      "not in the image (add it to image.include)")
 
 
+@pytest.mark.skipif(not os.path.islink("/bin"), reason="needs a merged /usr (/bin -> usr/bin)")
+def test_plan_finds_a_program_through_a_symlinked_directory(tmp_path):
+    """Review 6.5: on a merged-/usr host the image holds /bin as a symlink and /usr/bin/true as
+    the file, never /bin/true itself; the command resolves through the image's links."""
+    path = write_manifest(tmp_path, "web", """
+[image]
+include = ["/bin/true"]
+[process.app]
+command = ["/bin/true"]
+""")
+    result = corral("plan", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    entries = {e["path"]: e for e in json.loads(result.stdout)["image"]["entries"]}
+    assert entries["/bin"]["kind"] == "symlink" and entries["/usr/bin/true"]["kind"] == "file"
+
+
+def test_plan_still_refuses_a_link_that_leads_out_of_the_image(tmp_path):
+    """A link present in the image whose target is not: still not in the image."""
+    path = write_manifest(tmp_path, "web", """
+[image]
+include = ["/usr/bin/python3.11"]
+[process.app]
+command = ["/bin/perl", "-e", "1"]
+""")
+    result = corral("plan", str(path))
+    assert result.returncode == 2
+    assert '"/bin/perl": not in the image' in result.stderr
+
+
 def test_plan_of_an_invalid_manifest_is_exit_2(tmp_path):
     path = write_manifest(tmp_path, "web", '[process.app]\ncommand = "oops"\n')
     result = corral("plan", str(path), "--json")

@@ -280,3 +280,47 @@ def test_commit_refuses_a_deep_setuid_file_under_a_low_descriptor_limit(tmp_path
     finally:
         with tree.directory(str(tmp_path)) as top:  # pytest's clean-up would recurse
             tree.remove(top, "upper")
+
+
+def test_base_build_commit_and_reinstall_agree_on_version_numbers(notes, tmp_path):
+    """Review 6.3: `base build` and `commit` number versions from the disk, install from its
+    record; after either, an install that builds a base must not pick a number already taken."""
+
+    def record_base():
+        return json.loads((notes.state_dir / "install.json").read_text())["base"]
+
+    def add_to_image(path):
+        text = notes.manifest.read_text()
+        notes.manifest.write_text(text.replace('"/usr/lib/python3.11"',
+                                               f'"/usr/lib/python3.11", "{path}"', 1))
+
+    def on_disk():
+        return sorted(int(p.name) for p in (notes.state_dir / "base").iterdir()
+                      if p.name.isdigit())
+
+    built = notes.corral("base", "build", notes.name, check=True)
+    assert "built base version 2" in built.stdout
+    assert on_disk() == [1, 2] and record_base()["versions"] == [1, 2]
+    assert record_base()["version"] == 1  # built, not used
+
+    notes.corral("down", notes.name, check=True)
+    # A changed image (one more file) gives another digest: install builds a base.
+    add_to_image("/usr/bin/true")
+    notes.corral("install", str(notes.manifest), check=True)
+    assert on_disk() == [1, 2, 3]
+    assert record_base()["version"] == 3 and record_base()["versions"] == [1, 2, 3]
+
+    notes.corral("up", str(notes.manifest), check=True)
+    assert notes.exec("open('/tmp/settings', 'w').write('v=2')").returncode == 0
+    done = notes.corral("commit", notes.name, check=True)
+    assert "as base version 4" in done.stdout
+    assert on_disk() == [1, 2, 3, 4]
+    assert record_base()["version"] == 4 and record_base()["versions"] == [1, 2, 3, 4]
+
+    notes.corral("down", notes.name, check=True)
+    add_to_image("/usr/bin/false")
+    notes.corral("install", str(notes.manifest), check=True)
+    assert on_disk() == [1, 2, 3, 4, 5]
+    assert record_base()["version"] == 5 and record_base()["versions"] == [1, 2, 3, 4, 5]
+    notes.corral("up", str(notes.manifest), check=True)
+    assert notes.http("/health")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.audit.findings import Finding, sort_findings, tool_kind
+from corral.core.imagepath import resolve_in
 from corral.core.text import show
 
 
@@ -30,29 +31,6 @@ class Entry:
     mode: int
     uid: int = 0
     target: str | None = None
-
-
-def resolve_in(path: str, links: dict[str, str]) -> str:
-    """Where `path` leads inside an image whose symlinks are `links` (absolute targets are
-    relative to the image's root, as the service sees them). Never touches a file."""
-    stack, resolved, hops = list(reversed(path.split("/"))), "", 0
-    while stack:
-        part = stack.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            resolved = resolved.rsplit("/", 1)[0]
-            continue
-        candidate = f"{resolved}/{part}"
-        target = links.get(candidate)
-        if target is None or hops >= 40:
-            resolved = candidate
-            continue
-        hops += 1
-        if target.startswith("/"):
-            resolved = ""
-        stack.extend(reversed(target.split("/")))
-    return resolved or "/"
 
 
 def image_tree(root: str | os.PathLike) -> dict[str, Entry]:

@@ -14,15 +14,12 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.audit.findings import Finding
 from corral.core.errors import escape_controls
-
-TCP_LISTEN, UDP_UNCONNECTED = "0A", "07"
-
+from corral.kernel import procnet
 
 @dataclass
 class Socket:
@@ -43,39 +40,9 @@ class Socket:
         return ipaddress.ip_address(self.address).is_loopback
 
 
-def _address(hex_addr: str) -> str:
-    """/proc/net hex (32-bit words in host byte order, little endian here) -> text."""
-    raw = bytes.fromhex(hex_addr)
-    swapped = raw if sys.byteorder == "big" else \
-        b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    address = ipaddress.ip_address(swapped)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
 def listening(net_pid: int | str = "self") -> list[Socket]:
     """TCP sockets in LISTEN and unconnected bound UDP sockets of PID's network namespace."""
-    out: list[Socket] = []
-    for proto, files in (("tcp", ("tcp", "tcp6")), ("udp", ("udp", "udp6"))):
-        for name in files:
-            try:
-                with open(f"/proc/{net_pid}/net/{name}") as handle:
-                    lines = handle.read().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                if len(fields) < 10:
-                    continue
-                local, remote, state = fields[1], fields[2], fields[3]
-                wanted = TCP_LISTEN if proto == "tcp" else UDP_UNCONNECTED
-                if state != wanted or (proto == "udp" and int(remote.split(":")[1], 16)):
-                    continue
-                addr, port = local.split(":")
-                out.append(Socket(proto, _address(addr), int(port, 16), int(fields[7]),
-                                  int(fields[9])))
-    return out
+    return [Socket(s.proto, s.address, s.port, s.uid, s.inode) for s in procnet.listening(net_pid)]
 
 
 def _read(path: str) -> str:

@@ -99,11 +99,12 @@ def view_from_installed(name: str) -> ServiceView:
     """An installed service: runtime.json and install.json say what runs; the volumes' modes
     are read from disk; the image is audited as it is now."""
     from corral.audit.image import image_audit
+    from corral.core.paths import RECORD
     from corral.supervise.control import spec_of
 
     spec = spec_of(name)
     try:
-        record = json.loads((spec.state / "install.json").read_text())
+        record = json.loads((spec.state / RECORD).read_text())
     except (OSError, ValueError):
         record = {}
     m = _installed_manifest(name, record)
@@ -143,10 +144,10 @@ def view_from_installed(name: str) -> ServiceView:
 
 
 def installed_services() -> list[str]:
-    from corral.core.paths import lib_root
+    from corral.core.paths import RUNTIME, lib_root
 
     try:
-        return sorted(d.name for d in lib_root().iterdir() if (d / "runtime.json").is_file())
+        return sorted(d.name for d in lib_root().iterdir() if (d / RUNTIME).is_file())
     except OSError:
         return []
 

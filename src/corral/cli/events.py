@@ -55,12 +55,12 @@ def _groups(services: tuple[str, ...]) -> list[int]:
     """The NFLOG groups to read: the host table's, and each service's own (all installed ones
     when none is named). A running service's group is its watcher's: busy while it runs."""
     from corral.plan import nft_rules as nftables
-    from corral.core.paths import lib_root
+    from corral.core.paths import RUNTIME, lib_root
 
     if not services:
         root = lib_root()
         services = tuple(["host"] + sorted(p.name for p in root.iterdir()
-                                           if (p / "runtime.json").exists())
+                                           if (p / RUNTIME).exists())
                          if root.is_dir() else ["host"])
     return sorted({nftables.NFLOG_GROUP if s == "host" else nftables.nflog_group(s)
                    for s in services})

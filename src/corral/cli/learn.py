@@ -3,7 +3,6 @@ and write the minimal manifest it needs. Registered in cli.py with main.add_comm
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -11,6 +10,7 @@ import click
 from corral.cli.base import need_root
 from corral.cli.common import handled, print_json
 from corral.core.errors import EXIT_CHECK, InputError, Problem
+from corral.core.fsio import write_text
 
 
 def _env_pair(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
@@ -57,10 +57,8 @@ def learn(out: str, name: str | None, process: str, duration: float | None,
         parse_manifest(out, tomllib.loads(learned.text))  # raises InputError: exit 2
     except tomllib.TOMLDecodeError as exc:  # a bug in the writer, never the user's input
         raise InputError([Problem(out, (), f"learned manifest is not TOML: {exc}")]) from None
-    tmp = out + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(learned.text)
-    os.replace(tmp, out)
+    # Atomic: an interrupted write never leaves half a manifest where a good one was.
+    write_text(out, learned.text)
     obs = learned.observed
     if as_json:
         print_json({"service": tomllib.loads(learned.text).get("name"), "file": out,

@@ -1,22 +1,85 @@
-"""Files that are replaced whole: a killed corral leaves the old version or the new one, never
-half of one (write a temporary file, fsync it, rename it over the old one)."""
+"""Files that are replaced whole: a killed corral (or a crash of the machine) leaves the old
+version or the new one, never half of one. The one writer for the whole package: the install
+record, runtime.json, state.json, integrity manifests, `corral learn`'s output and the
+journal's files all go through `write_durable` (tmp + fsync + rename + fsync of the directory).
+
+The journal's crash tests stop the process between two durable steps: every function here
+takes `step`, called after each write, fsync, rename and unlink that crash consistency depends
+on (recover.journal.store passes its `point`). Elsewhere it is a no-op.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
-def write_text(path: str | Path, text: str) -> None:
+def _no_step() -> None:
+    pass
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_dir(path: str | Path, step: Callable[[], None] = _no_step) -> None:
+    """Make a rename or unlink in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    step()
+
+
+def write_durable(path: str | Path, data: bytes, mode: int = 0o600,
+                  step: Callable[[], None] = _no_step) -> None:
+    """Replace `path` atomically: readers (and a crash) see the old file or the new one.
+    `mode` is passed to open(2), so the umask applies. The temporary file sits next to `path`
+    (same file system, so the rename is atomic) and is removed on any failure (ENOSPC and the
+    like leave no half-written tmp)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     mode)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        step()
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    step()
+    fsync_dir(path.parent, step)
+
+
+def unlink_durable(paths: Iterable[Path], step: Callable[[], None] = _no_step) -> None:
+    """Remove files (missing ones are fine), then make each removal durable."""
+    dirs = set()
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        step()
+        dirs.add(path.parent)
+    for d in dirs:
+        fsync_dir(d, step)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    # 0o666 less the umask: the mode open(path, "w") gave these files before.
+    write_durable(path, text.encode(), mode=0o666)
 
 
 def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:

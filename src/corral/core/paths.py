@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 
+# A service's state directory holds these two records (named here, below every layer that reads
+# them, so each file has one name): what install made, and what `run` needs.
+RECORD = "install.json"
+RUNTIME = "runtime.json"
+
+
 def corral_root() -> Path:
     return Path(os.environ.get("CORRAL_ROOT") or "/")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.host import runtime
+from corral.core.paths import RECORD
 from corral.core.text import show
 from corral.core import tree
 from corral.core.tree import KINDS, hash_and_magic
@@ -92,6 +93,25 @@ def versions(state: Path) -> list[int]:
     return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
 
 
+def next_version(state: Path) -> int:
+    """The number of a new base version, for install, `base build` and `commit` alike. It
+    comes from the disk, the one source of truth: a number taken from the install record,
+    which the other two paths do not build through, could name a directory that exists."""
+    return max(versions(state), default=0) + 1
+
+
+def record_version(state: Path, version: int, current: bool = False) -> None:
+    """Note a version that now exists on disk in the install record (and, if `current`, make
+    it the one in use), so the record lists what the disk holds."""
+    record_path = state / RECORD
+    record = json.loads(record_path.read_text())
+    base = record.setdefault("base", {})
+    base["versions"] = sorted(set(base.get("versions", [])) | {version})
+    if current:
+        base["version"] = version
+    write_json(record_path, record)
+
+
 def list_versions(spec: runtime.ServiceSpec) -> list[dict[str, Any]]:
     out = []
     for version in versions(spec.state):
@@ -111,8 +131,5 @@ def use(spec: runtime.ServiceSpec, version: int) -> runtime.ServiceSpec:
                          f"(have {', '.join(map(str, versions(spec.state))) or 'none'})")
     updated = dataclasses.replace(spec, base_version=version)
     runtime.write(updated)
-    record_path = spec.state / "install.json"
-    record = json.loads(record_path.read_text())
-    record.setdefault("base", {})["version"] = version
-    write_json(record_path, record)
+    record_version(spec.state, version, current=True)
     return updated

@@ -24,12 +24,11 @@ from corral.plan import nft_rules as nftables
 from corral.host import nft
 from corral.core.fsio import write_json
 from corral.core.errors import RuntimeFailure, UsageError
-from corral.core.paths import lib_dir, lib_root, run_dir, run_root
+from corral.core.paths import RECORD, lib_dir, lib_root, run_dir, run_root
 from corral.core.text import iso
+from corral.host.base import next_version, record_version, versions
 from corral.plan.service import ServicePlan
 from corral.plan.service import UserSpec
-
-RECORD = "install.json"
 
 
 def digest(data: Any) -> str:
@@ -198,12 +197,12 @@ def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
     current = base.get("version")
     if current and base.get("digest") == wanted and image.base_dir(state, current).is_dir():
         return
-    version = max([v for v in base.get("versions", []) if isinstance(v, int)] + [0]) + 1
+    version = next_version(state)
     path = image.build_base(plan, state, version, accounts, show_progress)
     undo.push(f"remove base {version}", lambda: shutil.rmtree(path, ignore_errors=True))
     undo.push("restore base record", lambda saved=dict(base): record.__setitem__("base", saved))
-    record["base"] = {"version": version, "digest": wanted,
-                      "versions": sorted(set(base.get("versions", [])) | {version})}
+    # The disk lists what exists, versions made by `base build` and `commit` included.
+    record["base"] = {"version": version, "digest": wanted, "versions": versions(state)}
     report.changes.append(f"built base version {version} ({len(plan.image.entries)} entries)")
 
 
@@ -282,7 +281,6 @@ def uninstall(service: str, purge: bool = False) -> Report:
 def build_next_base(service: str, show_progress: bool = False) -> int:
     """A new base version from the installed manifest as the host has it now (after a package
     upgrade, say). It is not used until `corral base use`."""
-    from corral.host import base
     from corral.manifest.model import load_manifest
     from corral.plan.service import plan_service
 
@@ -294,6 +292,7 @@ def build_next_base(service: str, show_progress: bool = False) -> int:
     if any(account is None for _, account in accounts):
         raise RuntimeFailure(f"{service}: a user is missing; run corral install again")
     state = lib_dir(service)
-    version = max(base.versions(state) + [0]) + 1
+    version = next_version(state)
     image.build_base(plan, state, version, accounts, show_progress)
+    record_version(state, version)
     return version

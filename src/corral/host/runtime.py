@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.core.paths import lib_dir, run_dir
-
-RUNTIME = "runtime.json"
+from corral.core.paths import RUNTIME, lib_dir, run_dir
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from corral.kernel.syscalls import check, libc
+
 NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
 RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
 IOCTL_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
@@ -34,8 +36,6 @@ SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 O_PATH = 0o10000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
@@ -46,12 +46,8 @@ def open_in_root(root_fd: int, path: str) -> int:
     """openat2(RESOLVE_IN_ROOT): resolve `path` as if root_fd were "/", symlinks included, so a
     link planted by the service can never lead outside its root. Returns an O_PATH fd."""
     how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), path.encode(),
-                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{path}: {os.strerror(err)}")
-    return fd
+    return check(libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), path.encode(),
+                              ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))), path)
 
 
 MISSING = None  # the path names nothing: the kernel will fail the exec by itself

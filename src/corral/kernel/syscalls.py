@@ -4,6 +4,9 @@ Written by hand because the calls are a handful and stable (unshare, setns, moun
 pivot_root, prctl, capget/capset), and the libraries that wrap them (python-prctl, pyroute2's
 netns) either need a compiler or cost 150 ms to import on the launch path. Python 3.12 adds
 os.unshare/os.setns; mount, pivot_root and capset are still missing there.
+
+The package's one libc handle and one errno check: landlock, the seccomp notifier, the NFLOG
+listener and the journal's syncfs call through `libc` and `call`/`check` here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
+# syscall(2) returns a long (a file descriptor, or an ABI number); ctypes' default is an int.
+libc.syscall.restype = ctypes.c_long
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -47,40 +52,52 @@ SYS_CAPGET, SYS_CAPSET = 125, 126
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _check(result: int, what: str) -> int:
+def check(result: int, what: str | None = None) -> int:
+    """A libc result, or OSError with the errno the call left (prefixed with `what`)."""
     if result < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}" if what else os.strerror(err))
     return result
 
 
+def call(name: str, *args: int | bytes | None, what: str | None = None) -> int:
+    """Call the libc function `name` with every integer widened to a long (syscall and prctl
+    are variadic: a bare Python int would be passed as a 32-bit int); -1 raises OSError."""
+    conv = [a if a is None or isinstance(a, bytes) else ctypes.c_long(a) for a in args]
+    return check(getattr(libc, name)(*conv), what)
+
+
+def syncfs(fd: int, what: str = "syncfs") -> None:
+    check(libc.syncfs(ctypes.c_int(fd)), what)
+
+
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+    check(libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+    check(libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
           data: str | None = None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                       enc(data)), f"mount {target}")
+    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+                     enc(data)), f"mount {target}")
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
+    check(libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()),
-           "pivot_root")
+    check(libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()),
+          "pivot_root")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
+    return check(libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                            ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
 
 
 class _CapHeader(ctypes.Structure):
@@ -101,13 +118,13 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    _check(_libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), data), "capset")
+    check(libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), data), "capset")
 
 
 def capget(pid: int = 0) -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of a thread, as 64-bit masks."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
     data = (_CapData * 2)()
-    _check(_libc.syscall(ctypes.c_long(SYS_CAPGET), ctypes.byref(header), data), "capget")
+    check(libc.syscall(ctypes.c_long(SYS_CAPGET), ctypes.byref(header), data), "capget")
     join = lambda f: getattr(data[0], f) | (getattr(data[1], f) << 32)  # noqa: E731
     return join("effective"), join("permitted"), join("inheritable")

@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # sandbox imports the manifest model (pydantic): not at impor
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1 << 0
 RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
+# kernel.syscalls' numbers, repeated so that importing this module needs no ctypes (the
+# module test checks they agree).
 PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
 
 # LANDLOCK_ACCESS_FS_* (linux/landlock.h)
@@ -67,24 +69,11 @@ class LandlockStatus:
     degraded: tuple[str, ...]  # features the kernel lacks, e.g. "tcp port rules (ABI 4)"
 
 
-_libc = None
-
-
 def _call(name: str, *args: int | bytes | None) -> int:
-    """Call a libc function with every integer widened to a long (syscall and prctl are
-    variadic: a bare Python int would be passed as a 32-bit int); -1 raises OSError."""
-    import ctypes
+    # kernel.syscalls (ctypes and the libc handle) loads on first use, not at import.
+    from corral.kernel.syscalls import call
 
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    conv = [a if a is None or isinstance(a, bytes) else ctypes.c_long(a) for a in args]
-    result = getattr(_libc, name)(*conv)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
+    return call(name, *args)
 
 
 def abi_version() -> int:

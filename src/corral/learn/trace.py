@@ -32,8 +32,10 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.errors import RuntimeFailure, UsageError, escape_controls
+from corral.core.text import show
 
 # Mounted by corral in every service (its own instances) or never part of an image.
 VIRTUAL = ("/proc", "/sys", "/dev")
@@ -325,17 +327,41 @@ def service_name_for(program: str) -> str:
     return name or "service"
 
 
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _unicode(value: str) -> str:
+    """TOML holds Unicode text only: bytes of an argument or path that are not UTF-8 (which
+    Python hands over surrogate-escaped) become U+FFFD; render() says so in a comment."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def _toml_list(values: Iterable[str], indent: str = "    ") -> str:
-    values = list(values)
-    if not values:
-        return "[]"
-    if sum(len(v) + 4 for v in values) < 70:
-        return "[" + ", ".join(_toml_str(v) for v in values) + "]"
-    return "[\n" + "".join(f"{indent}{_toml_str(v)},\n" for v in values) + "]"
+def _shown(value: str) -> str:
+    """The exact bytes of a name that is not UTF-8, as \\xNN escapes, for a comment."""
+    try:
+        return show(os.fsencode(value))
+    except UnicodeEncodeError:
+        return escape_controls(_unicode(value))
+
+
+def _comment(text: str) -> Any:
+    """A comment line; control characters escaped, so a newline in an argument cannot end the
+    comment and turn the rest of the line into TOML."""
+    import tomlkit
+
+    return tomlkit.comment(escape_controls(_unicode(text)))
+
+
+def _array(values: Iterable[str]) -> Any:
+    """A string array, on one line when short, else one item a line (as people write it)."""
+    import tomlkit
+
+    values = [_unicode(v) for v in values]
+    array = tomlkit.array()
+    array.extend(values)
+    if values and sum(len(v) + 4 for v in values) >= 70:
+        array.multiline(True)
+    return array
 
 
 def _endpoint(proto: str, port: int, addr: str) -> str:
@@ -391,54 +417,90 @@ def render(name: str, process: str, command: list[str], obs: Observed,
     from corral.core.text import iso  # the one timestamp format
 
     now = iso(started.timestamp())
-    lines = [
-        f"# Learned by `corral learn` on {now} from {duration:.0f} s of observation of:",
-        f"#   {' '.join(command)}",
-        f"# The program exited with status {exit_status}." if exit_status is not None
-        else "# The program was stopped by corral at the end of the observation.",
-        "# It is the minimum that run needed: REVIEW it before you install it.",
-        "#  - Code paths the workload did not exercise (error handling, rare requests, upgrades)",
-        "#    may need more files, system calls, ports or addresses than are listed here.",
-        "#  - The program ran as root while learning; contained it runs as its own system user.",
-        "#  - Capabilities cannot be learned from strace (it does not trace capability checks):",
-        "#    only NET_BIND_SERVICE is inferred, from a bind below port 1024. Add what else it needs.",
-        "#  - Volumes start empty: copy the data the service needs into them after install.",
-        "#  - connect lists the exact addresses seen; widen them to prefixes only on purpose.",
+    # tomlkit writes the strings (every escape TOML needs) and keeps the comments, which are
+    # half of what this file says to the person who reviews it.
+    import tomlkit
+
+    doc = tomlkit.document()
+    header = [
+        f"Learned by `corral learn` on {now} from {duration:.0f} s of observation of:",
+        f"  {' '.join(command)}",
+        f"The program exited with status {exit_status}." if exit_status is not None
+        else "The program was stopped by corral at the end of the observation.",
+        "It is the minimum that run needed: REVIEW it before you install it.",
+        " - Code paths the workload did not exercise (error handling, rare requests, upgrades)",
+        "   may need more files, system calls, ports or addresses than are listed here.",
+        " - The program ran as root while learning; contained it runs as its own system user.",
+        " - Capabilities cannot be learned from strace (it does not trace capability checks):",
+        "   only NET_BIND_SERVICE is inferred, from a bind below port 1024. Add what else it needs.",
+        " - Volumes start empty: copy the data the service needs into them after install.",
+        " - connect lists the exact addresses seen; widen them to prefixes only on purpose.",
     ]
     if obs.unix_connect:
-        lines.append("#  - It connected to Unix sockets (not governed by the network rules; they")
-        lines.append("#    must exist in the image or a volume): " + ", ".join(sorted(obs.unix_connect)))
+        header.append(" - It connected to Unix sockets (not governed by the network rules; they")
+        header.append("   must exist in the image or a volume): " + ", ".join(sorted(obs.unix_connect)))
     for v in violations:
-        lines.append(f"#  - VIOLATION: {v}")
-    lines += ["", f"name = {_toml_str(name)}", "", "[image]", 'from = "closure"']
+        header.append(f" - VIOLATION: {v}")
+    lossy = [v for v in [*command, *include, *volumes, *writable, *environment.values()]
+             if _unicode(v) != v]
+    if lossy:
+        header.append(" - NOT valid UTF-8, which TOML cannot hold, so written with U+FFFD: "
+                      "fix by hand: " + ", ".join(_shown(v) for v in lossy))
+    for line in header:
+        doc.add(_comment(line))
+    doc.add(tomlkit.nl())
+    doc.add("name", _unicode(name))
+    doc.add(tomlkit.nl())
+
+    image = tomlkit.table()
+    image.add("from", "closure")
     if collapsed:
-        lines.append("# Directories most of whose files were used are included whole: "
-                     + ", ".join(collapsed))
-    lines.append("# The files it opened or looked up, and the programs it ran; corral adds their "
-                 "shared libraries.")
-    lines.append(f"include = {_toml_list(include)}")
-    lines.append("")
-    for vol in volumes:
-        lines += ["# A directory it wrote to: its persistent state.", "[[volume]]",
-                  f"path = {_toml_str(vol)}", f"owner = {_toml_str(process)}",
-                  'mode = "0750"', ""]
-    lines.append(f"[process.{process}]")
-    lines.append(f"command = {_toml_list(command)}")
-    lines.append("# Only NET_BIND_SERVICE can be learned; review (see above).")
-    lines.append(f"capabilities = {_toml_list(capabilities)}")
-    lines.append(f"listen = {_toml_list(f'{p}/{n}' for p, n in listen)}")
-    lines.append(f"connect = {_toml_list(_endpoint(*c) for c in connect)}")
-    lines.append(f"exec = {_toml_list(executed)}")
+        image.add(_comment("Directories most of whose files were used are included whole: "
+                           + ", ".join(collapsed)))
+    image.add(_comment("The files it opened or looked up, and the programs it ran; corral adds "
+                       "their shared libraries."))
+    image.add("include", _array(include))
+    image.add(tomlkit.nl())
+    doc.add("image", image)
+
+    if volumes:
+        volume_tables = tomlkit.aot()
+        for vol in volumes:
+            table = tomlkit.table()
+            table.add(_comment("A directory it wrote to: its persistent state."))
+            table.add("path", _unicode(vol))
+            table.add("owner", _unicode(process))
+            table.add("mode", "0750")
+            table.add(tomlkit.nl())
+            volume_tables.append(table)
+        doc.add("volume", volume_tables)
+
+    proc = tomlkit.table()
+    proc.add("command", _array(command))
+    proc.add(_comment("Only NET_BIND_SERVICE can be learned; review (see above)."))
+    proc.add("capabilities", _array(capabilities))
+    proc.add("listen", _array(f"{p}/{n}" for p, n in listen))
+    proc.add("connect", _array(_endpoint(*c) for c in connect))
+    proc.add("exec", _array(executed))
     if writable:
-        lines.append("# Runtime state it wrote (pid files, sockets): writable, gone at revert.")
-        lines.append(f"writable = {_toml_list(writable)}")
-    lines.append("# Every system call seen, plus what the runtime itself needs.")
-    lines.append(f"syscalls = {_toml_list(syscalls)}")
+        proc.add(_comment("Runtime state it wrote (pid files, sockets): writable, gone at revert."))
+        proc.add("writable", _array(writable))
+    proc.add(_comment("Every system call seen, plus what the runtime itself needs."))
+    proc.add("syscalls", _array(syscalls))
     if environment:
-        env = ", ".join(f"{k} = {_toml_str(v)}" for k, v in sorted(environment.items()))
-        lines.append(f"environment = {{ {env} }}")
-    lines += ["", "[watch]", 'react = "revert"', ""]
-    return Learned("\n".join(lines), violations, obs, include, exit_status)
+        env = tomlkit.inline_table()
+        for key, value in sorted(environment.items()):
+            env.append(_unicode(key), _unicode(value))
+        proc.add("environment", env)
+    proc.add(tomlkit.nl())
+    processes = tomlkit.table(is_super_table=True)
+    processes.add(process, proc)
+    doc.add("process", processes)
+
+    watch = tomlkit.table()
+    watch.add("react", "revert")
+    doc.add("watch", watch)
+    return Learned(tomlkit.dumps(doc), violations, obs, include, exit_status)
 
 
 # -- running the program ------------------------------------------------------------------------

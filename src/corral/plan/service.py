@@ -14,6 +14,7 @@ from corral.plan import nft_rules as nftables
 from corral.plan.closure import ClosureError, ImageEntry, image_closure, interpreter_of
 from corral.core.errors import InputError, Problem
 from corral.manifest.model import Manifest
+from corral.core.imagepath import resolve_in
 from corral.core.paths import escape_path
 from corral.plan.sandbox import SandboxPlan, sandbox_for
 
@@ -176,10 +177,13 @@ def _image(file: str, m: Manifest) -> ImagePlan:
 
 def _check_executables(file: str, m: Manifest, image: ImagePlan) -> None:
     present = {e.path for e in image.entries + image.added if e.kind in ("file", "symlink")}
+    # The closure records a symlinked directory (/bin -> usr/bin on a merged /usr) and the
+    # file behind it, never the path through it: resolve the command as the service would.
+    links = {e.path: e.target for e in image.entries if e.kind == "symlink" and e.target}
     problems = []
     for name, proc in m.process.items():
         for k, path in enumerate(proc.executables):
-            if path not in present:
+            if path not in present and resolve_in(path, links) not in present:
                 key = ("command", 0) if proc.exec_ is None else ("exec", k)
                 problems.append(Problem(file, ("process", name) + key,
                                         f'"{path}": not in the image (add it to image.include)'))

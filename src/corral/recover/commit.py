@@ -15,7 +15,7 @@ from corral.core.text import show
 from corral.core import tree
 from corral.core.tree import is_whiteout
 from corral.host import runtime
-from corral.host.base import INTEGRITY, CheckFailed, seal, use, versions
+from corral.host.base import INTEGRITY, CheckFailed, next_version, seal, use
 from corral.recover import delta
 
 
@@ -88,7 +88,7 @@ def _remove(path: Path) -> None:
 def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
            allow: list[str]) -> dict[str, Any]:
     """Fold the delta into base version max+1 and make it the current one."""
-    version = max(versions(spec.state)) + 1
+    version = next_version(spec.state)
     final = spec.state / "base" / str(version)
     work = spec.state / "base" / f".building-{version}"
     if work.exists():

@@ -133,21 +133,9 @@ def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
 
 def listening_sockets() -> set[tuple[str, int, int]]:
     """(proto, port, uid) of every listening TCP socket and bound UDP socket on the host."""
-    out = set()
-    for proto, files, wanted in (("tcp", ("/proc/net/tcp", "/proc/net/tcp6"), "0A"),
-                                 ("udp", ("/proc/net/udp", "/proc/net/udp6"), "07")):
-        for name in files:
-            try:
-                with open(name) as handle:
-                    next(handle)
-                    for line in handle:
-                        fields = line.split()
-                        if fields[3] == wanted:
-                            port = int(fields[1].rsplit(":", 1)[1], 16)
-                            out.add((proto, port, int(fields[7])))
-            except OSError:
-                continue
-    return out
+    from corral.kernel import procnet
+
+    return {(s.proto, s.port, s.uid) for s in procnet.listening()}
 
 
 def down(service: str, timeout: float = 30.0) -> dict[str, Any]:

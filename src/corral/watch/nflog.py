@@ -199,17 +199,15 @@ def _socket_in(netns_fd: int | None) -> socket.socket:
         return make()
     # setns moves only the calling thread, and a socket stays in the namespace it was made in:
     # make it in a helper thread that moves and then ends, so this thread never changes namespace.
-    import ctypes
     import threading
+
+    from corral.kernel.syscalls import setns
 
     result: dict = {}
 
     def helper() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(netns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns: {os.strerror(err)}")
+            setns(netns_fd, CLONE_NEWNET)
             result["sock"] = make()
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.core.errors import UsageError
-
-HEAD = "head.json"
+from corral.core.paths import RECORD
+from corral.recover.journal.store import HEAD
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def journal_config(service: str) -> tuple[Any, list[JournaledVolume], int]:
                  for v in spec.volumes if v.journal]
         return spec, found, int(spec.watch["quiet"])
     try:
-        record = json.loads((spec.state / "install.json").read_text())
+        record = json.loads((spec.state / RECORD).read_text())
         from corral.manifest.model import load_manifest
 
         manifest = load_manifest(record["manifest"])

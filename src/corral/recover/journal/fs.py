@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from corral.core import tree
+from corral.core.fsio import write_all
 from corral.core.tree import KINDS
 from corral.recover.journal.objects import Objects
 from corral.recover.journal.store import CHUNK, Meta, digest, point, syncfs
@@ -267,10 +268,7 @@ def _put(dir_fd: int, name: str, want: Meta, objects: Objects, tmp: str) -> bool
                      0o600, dir_fd=dir_fd)
         try:
             for chunk in want.chunks:
-                data = objects.read(chunk)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, objects.read(chunk))
             os.fchown(fd, want.uid, want.gid)
             os.fchmod(fd, want.mode)  # after chown, which clears setuid/setgid bits
             if want.mtime_ns is not None:

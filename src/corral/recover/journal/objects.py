@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from corral.core.fsio import write_all
 from corral.recover.journal.store import CHUNK, digest, fsync_dir, point
 
 ZSTD_LEVEL = 3  # fast; incompressible data costs zstd only a few bytes per frame
@@ -100,7 +101,7 @@ class Objects:
             self._fd = os.open(self.staging / "pack", os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                os.O_CLOEXEC, 0o600)
             self._size = self._dropped = 0
-        _write_all(self._fd, frame)
+        write_all(self._fd, frame)
         self._staged[name] = (self._size, len(frame))
         self._size += len(frame)
 
@@ -137,7 +138,7 @@ class Objects:
         tmp = self.staging / "idx"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, index)
+            write_all(fd, index)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -266,9 +267,3 @@ def _read_index(path: Path) -> Iterator[tuple[str, int, int]]:
         raise ValueError("index damaged")
     for raw, offset, length in ENTRY.iter_unpack(body[len(MAGIC):]):
         yield raw.hex(), offset, length
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -11,14 +11,15 @@ Whatever a crash leaves behind that head.json does not reach is garbage, removed
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import signal
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from corral.core import fsio
 from corral.core.errors import RuntimeFailure
+from corral.kernel import syscalls
 from corral.core.text import show
 
 CHUNK = 256 << 10  # files are stored in chunks of this size: a page written in place in a
@@ -182,19 +183,8 @@ def digest(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    point()
+    fsio.fsync_dir(path, step=point)
 
 
 def syncfs(path: Path) -> None:
@@ -202,46 +192,21 @@ def syncfs(path: Path) -> None:
     of thousands of fsyncs when an epoch stages thousands of objects."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        syscalls.syncfs(fd, f"syncfs {path}")
     finally:
         os.close(fd)
     point()
 
 
+# The package's durable writer (core.fsio), with this journal's crash points between steps.
+
 def write_durable(path: Path, data: bytes) -> None:
     """Replace `path` atomically: readers (and a crash) see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        point()
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # ENOSPC and the like: leave no half-written tmp
-        raise
-    point()
-    fsync_dir(path.parent)
+    fsio.write_durable(path, data, mode=0o600, step=point)
 
 
 def unlink_durable(paths: list[Path]) -> None:
-    dirs = set()
-    for path in paths:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        point()
-        dirs.add(path.parent)
-    for d in dirs:
-        fsync_dir(d)
+    fsio.unlink_durable(paths, step=point)
 
 
 # -- the state cache ------------------------------------------------------------------------
@@ -288,7 +253,7 @@ def write_cache(path: Path, tag: tuple[int, str], state: dict[str, Meta],
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, header + body)
+            fsio.write_all(fd, header + body)
         finally:
             os.close(fd)
         os.rename(tmp, path)
