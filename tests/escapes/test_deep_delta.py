@@ -55,7 +55,7 @@ def no_traceback(run) -> None:
 
 def incidents_of(service) -> list[dict]:
     run = service.corral("incidents", service.name, "--json", check=True)
-    return json.loads(run.stdout)
+    return json.loads(run.stdout)["incidents"]
 
 
 def test_nesting_2000_directories_in_tmp_goes_through(deep):
