@@ -40,10 +40,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from corral.launch import cgroup  # noqa: E402
-from corral.recover.journal.journal import Journal
-from corral.recover.journal.config import freezer
 from corral.core.text import iso  # noqa: E402
+from corral.launch import cgroup  # noqa: E402
+from corral.recover.journal.config import freezer
+from corral.recover.journal.journal import Journal
 from corral.recover.journal.store import Meta, digest, encode, meta_json, path_json, write_durable
 
 WRITER = r"""

@@ -50,8 +50,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from corral.host import nft
 from corral.core.netspec import Endpoint  # noqa: E402
+from corral.host import nft
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
 
 PREFIX = "corral-nftb"            # netns corral-nftb-PID[-p], temp dir, users corral-nftbPIDsI-app

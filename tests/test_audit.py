@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import NOTES_PY, corral, notes_manifest, remove_test_users, write_manifest
-from corral.audit import host as audit, net as audit_net
+from corral.audit import host as audit
+from corral.audit import net as audit_net
 from corral.audit.checks import _endpoint_exposure
 from corral.audit.image import Entry, image_findings, resolve_in
 from corral.audit.walk import file_findings

@@ -27,14 +27,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.watch import nflog as events
-from corral.host import nft
-from corral.watch.nflog import EventReader, EventsError, parse_headers, parse_packet, parse_prefix
 from corral.core.netspec import parse_endpoint
-from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, NFLOG_GROUP, ProcessFlows, nflog_group, service_ruleset)
-from netlab import (TCP_SERVERS, drop_counter, need_root, run, spawn, stop, system_users, tcp_client,
-                    veth_pair)
-
+from corral.host import nft
+from corral.plan.nft_rules import (
+    LOG_BURST,
+    LOG_RATE,
+    NFLOG_GROUP,
+    ProcessFlows,
+    nflog_group,
+    service_ruleset,
+)
+from corral.watch import nflog as events
+from corral.watch.nflog import EventReader, EventsError, parse_headers, parse_packet, parse_prefix
+from netlab import (
+    TCP_SERVERS,
+    drop_counter,
+    need_root,
+    run,
+    spawn,
+    stop,
+    system_users,
+    tcp_client,
+    veth_pair,
+)
 
 # ---------------------------------------------------------------- pure: prefixes and headers
 

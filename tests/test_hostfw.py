@@ -32,12 +32,24 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.plan import host_rules as hostfw_rules
 from corral.cli.host import host as host_cli
-from corral.plan.host_rules import HostSpec, ServiceFlows, host_ruleset, management_first
 from corral.core.netspec import parse_endpoint, parse_ports
-from netlab import (CLIENT, TCP_SERVERS, addr, finish, link, netns, nft_in, run, settle, sh, spawn,
-                    stop)
+from corral.plan import host_rules as hostfw_rules
+from corral.plan.host_rules import HostSpec, ServiceFlows, host_ruleset, management_first
+from netlab import (
+    CLIENT,
+    TCP_SERVERS,
+    addr,
+    finish,
+    link,
+    netns,
+    nft_in,
+    run,
+    settle,
+    sh,
+    spawn,
+    stop,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 PY = sys.executable

@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.recover.journal import fs as journal_fs
 from corral.core.errors import RuntimeFailure, UsageError
-from corral.recover.journal.journal import Journal
+from corral.recover.journal import fs as journal_fs
 from corral.recover.journal.config import journaled_volumes
+from corral.recover.journal.journal import Journal
 from corral.recover.journal.objects import Objects
 from corral.recover.journal.store import CHUNK
 

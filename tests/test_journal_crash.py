@@ -26,8 +26,8 @@ from typing import Any
 import blake3
 import pytest
 
-from corral.recover.journal import store as journal_store
 from corral.core.errors import RuntimeFailure
+from corral.recover.journal import store as journal_store
 from corral.recover.journal.journal import Journal
 
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None

@@ -315,7 +315,7 @@ def test_render_writes_valid_toml_whatever_the_names(tmp_path):
                    listen={("tcp", 8080)}, connect={("udp", 53, "127.0.0.53")},
                    unix_connect={"/run/so\nck"}, syscalls={"read", "write"})
     learned = render("odd", "app", command, obs, {"LANG": "C.UTF-8", "NOTE": "a\nb\x7f\""},
-                     0, datetime.datetime.now(datetime.timezone.utc), 1.0)
+                     0, datetime.datetime.now(datetime.UTC), 1.0)
     data = tomllib.loads(learned.text)
     assert data["name"] == "odd"
     app = data["process"]["app"]

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLES, corral
-from corral.manifest.check import check_file
 from corral.core.errors import InputError
+from corral.manifest.check import check_file
 from corral.manifest.model import load_manifest, parse_manifest
 
 SPEC_EXAMPLE = Path(__file__).parent / "data" / "spec-example.toml"

@@ -21,13 +21,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.plan import nft_rules as nftables
-from corral.host import nft
 from corral.core.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
+from corral.host import nft
 from corral.host.nft import NftError
+from corral.plan import nft_rules as nftables
 from corral.plan.nft_rules import ProcessFlows, service_ruleset
-from netlab import (CLIENT, TCP_SERVERS, drop_counter, finish, need_root, netns, nft_in, run, settle,
-                    spawn, stop, system_users, veth_pair)
+from netlab import (
+    CLIENT,
+    TCP_SERVERS,
+    drop_counter,
+    finish,
+    need_root,
+    netns,
+    nft_in,
+    run,
+    settle,
+    spawn,
+    stop,
+    system_users,
+    veth_pair,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "nft_web.json"
 

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-
 SEVERITIES = ("info", "low", "medium", "high")
 
 # Names of the tools an intruder reaches for. Whole-name regular expressions, by category.

@@ -142,7 +142,6 @@ def host_audit(roots: Iterable[str] = ("/",), *, path_dirs: Iterable[str] | None
     """Every host check. `roots` are walked for files (tests pass a throwaway tree);
     `net_pid` names the process whose network namespace's sockets are listed."""
     from corral.audit import net as audit_net
-
     from corral.audit.walk import file_findings
 
     roots = list(roots)

@@ -18,7 +18,6 @@ from corral.audit.findings import Finding, sort_findings, tool_kind
 from corral.core.imagepath import resolve_in
 from corral.core.text import show
 
-
 # -- a service's image ----------------------------------------------------------------------------
 
 IMAGE_TOOL_SEVERITY = {"shell": "medium", "compiler": "high", "interpreter": "medium",

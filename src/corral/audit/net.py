@@ -21,6 +21,7 @@ from corral.audit.findings import Finding
 from corral.core.errors import escape_controls
 from corral.kernel import procnet
 
+
 @dataclass
 class Socket:
     proto: str  # tcp | udp

@@ -11,8 +11,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
 
-from corral.audit.findings import SEVERITIES, Finding
 from corral.audit.checks import CHECKS, HostFacts, ProcView, ServiceView, VolView
+from corral.audit.findings import SEVERITIES, Finding
 from corral.core.errors import InputError, Problem
 
 CHECK_IDS = {c.id for c in CHECKS}
@@ -80,10 +80,10 @@ def view_from_manifest(file: str) -> ServiceView:
 def _installed_manifest(name: str, record: dict[str, Any]) -> Any:
     """The manifest install used, if its file still says what was installed (same firewall
     table digest): the only place the connect addresses and journal flags are kept."""
-    from corral.plan import nft_rules as nftables
     from corral.core.errors import CorralError
     from corral.host.install import digest
     from corral.manifest.model import load_manifest
+    from corral.plan import nft_rules as nftables
 
     try:
         m = load_manifest(record["manifest"])

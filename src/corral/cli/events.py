@@ -54,8 +54,8 @@ class _Table:
 def _groups(services: tuple[str, ...]) -> list[int]:
     """The NFLOG groups to read: the host table's, and each service's own (all installed ones
     when none is named). A running service's group is its watcher's: busy while it runs."""
-    from corral.plan import nft_rules as nftables
     from corral.core.paths import RUNTIME, lib_root
+    from corral.plan import nft_rules as nftables
 
     if not services:
         root = lib_root()

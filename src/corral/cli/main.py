@@ -48,9 +48,9 @@ def check(files: tuple[str, ...], as_json: bool) -> None:
 @handled
 def plan(file: str, as_json: bool) -> None:
     """Show the desired state of a service; changes nothing."""
+    from corral.cli.report import plan_text
     from corral.manifest.model import load_manifest
     from corral.plan.service import plan_service
-    from corral.cli.report import plan_text
 
     service_plan = plan_service(file, load_manifest(file))
     if as_json:
@@ -68,10 +68,10 @@ def plan(file: str, as_json: bool) -> None:
 @handled
 def install(file: str, as_json: bool) -> None:
     """Create the users, build the base image and apply the firewall table; idempotent."""
+    from corral.core.progress import wanted
     from corral.host.install import install as do_install
     from corral.manifest.model import load_manifest
     from corral.plan.service import plan_service
-    from corral.core.progress import wanted
 
     service_plan = plan_service(file, load_manifest(file))
     need_root()
@@ -87,7 +87,6 @@ def install(file: str, as_json: bool) -> None:
 def uninstall(target: str, purge: bool, as_json: bool) -> None:
     """Remove all that install made (users, base, table); volumes kept unless --purge."""
     from corral.host.install import uninstall as do_uninstall
-
     from corral.supervise.control import down as do_down
     from corral.supervise.control import read_state, supervisor_alive
 
@@ -265,8 +264,8 @@ def base_list(name: str, as_json: bool) -> None:
 @handled
 def base_build(name: str, as_json: bool) -> None:
     """Build a new base version from the installed manifest (not used until `base use`)."""
-    from corral.host.install import build_next_base
     from corral.core.progress import wanted
+    from corral.host.install import build_next_base
 
     need_root()
     service = service_name(name)
@@ -306,8 +305,8 @@ def base_use(name: str, version: int, as_json: bool) -> None:
 @handled
 def verify(name: str, as_json: bool) -> None:
     """Check the current base against its integrity manifest (exit 3 if it was changed)."""
-    from corral.host.base import verify as do_verify
     from corral.core.errors import EXIT_CHECK
+    from corral.host.base import verify as do_verify
     from corral.supervise.control import spec_of
 
     need_root()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 # A service's state directory holds these two records (named here, below every layer that reads
 # them, so each file has one name): what install made, and what `run` needs.
 RECORD = "install.json"

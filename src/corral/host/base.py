@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.host import runtime
+from corral.core import tree
+from corral.core.errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
+from corral.core.fsio import write_json
 from corral.core.paths import RECORD
 from corral.core.text import show
-from corral.core import tree
 from corral.core.tree import KINDS, hash_and_magic
-from corral.core.fsio import write_json
-from corral.core.errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
+from corral.host import runtime
 
 INTEGRITY = "integrity.json"
 

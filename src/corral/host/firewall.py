@@ -37,13 +37,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from corral.host import firewall_guard as guard
-from corral.host import nft
 from corral.core.errors import InputError, Problem, RuntimeFailure, UsageError
-from corral.host.firewall_guard import STATE, TABLE, state_dir
-from corral.plan.host_rules import HostSpec, LanSpec, ServiceFlows, host_ruleset, management_first
 from corral.core.paths import lib_root
 from corral.core.text import iso
+from corral.host import firewall_guard as guard
+from corral.host import nft
+from corral.host.firewall_guard import STATE, TABLE, state_dir
+from corral.plan.host_rules import HostSpec, LanSpec, ServiceFlows, host_ruleset, management_first
 
 
 def _digest(data: Any) -> str:

@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral.host import nft
-from corral.core.fsio import write_json
 from corral.core.errors import RuntimeFailure
-from corral.plan.host_rules import TABLE
+from corral.core.fsio import write_json
 from corral.core.paths import lib_root
 from corral.core.text import iso
+from corral.host import nft
+from corral.plan.host_rules import TABLE
 
 STATE = "host"  # the state directory's name under /var/lib/corral; nftables.table_name(STATE) == TABLE
 _TABLE = {"table": {"family": "inet", "name": TABLE}}

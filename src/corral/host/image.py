@@ -15,10 +15,10 @@ import stat
 from pathlib import Path
 
 from corral.core import tree as safefs
-from corral.plan.closure import ImageEntry
-from corral.plan.service import AddedEntry, ServicePlan
 from corral.core.progress import Progress
 from corral.host.users import SystemUser
+from corral.plan.closure import ImageEntry
+from corral.plan.service import AddedEntry, ServicePlan
 
 # The base must not carry sharp objects it did not ask for: setuid/setgid bits are stripped.
 MODE_MASK = 0o1777

@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.host import image, runtime, users
-from corral.plan import nft_rules as nftables
-from corral.host import nft
-from corral.core.fsio import write_json
 from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.fsio import write_json
 from corral.core.paths import RECORD, lib_dir, lib_root, run_dir, run_root
 from corral.core.text import iso
+from corral.host import image, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
-from corral.plan.service import ServicePlan
-from corral.plan.service import UserSpec
+from corral.plan import nft_rules as nftables
+from corral.plan.service import ServicePlan, UserSpec
 
 
 def digest(data: Any) -> str:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from corral.kernel import syscalls as kernel
 from corral.core.capabilities import CAPABILITIES
+from corral.kernel import syscalls as kernel
 
 # Read from /proc/sys/kernel/cap_last_cap at run time: newer kernels know more capabilities than
 # this table, and every one of them must leave the bounding set too.

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 from corral.core import tree
 from corral.kernel import syscalls as kernel
-from corral.kernel.syscalls import (MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT)
+from corral.kernel.syscalls import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
 
 DEVICES = ("null", "zero", "full", "random", "urandom")
 SAFE = MS_NOSUID | MS_NODEV

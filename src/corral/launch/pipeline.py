@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from corral.launch import creds, landlock, mnt, seccomp
-from corral.kernel import syscalls as kernel, notify
 from corral.host.runtime import ProcessSpec, ServiceSpec
+from corral.kernel import notify
+from corral.kernel import syscalls as kernel
+from corral.launch import creds, landlock, mnt, seccomp
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in

@@ -29,9 +29,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from corral.kernel import syscalls as kernel, libseccomp
+from corral.kernel import libseccomp
+from corral.kernel import syscalls as kernel
 from corral.plan.sandbox import CLONE_NAMESPACE_FLAGS, SeccompPlan
-
 
 TIOCSTI = 0x5412  # push a byte into a terminal's input: keystroke injection into the owner's shell
 TIOCLINUX = 0x541C  # virtual-console selection paste: the same injection on a VT

@@ -529,7 +529,7 @@ def learn(command: list[str], *, name: str | None = None, process: str = "app",
     command = [program] + list(command[1:])
     env = {"LANG": "C.UTF-8"} | dict(environment or {})
     name = name or service_name_for(program)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     begin = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="corral-learn-") as work:
         trace = os.path.join(work, "trace")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from corral.manifest import tomlfile
 from corral.core.errors import InputError, Problem
+from corral.manifest import tomlfile
 from corral.manifest.hostfile import is_host_file, parse_host_file
 from corral.manifest.model import parse_manifest
 

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ValidationError
 
-from corral.manifest import tomlfile
 from corral.core.errors import InputError, Problem
+from corral.manifest import tomlfile
 from corral.manifest.model import Connect, Strict, load_manifest, problems_from
 
 INTERFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")

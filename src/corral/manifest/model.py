@@ -22,13 +22,12 @@ from pydantic import (
     ValidationError,
 )
 
-from corral.manifest import tomlfile
 from corral.core.capabilities import normalize_capability
 from corral.core.errors import InputError, Problem
+from corral.core.names import PROCESS_NAME, SERVICE_NAME  # noqa: E402  (re-exported)
 from corral.core.netspec import Endpoint, PortSpec, parse_endpoint, parse_ports
 from corral.core.units import parse_duration, parse_size
-
-from corral.core.names import PROCESS_NAME, SERVICE_NAME  # noqa: E402  (re-exported)
+from corral.manifest import tomlfile
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof")

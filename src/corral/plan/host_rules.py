@@ -45,11 +45,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.core.netspec import Endpoint, PortSpec
-from corral.plan.nft_rules import (LOG_BURST, LOG_RATE, LOG_SNAPLEN, NFLOG_GROUP, Network,
-                                    connect_boxes, listen_boxes)
+from corral.plan.nft_rules import (
+    LOG_BURST,
+    LOG_RATE,
+    LOG_SNAPLEN,
+    NFLOG_GROUP,
+    Network,
+    connect_boxes,
+    listen_boxes,
+)
+
 # The same expression builders and interval arithmetic as the service tables.
-from corral.plan.nft_rules import (addr as _addr, match as _match, merge as _merge,
-                                    port as _port, subtract as _subtract, th as _th)
+from corral.plan.nft_rules import addr as _addr
+from corral.plan.nft_rules import match as _match
+from corral.plan.nft_rules import merge as _merge
+from corral.plan.nft_rules import port as _port
+from corral.plan.nft_rules import subtract as _subtract
+from corral.plan.nft_rules import th as _th
 
 TABLE = "corral-host"
 FAMILIES = ((4, "ip"), (6, "ip6"))

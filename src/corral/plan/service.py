@@ -10,12 +10,12 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from corral.plan import nft_rules as nftables
-from corral.plan.closure import ClosureError, ImageEntry, image_closure, interpreter_of
 from corral.core.errors import InputError, Problem
-from corral.manifest.model import Manifest
 from corral.core.imagepath import resolve_in
 from corral.core.paths import escape_path
+from corral.manifest.model import Manifest
+from corral.plan import nft_rules as nftables
+from corral.plan.closure import ClosureError, ImageEntry, image_closure, interpreter_of
 from corral.plan.sandbox import SandboxPlan, sandbox_for
 
 # What every root gets besides its contents: mount points and the scratch directory. /dev and

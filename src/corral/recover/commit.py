@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from corral.core import tree
 from corral.core.errors import UsageError
 from corral.core.text import show
-from corral.core import tree
 from corral.core.tree import is_whiteout
 from corral.host import runtime
 from corral.host.base import INTEGRITY, CheckFailed, next_version, seal, use

@@ -16,8 +16,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from corral.core.text import show
 from corral.core import tree
+from corral.core.text import show
 from corral.core.tree import KINDS, hash_and_magic, is_whiteout
 
 # Paths whose change in the delta shadows what the service runs or trusts: base-write tripwire.

@@ -13,12 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.watch import incidents
-from corral.host import runtime
-from corral.core.errors import (EXIT_CANNOT_EXECUTE, EXIT_EXEC_FAILED, EXIT_NOT_FOUND,
-                                ExecFailure, RuntimeFailure, UsageError)
+from corral.core.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_EXEC_FAILED,
+    EXIT_NOT_FOUND,
+    ExecFailure,
+    RuntimeFailure,
+    UsageError,
+)
 from corral.core.paths import lib_root, run_dir
+from corral.host import runtime
 from corral.host.runtime import ServiceSpec
+from corral.watch import incidents
 
 READY_TIMEOUT = 30.0
 
@@ -53,7 +59,9 @@ def _supervisor_argv(service: str) -> list[str]:
 
 
 def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
-    from corral.recover.archive import list_archives  # tarfile: only status needs it, not the launch path
+    from corral.recover.archive import (
+        list_archives,  # tarfile: only status needs it, not the launch path
+    )
 
     return list_archives(spec.state / "archives")
 
@@ -226,7 +234,8 @@ def _delta_bytes(spec: ServiceSpec) -> int:
 
 
 def exec_in(service: str, process: str, argv: list[str]) -> int:
-    from corral.launch import cgroup, pipeline as launch
+    from corral.launch import cgroup
+    from corral.launch import pipeline as launch
 
     spec = spec_of(service)
     proc = spec.process(process)
@@ -281,8 +290,8 @@ def _upper_path(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
 
 
 def delta_of(service: str) -> dict[str, Any]:
-    from corral.recover import delta
     from corral.core import text
+    from corral.recover import delta
     from corral.supervise.supervisor import open_dirs
 
     spec = spec_of(service)
@@ -335,10 +344,9 @@ def open_incidents(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 
 def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
+    from corral.host.base import CheckFailed
     from corral.recover import commit
     from corral.supervise.supervisor import open_dirs
-
-    from corral.host.base import CheckFailed
 
     spec = spec_of(service)
     if open_incidents(spec):  # a refusal by a check, as for executables: exit 3 both ways

@@ -21,17 +21,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from corral.launch import cgroup, landlock, pipeline as launch, mnt, output
-from corral.host import runtime
-from corral.core import tree
+from corral.core import log, tree
 from corral.core.errors import CorralError
-from corral.core import log
 from corral.core.fsio import write_json
 from corral.core.text import iso
+from corral.host import runtime
+from corral.host.runtime import ProcessSpec, ServiceSpec
+from corral.launch import cgroup, landlock, mnt, output
+from corral.launch import pipeline as launch
 from corral.launch.output import Output
 from corral.supervise.exec_guard import ExecGuard
 from corral.supervise.journals import Journals
-from corral.host.runtime import ProcessSpec, ServiceSpec
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0
@@ -360,8 +360,8 @@ class Supervisor:
     def revert(self, request: dict[str, Any] | None = None) -> None:
         """Kill, archive the delta, restart from the clean base with a fresh delta; the volumes
         stay as they are. The request (or the request file) says why and which incident."""
-        from corral.recover import archive
         from corral.kernel import syscalls as kernel
+        from corral.recover import archive
 
         self.revert_requested = False
         if request is None:

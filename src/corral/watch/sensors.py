@@ -24,9 +24,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from corral.core import text, tree
 from corral.recover import delta
-from corral.core import tree
-from corral.core import text
 
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1

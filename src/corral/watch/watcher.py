@@ -21,7 +21,6 @@ from corral.watch import incidents
 from corral.watch.reactions import REACTIONS, Containment, Reaction
 from corral.watch.sensors import Event
 
-
 COALESCE = 2.0  # seconds: repeats of one tripwire by one process join the open incident
 REVERT_LIMIT = 5  # reverts within REVERT_WINDOW before the service stays down
 REVERT_WINDOW = 300.0

@@ -16,10 +16,19 @@ from typing import Any
 
 from corral.core.errors import RuntimeFailure
 from corral.core.text import iso, parse_iso
-from corral.recover.journal.plan import apply, fold_prefix
-from corral.recover.journal.store import (digest, encode, from_index_key, index_key, meta_from_row, meta_row, write_durable, HEAD, failed)
-
 from corral.recover.journal.log import Log
+from corral.recover.journal.plan import apply, fold_prefix
+from corral.recover.journal.store import (
+    HEAD,
+    digest,
+    encode,
+    failed,
+    from_index_key,
+    index_key,
+    meta_from_row,
+    meta_row,
+    write_durable,
+)
 
 
 def commit(journal: Log, quiet_seconds: float, open_incidents: list[Any],

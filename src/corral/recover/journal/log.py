@@ -33,20 +33,34 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from corral.core.text import iso, show
 from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.text import iso, show
 from corral.recover.journal.fs import Scan, restore
+from corral.recover.journal.objects import Objects
 from corral.recover.journal.plan import apply as _apply
 from corral.recover.journal.plan import change_line as _change_line
 from corral.recover.journal.plan import changes as _changes
 from corral.recover.journal.plan import plan_excision
 from corral.recover.journal.plan import summary as _summary
-from corral.recover.journal.objects import Objects
-from corral.recover.journal.store import (GENESIS, HEAD, Meta, digest, encode, failed,
-                                          from_index_key, index_key, meta_from_json,
-                                          meta_from_row, meta_row, path_from_json, path_json,
-                                          read_cache, unlink_durable, write_cache, write_durable)
-
+from corral.recover.journal.store import (
+    GENESIS,
+    HEAD,
+    Meta,
+    digest,
+    encode,
+    failed,
+    from_index_key,
+    index_key,
+    meta_from_json,
+    meta_from_row,
+    meta_row,
+    path_from_json,
+    path_json,
+    read_cache,
+    unlink_durable,
+    write_cache,
+    write_durable,
+)
 
 REASONS = ("schedule", "incident", "revert", "mark", "excise")
 CACHE, INTENT, LOCK = "state.cache", "excise.json", "lock"

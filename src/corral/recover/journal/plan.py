@@ -8,7 +8,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.recover.journal.store import (Meta, differences, meta_from_json, meta_json, path_from_json, path_json, same)
+from corral.recover.journal.store import (
+    Meta,
+    differences,
+    meta_from_json,
+    meta_json,
+    path_from_json,
+    path_json,
+    same,
+)
 
 State = dict[str, Meta]
 

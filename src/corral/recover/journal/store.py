@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 from corral.core import fsio
 from corral.core.errors import RuntimeFailure
-from corral.kernel import syscalls
 from corral.core.text import show
+from corral.kernel import syscalls
 
 CHUNK = 256 << 10  # files are stored in chunks of this size: a page written in place in a
 #                    big file (a database) costs one chunk, not a copy of the whole file

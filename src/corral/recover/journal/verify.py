@@ -13,10 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from corral.core.errors import RuntimeFailure
-from corral.recover.journal.plan import apply
-from corral.recover.journal.store import (from_index_key, meta_from_json, meta_from_row, path_from_json, same)
-
 from corral.recover.journal.log import Log
+from corral.recover.journal.plan import apply
+from corral.recover.journal.store import (
+    from_index_key,
+    meta_from_json,
+    meta_from_row,
+    path_from_json,
+    same,
+)
 
 
 def verify(journal: Log) -> dict[str, Any]:
