@@ -150,7 +150,8 @@ def _syscalls(view: ServiceView, host: HostFacts) -> Result:
 
     def one(p: ProcView) -> tuple[float, str]:
         if p.syscalls != "allow-list":
-            return 0.4, f"default deny-list ({len(dangerous)} dangerous calls refused, the rest allowed)"
+            return 0.4, (f"default deny-list ({len(dangerous)} dangerous calls refused, "
+                         "the rest allowed)")
         risky = sorted(set(p.allowed) & dangerous)
         if risky:
             return min(1.0, 0.1 + 0.1 * len(risky)), f"allow-list includes {', '.join(risky)}"
@@ -169,7 +170,8 @@ def _endpoint_exposure(text: str) -> float:
     if net.is_loopback:
         return extra
     steps = (8, 16, 24, 32) if net.version == 4 else (32, 48, 64, 128)
-    base = next((e for bound, e in zip(steps, (0.9, 0.7, 0.4, 0.15)) if net.prefixlen < bound), 0.0)
+    exposure = zip(steps, (0.9, 0.7, 0.4, 0.15), strict=True)
+    base = next((e for bound, e in exposure if net.prefixlen < bound), 0.0)
     return min(1.0, base + extra)
 
 

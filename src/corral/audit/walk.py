@@ -157,7 +157,8 @@ def estimate_entries(roots: Iterable[str], skip_types: frozenset[str]) -> int:
         pass
     roots = [os.path.abspath(r) for r in roots]
     for point in list(roots) + [m for m in mounts
-                                 if any(m == r or m.startswith(r.rstrip("/") + "/") for r in roots)]:
+                                 if any(m == r or m.startswith(r.rstrip("/") + "/")
+                                        for r in roots)]:
         try:
             st, vfs = os.stat(point), os.statvfs(point)
         except OSError:

@@ -163,7 +163,8 @@ def _json(report: dict[str, Any]) -> dict[str, Any]:
     out = dict(report)
     for section in ("host", "image"):
         if section in out:
-            out[section] = dict(out[section], findings=[f.to_json() for f in out[section]["findings"]])
+            found = [f.to_json() for f in out[section]["findings"]]
+            out[section] = dict(out[section], findings=found)
     return out
 
 

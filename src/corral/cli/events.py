@@ -48,7 +48,8 @@ class _Table:
     def line(self, cells: list[str]) -> str:
         for i, cell in enumerate(cells[:-1]):
             self.widths[i] = max(self.widths[i], len(cell))
-        return "  ".join(c.ljust(w) for c, w in zip(cells[:-1], self.widths)) + "  " + cells[-1]
+        padded = (c.ljust(w) for c, w in zip(cells[:-1], self.widths, strict=False))
+        return "  ".join(padded) + "  " + cells[-1]
 
 
 def _groups(services: tuple[str, ...]) -> list[int]:

@@ -41,10 +41,13 @@ def _plan_text(plan: Any) -> str:
     ]
     for svc in spec.installed:
         rows.append((f"service {svc.name}",
-                     f"in {', '.join(map(str, svc.listen)) or '-'}; out {', '.join(map(str, svc.connect)) or '-'}"))
+                     f"in {', '.join(map(str, svc.listen)) or '-'}; "
+                     f"out {', '.join(map(str, svc.connect)) or '-'}"))
     rows.append(("allow_out", ", ".join(map(str, spec.allow_out)) or "none"))
-    rows.append(("input", "management, lo, ND/MLD, established, ping (rate-limited), services' listens"))
-    rows.append(("output", "lo, ND/MLD, management replies, established, allow_out, services' connects"))
+    rows.append(("input", "management, lo, ND/MLD, established, ping (rate-limited), "
+                          "services' listens"))
+    rows.append(("output", "lo, ND/MLD, management replies, established, allow_out, "
+                           "services' connects"))
     if spec.role == "router":
         for lan in spec.lans:
             names = ", ".join(s.name for s in lan.services) or "no services"
@@ -122,11 +125,12 @@ def confirm_cmd(host_file: str, as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    click.echo(f"{result['table']}: confirmed {result['host_file']} (role {result['role']}, applied "
-               f"at {result['applied_at']}); the rollback due at {result['rollback_at_cancelled']} "
-               "is cancelled")
+    click.echo(f"{result['table']}: confirmed {result['host_file']} (role {result['role']}, "
+               f"applied at {result['applied_at']}); the rollback due at "
+               f"{result['rollback_at_cancelled']} is cancelled")
     if not result["guard_was_running"]:
-        click.echo("note: the rollback guard was not running any more (killed, or the host rebooted)")
+        click.echo("note: the rollback guard was not running any more "
+                   "(killed, or the host rebooted)")
 
 
 @host.command("rollback")

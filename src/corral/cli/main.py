@@ -312,8 +312,9 @@ def verify(name: str, as_json: bool) -> None:
     need_root()
     spec = spec_of(service_name(name))
     found = do_verify(spec.state, spec.base_version)
-    result = {"service": spec.service, "base_version": found["version"], "ok": not found["problems"],
-              "entries": found["entries"], "problems": found["problems"]}
+    result = {"service": spec.service, "base_version": found["version"],
+              "ok": not found["problems"], "entries": found["entries"],
+              "problems": found["problems"]}
     if as_json:
         print_json(result)
     elif not result["problems"]:

@@ -1,4 +1,5 @@
-"""Where corral keeps state: /var/lib/corral/NAME and /run/corral/NAME, both moved by CORRAL_ROOT."""
+"""Where corral keeps state: /var/lib/corral/NAME and /run/corral/NAME, both moved by
+CORRAL_ROOT."""
 
 from __future__ import annotations
 

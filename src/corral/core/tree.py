@@ -61,7 +61,7 @@ def directory(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- reading a tree corral did not write
+# ------------------------------------------------------- reading a tree corral did not write
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 READ_CHUNK = 1 << 20

@@ -1,6 +1,7 @@
 """The dead man's switch of `corral host apply`: state files, table snapshots, the guard.
 
-This is what the detached guard process runs (`python -m corral.host.firewall_guard guard ...`), so it
+This is what the detached guard process runs (`python -m corral.host.firewall_guard guard ...`),
+so it
 imports nothing but the standard library, `nftables`, `paths` and `text`: it starts in tens of ms.
 
     snapshot  the table as it is now: `nft -j list table inet corral-host` (to restore) and the
@@ -39,7 +40,8 @@ from corral.core.text import iso
 from corral.host import nft
 from corral.plan.host_rules import TABLE
 
-STATE = "host"  # the state directory's name under /var/lib/corral; nftables.table_name(STATE) == TABLE
+# The state directory's name under /var/lib/corral; nft_rules.table_name(STATE) == TABLE.
+STATE = "host"
 _TABLE = {"table": {"family": "inet", "name": TABLE}}
 
 
@@ -113,7 +115,8 @@ def restore(saved: dict[str, Any]) -> bool:
 
 def _guard_cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
 
@@ -130,7 +133,8 @@ def stop_guard(pending: dict[str, Any]) -> None:
 
 
 def start_guard(directory: Path, token: str, seconds: float) -> int:
-    log = os.open(directory / "guard.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log = os.open(directory / "guard.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                  0o600)
     try:
         # close_fds (the default) matters: the guard must not inherit the lock or our caller's
         # pipes (a caller reading our output until EOF would wait for the guard otherwise).
@@ -179,17 +183,20 @@ def roll_back(directory: Path, previous: dict[str, Any] | None, pending: dict[st
     filters. Removes pending.json and previous.json; records rolled_back.json."""
     record: dict[str, Any] = {"at": now(), "by": by,
                               "host_file": (pending or {}).get("host_file"),
-                              "restored": "absent" if not previous or not previous["present"] else "table"}
+                              "restored": "absent" if not previous or not previous["present"]
+                              else "table"}
     try:
         if previous is None:
             raise RuntimeFailure("previous.json is missing")
         record["identical"] = restore(previous)
         what = "table absent again" if record["restored"] == "absent" else "previous table restored"
-        record["message"] = what + ("" if record["identical"] else " (its listing differs from the saved one)")
+        record["message"] = what + ("" if record["identical"]
+                                    else " (its listing differs from the saved one)")
     except (nft.NftError, RuntimeFailure, KeyError, TypeError) as exc:
         nft.apply({"nftables": [{"add": _TABLE}, {"delete": _TABLE}]})
         record.update(restored="deleted", identical=False,
-                      message=f"could not restore the previous table ({exc}); table inet {TABLE} deleted")
+                      message=f"could not restore the previous table ({exc}); "
+                              f"table inet {TABLE} deleted")
     (directory / "pending.json").unlink(missing_ok=True)
     (directory / "previous.json").unlink(missing_ok=True)
     write(directory / "rolled_back.json", record)
@@ -211,7 +218,7 @@ def _daemonize_and_guard(directory: Path, token: str, seconds: float) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return _guard(directory, token, seconds)
-    except Exception as exc:  # the log is the only place anybody will see it
+    except Exception as exc:  # noqa: BLE001 - the log is the only place anybody will see it
         _guard_log(f"failed: {type(exc).__name__}: {exc}")
         return 1
 

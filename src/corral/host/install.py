@@ -71,7 +71,7 @@ class _Undo:
         for what, action in reversed(self.steps):
             try:
                 action()
-            except Exception as exc:  # keep undoing the rest; report what stayed
+            except Exception as exc:  # noqa: BLE001 - keep undoing the rest; report what stayed
                 failed.append(f"{what}: {exc}")
         return failed
 
@@ -131,7 +131,7 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
     """What `run` needs, with the uids install just made or found."""
     ids = {u["name"]: (u["uid"], u["gid"]) for u in record["users"]}
     processes = []
-    for sandbox, flow in zip(plan.sandbox, plan.flows):
+    for sandbox, flow in zip(plan.sandbox, plan.flows, strict=True):  # one each per process
         uid, gid = ids[sandbox.user]
         processes.append(runtime.ProcessSpec(
             name=sandbox.process, user=sandbox.user, uid=uid, gid=gid,
@@ -266,7 +266,10 @@ def uninstall(service: str, purge: bool = False) -> Report:
     else:
         for child in state.iterdir():
             if child.name != "volumes":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         report.changes.append(f"removed base images; volumes kept in {state / 'volumes'}")
     for parent in (run_root(), lib_root()):
         try:

@@ -64,5 +64,6 @@ def delete_table(service: str, netns: str | None = None) -> bool:
     """Delete table inet corral-SERVICE (and nothing else); True if it existed."""
     if not table_exists(service, netns):
         return False
-    apply({"nftables": [{"delete": {"table": {"family": "inet", "name": table_name(service)}}}]}, netns)
+    table = {"family": "inet", "name": table_name(service)}
+    apply({"nftables": [{"delete": {"table": table}}]}, netns)
     return True

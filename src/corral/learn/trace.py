@@ -432,13 +432,15 @@ def render(name: str, process: str, command: list[str], obs: Observed,
         "   may need more files, system calls, ports or addresses than are listed here.",
         " - The program ran as root while learning; contained it runs as its own system user.",
         " - Capabilities cannot be learned from strace (it does not trace capability checks):",
-        "   only NET_BIND_SERVICE is inferred, from a bind below port 1024. Add what else it needs.",
+        "   only NET_BIND_SERVICE is inferred, from a bind below port 1024. Add what else it "
+        "needs.",
         " - Volumes start empty: copy the data the service needs into them after install.",
         " - connect lists the exact addresses seen; widen them to prefixes only on purpose.",
     ]
     if obs.unix_connect:
         header.append(" - It connected to Unix sockets (not governed by the network rules; they")
-        header.append("   must exist in the image or a volume): " + ", ".join(sorted(obs.unix_connect)))
+        header.append("   must exist in the image or a volume): "
+                      + ", ".join(sorted(obs.unix_connect)))
     for v in violations:
         header.append(f" - VIOLATION: {v}")
     lossy = [v for v in [*command, *include, *volumes, *writable, *environment.values()]

@@ -53,7 +53,8 @@ def load(file: str) -> dict[str, Any]:
 
 
 def _syntax_message(text: str) -> str:
-    """tomllib: "Invalid value (at line 3, column 9)" -> "line 3: TOML syntax: invalid value (column 9)"."""
+    """tomllib: "Invalid value (at line 3, column 9)"
+    -> "line 3: TOML syntax: invalid value (column 9)"."""
     match = re.match(r"^(.*) \(at line (\d+), column (\d+)\)$", text)
     if match:
         what, line, column = match.groups()

@@ -121,7 +121,7 @@ def _parse_elf(f) -> _Elf | None:
                         dyn[kind].append(getattr(tag, kind))
         return _Elf((elf.elfclass, elf.little_endian, elf["e_machine"]), elf["e_type"], interp,
                     tuple(dyn.pop("needed")), **{k: v[0] if v else None for k, v in dyn.items()})
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pyelftools raises, it is not a program we can load
         return None
 
 

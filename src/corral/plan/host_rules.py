@@ -177,7 +177,8 @@ def _not_loopback(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 def bogons(spec: HostSpec, version: int) -> list[dict | str]:
     """Bogon set elements: BOGONS minus every network a declared flow names (except loopback,
     which never legitimately arrives from outside)."""
-    declared = [ipaddress.ip_network(ep.network) for ep in _not_loopback(_declared(spec)) if ep.network]
+    declared = [ipaddress.ip_network(ep.network)
+                for ep in _not_loopback(_declared(spec)) if ep.network]
     return _without(BOGONS4 if version == 4 else BOGONS6, declared, version)
 
 
@@ -229,7 +230,8 @@ class _Doc:
         self.cmds.append({"add": {kind: {"family": "inet", "table": TABLE, **obj}}})
 
     def set(self, name: str, type_: str | list[str], elems: list) -> None:
-        self._add("set", name=name, type=type_, flags=["interval"], **({"elem": elems} if elems else {}))
+        self._add("set", name=name, type=type_, flags=["interval"],
+                  **({"elem": elems} if elems else {}))
 
     def chain(self, name: str, prio: int, policy: str) -> None:
         self._add("chain", name=name, type="filter", hook=name, prio=prio, policy=policy)
@@ -239,9 +241,9 @@ class _Doc:
 
     def deny(self, chain: str, match: list[dict], reason: str) -> None:
         """Log (rate-limited: the limit gates only the log, never the drop) and drop, counted."""
-        self.rule(chain, match + [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
-                                  {"log": {"prefix": f"corral host {chain}", "group": NFLOG_GROUP,
-                                           "snaplen": LOG_SNAPLEN}}])
+        limit = {"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}}
+        self.rule(chain, match + [limit, {"log": {"prefix": f"corral host {chain}",
+                                                  "group": NFLOG_GROUP, "snaplen": LOG_SNAPLEN}}])
         self.rule(chain, match + [{"counter": None}, {"drop": None}], reason)
 
     def flow_set(self, name: str, endpoints: Iterable[Endpoint], version: int) -> None:
@@ -301,29 +303,34 @@ def host_ruleset(spec: HostSpec) -> dict:
     doc.rule("prerouting", [_IIF_LO, _ACCEPT], "loopback")
     doc.rule("prerouting", _ND_MATCH + [_ACCEPT], "neighbour discovery")
     for version, family in FAMILIES:
-        doc.rule("prerouting", [_DADDR_LOCAL, _flow(family, "saddr", "dport", f"mgmt{version}"), _ACCEPT],
-                 "management")
+        management = _flow(family, "saddr", "dport", f"mgmt{version}")
+        doc.rule("prerouting", [_DADDR_LOCAL, management, _ACCEPT], "management")
     if router:
         for i, lan in enumerate(spec.lans):
             iif = _match(_meta("iifname"), lan.interface)
-            doc.deny("prerouting", [iif, _match(_field("ip", "saddr"), f"@lan{i}-net4", "!=")], "bcp38")
+            doc.deny("prerouting", [iif, _match(_field("ip", "saddr"), f"@lan{i}-net4", "!=")],
+                     "bcp38")
             doc.deny("prerouting", [iif, _match(_field("ip6", "saddr"), f"@lan{i}-net6", "!="),
                                     _match(_field("ip6", "saddr"), _LINK_LOCAL6, "!=")], "bcp38")
         not_lan = _match(_meta("iifname"), lan_names, "!=")
         for version, family in FAMILIES:
-            doc.deny("prerouting", [not_lan, _match(_field(family, "saddr"), f"@lans{version}")], "lan-prefix")
+            doc.deny("prerouting", [not_lan, _match(_field(family, "saddr"), f"@lans{version}")],
+                     "lan-prefix")
         if spec.anti_spoofing:
             for version, family in FAMILIES:
-                doc.deny("prerouting", [not_lan, _match(_field(family, "saddr"), f"@bogons{version}")], "bogon")
+                bogon = _match(_field(family, "saddr"), f"@bogons{version}")
+                doc.deny("prerouting", [not_lan, bogon], "bogon")
     if spec.anti_spoofing:
         doc.deny("prerouting", [_RPF_MISSING], "rpf")
 
     # ---- input
     for version, family in FAMILIES:
-        doc.rule("input", [_flow(family, "saddr", "dport", f"mgmt{version}"), _ACCEPT], "management")
+        doc.rule("input", [_flow(family, "saddr", "dport", f"mgmt{version}"), _ACCEPT],
+                 "management")
     doc.rule("input", [_IIF_LO, _ACCEPT], "loopback")
     doc.rule("input", _ND_MATCH + [_ACCEPT], "neighbour discovery")
-    doc.rule("input", _MLD_MATCH + [_match(_field("ip6", "saddr"), _LINK_LOCAL6), _ACCEPT], "multicast listeners")
+    doc.rule("input", _MLD_MATCH + [_match(_field("ip6", "saddr"), _LINK_LOCAL6), _ACCEPT],
+             "multicast listeners")
     doc.deny("input", [_ct("invalid")], "invalid")
     doc.rule("input", [_ct("established", "related"), _ACCEPT])
     for protocol in ("icmp", "icmpv6"):
@@ -341,7 +348,8 @@ def host_ruleset(spec: HostSpec) -> dict:
     if spec.anti_spoofing:
         doc.deny("output", [_SADDR_NOT_LOCAL], "spoof")
     for version, family in FAMILIES:
-        doc.rule("output", [_flow(family, "daddr", "sport", f"mgmt{version}"), _ACCEPT], "management replies")
+        doc.rule("output", [_flow(family, "daddr", "sport", f"mgmt{version}"), _ACCEPT],
+                 "management replies")
     doc.deny("output", [_ct("invalid")], "invalid")
     doc.rule("output", [_ct("established", "related"), _ACCEPT])
     for version, family in FAMILIES:
@@ -363,10 +371,11 @@ def host_ruleset(spec: HostSpec) -> dict:
             oif = _match(_meta("oifname"), lan.interface)
             iif = _match(_meta("iifname"), lan.interface)
             for version, family in FAMILIES:
-                doc.rule("forward", [oif, _flow(family, "daddr", "dport", f"lan{i}-in{version}"), _ACCEPT],
-                         f"{lan.interface} services' listen")
+                inbound = _flow(family, "daddr", "dport", f"lan{i}-in{version}")
+                doc.rule("forward", [oif, inbound, _ACCEPT], f"{lan.interface} services' listen")
             for version, family in FAMILIES:
-                doc.rule("forward", [iif, _flow(family, "daddr", "dport", f"lan{i}-out{version}"), _ACCEPT],
+                outbound = _flow(family, "daddr", "dport", f"lan{i}-out{version}")
+                doc.rule("forward", [iif, outbound, _ACCEPT],
                          f"{lan.interface} services' connect")
     doc.deny("forward", [], "undeclared")
     return {"nftables": doc.cmds}

@@ -12,7 +12,8 @@ For each service we install one table, `inet corral-SERVICE`:
                    ct direction reply, (l4proto . sport) in P-listen              -> accept
                    ct direction original -> log "... egress", drop
                    ct direction reply    -> log "... listen", drop   (serving an undeclared port)
-                   anything else         -> log "... untracked", drop (invalid/untracked by conntrack)
+                   anything else         -> log "... untracked", drop
+                                            (invalid or untracked by conntrack)
 
 Why this shape:
 - Only the output hook: at input the receiving socket is not known yet, so inbound is enforced on
@@ -187,7 +188,8 @@ def th(field: str) -> dict:
     return {"payload": {"protocol": "th", "field": field}}
 
 
-def _deny(service: str, process: str, match: list[dict], reason: str) -> list[tuple[list, str | None]]:
+def _deny(service: str, process: str, match: list[dict],
+          reason: str) -> list[tuple[list, str | None]]:
     """Log (rate limited) and drop. Two rules: the limit must gate only the log, never the drop;
     the drop rule's counter and comment let tests and operators see which reason fired."""
     prefix = f"corral {service} {process} {reason}"
@@ -202,7 +204,8 @@ def _process_rules(service: str, process: str) -> list[tuple[list, str | None]]:
     for version, family in ((4, "ip"), (6, "ip6")):
         daddr = {"payload": {"protocol": family, "field": "daddr"}}
         rules.append(([match(_DIRECTION, "original"),
-                       match({"concat": [daddr, _L4PROTO, th("dport")]}, f"@{process}-connect{version}"),
+                       match({"concat": [daddr, _L4PROTO, th("dport")]},
+                             f"@{process}-connect{version}"),
                        {"accept": None}], None))
     rules.append(([match(_DIRECTION, "reply"),
                    match({"concat": [_L4PROTO, th("sport")]}, f"@{process}-listen"),
@@ -241,9 +244,11 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
         for version, addr_type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
             elems = [{"concat": [addr(net), proto, port(first, last)]}
                      for net, proto, first, last in connect_boxes(f.connect, version)]
-            add("set", name=f"{f.process}-connect{version}", type=[addr_type, "inet_proto", "inet_service"],
+            add("set", name=f"{f.process}-connect{version}",
+                type=[addr_type, "inet_proto", "inet_service"],
                 flags=["interval"], **({"elem": elems} if elems else {}))
-        elems = [{"concat": [proto, port(first, last)]} for proto, first, last in listen_boxes(f.listen)]
+        elems = [{"concat": [proto, port(first, last)]}
+                 for proto, first, last in listen_boxes(f.listen)]
         add("set", name=f"{f.process}-listen", type=["inet_proto", "inet_service"],
             flags=["interval"], **({"elem": elems} if elems else {}))
 
@@ -269,5 +274,6 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
 
     for f in flows:
         for expr, comment in _process_rules(service, f.process):
-            add("rule", chain=f"proc-{f.process}", expr=expr, **({"comment": comment} if comment else {}))
+            add("rule", chain=f"proc-{f.process}", expr=expr,
+                **({"comment": comment} if comment else {}))
     return {"nftables": cmds}

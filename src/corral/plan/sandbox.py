@@ -35,7 +35,8 @@ DEFAULT_DENY: dict[str, tuple[str, ...]] = {
     ),
 }
 # clone3 takes its flags in memory, which seccomp cannot inspect, so it gets ENOSYS (glibc then
-# falls back to clone, whose flags seccomp can see); clone itself is allowed unless it asks for CLONE_NEWUSER
+# falls back to clone, whose flags seccomp can see); clone itself is allowed unless it asks for
+# CLONE_NEWUSER
 # or another namespace flag, which `launch` filters by argument.
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 # (CLONE_NEWTIME only exists for clone3 and unshare, both denied.)

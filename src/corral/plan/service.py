@@ -29,7 +29,8 @@ SKELETON = (
 
 
 def marker(service: str, process: str) -> str:
-    """The GECOS field that marks a user as corral's own, so it is never mistaken for a host user."""
+    """The GECOS field that marks a user as corral's own, so it is never mistaken for a host
+    user."""
     return f"corral service {service} process {process}"
 
 

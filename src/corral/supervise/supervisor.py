@@ -1,7 +1,8 @@
 """One small supervisor per service: prepares the root, starts every process contained, restarts
 crashed ones with back-off, and takes every process, mount and cgroup with it when it stops.
 
-It runs as `python -m corral.supervise.supervisor NAME` (started by `corral up`) or in the foreground
+It runs as `python -m corral.supervise.supervisor NAME` (started by `corral up`) or in the
+foreground
 (`corral run`). Its state is /run/corral/NAME/state.json, rewritten atomically on each change;
 `corral status` reads it, `corral down` sends SIGTERM to the pid in it.
 """
@@ -521,7 +522,7 @@ class Supervisor:
                 if code is not None:
                     return code
             return 0
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - said in state.json and the log, then cleaned up
             self.phase, self.error = "failed", str(exc)
             self.write_state()
             log.error(str(exc))

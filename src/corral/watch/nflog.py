@@ -110,7 +110,8 @@ def parse_headers(payload: bytes, family: int | None = None) -> dict:
     `family` is the message's nfgen_family (AF_INET/AF_INET6); without it the IP version nibble
     decides. Short or odd packets give None fields, never an exception.
     """
-    out: dict = {"family": None, "proto": "other", "src": None, "dst": None, "sport": None, "dport": None}
+    out: dict = {"family": None, "proto": "other", "src": None, "dst": None, "sport": None,
+                 "dport": None}
     version = payload[0] >> 4 if payload else None
     if family not in _FAMILIES:
         family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(version)  # type: ignore[arg-type]
@@ -171,7 +172,8 @@ def parse_packet(msg: bytes | memoryview, received: float,
         sec, usec = struct.unpack_from("!QQ", stamp)
         if sec:
             seconds = sec + usec / 1e6
-    uid = struct.unpack("!I", attrs[NFULA_UID][:4])[0] if len(attrs.get(NFULA_UID, b"")) >= 4 else None
+    uid = struct.unpack("!I", attrs[NFULA_UID][:4])[0] \
+        if len(attrs.get(NFULA_UID, b"")) >= 4 else None
     prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("utf-8", "replace")
     service, process, reason = parse_prefix(prefix)
     headers = parse_headers(attrs.get(NFULA_PAYLOAD, b""), family)
@@ -193,7 +195,8 @@ def _config(group: int, *attrs: tuple[int, bytes], seq: int = 1) -> bytes:
 
 def _socket_in(netns_fd: int | None) -> socket.socket:
     def make() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_NETFILTER)
 
     if netns_fd is None:
         return make()
@@ -209,7 +212,7 @@ def _socket_in(netns_fd: int | None) -> socket.socket:
         try:
             setns(netns_fd, CLONE_NEWNET)
             result["sock"] = make()
-        except BaseException as exc:  # handed to the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             result["error"] = exc
 
     thread = threading.Thread(target=helper, name="corral-nflog-setns")
@@ -237,7 +240,8 @@ class EventReader:
         try:
             self._sock = _socket_in(netns_fd)
         except OSError as exc:
-            raise EventsError(f"cannot open a netfilter netlink socket: {exc.strerror or exc}") from exc
+            raise EventsError(f"cannot open a netfilter netlink socket: "
+                              f"{exc.strerror or exc}") from exc
         try:
             self._bind()
         except BaseException:
@@ -344,7 +348,8 @@ class EventReader:
         if sock is None:
             return
         try:
-            sock.send(_config(self.group, (NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND)), seq=2))
+            unbind = (NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND))
+            sock.send(_config(self.group, unbind, seq=2))
         except OSError:
             pass
         sock.close()

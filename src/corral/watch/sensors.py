@@ -126,7 +126,7 @@ class AuditReader:
             try:
                 name = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, nr)
                 self._names[nr] = name.decode() if isinstance(name, bytes) else str(name)
-            except Exception:  # unknown number: keep the number
+            except Exception:  # noqa: BLE001 - an unknown number: keep the number
                 self._names[nr] = str(nr)
         return self._names[nr]
 

@@ -182,7 +182,7 @@ def fold_prefix(records: list[dict[str, Any]], ends: list[float], cutoff: float,
             for epoch in range(span["from"], span["to"] + 1):
                 excised_by.setdefault(epoch, record["id"])
     count, why = 0, "nothing left to fold"
-    for record, end in zip(records, ends):
+    for record, end in zip(records, ends, strict=True):  # an end per record
         if end > cutoff:
             why = f"epoch {record['id']} is younger than the quiet period"
             break

@@ -87,7 +87,7 @@ def _verify_objects(journal: Log, head: dict[str, Any], problems: list[str]) -> 
             journal.objects.read(name)
         except FileNotFoundError:
             problems.append(f"object {name}: missing")
-        except Exception as exc:  # zstd's errors and ours: each is a problem to list
+        except Exception as exc:  # noqa: BLE001 - zstd's errors and ours: each is a problem
             problems.append(f"object {name}: {exc}")
     # A file of several chunks: their concatenation must be the file recorded.
     multi = {(m.digest, m.chunks) for m in journal.all_metas(head) if len(m.chunks) > 1}
@@ -96,8 +96,8 @@ def _verify_objects(journal: Log, head: dict[str, Any], problems: list[str]) -> 
         try:
             for chunk in chunks:
                 hasher.update(journal.objects.read(chunk, verify=False))
-        except Exception:
-            continue  # already listed above
+        except Exception:  # noqa: BLE001 - already listed above
+            continue
         if hasher.hexdigest() != whole:
             problems.append(f"file content {whole}: its chunks do not add up to it")
     return len(names)
