@@ -98,6 +98,12 @@ def test_json_shapes_of_a_service_through_its_life(tmp_path, corral_root, netns,
         keys(svc, service=str, state=str, base_version=int, delta=dict, processes=list,
              incidents=int, open_incidents=int, archives=list)
         assert svc["service"] == name and set(svc["delta"]) == {"kind", "bytes"}
+        # The watcher's health: every sensor by name, and each journaled volume's.
+        assert {"audit", "network", "base-write", "exec"} <= set(svc["sensors"])
+        assert all(isinstance(v, str) and v for v in svc["sensors"].values())
+        assert svc["journals"] == {"/srv/notes": "ok"}  # the sample journals its volume
+        text = corral("status", name, netns=netns).stdout
+        assert "sensors: " in text and "base-write " in text
         assert doc(corral("status", "--json", netns=netns))["services"][0]["service"] == name
 
         # A change in the delta: a plain file, so commit needs no --allow.

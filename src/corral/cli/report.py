@@ -97,6 +97,15 @@ def status_text(services: list[dict]) -> str:
             out.append(f"  {svc['landlock']}")
         for warning in svc.get("warnings") or ():
             out.append(f"  warning: {warning}")
+        sensors = svc.get("sensors") or {}
+        if sensors:  # the watcher's eyes: one that is not on is a blind spot, said first
+            blind = {k: v for k, v in sensors.items() if not v.startswith("on")}
+            out.append("  sensors: " + ", ".join(
+                f"{k} {'OFF' if k in blind else 'on'}" for k in sorted(sensors)))
+            out += [f"  warning: sensor {k}: {v}" for k, v in sorted(blind.items())]
+        for volume, health in sorted((svc.get("journals") or {}).items()):
+            if health != "ok":
+                out.append(f"  warning: journal {volume}: {health}")
         if svc.get("archives"):
             last = svc["archives"][-1]
             out.append(f"  archives {len(svc['archives'])}, last {last['created_at']} "

@@ -87,8 +87,8 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     with open(run_path / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         state = read_state(service)
         if proc.poll() is not None and (not state or state.get("phase") != "running"):
             detail = (state or {}).get("error") or _tail(run_path / "supervisor.log")
@@ -155,8 +155,8 @@ def down(service: str, timeout: float = 30.0) -> dict[str, Any]:
     if supervisor_alive(state):
         os.kill(state["supervisor"], signal.SIGTERM)
         changed = True
-        deadline = time.time() + timeout
-        while supervisor_alive(read_state(service)) and time.time() < deadline:
+        deadline = time.monotonic() + timeout
+        while supervisor_alive(read_state(service)) and time.monotonic() < deadline:
             time.sleep(0.02)
         if supervisor_alive(read_state(service)):
             os.kill(state["supervisor"], signal.SIGKILL)
@@ -210,6 +210,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),
         "isolated": bool((state or {}).get("isolated")) if alive else False,
         "sensors": (state or {}).get("sensors") if alive else None,
+        "journals": (state or {}).get("journals") if alive else None,
         "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
         "archives": _archives(spec),
@@ -324,8 +325,8 @@ def revert(service: str, reason: str = "revert", incident: str | None = None,
     request = spec.run / "revert-request.json"
     request.write_text(json.dumps({"reason": reason, "incident": incident}))
     os.kill(state["supervisor"], signal.SIGUSR1)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         now = read_state(service) or {}
         if now.get("reverts", 0) > before and now.get("phase") == "running" \
                 and _all_listening(spec, now):
