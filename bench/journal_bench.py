@@ -42,9 +42,16 @@ sys.path.insert(0, str(REPO / "src"))
 
 from corral.core.text import iso  # noqa: E402
 from corral.launch import cgroup  # noqa: E402
-from corral.recover.journal.config import freezer
-from corral.recover.journal.journal import Journal
-from corral.recover.journal.store import Meta, digest, encode, meta_json, path_json, write_durable
+from corral.recover.journal.config import freezer  # noqa: E402
+from corral.recover.journal.journal import Journal  # noqa: E402
+from corral.recover.journal.store import (  # noqa: E402
+    Meta,
+    digest,
+    encode,
+    meta_json,
+    path_json,
+    write_durable,
+)
 
 WRITER = r"""
 import os, random, sys, time
@@ -152,7 +159,7 @@ def throughput_and_storage(work: Path, seconds: float, every: float,
              for key in ("ops_per_s", "written", "close_s_avg", "frozen_ms_avg")}
     jmean["frozen_ms_max"] = max(r["frozen_ms_max"] for r in journaled)
     jmean["closes"] = sum(r["closes"] for r in journaled)
-    ratios = sorted(j["ops_per_s"] / a["ops_per_s"] for a, j in zip(alone, journaled))
+    ratios = sorted(j["ops_per_s"] / a["ops_per_s"] for a, j in zip(alone, journaled, strict=True))
     return {"alone": mean, "journaled": jmean, "runs": {"alone": alone, "journaled": journaled},
             "round_ratios": ratios, "throughput_ratio": statistics.median(ratios),
             "epochs": len(journal.log()), "recorded_bytes": recorded,

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
                      f"yes ({corral[key]})" if key in corral else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     print()
     print(f"{'CATEGORY':<22}{'LYNIS':>6}{'CORRAL':>8}{'BOTH':>6}")
     for category in sorted({c for c, _ in set(lynis) | set(corral)}):

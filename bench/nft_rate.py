@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from corral.core.netspec import Endpoint  # noqa: E402
-from corral.host import nft
+from corral.host import nft  # noqa: E402
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
 
 PREFIX = "corral-nftb"            # netns corral-nftb-PID[-p], temp dir, users corral-nftbPIDsI-app
@@ -132,18 +132,20 @@ class Lab:
             sh("ip", "netns", "add", ns)
             self.namespaces.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", self.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", self.peer)
+        sh("ip", "-n", self.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+           "netns", self.peer)
         for ns, dev, addr in ((self.ns, "v0", MAIN_ADDR), (self.peer, "v1", PEER_ADDR)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
         # Many short connections: all ephemeral ports, and closed conntrack entries gone fast.
-        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
+        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw",
+           "net.ipv4.ip_local_port_range=1024 65000")
 
     def conntrack_sysctls(self) -> None:
         # Per-netns, present once conntrack is loaded (the first table with `ct` loads it).
         for key in ("tcp_timeout_close", "tcp_timeout_time_wait", "tcp_timeout_syn_sent"):
-            sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", f"net.netfilter.nf_conntrack_{key}=2",
-               check=False)
+            sh("ip", "netns", "exec", self.ns, "sysctl", "-qw",
+               f"net.netfilter.nf_conntrack_{key}=2", check=False)
 
     def compile(self) -> Path:
         binary = self.tmp / "nft_connect"
@@ -179,7 +181,8 @@ def clean_stale() -> None:
     runs whose process is gone."""
     def dead(pid: int) -> bool:
         try:   # a zombie has an empty command line; a reused pid runs something else
-            return pid != os.getpid() and b"nft_rate" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            return (pid != os.getpid()
+                    and b"nft_rate" not in Path(f"/proc/{pid}/cmdline").read_bytes())
         except OSError:
             return True
 
@@ -235,7 +238,8 @@ def measure(lab: Lab, binary: Path, sizes: list[int], samples: int, seconds: flo
             rates[size]["wall"].append(count / (elapsed_ns / 1e9))
             rates[size]["cpu"].append(count / (max(cpu_ns, 1) / 1e9))
         progress(f"{what}: round {round_ + 1}/{samples}: "
-                 + ", ".join(f"{s}: {rates[s]['wall'][-1]:,.0f}/s ({rates[s]['cpu'][-1]:,.0f}/CPU-s)"
+                 + ", ".join(f"{s}: {rates[s]['wall'][-1]:,.0f}/s "
+                             f"({rates[s]['cpu'][-1]:,.0f}/CPU-s)"
                              for s in sizes))
     return rates
 
@@ -248,8 +252,13 @@ def summarize(rates: dict[int, dict[str, list[float]]]) -> list[dict]:
         row: dict = {"entries": size}
         for kind in ("wall", "cpu"):
             med = statistics.median(r[kind])
-            row[kind] = {"median": round(med), "min": round(min(r[kind])), "max": round(max(r[kind])),
-                         "ratio": round(med / base[kind], 3), "samples": [round(x) for x in r[kind]]}
+            row[kind] = {
+                "median": round(med),
+                "min": round(min(r[kind])),
+                "max": round(max(r[kind])),
+                "ratio": round(med / base[kind], 3),
+                "samples": [round(x) for x in r[kind]],
+            }
         rows.append(row)
     return rows
 
@@ -308,7 +317,8 @@ def run_iptables(lab: Lab, binary: Path, sizes: list[int], samples: int, seconds
             start = time.perf_counter()
             sh("ip", "netns", "exec", lab.ns, restore, "--noflush", input=text, timeout=600)
             applied[size] = {"apply_s": round(time.perf_counter() - start, 3)}
-            progress(f"iptables-{variant}: {size} entries: restored in {applied[size]['apply_s']:.2f} s")
+            progress(f"iptables-{variant}: {size} entries: "
+                     f"restored in {applied[size]['apply_s']:.2f} s")
         lab.conntrack_sysctls()
         check_paths(lab, binary, sizes, f"iptables-{variant}")
         rates = measure(lab, binary, sizes, samples, seconds, f"iptables-{variant}")
@@ -332,7 +342,8 @@ def table(title: str, result: dict) -> str:
         wall, cpu = row["wall"], row["cpu"]
         apply = result["apply"].get(row["entries"], {}).get("apply_s")
         spread = f"{wall['min']:,}-{wall['max']:,}"
-        lines.append(f"  {row['entries']:>8,}  {wall['median']:>8,}  {spread:>15}  {wall['ratio']:>6.3f}  "
+        lines.append(f"  {row['entries']:>8,}  {wall['median']:>8,}  {spread:>15}  "
+                     f"{wall['ratio']:>6.3f}  "
                      f"{cpu['median']:>10,}  {cpu['ratio']:>6.3f}  "
                      f"{'' if apply is None else f'{apply:.2f} s':>7}")
     return "\n".join(lines)
@@ -343,7 +354,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--samples", type=int, default=5, help="samples per size (default 5)")
     parser.add_argument("--seconds", type=float, default=1.0, help="seconds per sample (default 1)")
-    parser.add_argument("--sizes", default="10,1000,100000", help="allow-list sizes, smallest first")
+    parser.add_argument("--sizes", default="10,1000,100000",
+                        help="allow-list sizes, smallest first")
     parser.add_argument("--iptables", choices=["nft", "legacy", "both", "none"], default="nft",
                         help="which iptables to compare with (default nft: Debian's iptables)")
     parser.add_argument("--hash-variant", action="store_true",
@@ -377,7 +389,8 @@ def main() -> int:
         lab.start_server(binary)
         report["nft"] = run_nft(lab, binary, sizes, args.samples, args.seconds)
         if args.hash_variant:
-            report["nft-hash"] = run_nft(lab, binary, sizes, args.samples, args.seconds, hash_sets=True)
+            report["nft-hash"] = run_nft(lab, binary, sizes, args.samples, args.seconds,
+                                         hash_sets=True)
         for variant in variants:
             report[f"iptables-{variant}"] = run_iptables(lab, binary, sizes, args.samples,
                                                          args.seconds, variant)
@@ -389,11 +402,13 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
-    print(f"TCP connect+close rate as a contained user, {m['kernel']}, {m['cpus']} CPUs, {m['nft']}; "
+    print(f"TCP connect+close rate as a contained user, {m['kernel']}, {m['cpus']} CPUs, "
+          f"{m['nft']}; "
           f"median of {args.samples} x {args.seconds:g} s")
     print(table("corral service table (nft sets):", report["nft"]))
     largest = report["nft"]["apply"][max(sizes)]
-    print(f"  table of {max(sizes):,} entries: built in {largest['build_s']:.2f} s (service_ruleset), "
+    print(f"  table of {max(sizes):,} entries: built in {largest['build_s']:.2f} s "
+          "(service_ruleset), "
           f"applied in {largest['apply_s']:.2f} s (nft -j -f, median of "
           f"{len(largest['apply_samples_s'])}), {largest['json_bytes'] / 1e6:.1f} MB of JSON")
     if "nft-hash" in report:

@@ -267,7 +267,7 @@ def measure_tamper(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
                 samples[label].append(ms)
         if round_ >= 0:
             bk.progress(f"tamper detection: round {round_ + 1}/{rounds}")
-    pairs = [d + v for d, v in zip(samples["corral delta"], samples["corral verify"])]
+    pairs = [d + v for d, v in zip(samples["corral delta"], samples["corral verify"], strict=True)]
     return {"base_entries": entries, "base_bytes": size, "aide_init_ms": round(init_ms, 1),
             "found": found, "rows": {k: bk.stats(v, 1) for k, v in samples.items()},
             "corral delta + verify": bk.stats(pairs, 1),
@@ -277,8 +277,8 @@ def measure_tamper(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
 def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
     """What a CLI call costs before it does anything: the interpreter with corral.cli.main (click),
     then with corral.cli.report too, which `corral delta` imports even for --json (it pulls in
-    corral.plan.service, corral.manifest.model with pydantic, and corral.plan.closure); and verify's own work,
-    in-process."""
+    corral.plan.service, corral.manifest.model with pydantic, and corral.plan.closure); and
+    verify's own work, in-process."""
     def wall(argv: list[str]) -> float:
         t0 = time.perf_counter()
         subprocess.run(world.enter() + argv, check=True, capture_output=True, env=world.env(),

@@ -155,7 +155,8 @@ class Service:
     def status(self) -> dict:
         import json
 
-        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)["services"][0]
+        result = self.corral("status", self.name, "--json", check=True)
+        return json.loads(result.stdout)["services"][0]
 
 
 @pytest.fixture

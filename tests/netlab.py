@@ -20,7 +20,8 @@ from corral.plan import nft_rules as nftables
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
 need_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("nft", "ip", "useradd", "userdel", "setpriv")),
+    os.geteuid() != 0
+    or not all(shutil.which(t) for t in ("nft", "ip", "useradd", "userdel", "setpriv")),
     reason="needs root, nft, ip, useradd and setpriv")
 
 
@@ -85,7 +86,8 @@ def system_users(*names: str, comment: str | None = None):
 
 def drop_counter(ns: str, service: str, process: str, reason: str) -> int:
     """Packets counted by the rule commented REASON in a service table's chain proc-PROCESS."""
-    chain = json.loads(nft_in(ns, "-j", "list", "chain", "inet", nftables.table_name(service), f"proc-{process}"))
+    chain = json.loads(nft_in(ns, "-j", "list", "chain", "inet", nftables.table_name(service),
+                              f"proc-{process}"))
     for item in chain["nftables"]:
         rule = item.get("rule")
         if rule and rule.get("comment") == reason:
@@ -106,7 +108,8 @@ def as_user(ns: str, user: str | None, script: str, *args: str, caps: str = "") 
     return cmd + [PY, "-c", script, *args]
 
 
-def run(ns: str, user: str | None, script: str, *args: str, caps: str = "", timeout: float = 20) -> str:
+def run(ns: str, user: str | None, script: str, *args: str, caps: str = "",
+        timeout: float = 20) -> str:
     return sh(*as_user(ns, user, script, *args, caps=caps), timeout=timeout).strip()
 
 

@@ -168,7 +168,8 @@ def test_firewall_state_from_rulesets():
                                                      "right": 1}}, {"drop": None}])]
     state = audit_net.firewall_state({"nftables": [chain("inet", "input", "accept")] + conditional})
     assert not state["input_default_deny"]
-    assert ids(audit_net.firewall_findings(state)) == {"host.firewall.input", "host.firewall.output"}
+    assert ids(audit_net.firewall_findings(state)) == {"host.firewall.input",
+                                                       "host.firewall.output"}
 
 
 def test_proc_net_addresses():
@@ -265,7 +266,8 @@ def test_image_findings_on_paper():
                           "image.device./dev/mem", "image.setuid./usr/bin/su", "image.learn"}
     used = ["/usr/bin/python3", "/usr/bin/perl"]
     unused = {f.id: f for f in image_findings(entries, ["/usr/bin/python3"], used)}["image.unused"]
-    assert "/usr/bin/dash" in unused.detail["paths"] and "/usr/bin/perl" not in unused.detail["paths"]
+    assert ("/usr/bin/dash" in unused.detail["paths"]
+            and "/usr/bin/perl" not in unused.detail["paths"])
 
 
 def _careless_manifest(directory: Path, name: str) -> Path:

@@ -190,7 +190,7 @@ def check_against_ldd(program: str, entries: list[ImageEntry], image: Path | Non
     if image is not None:  # and the very paths ld.so opens resolve in the image, to the same file
         inodes = materialize(entries, image)
         results = kernel_stat(str(image), sorted(wanted))
-        for lib, (status, value) in zip(sorted(wanted), results):
+        for lib, (status, value) in zip(sorted(wanted), results, strict=True):
             assert status == "ok", f"{lib} does not resolve in the image (errno {value})"
             assert inodes[value] == os.path.realpath(lib)
 
@@ -592,7 +592,7 @@ def test_random_symlink_graphs(tmp_path_factory, targets, query):
         (root / d.lstrip("/")).mkdir(parents=True)
     for f in FILES:
         put(root, f, b"inside\n")
-    for path, target in zip(LINKS, targets):
+    for path, target in zip(LINKS, targets, strict=True):
         link(root, path, target)
     [(status, value)] = kernel_stat(str(root), [query])
     try:

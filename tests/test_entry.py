@@ -72,7 +72,8 @@ print("ok")
 def test_reading_commands_stay_off_the_manifest_model():
     """status, delta and incidents (report, service, delta) never load pydantic or the ELF
     parser: ~120 ms of imports that only check, plan and install need."""
-    code = ("import sys, corral.cli.main, corral.cli.report, corral.supervise.control, corral.recover.delta; "
+    code = ("import sys, corral.cli.main, corral.cli.report, corral.supervise.control, "
+            "corral.recover.delta; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'elftools') "
             "or m in ('corral.manifest.model', 'corral.plan.service', 'corral.plan.closure')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

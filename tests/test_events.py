@@ -69,7 +69,8 @@ def ipv4(proto: int, payload: bytes, src="10.0.0.1", dst="10.0.0.2", frag_offset
 
 def ipv6(next_header: int, payload: bytes, src="fd77::1", dst="fd77::2") -> bytes:
     return (struct.pack("!IHBB", 6 << 28, len(payload), next_header, 64)
-            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + payload)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+            + payload)
 
 
 TCP_SYN = struct.pack("!HHIIBBHHH", 40000, 9009, 1, 0, 0x50, 0x02, 1024, 0, 0)
@@ -77,11 +78,18 @@ TCP_SYN = struct.pack("!HHIIBBHHH", 40000, 9009, 1, 0, 0x50, 0x02, 1024, 0, 0)
 
 def test_headers_ipv4_tcp_udp_icmp():
     assert parse_headers(ipv4(6, TCP_SYN), socket.AF_INET) == {
-        "family": "ipv4", "proto": "tcp", "src": "10.0.0.1", "dst": "10.0.0.2", "sport": 40000, "dport": 9009}
+        "family": "ipv4",
+        "proto": "tcp",
+        "src": "10.0.0.1",
+        "dst": "10.0.0.2",
+        "sport": 40000,
+        "dport": 9009,
+    }
     udp = parse_headers(ipv4(17, struct.pack("!HHHH", 5353, 53, 8, 0)))   # family from the version
     assert (udp["proto"], udp["sport"], udp["dport"]) == ("udp", 5353, 53)
     icmp = parse_headers(ipv4(1, b"\x08\x00\x00\x00"), socket.AF_INET)
-    assert (icmp["proto"], icmp["sport"], icmp["dport"], icmp["dst"]) == ("icmp", None, None, "10.0.0.2")
+    assert ((icmp["proto"], icmp["sport"], icmp["dport"], icmp["dst"])
+            == ("icmp", None, None, "10.0.0.2"))
     assert parse_headers(ipv4(132, b"\0" * 12), socket.AF_INET)["proto"] == "other"  # sctp
     # A later fragment has no transport header: addresses yes, ports no.
     frag = parse_headers(ipv4(6, TCP_SYN, frag_offset=185), socket.AF_INET)
@@ -95,7 +103,8 @@ def test_headers_ipv6_extension_headers():
     hop_by_hop = bytes([44, 0]) + b"\x01\x04\0\0\0\0"                    # next: fragment
     fragment = struct.pack("!BBHI", 17, 0, 0, 7)                         # offset 0, next: udp
     walked = parse_headers(ipv6(0, hop_by_hop + fragment + struct.pack("!HHHH", 1234, 53, 8, 0)))
-    assert (walked["family"], walked["proto"], walked["sport"], walked["dport"]) == ("ipv6", "udp", 1234, 53)
+    assert ((walked["family"], walked["proto"], walked["sport"], walked["dport"])
+            == ("ipv6", "udp", 1234, 53))
     later = parse_headers(ipv6(44, struct.pack("!BBHI", 17, 0, 8 << 3, 7) + b"\0" * 8))
     assert (later["proto"], later["dport"]) == ("udp", None)
     icmp6 = parse_headers(ipv6(58, b"\x80\0\0\0"), socket.AF_INET6)
@@ -116,7 +125,8 @@ def test_headers_never_raise(data, family):
     assert set(out) == {"family", "proto", "src", "dst", "sport", "dport"}
 
 
-def nflog_message(prefix: bytes, payload: bytes, uid: int | None = None, stamp: tuple[int, int] | None = None,
+def nflog_message(prefix: bytes, payload: bytes, uid: int | None = None,
+                  stamp: tuple[int, int] | None = None,
                   family: int = socket.AF_INET) -> bytes:
     def attr(kind: int, value: bytes) -> bytes:
         return struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
@@ -132,7 +142,8 @@ def nflog_message(prefix: bytes, payload: bytes, uid: int | None = None, stamp: 
 
 
 def test_parse_packet_message():
-    msg = nflog_message(b"corral web app egress", ipv4(6, TCP_SYN), uid=4242, stamp=(1700000000, 123456))
+    msg = nflog_message(b"corral web app egress", ipv4(6, TCP_SYN), uid=4242,
+                        stamp=(1700000000, 123456))
     event = parse_packet(msg, received=1800000000.5, user_name={4242: "corral-web-app"}.get)
     assert event == {"time": "2023-11-14T22:13:20.123456Z", "uid": 4242, "user": "corral-web-app",
                      "service": "web", "process": "app", "reason": "egress",
@@ -141,12 +152,16 @@ def test_parse_packet_message():
     # No kernel timestamp (the output hook has none), no socket owner, a foreign prefix.
     other = parse_packet(nflog_message(b"hello \xff", ipv4(17, b"\0" * 8)), received=1800000000.5)
     assert other["time"] == "2027-01-15T08:00:00.500000Z"
-    assert (other["uid"], other["user"], other["service"], other["prefix"]) == (None, None, None, "hello \ufffd")
+    assert ((other["uid"], other["user"], other["service"], other["prefix"])
+            == (None, None, None, "hello \ufffd"))
 
 
 def test_import_is_light():
-    code = "import sys, corral.watch.nflog, corral.cli.events; print(sorted(m for m in ('pyroute2', 'ctypes', 'rich', 'psutil', 'pydantic') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = ("import sys, corral.watch.nflog, corral.cli.events; "
+            "print(sorted(m for m in ('pyroute2', 'ctypes', 'rich', 'psutil', 'pydantic') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
 
 
@@ -201,7 +216,8 @@ class Lab:
 def lab():
     service = "tst" + secrets.token_hex(3)
     user = f"corral-{service}-app"
-    with system_users(user, comment="corral service events test"), veth_pair(service[3:]) as (ns, peer):
+    with (system_users(user, comment="corral service events test"),
+          veth_pair(service[3:]) as (ns, peer)):
         server = spawn(peer, None, TCP_SERVERS, "10.77.0.2:9000")
         try:
             flows = [ProcessFlows("app", user, (), (parse_endpoint("tcp/9000@10.77.0.2"),))]
@@ -250,11 +266,13 @@ def test_denied_udp_and_ipv6_events(lab, reader):
     sent = time.time()
     assert run(lab.ns, lab.user, UDP_FLOOD, "10.77.0.2", "9053", "1").split()[:2] == ["0", "1"]
     event = wait_for(reader, lambda e: e["dport"] == 9053)
-    assert (event["proto"], event["dst"], event["uid"], event["reason"]) == ("udp", "10.77.0.2", lab.uid, "egress")
+    assert ((event["proto"], event["dst"], event["uid"], event["reason"])
+            == ("udp", "10.77.0.2", lab.uid, "egress"))
     assert abs(epoch(event["time"]) - sent) < 1.0
     run(lab.ns, lab.user, CLIENT, "fd77::2", "9009")
     event = wait_for(reader, lambda e: e["family"] == "ipv6")
-    assert (event["proto"], event["src"], event["dst"], event["dport"]) == ("tcp", "fd77::1", "fd77::2", 9009)
+    assert ((event["proto"], event["src"], event["dst"], event["dport"])
+            == ("tcp", "fd77::1", "fd77::2", 9009))
     assert (event["service"], event["reason"], event["uid"]) == (lab.service, "egress", lab.uid)
 
 
@@ -300,7 +318,8 @@ def test_stream_until_quiet(lab):
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
-        got = list(events.stream(nflog_group(lab.service), follow=False, timeout=1.5, netns_fd=lab.fd))
+        got = list(events.stream(nflog_group(lab.service), follow=False, timeout=1.5,
+                                 netns_fd=lab.fd))
     finally:
         thread.join()
     assert [e["dport"] for e in got] == [9055, 9055]
@@ -312,7 +331,8 @@ def cli(ns: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def poke_until_done(lab: Lab, proc: subprocess.Popen, port: int, seconds: float = 10) -> tuple[str, str]:
+def poke_until_done(lab: Lab, proc: subprocess.Popen, port: int,
+                    seconds: float = 10) -> tuple[str, str]:
     """Send a denied datagram every 0.3 s until the CLI exits (it binds at an unknown moment)."""
     deadline = time.monotonic() + seconds
     while proc.poll() is None and time.monotonic() < deadline:
@@ -336,7 +356,8 @@ def test_cli_json_and_plain(lab):
     assert proc.returncode == 0, err
     header, line = out.splitlines()
     assert header.split()[:3] == ["TIME", "(UTC)", "SERVICE"]
-    assert line.split()[1:6] == [lab.service, "app", "egress", "udp", "10.77.0.1:" + line.split()[5].split(":")[1]]
+    assert line.split()[1:6] == [lab.service, "app", "egress", "udp",
+                                 "10.77.0.1:" + line.split()[5].split(":")[1]]
     assert line.split()[6:] == ["10.77.0.2:9057", lab.user, f"({lab.uid})"]
     assert header.index("DESTINATION") == line.index("10.77.0.2:9057")   # aligned
 

@@ -146,8 +146,10 @@ def test_router_sets(files):
     plan = plan_of(files / "router.toml")
     sets = {c["add"]["set"]["name"]: c["add"]["set"].get("elem", [])
             for c in plan.ruleset["nftables"] if "set" in c.get("add", {})}
-    assert sets["lan0-in4"] == [{"concat": [{"prefix": {"addr": "10.10.0.0", "len": 24}}, "tcp", 8080]},
-                                {"concat": [{"prefix": {"addr": "10.10.0.0", "len": 24}}, "udp", 7000]}]
+    assert sets["lan0-in4"] == [
+        {"concat": [{"prefix": {"addr": "10.10.0.0", "len": 24}}, "tcp", 8080]},
+        {"concat": [{"prefix": {"addr": "10.10.0.0", "len": 24}}, "udp", 7000]},
+    ]
     # Loopback destinations never cross the router; "tcp/443" (any address) goes to both families.
     out4 = json.dumps(sets["lan0-out4"])
     assert "127.0.0.53" not in out4 and '"0.0.0.0", "len": 0}}, "tcp", 443' in out4
@@ -157,7 +159,8 @@ def test_router_sets(files):
     assert {"range": ["10.0.0.6", "10.255.255.255"]} in sets["bogons4"]
     assert {"prefix": {"addr": "127.0.0.0", "len": 8}} in sets["bogons4"]
     # Documentation ranges stand in for public addresses (see BOGONS4): never bogons.
-    assert not any("198.51.100" in json.dumps(e) or "203.0.113" in json.dumps(e) for e in sets["bogons4"])
+    assert not any("198.51.100" in json.dumps(e) or "203.0.113" in json.dumps(e)
+                   for e in sets["bogons4"])
 
 
 def test_server_has_no_forwarding(files):
@@ -165,7 +168,8 @@ def test_server_has_no_forwarding(files):
     rules = [c["add"]["rule"] for c in plan_of(files / "server.toml").ruleset["nftables"]
              if "rule" in c.get("add", {})]
     forward = [r for r in rules if r["chain"] == "forward"]
-    assert [r.get("comment") for r in forward] == [None, "undeclared"]  # log, then drop: nothing else
+    # log, then drop: nothing else
+    assert [r.get("comment") for r in forward] == [None, "undeclared"]
 
 
 _ENDPOINTS = st.builds(
@@ -180,7 +184,8 @@ _ENDPOINTS = st.builds(
 def test_management_always_first(mgmt, out, router, anti):
     """Whatever the host file says, the generated ruleset accepts exactly the management entries
     first in input and before any drop in prerouting."""
-    svc = ServiceFlows("s", "/s.toml", (parse_ports("tcp/8080"),), tuple(parse_endpoint(e) for e in out))
+    svc = ServiceFlows("s", "/s.toml", (parse_ports("tcp/8080"),),
+                       tuple(parse_endpoint(e) for e in out))
     lans = (hostfw_rules.LanSpec("eth1", ("10.20.0.0/24",), (svc,)),) if router else ()
     spec = HostSpec("router" if router else "server", tuple(parse_endpoint(e) for e in mgmt),
                     tuple(parse_endpoint(e) for e in out), anti, (svc,), lans)
@@ -188,9 +193,10 @@ def test_management_always_first(mgmt, out, router, anti):
     # The check notices a ruleset that does not.
     broken = host_ruleset(spec)
     rules = broken["nftables"]
-    first_input = next(i for i, c in enumerate(rules) if c.get("add", {}).get("rule", {}).get("chain") == "input")
-    rules.insert(first_input, {"add": {"rule": {"family": "inet", "table": "corral-host", "chain": "input",
-                                                "expr": [{"drop": None}]}}})
+    first_input = next(i for i, c in enumerate(rules)
+                       if c.get("add", {}).get("rule", {}).get("chain") == "input")
+    rules.insert(first_input, {"add": {"rule": {"family": "inet", "table": "corral-host",
+                                                "chain": "input", "expr": [{"drop": None}]}}})
     assert not management_first(broken, spec)
 
 
@@ -216,21 +222,24 @@ def test_cli_bad_host_file_exit_2(files):
         assert result.returncode == 2
         assert result.stderr.strip() == (f'{bad}: management[0]: "tcp/99999@203.0.113.0/24": '
                                          "port out of range (1-65535)")
-    result = subprocess.run(HOST_CLI + ["apply", "--confirm-timeout", "0", str(files / "server.toml")],
+    result = subprocess.run(HOST_CLI + ["apply", "--confirm-timeout", "0",
+                                        str(files / "server.toml")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "confirm-timeout" in result.stderr
 
 
 def test_installed_service_named_host_refused(files):
     install_record(Path(os.environ["CORRAL_ROOT"]), "host", files / "svc.toml")
-    result = subprocess.run(HOST_CLI + ["plan", str(files / "server.toml")], capture_output=True, text=True)
+    result = subprocess.run(HOST_CLI + ["plan", str(files / "server.toml")],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and 'named "host"' in result.stderr
 
 
 def test_invalid_installed_manifest_named(files):
     install_record(Path(os.environ["CORRAL_ROOT"]), "svc", files / "svc.toml")
     (files / "svc.toml").write_text(SVC.replace('"tcp/8080"', '"tcp/0"'))
-    result = subprocess.run(HOST_CLI + ["plan", str(files / "server.toml")], capture_output=True, text=True)
+    result = subprocess.run(HOST_CLI + ["plan", str(files / "server.toml")],
+                            capture_output=True, text=True)
     assert result.returncode == 2
     assert f"{files / 'svc.toml'}: manifest of installed service svc" in result.stderr
     assert f"{files / 'svc.toml'}: process.app.listen[0]" in result.stderr
@@ -241,13 +250,14 @@ def test_cli_imports_only_click():
             "print(sorted(m for m in sys.modules if m.startswith(('corral.', 'pydantic'))))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
     # The shared error contract (cli_common, errors) is plain Python: no pydantic, no netlink.
-    assert out.strip() == ("['corral.cli', 'corral.cli.base', 'corral.cli.common', 'corral.cli.host', "
-                           "'corral.core', 'corral.core.errors']")
+    assert out.strip() == ("['corral.cli', 'corral.cli.base', 'corral.cli.common', "
+                           "'corral.cli.host', 'corral.core', 'corral.core.errors']")
 
 
 # ---------------------------------------------------------------- kernel helpers
 
-need_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")  # nft and ip: make test installs them
+# nft and ip: make test installs them
+need_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def table_text(ns: str, table: str = "corral-host") -> str | None:
@@ -259,7 +269,8 @@ def table_text(ns: str, table: str = "corral-host") -> str | None:
 def counter(ns: str, chain: str, reason: str) -> int:
     """Packets dropped in CHAIN by the rules commented REASON (v4 and v6 rules summed)."""
     items = json.loads(nft_in(ns, "-j", "list", "chain", "inet", "corral-host", chain))["nftables"]
-    return sum(e["counter"]["packets"] for item in items if item.get("rule", {}).get("comment") == reason
+    return sum(e["counter"]["packets"]
+               for item in items if item.get("rule", {}).get("comment") == reason
                for e in item["rule"]["expr"] if "counter" in e)
 
 
@@ -268,7 +279,8 @@ def host_cmd(ns: str, root: Path, *args: str, wait: bool = True, extra_env: dict
     env.pop("CORRAL_DEBUG", None)
     argv = ["ip", "netns", "exec", ns] + HOST_CLI + list(args)
     if not wait:
-        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -366,7 +378,8 @@ except TimeoutError:
 
 
 OTHER_TABLE = ("add table inet othertable; "
-               "add chain inet othertable out { type filter hook output priority 10; policy accept; }; "
+               "add chain inet othertable out "
+               "{ type filter hook output priority 10; policy accept; }; "
                "add rule inet othertable out tcp dport 4444 counter accept comment \"theirs\"")
 BLOCKED = "TimeoutError"
 
@@ -391,7 +404,8 @@ def namespaces(stack: ExitStack, *names: str) -> list[str]:
 
 
 def serve(stack: ExitStack, ns: str, *specs: str) -> None:
-    """Root TCP servers in NS answering "ok" on every ADDR:PORT of SPECS, stopped when STACK closes."""
+    """Root TCP servers in NS answering "ok" on every ADDR:PORT of SPECS, stopped when STACK
+    closes."""
     stack.callback(stop, spawn(ns, None, TCP_SERVERS, *specs))
 
 
@@ -449,7 +463,7 @@ def router_lab(tmp_path_factory):
 def test_router_declared_inbound_passes(router_lab):
     lab = router_lab
     assert run(lab.up, None, CLIENT, "10.10.0.2", "8080") == "ok"
-    assert run(lab.up, None, CLIENT, "fd10::2", "8080") == "ok"          # IPv6 through ND and forwarding
+    assert run(lab.up, None, CLIENT, "fd10::2", "8080") == "ok"  # IPv6 through ND and forwarding
 
 
 @need_root
@@ -465,10 +479,10 @@ def test_router_undeclared_inbound_blocked(router_lab):
 @need_root
 def test_router_lan_egress_only_declared(router_lab):
     lab = router_lab
-    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9000") == "ok"        # declared connect
+    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9000") == "ok"      # declared connect
     assert run(lab.srv, None, CLIENT, "2001:db8:113::2", "9000") == "ok"
-    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9001") == BLOCKED     # the victim's other port
-    assert run(lab.srv, None, CLIENT, "198.51.100.2", "9000") == BLOCKED    # another host, same port
+    assert run(lab.srv, None, CLIENT, "203.0.113.2", "9001") == BLOCKED   # the victim's other port
+    assert run(lab.srv, None, CLIENT, "198.51.100.2", "9000") == BLOCKED  # another host, same port
 
 
 @need_root
@@ -478,7 +492,8 @@ def test_router_management_kept(router_lab):
     assert run(lab.up, None, CLIENT, "10.10.0.1", "22") == "ok"             # its LAN address too
     assert run(lab.up, None, CLIENT, "10.10.0.2", "22") == "ok"             # forwarded into the LAN
     assert run(lab.up, None, CLIENT, "198.51.100.1", "23") == BLOCKED       # not management
-    assert run(lab.vic, None, CLIENT, "203.0.113.1", "22") == BLOCKED       # not from the admins' network
+    # not from the admins' network:
+    assert run(lab.vic, None, CLIENT, "203.0.113.1", "22") == BLOCKED
     assert run(lab.vic, None, CLIENT, "10.10.0.2", "22") == BLOCKED
 
 
@@ -492,7 +507,8 @@ def test_router_drops_forged_sources(router_lab):
     at_srv = spawn(lab.srv, None, UDP_SOURCES, "7000", "2")
     at_vic = spawn(lab.vic, None, UDP_SOURCES, "9053", "2")
     # From upstream: genuine, an RFC 1918 bogon, a source claiming the LAN's prefix.
-    assert run(lab.up, None, UDP_FROM, "10.10.0.2", "7000", "198.51.100.2", "10.66.0.1", "10.10.0.77") == "sent"
+    assert run(lab.up, None, UDP_FROM, "10.10.0.2", "7000", "198.51.100.2", "10.66.0.1",
+               "10.10.0.77") == "sent"
     # From the LAN server: genuine, and a source outside the LAN's prefix (BCP 38).
     assert run(lab.srv, None, UDP_FROM, "203.0.113.2", "9053", "10.10.0.2", "10.99.0.2") == "sent"
     assert finish(at_srv) == "198.51.100.2"
@@ -539,10 +555,14 @@ def server_lab(tmp_path_factory):
 def test_server_input_default_deny(server_lab):
     lab = server_lab
     before = counter(lab.s, "input", "undeclared")
-    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.2") == "ok"       # management
-    assert run(lab.c, None, CLIENT, "192.0.2.1", "8080", "192.0.2.3") == "ok"     # the service's listen
-    assert run(lab.c, None, CLIENT, "192.0.2.1", "8081", "192.0.2.2") == BLOCKED  # undeclared, even for the admin
-    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.3") == BLOCKED    # management only from admins
+    # management:
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.2") == "ok"
+    # the service's listen:
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "8080", "192.0.2.3") == "ok"
+    # undeclared, even for the admin:
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "8081", "192.0.2.2") == BLOCKED
+    # management only from admins:
+    assert run(lab.c, None, CLIENT, "192.0.2.1", "22", "192.0.2.3") == BLOCKED
     assert counter(lab.s, "input", "undeclared") >= before + 2
 
 
@@ -555,15 +575,15 @@ def test_server_ipv6_keeps_working(server_lab):
     sh("ip", "-n", lab.c, "neigh", "flush", "all")
     assert run(lab.c, None, CLIENT, "fd77::1", "22", "fd77::2") == "ok"
     assert run(lab.c, None, CLIENT, "fd77::1", "22", "fd77::3") == BLOCKED
-    assert run(lab.c, None, PING6, "fd77::1") == "reply"                         # echo-request accepted
+    assert run(lab.c, None, PING6, "fd77::1") == "reply"  # echo-request accepted
 
 
 @need_root
 def test_server_output_default_deny(server_lab):
     lab = server_lab
     before = counter(lab.s, "output", "undeclared")
-    assert run(lab.s, None, CLIENT, "192.0.2.2", "9000") == "ok"                  # allow_out
-    assert run(lab.s, None, CLIENT, "192.0.2.2", "9002") == "ok"                  # the service's connect
+    assert run(lab.s, None, CLIENT, "192.0.2.2", "9000") == "ok"  # allow_out
+    assert run(lab.s, None, CLIENT, "192.0.2.2", "9002") == "ok"  # the service's connect
     assert run(lab.s, None, CLIENT, "192.0.2.2", "9001") in ("PermissionError", BLOCKED)
     assert counter(lab.s, "output", "undeclared") > before
 
@@ -613,8 +633,8 @@ def box(tmp_path):
 
 def apply_killed(box: Box, file: Path, timeout: float, step: str = "applied") -> dict:
     """Apply, and SIGKILL corral at STEP (while it still holds everything in hand)."""
-    proc = host_cmd(box.ns, box.root, "apply", str(file), "--confirm-timeout", str(timeout), wait=False,
-                    extra_env={"CORRAL_TEST_HOSTFW_PAUSE": step})
+    proc = host_cmd(box.ns, box.root, "apply", str(file), "--confirm-timeout", str(timeout),
+                    wait=False, extra_env={"CORRAL_TEST_HOSTFW_PAUSE": step})
     assert proc.stderr.readline().strip() == f"paused after {step}"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
@@ -687,7 +707,8 @@ def test_rollback_command_and_chained_apply(box):
     result = host_cmd(box.ns, box.root, "rollback", str(box.b))
     assert result.returncode == 0, result.stderr
     assert table_text(box.ns) == first and not alive(pid)
-    assert host_cmd(box.ns, box.root, "rollback", str(box.b)).returncode == 1  # nothing saved any more
+    # nothing saved any more:
+    assert host_cmd(box.ns, box.root, "rollback", str(box.b)).returncode == 1
     # Chained: b pending, then c applied on top; the rollback goes to a (the confirmed state).
     host_cmd(box.ns, box.root, "apply", str(box.b), "--confirm-timeout", "30")
     pid_b = state(box.root, "pending.json")["guard_pid"]

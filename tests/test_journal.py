@@ -1,5 +1,5 @@
-"""The redo log of journaled volumes (corral.recover.journal.log): epochs, diffs, excision, commit, check,
-on real directories (a volume is just a directory; no service needs to run), and the CLI."""
+"""The redo log of journaled volumes (corral.recover.journal.log): epochs, diffs, excision, commit,
+check, on real directories (a volume is just a directory; no service needs to run), and the CLI."""
 
 from __future__ import annotations
 

@@ -198,7 +198,7 @@ def crash_everywhere(root: Path, tpl: Path, prepare: Callable[[Path], None],
         state = fresh(root, tpl, i)
         prepare(state)
         before = committed(state)
-        killed, report = in_child(lambda: op(state), crash_after, kill_after)
+        killed, report = in_child(lambda state=state: op(state), crash_after, kill_after)
         assert killed or (report and report["ok"]), report
         after(state, before, killed)
         shutil.rmtree(state)

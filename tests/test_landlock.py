@@ -163,7 +163,8 @@ def test_abi_available_here():
 def test_rights_and_degradation_by_abi():
     assert landlock.fs_rights(1) == (1 << 13) - 1
     assert landlock.fs_rights(2) == landlock.fs_rights(1) | landlock.REFER
-    assert landlock.fs_rights(4) == landlock.fs_rights(3) == landlock.fs_rights(2) | landlock.TRUNCATE
+    assert (landlock.fs_rights(4) == landlock.fs_rights(3)
+            == landlock.fs_rights(2) | landlock.TRUNCATE)
     assert landlock.fs_rights(6) == landlock.fs_rights(5) == (1 << 16) - 1
     assert landlock.probe(0) == landlock.LandlockStatus(0, False, (
         "filesystem rules (ABI 1)", "rename/link across directories (ABI 2)",

@@ -70,13 +70,16 @@ CASES = [
     (["process", "app", "connect", 1], "tcp/99999@10.0.0.5",
      'web.toml: process.app.connect[1]: "tcp/99999@10.0.0.5": port out of range (1-65535)'),
     (["process", "app", "connect", 0], "udp/53@dns.example",
-     'web.toml: process.app.connect[0]: "udp/53@dns.example": "dns.example" is not an IP address or prefix'),
+     'web.toml: process.app.connect[0]: "udp/53@dns.example": '
+     '"dns.example" is not an IP address or prefix'),
     (["process", "app", "connect", 0], "tcp/5@10.0.0.5/24",
-     'web.toml: process.app.connect[0]: "tcp/5@10.0.0.5/24": prefix "10.0.0.5/24" has host bits set'),
+     'web.toml: process.app.connect[0]: "tcp/5@10.0.0.5/24": '
+     'prefix "10.0.0.5/24" has host bits set'),
     (["process", "app", "listen", 0], "sctp/80",
      'web.toml: process.app.listen[0]: "sctp/80": unknown protocol "sctp" (tcp or udp)'),
     (["process", "app", "listen", 0], "tcp/80",
-     'web.toml: process.app.listen[0]: "tcp/80": ports below 1024 need capabilities = ["NET_BIND_SERVICE"]'),
+     'web.toml: process.app.listen[0]: "tcp/80": '
+     'ports below 1024 need capabilities = ["NET_BIND_SERVICE"]'),
     (["process", "app", "capabilities"], ["NET_BIND_SERVICES"],
      'web.toml: process.app.capabilities[0]: "NET_BIND_SERVICES": unknown capability'),
     (["process", "app", "exec", 0], "/usr/bin/../../bin/sh",
@@ -86,7 +89,8 @@ CASES = [
     (["volume", 0, "owner"], "db",
      'web.toml: volume[0].owner: "db": no such process (processes: app)'),
     (["volume", 0, "path"], "/proc/self",
-     'web.toml: volume[0].path: "/proc/self": cannot be a volume (/, /proc, /dev and /sys are not)'),
+     'web.toml: volume[0].path: "/proc/self": '
+     'cannot be a volume (/, /proc, /dev and /sys are not)'),
     (["volume", 0, "mode"], "0777",
      'web.toml: volume[0].mode: "0777": a volume must not be writable by others'),
     (["volume", 0, "mode"], 750,
@@ -110,7 +114,8 @@ CASES = [
     (["process", "app", "syscalls"], ["read", "frobnicate"],
      'web.toml: process.app.syscalls[1]: "frobnicate": unknown system call'),
     (["process", "app", "environment"], {"BAD-NAME": "x"},
-     'web.toml: process.app.environment.BAD-NAME: "BAD-NAME": not a valid environment variable name'),
+     'web.toml: process.app.environment.BAD-NAME: "BAD-NAME": '
+     'not a valid environment variable name'),
     (["process", "app", "command"], [],
      "web.toml: process.app.command: must not be empty"),
     (["process", "app", "command"], ["python3", "-V"],
@@ -120,7 +125,8 @@ CASES = [
     (["watch", "react"], "panic",
      'web.toml: watch.react: "panic": expected "log", "isolate", "kill" or "revert"'),
     (["watch", "tripwires", 0], "coffee",
-     'web.toml: watch.tripwires[0]: "coffee": expected "egress", "listen", "exec", "base-write", "setuid", "ptrace" or "spoof"'),
+     'web.toml: watch.tripwires[0]: "coffee": '
+     'expected "egress", "listen", "exec", "base-write", "setuid", "ptrace" or "spoof"'),
     (["name"], "Web_Server",
      'web.toml: name: "Web_Server": a name is 1-16 characters: a-z first, then a-z, 0-9 or "-"'),
     (["name"], KeyError, "web.toml: name: required key is missing"),

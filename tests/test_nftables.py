@@ -89,7 +89,8 @@ def test_recreates_table_first():
 
 
 def test_uids_replace_user_names():
-    doc = json.dumps(service_ruleset("web", SAMPLE, uids={"corral-web-app": 901, "corral-web-worker": 902}))
+    doc = json.dumps(service_ruleset("web", SAMPLE,
+                                     uids={"corral-web-app": 901, "corral-web-worker": 902}))
     assert "corral-web-app" not in doc and "[901, {" in doc
     with pytest.raises(ValueError, match="no uid"):
         service_ruleset("web", SAMPLE, uids={"corral-web-app": 901})
@@ -106,8 +107,10 @@ def test_rejects_bad_names_and_duplicates():
 
 def test_any_address_goes_to_both_families():
     eps = [parse_endpoint("udp/123")]
-    assert [(str(n), p, f, l) for n, p, f, l in nftables.connect_boxes(eps, 4)] == [("0.0.0.0/0", "udp", 123, 123)]
-    assert [(str(n), p, f, l) for n, p, f, l in nftables.connect_boxes(eps, 6)] == [("::/0", "udp", 123, 123)]
+    assert ([(str(n), p, first, last) for n, p, first, last in nftables.connect_boxes(eps, 4)]
+            == [("0.0.0.0/0", "udp", 123, 123)])
+    assert ([(str(n), p, first, last) for n, p, first, last in nftables.connect_boxes(eps, 6)]
+            == [("::/0", "udp", 123, 123)])
 
 
 def test_listen_ranges_merge():
@@ -116,7 +119,15 @@ def test_listen_ranges_merge():
     assert nftables.listen_boxes(specs) == [("tcp", 8000, 8012), ("udp", 53, 53)]
 
 
-_NETS = ["10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32", "10.0.0.7/32", None]
+_NETS = [
+    "10.0.0.0/29",
+    "10.0.0.0/30",
+    "10.0.0.4/30",
+    "10.0.0.2/31",
+    "10.0.0.5/32",
+    "10.0.0.7/32",
+    None,
+]
 
 
 @settings(max_examples=200, deadline=None)
@@ -134,8 +145,10 @@ def test_connect_boxes_are_disjoint_and_exact(entries):
         for proto in ("tcp", "udp"):
             for port in range(1, 19):
                 want = any(e.proto == proto and e.first <= port <= e.last
-                           and (e.network is None or addr in ipaddress.ip_network(e.network)) for e in eps)
-                got = any(p == proto and f <= port <= l and addr in n for n, p, f, l in boxes)
+                           and (e.network is None or addr in ipaddress.ip_network(e.network))
+                           for e in eps)
+                got = any(p == proto and first <= port <= last and addr in n
+                          for n, p, first, last in boxes)
                 assert got == want
 
 
@@ -365,7 +378,8 @@ def test_denied_packet_reaches_nflog(lab):
 @need_root
 def test_apply_twice_same_state_and_atomic_failure(users):
     service, names = users
-    wanted = service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT, LAB_WORKER_CONNECT))
+    wanted = service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
+                                            LAB_WORKER_CONNECT))
     with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
         nft.apply(wanted, netns=ns)
         first = listing(ns, service)
@@ -388,7 +402,8 @@ def test_delete_table_only_ours(users):
     service, _ = users
     with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
         nft_in(ns, "add table inet othertable; "
-               "add chain inet othertable out { type filter hook output priority 0; policy accept; }; "
+               "add chain inet othertable out "
+               "{ type filter hook output priority 0; policy accept; }; "
                "add rule inet othertable out counter")
         other = nft_in(ns, "list", "table", "inet", "othertable")
         assert not nft.delete_table(service, netns=ns)

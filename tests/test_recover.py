@@ -226,7 +226,8 @@ from corral.recover import commit
 state, upper, base_root = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 spec = types.SimpleNamespace(service="deep", state=state, base_root=Path(base_root),
                              base_version=1)
-resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE,
+                   (int(sys.argv[4]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
 base_fd = os.open(base_root, os.O_RDONLY | os.O_DIRECTORY)
 try:

@@ -273,7 +273,8 @@ def test_status_json_for_a_stopped_service(tmp_path, corral_root, netns, service
     manifest = notes_manifest(tmp_path, service_name)
     corral("install", str(manifest), netns=netns, check=True)
     try:
-        data = json.loads(corral("status", service_name, "--json", check=True).stdout)["services"][0]
+        status = corral("status", service_name, "--json", check=True)
+        data = json.loads(status.stdout)["services"][0]
         assert data["state"] == "down" and data["processes"][0]["state"] == "down"
         assert corral("status", "nosuchsvc").returncode == 2
     finally:
@@ -289,7 +290,8 @@ def test_run_copies_every_line_of_output(tmp_path, corral_root, netns, service_n
     lines = 30000  # ~170 KB
     # `split` writes half a line, pauses past the copy window, then the rest: the two halves
     # arrive in two reads, and must still be shown as one line.
-    split = ("import sys, time\\nfor _ in range(3):\\n    sys.stdout.write('ab'); sys.stdout.flush(); "
+    split = ("import sys, time\\nfor _ in range(3):\\n"
+             "    sys.stdout.write('ab'); sys.stdout.flush(); "
              "time.sleep(0.1); sys.stdout.write('cd\\\\n'); sys.stdout.flush()\\n"
              "sys.stdout.write('no newline at the end')")
     manifest = write_manifest(tmp_path, service_name, f'''

@@ -95,7 +95,8 @@ import resource, sys
 from corral.core import tree
 fd = tree.os.open({str(tmp_path)!r}, tree.DIR_FLAGS)
 used = len(tree.os.listdir("/proc/self/fd"))
-resource.setrlimit(resource.RLIMIT_NOFILE, (used + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE,
+                   (used + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 try:
     n = sum(1 for _ in tree.walk(fd))
 except tree.WalkError as exc:

@@ -224,7 +224,8 @@ class Contained:
                 time.sleep(0.2)
 
     def status(self) -> dict:
-        return json.loads(self.corral("status", self.name, "--json", check=True).stdout)["services"][0]
+        result = self.corral("status", self.name, "--json", check=True)
+        return json.loads(result.stdout)["services"][0]
 
     def app(self) -> dict:
         return self.status()["processes"][0]

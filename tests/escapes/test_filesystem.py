@@ -272,7 +272,7 @@ for name in ("/tmp/script.py",):
     if os.path.exists(name):
         os.unlink(name)
 
-# ---- sharp objects and privileges in the root -----------------------------------------------------
+# ---- sharp objects and privileges in the root ----------------------------------------------------
 @attempt("sharp_objects")
 def _():
     seen = {}
@@ -299,7 +299,7 @@ def _():
                     found.append(os.path.join(parent, name))
     return found
 
-# ---- device nodes ---------------------------------------------------------------------------------
+# ---- device nodes --------------------------------------------------------------------------------
 @attempt("dev_nodes")
 def _():
     nodes = {}

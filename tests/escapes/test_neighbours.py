@@ -19,17 +19,17 @@ SHM_KEY = 0x5EC2E7
 ABSTRACT = "corral-neighbour-" + secrets.token_hex(4)
 
 # Run inside the neighbour: IPC objects and a listening abstract socket, kept while it sleeps.
-NEIGHBOUR_HOLDS = r'''
+NEIGHBOUR_HOLDS = rf'''
 import ctypes, socket, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
-assert libc.shmget(%d, 4096, 0o1666) >= 0  # IPC_CREAT | 0666
-open("/dev/shm/secret", "w").write("%s")
+assert libc.shmget({SHM_KEY}, 4096, 0o1666) >= 0  # IPC_CREAT | 0666
+open("/dev/shm/secret", "w").write("{SECRET}")
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(b"\0%s")
+s.bind(b"\0{ABSTRACT}")
 s.listen()
 print("READY", flush=True)
 time.sleep(30)
-''' % (SHM_KEY, SECRET, ABSTRACT)
+'''
 
 ATTACK = r'''
 N = PARAMS

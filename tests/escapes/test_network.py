@@ -344,10 +344,10 @@ def lan(escape_env):
         listeners.append(far)
         # A control: root's datagrams, which nothing filters, must show on both listeners.
         control = ("import socket, sys\n"
-                   "for family, address in ((socket.AF_INET, ('127.0.0.1', %d)),\n"
-                   "        (socket.AF_INET, ('%s', %d)), (socket.AF_INET6, ('%s', %d))):\n"
-                   "    socket.socket(family, socket.SOCK_DGRAM).sendto(b'control', address)\n"
-                   % (PORT, PEER, PORT, PEER6, PORT))
+                   f"for family, address in ((socket.AF_INET, ('127.0.0.1', {PORT})),\n"
+                   f"        (socket.AF_INET, ('{PEER}', {PORT})),"
+                   f" (socket.AF_INET6, ('{PEER6}', {PORT}))):\n"
+                   "    socket.socket(family, socket.SOCK_DGRAM).sendto(b'control', address)\n")
         subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", control],
                        check=True)
         yield {"host": host, "peer": far, "netns": ns}

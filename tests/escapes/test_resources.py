@@ -71,11 +71,11 @@ def _():
     return open("/proc/self/cgroup", "w").write("0::/")
 '''
 
-FORK_BOMB = r'''
+FORK_BOMB = rf'''
 import errno, json, os, time
 r, w = os.pipe()
 children, error = [], None
-while len(children) < 2 * %d:  # bounded: twice the limit proves a missing limit, harmlessly
+while len(children) < 2 * {PIDS}:  # bounded: twice the limit proves a missing limit, harmlessly
     try:
         pid = os.fork()
     except OSError as exc:
@@ -89,13 +89,13 @@ while len(children) < 2 * %d:  # bounded: twice the limit proves a missing limit
 os.close(w)
 for pid in children:
     os.waitpid(pid, 0)
-print("RESULT", json.dumps({"forked": len(children), "error": error}))
-''' % PIDS
+print("RESULT", json.dumps({{"forked": len(children), "error": error}}))
+'''
 
-THREAD_BOMB = r'''
+THREAD_BOMB = rf'''
 import json, threading
 stop, threads, error = threading.Event(), [], None
-while len(threads) < 2 * %d:
+while len(threads) < 2 * {PIDS}:
     t = threading.Thread(target=stop.wait)
     try:
         t.start()
@@ -106,13 +106,13 @@ while len(threads) < 2 * %d:
 stop.set()
 for t in threads:
     t.join()
-print("RESULT", json.dumps({"threads": len(threads), "error": error}))
-''' % PIDS
+print("RESULT", json.dumps({{"threads": len(threads), "error": error}}))
+'''
 
-MEMORY_BOMB = r'''
+MEMORY_BOMB = rf'''
 chunks = []
 try:
-    for _ in range(2 * %d // (8 << 20)):  # bounded: twice the limit
+    for _ in range(2 * {MEMORY} // (8 << 20)):  # bounded: twice the limit
         chunk = bytearray(8 << 20)
         for i in range(0, len(chunk), 4096):  # touch every page: really use the memory
             chunk[i] = 1
@@ -121,7 +121,7 @@ try:
     print("ALLOCATED-ALL", flush=True)
 except MemoryError:
     print("MemoryError", flush=True)
-''' % MEMORY
+'''
 
 CPU_HOG = r'''
 import json, time
@@ -132,13 +132,13 @@ print("RESULT", json.dumps({"wall": time.monotonic() - start_wall,
                             "cpu": time.process_time() - start_cpu}))
 '''
 
-DISK_BOMB = r'''
+DISK_BOMB = rf'''
 import errno, json, os
 written, error = 0, None
 try:
     with open("/tmp/fill", "wb") as out:
         block = b"x" * (1 << 20)
-        while written < 2 * %d:
+        while written < 2 * {DELTA}:
             out.write(block)
             out.flush()
             written += len(block)
@@ -146,8 +146,8 @@ except OSError as exc:
     error = errno.errorcode[exc.errno]
 finally:
     os.unlink("/tmp/fill")
-print("RESULT", json.dumps({"written": written, "error": error}))
-''' % DELTA
+print("RESULT", json.dumps({{"written": written, "error": error}}))
+'''
 
 
 def result_of(completed) -> dict:
