@@ -170,7 +170,9 @@ class _ExecCommand(click.Command):
         try:
             return super().make_context(*args, **kwargs)
         except click.UsageError as exc:
-            exc.exit_code = EXIT_EXEC_FAILED
+            # click declares exit_code a ClassVar, but its main() reads it from the instance
+            # (sys.exit(e.exit_code)); rewrapping would lose the subclass's message format.
+            exc.exit_code = EXIT_EXEC_FAILED  # type: ignore[misc]
             raise
 
 

@@ -313,7 +313,7 @@ def _fd(frames: list[_Frame], side: int) -> int | None:
     for i in range(start + 1, top + 1):
         parent, frame = frames[i - 1], frames[i]
         try:
-            fd = os.open(frame.name, DIR_FLAGS, dir_fd=parent.fds[side])  # type: ignore[arg-type]
+            fd = os.open(frame.name, DIR_FLAGS, dir_fd=parent.fds[side])
         except OSError as exc:
             if exc.errno in _RACES:
                 return None

@@ -9,6 +9,7 @@ leaves a record of what exists, which the next install or uninstall picks up.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -95,7 +96,7 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
             if not d.exists():
                 d.mkdir(mode=0o700)
                 # Everything inside a directory this run created is this run's own work.
-                undo.push(f"remove {d}", lambda d=d: shutil.rmtree(d))
+                undo.push(f"remove {d}", functools.partial(shutil.rmtree, d))
         undo.push("restore install record",
                   lambda: _save(state, original) if original
                   else (state / RECORD).unlink(missing_ok=True))
@@ -168,7 +169,7 @@ def _install_users(plan: ServicePlan, record: dict[str, Any], report: Report,
             account = existing
         else:
             account = users.create(spec)
-            undo.push(f"remove user {spec.name}", lambda spec=spec: users.remove(spec))
+            undo.push(f"remove user {spec.name}", functools.partial(users.remove, spec))
             report.changes.append(f"created user {spec.name} (uid {account.uid})")
         entries[spec.name] = {"name": spec.name, "process": spec.process,
                               "uid": account.uid, "gid": account.gid}
@@ -198,7 +199,7 @@ def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
     version = next_version(state)
     path = image.build_base(plan, state, version, accounts, show_progress)
     undo.push(f"remove base {version}", lambda: shutil.rmtree(path, ignore_errors=True))
-    undo.push("restore base record", lambda saved=dict(base): record.__setitem__("base", saved))
+    undo.push("restore base record", functools.partial(record.__setitem__, "base", dict(base)))
     # The disk lists what exists, versions made by `base build` and `commit` included.
     record["base"] = {"version": version, "digest": wanted, "versions": versions(state)}
     report.changes.append(f"built base version {version} ({len(plan.image.entries)} entries)")
@@ -289,8 +290,9 @@ def build_next_base(service: str, show_progress: bool = False) -> int:
     if record is None:
         raise UsageError(f"{service}: not installed")
     plan = plan_service(record["manifest"], load_manifest(record["manifest"]))
-    accounts = [(spec.comment, users.lookup(spec.name)) for spec in plan.users]
-    if any(account is None for _, account in accounts):
+    found = [(spec.comment, users.lookup(spec.name)) for spec in plan.users]
+    accounts = [(comment, account) for comment, account in found if account is not None]
+    if len(accounts) < len(found):
         raise RuntimeFailure(f"{service}: a user is missing; run corral install again")
     state = lib_dir(service)
     version = next_version(state)

@@ -132,7 +132,7 @@ def _added(file: str, m: Manifest) -> tuple[AddedEntry, ...]:
             st = os.lstat(source)
         except OSError as exc:
             raise InputError([Problem(file, ("image", "add", dest),
-                                      f'"{src}": {exc.strerror.lower()}')]) from None
+                                      f'"{src}": {(exc.strerror or str(exc)).lower()}')]) from None
         if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise InputError([Problem(file, ("image", "add", dest),
                                       f'"{src}": must be a regular file or a directory')])

@@ -108,7 +108,7 @@ def prune(archives: Path, keep: int) -> None:
 
 
 def list_archives(archives: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     if not archives.is_dir():
         return out
     for path in sorted(p for p in archives.iterdir() if not p.name.startswith(".")):

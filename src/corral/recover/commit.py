@@ -69,8 +69,11 @@ def _fold(upper_fd: int, base_fd: int, dest: Path) -> list[delta.Change]:
         elif stat.S_ISLNK(st.st_mode):
             described = delta.of_entry(entry)
             found.extend(described)
-            os.symlink(described[0].target if described else
-                       os.readlink(entry.name, dir_fd=entry.dir_fd), target)
+            link = described[0].target if described else \
+                os.readlink(entry.name, dir_fd=entry.dir_fd)
+            if link is None:  # of_entry reads a symlink's text: a Change without it is a bug
+                raise tree.WalkError(entry.path, "a symlink described without its target")
+            os.symlink(link, target)
             continue
         else:
             found.extend(delta.of_entry(entry))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypedDict
 
 from corral.core import tree
 from corral.core.text import show
@@ -61,6 +61,20 @@ class Change:
         return self.path.startswith(SENSITIVE_PREFIXES) or self.executable or self.setid
 
 
+class _Common(TypedDict):
+    """The fields of a Change that an added and a modified entry share."""
+
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int | None
+    blake3: str | None
+    target: bytes | None
+    executable: bool
+    setid: bool
+
+
 @dataclass
 class _Entry:
     st: os.stat_result
@@ -83,10 +97,10 @@ def _change(path: bytes, kind_of: str, entry: _Entry, base: _Entry | None) -> Ch
     st = entry.st
     mode = stat.S_IMODE(st.st_mode)
     executable = entry.elf or (stat.S_ISREG(st.st_mode) and bool(mode & 0o111))
-    common = dict(kind=kind_of, mode=mode, uid=st.st_uid, gid=st.st_gid,
-                  size=st.st_size if stat.S_ISREG(st.st_mode) else None,
-                  blake3=entry.blake3, target=entry.target, executable=executable,
-                  setid=bool(mode & 0o6000))
+    common = _Common(kind=kind_of, mode=mode, uid=st.st_uid, gid=st.st_gid,
+                     size=st.st_size if stat.S_ISREG(st.st_mode) else None,
+                     blake3=entry.blake3, target=entry.target, executable=executable,
+                     setid=bool(mode & 0o6000))
     if base is None:
         return Change(path, "added", **common)
     details = []

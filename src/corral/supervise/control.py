@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from corral.core.errors import (
     EXIT_CANNOT_EXECUTE,
@@ -43,7 +43,7 @@ def read_state(service: str) -> dict[str, Any] | None:
         return None
 
 
-def supervisor_alive(state: dict[str, Any] | None) -> bool:
+def supervisor_alive(state: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     if not state or state.get("phase") in ("stopped", "exited", "killed"):
         return False
     pid = state.get("supervisor")
@@ -200,7 +200,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "service": service,
         "state": (state or {}).get("phase", "down") if alive else (ended or "down"),
         "error": (state or {}).get("error") or None if (alive or ended) else None,
-        "supervisor": state.get("supervisor") if alive else None,
+        "supervisor": (state or {}).get("supervisor") if alive else None,
         "base_version": spec.base_version,
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
         "landlock": (state or {}).get("landlock") if alive else None,

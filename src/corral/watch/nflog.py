@@ -71,7 +71,7 @@ MAX_PER_READ = 4096   # events returned by one read(), so a flood cannot starve 
 _HDR = struct.Struct("=IHHII")        # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")        # nfgenmsg: family, version, res_id (big endian, see below)
 _NLA = struct.Struct("=HH")
-_FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 _PROTOS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _IPV6_EXT = {0, 43, 44, 51, 60}       # hop-by-hop, routing, fragment, AH, destination options
 _USER_TTL = 60.0                      # seconds a uid -> name answer is reused
@@ -238,7 +238,7 @@ class EventReader:
         self._users: dict[int, tuple[float, str | None]] = {}
         self._buf = bytearray(1 << 16)
         try:
-            self._sock = _socket_in(netns_fd)
+            self._sock: socket.socket | None = _socket_in(netns_fd)
         except OSError as exc:
             raise EventsError(f"cannot open a netfilter netlink socket: "
                               f"{exc.strerror or exc}") from exc
@@ -250,7 +250,7 @@ class EventReader:
         self._sock.setblocking(False)
 
     def _bind(self) -> None:
-        sock = self._sock
+        sock = self._open()
         try:
             sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)   # SO_RCVBUFFORCE (root)
         except OSError:
@@ -282,7 +282,7 @@ class EventReader:
     def _wait_ack(self, seq: int) -> int:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            data = self._sock.recv(65536)
+            data = self._open().recv(65536)
             off = 0
             while off + _HDR.size <= len(data):
                 length, kind, _, mseq, _ = _HDR.unpack_from(data, off)
@@ -291,8 +291,13 @@ class EventReader:
                 off += max((length + 3) & ~3, _HDR.size)
         raise OSError(errno.ETIMEDOUT, "no answer from nfnetlink_log")
 
+    def _open(self) -> socket.socket:
+        if self._sock is None:
+            raise ValueError("use of a closed EventReader")
+        return self._sock
+
     def fileno(self) -> int:
-        return self._sock.fileno()
+        return self._open().fileno()
 
     def read(self, timeout: float | None = None) -> list[dict]:
         """Events available now, waiting up to `timeout` seconds (None: until there is one) for
@@ -361,8 +366,9 @@ class EventReader:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_sock", None) is not None:
-            self._sock.close()
+        sock = getattr(self, "_sock", None)  # None: closed, or __init__ failed before it
+        if sock is not None:
+            sock.close()
 
 
 def stream(group: int = NFLOG_GROUP, follow: bool = True, *, timeout: float | None = None,

@@ -21,6 +21,7 @@ import re
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,7 +62,7 @@ class Sensor(Protocol):
     def close(self) -> None: ...
 
 
-def _in_initial_netns(make):  # type: ignore[no-untyped-def]
+def _in_initial_netns(make: Callable[[], socket.socket]) -> socket.socket:
     """The kernel multicasts audit records only in the initial network namespace, so the
     socket is made there even when the service (and its supervisor) live in another one."""
     from corral.kernel import syscalls as kernel
@@ -131,7 +132,7 @@ class AuditReader:
         return self._names[nr]
 
     def read(self) -> list[Event]:
-        out = []
+        out: list[Event] = []
         while True:
             try:
                 data = self.sock.recv(65536)

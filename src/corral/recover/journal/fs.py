@@ -120,6 +120,7 @@ class Scan:
             if not stat.S_ISREG(before.st_mode):
                 return self._swapped(dir_fd, name, path)
             # A file of one chunk is hashed once: the chunk's hash is the file's.
+            chunks: list[str]
             whole, chunks, size, first = None, [], 0, b""
             while data := _read_chunk(fd):
                 if chunks:
@@ -276,6 +277,8 @@ def _put(dir_fd: int, name: str, want: Meta, objects: Objects, tmp: str) -> bool
         finally:
             os.close(fd)
     elif want.kind == "symlink":
+        if want.target is None:
+            raise ValueError(f"journal entry {name!r}: a symlink without its target")
         os.symlink(want.target, tmp, dir_fd=dir_fd)
         os.chown(tmp, want.uid, want.gid, dir_fd=dir_fd, follow_symlinks=False)
     elif want.kind == "fifo":

@@ -187,7 +187,7 @@ def fsync_dir(path: Path) -> None:
     fsio.fsync_dir(path, step=point)
 
 
-def syncfs(path: Path) -> None:
+def syncfs(path: str | os.PathLike[str]) -> None:
     """Everything written to the file system holding `path` reaches the disk: one call instead
     of thousands of fsyncs when an epoch stages thousands of objects."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
