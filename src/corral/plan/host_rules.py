@@ -371,11 +371,11 @@ def host_ruleset(spec: HostSpec) -> dict:
             oif = _match(_meta("oifname"), lan.interface)
             iif = _match(_meta("iifname"), lan.interface)
             for version, family in FAMILIES:
-                inbound = _flow(family, "daddr", "dport", f"lan{i}-in{version}")
-                doc.rule("forward", [oif, inbound, _ACCEPT], f"{lan.interface} services' listen")
+                into_lan = _flow(family, "daddr", "dport", f"lan{i}-in{version}")
+                doc.rule("forward", [oif, into_lan, _ACCEPT], f"{lan.interface} services' listen")
             for version, family in FAMILIES:
-                outbound = _flow(family, "daddr", "dport", f"lan{i}-out{version}")
-                doc.rule("forward", [iif, outbound, _ACCEPT],
+                out_of_lan = _flow(family, "daddr", "dport", f"lan{i}-out{version}")
+                doc.rule("forward", [iif, out_of_lan, _ACCEPT],
                          f"{lan.interface} services' connect")
     doc.deny("forward", [], "undeclared")
     return {"nftables": doc.cmds}
