@@ -1,0 +1,95 @@
+"""`corral export systemd|kubernetes|oci NAME|FILE [--out DIR]` and `corral graph`: the same
+containment for other runners, and a picture of it.
+
+Attach with `main.add_command(export)`. Only click is imported here. Without --out a text export
+is printed to stdout (several files each under a `# ==> FILE <==` line); what the target cannot
+express always goes to stderr, and into --json as `lost`. Exit codes: 0 done, 2 bad input
+(nothing written), 1 run-time failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from corral.cli.base import is_file
+from corral.cli.common import handled, print_json
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON object: the files written (or their text) and what "
+                                "the target cannot express.")
+out_option = click.option("--out", "out", metavar="DIR",
+                          help="Write the files into DIR (created if missing) instead of "
+                               "printing them.")
+
+
+def _source(target: str) -> Any:
+    from corral.export.source import load_source
+
+    return load_source(target, is_file(target))
+
+
+def _out_dir(out: str) -> Path:
+    from corral.core.errors import UsageError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
+    return path
+
+
+def _emit(files: dict[str, str], lost: dict[str, list[str]], out: str | None, as_json: bool,
+          extra: dict[str, Any] | None = None) -> None:
+    """Write or print the files; report what is lost. The directory is checked before anything
+    is written, so bad input changes nothing."""
+    written: list[str] = []
+    if out is not None:
+        directory = _out_dir(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (directory / name).write_text(text)
+            written.append(str(directory / name))
+    if as_json:
+        data: dict[str, Any] = {"files": written} if out is not None else {"files": files}
+        print_json({**data, "lost": lost, **(extra or {})})
+        return
+    if out is None:
+        for name, text in files.items():
+            if len(files) > 1:
+                click.echo(f"# ==> {name} <==")
+            click.echo(text, nl=False)
+    else:
+        for path in written:
+            click.echo(f"wrote {path}")
+    for where, items in lost.items():
+        click.echo(f"{where}: cannot express:", err=True)
+        for item in items:
+            click.echo(f"  - {item}", err=True)
+
+
+@click.group("export")
+def export() -> None:
+    """The manifest's containment for other runners: systemd, Kubernetes, an OCI image."""
+
+
+@export.command("systemd")
+@click.argument("target", metavar="NAME|FILE")
+@out_option
+@json_option
+@handled
+def export_systemd(target: str, out: str | None, as_json: bool) -> None:
+    """A hardened .service unit per process (systemd alone contains it)."""
+    from corral.export import systemd
+
+    src = _source(target)
+    files = systemd.export(src)
+    lost = {systemd.unit_name(src.manifest, p): systemd.lost(src.manifest, p)
+            for p in src.manifest.process}
+    _emit(files, lost, out, as_json)
+
+
+def _stdout_is_terminal() -> bool:
+    return os.isatty(sys.stdout.fileno())
