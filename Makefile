@@ -5,6 +5,9 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
                 bubblewrap ca-certificates strace dnsmasq-base
+# Only the tests need these: the exports are run for real (systemd-analyze comes with systemd;
+# podman with runc, slirp4netns and catatonit runs the Kubernetes export).
+TEST_PACKAGES := podman runc slirp4netns catatonit
 STAMP := $(VENV)/.corral-installed
 
 .PHONY: demo test lint layers system venv bench clean
@@ -13,6 +16,7 @@ demo: venv
 	bash examples/demo.sh
 
 test: venv
+	@$(MAKE) --no-print-directory system APT_PACKAGES="$(TEST_PACKAGES)"
 	$(VENV)/bin/python -m pytest -q tests
 
 # Style and bugs (ruff), types (mypy), the pipeline's layers (import-linter, contract in

@@ -8,8 +8,6 @@ express always goes to stderr, and into --json as `lost`. Exit codes: 0 done, 2 
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,5 +89,36 @@ def export_systemd(target: str, out: str | None, as_json: bool) -> None:
     _emit(files, lost, out, as_json)
 
 
-def _stdout_is_terminal() -> bool:
-    return os.isatty(sys.stdout.fileno())
+
+
+@export.command("kubernetes")
+@click.argument("target", metavar="NAME|FILE")
+@out_option
+@json_option
+@handled
+def export_kubernetes(target: str, out: str | None, as_json: bool) -> None:
+    """A Pod, its volume claims, a Service, a NetworkPolicy and seccomp profiles."""
+    from corral.export import kubernetes
+
+    src = _source(target)
+    _emit(kubernetes.export(src), {f"{src.manifest.name}.yaml": list(kubernetes.LOST)}, out,
+          as_json, {"image": kubernetes.image_ref(src)})
+
+
+@export.command("oci")
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--out", "out", metavar="DIR", default=".", show_default=True,
+              help="Write the archive into DIR.")
+@json_option
+@handled
+def export_oci(target: str, out: str, as_json: bool) -> None:
+    """The installed base image as a tar archive for `podman import`."""
+    from corral.export import kubernetes, oci
+
+    src = _source(target)
+    path = oci.write_archive(src, _out_dir(out))
+    if as_json:
+        print_json({"file": str(path), "image": kubernetes.image_ref(src)})
+    else:
+        click.echo(f"wrote {path}; import it with: podman import {path} "
+                   f"{kubernetes.image_ref(src)}")

@@ -27,6 +27,7 @@ class Source:
     installed: bool  # NAME was installed here (uids and base version are the host's)
     base_version: int
     uids: dict[str, int]  # process -> uid
+    gids: dict[str, int]  # process -> gid of its own group
 
     @property
     def base_root(self) -> Path:
@@ -59,14 +60,15 @@ def load_source(target: str, is_file: bool) -> Source:
         m = load_manifest(file)
     # Only an installed service's users are looked up: a user of that name on a host where it
     # is not installed is not its user, and the export of a FILE must not vary by host.
-    uids = {}
+    uids, gids = {}, {}
     for i, process in enumerate(m.process):
-        uids[process] = FALLBACK_UID + i
+        uids[process] = gids[process] = FALLBACK_UID + i
         if record is not None:
             try:
-                uids[process] = pwd.getpwnam(m.user_of(process)).pw_uid
+                entry = pwd.getpwnam(m.user_of(process))
             except KeyError:
-                pass
+                continue
+            uids[process], gids[process] = entry.pw_uid, entry.pw_gid
     version = (record or {}).get("base", {}).get("version", 1)
     return Source(manifest=m, file=file, installed=record is not None,
-                  base_version=int(version), uids=uids)
+                  base_version=int(version), uids=uids, gids=gids)

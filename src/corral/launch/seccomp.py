@@ -79,7 +79,7 @@ def _bits(mask: int) -> list[int]:
     return [1 << i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
-def _not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
+def not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
     """(mask, datum) pairs, one per rule, whose union is "low 32 bits not in values".
 
     libseccomp has no masked "not equal", and NE compares all 64 bits (so 0x1_00005412 would
@@ -164,7 +164,7 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
         if "clone" in listed:
             add(pyseccomp.ALLOW, "clone", Arg(0, MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))
         if "ioctl" in listed:
-            for mask, datum in _not_in_low32(TTY_INJECTION):
+            for mask, datum in not_in_low32(TTY_INJECTION):
                 add(pyseccomp.ALLOW, "ioctl", Arg(1, MASKED_EQ, mask, datum))
     return Filters(filt, quiet)
 
