@@ -602,8 +602,9 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
         inside = set().union(*(changed(i) for i in range(first, last + 1)))
         after = set().union(set(), *(changed(i) for i in range(last + 1, n + 1)))
         conflicts = {os.fsencode(c["path"]) for c in result["conflicts"]}
+        merged = {os.fsencode(m["path"]) for m in result["merged"]}
         forced = {os.fsencode(f["path"]) for f in result["forced"]}
-        assert conflicts == inside & after
+        assert conflicts | merged == inside & after and not conflicts & merged
         replay = dict(snaps[first - 1])
         for i in range(last + 1, n + 1):
             for path in changed(i):
@@ -613,8 +614,17 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
                     replay.pop(path, None)
         final = tree(vol)
         for path in final.keys() | replay.keys() | snaps[n].keys():
+            versions = [snaps[first - 1].get(path), snaps[last].get(path), snaps[n].get(path)]
             if path in forced:
                 expected = snaps[n].get(path)  # kept at its later value for the tree's sake
+            elif path in inside & after and all(v and v[0] == "file" for v in versions):
+                # a file in all three versions: merged (these contents are one line each, so
+                # a line merge is a whole-value three-way merge, or byte ranges when appended)
+                (_, *old), (_, *end), (_, *now) = versions
+                mode, mode_clash = three_way(old[0], end[0], now[0], prefer)
+                data, data_clash = three_way(old[1], end[1], now[1], prefer, appends=True)
+                expected = ("file", mode, data)
+                assert (path in conflicts) == (mode_clash or data_clash), path
             elif path in conflicts:
                 expected = snaps[first - 1 if prefer == "before" else n].get(path)
             else:
@@ -622,6 +632,17 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
             assert final.get(path) == expected, path
         assert j.check()["problems"] == []
         assert j.close_epoch("schedule") is None  # the journal describes the volume exactly
+
+
+def three_way(before, end, now, prefer, appends=False):
+    """The oracle for one value: (result, conflict?)."""
+    if appends and end.startswith(before) and now.startswith(end):
+        return before + now[len(end):], False
+    if now == end:
+        return before, False
+    if before in (end, now):
+        return now, False
+    return (before if prefer == "before" else now), True
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -151,10 +151,31 @@ def _epochs(ids: list[int]) -> str:
 
 
 def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
-    return [f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
-            f"{_epochs(c['after'])}; kept its "
-            f"{'later' if c['kept'] == 'after' else 'pre-stretch'} version; review it"
-            for c in conflicts]
+    out = []
+    for c in conflicts:
+        kept = 'later' if c['kept'] == 'after' else 'pre-stretch'
+        where = f"{len(c['regions'])} region(s) of lines" if c.get("regions") else \
+            f"its {', '.join(c['fields'])}" if c.get("fields") else "the whole file"
+        out.append(f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
+                   f"{_epochs(c['after'])}; {where}: kept the {kept} version; review it")
+        for region in c.get("regions") or ():
+            out.append(f"    at line {region['line']}:")
+            for side, label in (("before_stretch", "before"), ("stretch", "stretch"),
+                                ("later", "later")):
+                for line in region[side]["lines"]:
+                    out.append(f"      {label:<7} | {escape_controls(line)}")
+                if region[side].get("more_lines"):
+                    out.append(f"      {label:<7} | ... {region[side]['more_lines']} more")
+    return out
+
+
+def _merged_lines(merged: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for m in merged:
+        what = f"the stretch's {m['removed_bytes']} appended byte(s) cut out" \
+            if m["how"] == "append" else f"{m['undone_regions']} region(s) of lines undone"
+        out.append(f"  merged    {m['path']}: {what}; later changes kept")
+    return out
 
 
 @state.command()
@@ -178,7 +199,8 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
     if "excised" in record:
         span = record["excised"]
         click.echo(f"  excised epochs {span['from']}..{span['to']}")
-        for line in _conflict_lines(record["conflicts"]):
+        for line in _merged_lines(record.get("merged", [])) + \
+                _conflict_lines(record["conflicts"]):
             click.echo(line)
     for change in record["changes"]:
         details = f" ({', '.join(change['details'])})" if change.get("details") else ""
@@ -214,7 +236,7 @@ def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: st
     for change in result["changes"]:
         verb = {"added": "restored", "deleted": "removed", "modified": "restored"}
         click.echo(f"  {verb[change['change']]:<9} {change['path']}")
-    for line in _conflict_lines(result["conflicts"]):
+    for line in _merged_lines(result["merged"]) + _conflict_lines(result["conflicts"]):
         click.echo(line)
     for forced in result["forced"]:
         click.echo(f"  KEPT      {forced['path']}: needed by {forced['needed_by']['path']}")
