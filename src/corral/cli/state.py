@@ -18,7 +18,7 @@ import click
 
 from corral.cli.base import need_root, service_name
 from corral.cli.common import handled, print_json, table
-from corral.core.errors import EXIT_CHECK, RuntimeFailure, UsageError, escape_controls
+from corral.core.errors import EXIT_CHECK, UsageError, escape_controls
 
 
 def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
@@ -213,35 +213,79 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
               help="First epoch of the stretch to take out.")
 @click.option("--to", type=int, metavar="EPOCH", help="Last epoch of it (default: the latest).")
 @click.option("--prefer", type=click.Choice(["before", "after"]),
-              help="For a file changed inside the stretch and after it: its version before "
-                   "the stretch, or its later one (the default; listed for review either way).")
+              help="For lines (or a binary file) changed inside the stretch and after it: "
+                   "their version before the stretch, or the later one (the default; listed "
+                   "for review either way).")
+@click.option("--dry-run", is_flag=True,
+              help="Close the open epoch and print the plan; change nothing in the volume.")
 @volume_option
 @json_option
 @handled
-def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: str | None,
-           as_json: bool) -> None:
-    """Take a stretch of epochs out of the volume and keep everything after it."""
+def excise(name: str, from_: int, to: int | None, prefer: str | None, dry_run: bool,
+           volume: str | None, as_json: bool) -> None:
+    """Take a stretch of epochs out of the volume and keep everything after it. On a running
+    service its processes are frozen meanwhile, then restarted (resumed if nothing changed)."""
     need_root("writes the service's journal")
     name = service_name(name)
+    from corral.recover.journal.config import freezer
+
     spec, found, _ = _volumes(name, volume, one=True)
-    if _running(name):
-        raise RuntimeFailure(f"{name}: running; an excision rewrites its volume: stop it first "
-                             f"(corral down {name}), nothing was changed")
-    result = _journal(spec, found[0]).excise(from_, to, prefer, stopped=True)
+    journal = _journal(spec, found[0])
+    running = _running(name)
+    if dry_run:
+        if running:  # the plan's own close then finds little left to read
+            journal.close_epoch("mark", note="closed before an excision",
+                                freeze=freezer(spec))
+        result = journal.excise(from_, to, prefer, dry_run=True)
+    elif running:
+        from corral.recover.journal.online import excise_running
+
+        result = excise_running(journal, spec, from_, to, prefer)
+        if result["processes"] == "restarted":
+            result["back"] = _wait_restarted(name, running)
+    else:
+        result = journal.excise(from_, to, prefer, stopped=True)
     if as_json:
         print_json({"service": name, "volume": found[0].path, **result})
         return
-    click.echo(f"{name} {found[0].path}: excised epochs {result['from']}..{result['to']} as "
-               f"epoch {result['epoch']} ({len(result['changes'])} path(s) changed)")
+    what = f"would excise epochs {result['from']}..{result['to']}" if dry_run else \
+        f"excised epochs {result['from']}..{result['to']} as epoch {result['epoch']}"
+    click.echo(f"{name} {found[0].path}: {what} ({len(result['changes'])} path(s) "
+               f"{'to change' if dry_run else 'changed'})")
     for change in result["changes"]:
-        verb = {"added": "restored", "deleted": "removed", "modified": "restored"}
-        click.echo(f"  {verb[change['change']]:<9} {change['path']}")
+        merged = {m["path"] for m in result["merged"]}
+        conflicts = {c["path"] for c in result["conflicts"]}
+        if change["path"] in merged | conflicts:
+            continue  # said below
+        verb = {"added": "restore", "deleted": "remove", "modified": "restore"}[change["change"]]
+        click.echo(f"  {verb + ('' if dry_run else 'd'):<9} {change['path']}")
     for line in _merged_lines(result["merged"]) + _conflict_lines(result["conflicts"]):
         click.echo(line)
     for forced in result["forced"]:
         click.echo(f"  KEPT      {forced['path']}: needed by {forced['needed_by']['path']}")
     for path in result["not_restored"]:
         click.echo(f"  NOT RESTORED {path}: a socket or device cannot be restored")
+    if "processes" in result:
+        why = "they may hold the excised data in memory or the replaced files open" \
+            if result["processes"] == "restarted" else "the excision changed nothing"
+        click.echo(f"  processes {result['processes']} ({why}); frozen "
+                   f"{result['frozen_ms']:.0f} ms")
+
+
+def _wait_restarted(name: str, before: dict[str, Any], timeout: float = 30.0) -> bool:
+    """Whether every process the supervisor ran before is running again, with a new pid
+    (it restarts a killed process after its back-off, 1 s the first time)."""
+    import time
+
+    old = {p: (s or {}).get("pid") for p, s in (before.get("processes") or {}).items()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = (_running(name) or {}).get("processes") or {}
+        if all((now.get(p) or {}).get("state") == "running" and
+               (now.get(p) or {}).get("pid") not in (None, pid) for p, pid in old.items()):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @state.command()
@@ -281,7 +325,11 @@ def check(name: str, volume: str | None, as_json: bool) -> None:
     """Verify the journal: hash chain, objects, head (exit 3 on a problem)."""
     need_root("writes the service's journal")
     name = service_name(name)
+    from corral.recover.journal.online import settle
+
     spec, found, _ = _volumes(name, volume)
+    for vol in found:  # an online excision killed half way: finish it, restart its processes
+        settle(_journal(spec, vol), spec)
     result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
     bad = any(item["problems"] for item in result)
     if as_json:

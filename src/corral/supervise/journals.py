@@ -41,6 +41,7 @@ class Journals:
         if not self.open:
             return False
         from corral.recover.journal.config import freezer
+        from corral.recover.journal.online import settle
 
         now = time.monotonic()
         changed = False
@@ -51,6 +52,8 @@ class Journals:
             entry[2] = now + (vol.epoch or DEFAULT_EPOCH)
             hint = {"process": vol.owner, "pid": writer_pid(vol.owner)}
             try:
+                if running and (done := settle(journal, self.spec)):
+                    log.warning(f"journal {vol.path}: {done}")
                 journal.close_epoch(reason, incidents=incidents, writer_hint=hint,
                                     freeze=freezer(self.spec) if running else None,
                                     wait=not due_only)

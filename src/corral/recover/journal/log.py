@@ -247,6 +247,14 @@ class Log:
             return self._close(reason, note, list(incidents), writer_hint, freeze,
                                skip_empty=reason == "schedule")
 
+    def close_locked(self, reason: str, note: str | None = None,
+                     freeze: Freeze | None = None) -> int | None:
+        """A close that records nothing when nothing changed, for a caller holding the lock
+        (journal.online, before an excision)."""
+        if self.head() is None:
+            self._init(freeze)
+        return self._close(reason, note, [], None, freeze, skip_empty=True)
+
     def _close(self, reason: str, note: str | None, incidents: list[str],
                writer: dict[str, Any] | None, freeze: Freeze | None,
                skip_empty: bool) -> int | None:
