@@ -119,7 +119,8 @@ def test_online_excision_freezes_excises_and_restarts(tmp_path):
         assert result["processes"] == "restarted" and result["conflicts"] == []
         assert [m["path"] for m in result["merged"]] == ["notes"]
         assert svc.writer.wait(5) == -9  # killed while frozen, for the supervisor to restart
-        assert not svc.group.stats()["frozen"] and not (svc.spec.run / "excise-frozen.json").exists()
+        assert not svc.group.stats()["frozen"]
+        assert not (svc.spec.run / "excise-frozen.json").exists()
         assert_nothing_lost(svc, j, excised=True)
         assert j.check()["problems"] == [] and j.close_epoch("schedule") is None
     finally:
@@ -173,7 +174,8 @@ def test_online_excision_survives_a_kill_anywhere(tmp_path):
                 rsvc.start(first=n * 1_000_000)
                 j = Journal(rsvc.state, "v")
                 killed, report = in_child(
-                    lambda: excise_running(j, rsvc.spec, 2, 2, None), crash_after=n)
+                    lambda j=j, spec=rsvc.spec: excise_running(j, spec, 2, 2, None),
+                    crash_after=n)
                 assert killed, report
                 settle(j, rsvc.spec)  # what `corral state check` does first
                 assert not (rsvc.spec.run / "excise-frozen.json").exists()
