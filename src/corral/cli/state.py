@@ -11,6 +11,7 @@ around the scan when the service runs, exactly as the supervisor does.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -238,8 +239,9 @@ def excise(name: str, from_: int, to: int | None, prefer: str | None, dry_run: b
                                 freeze=freezer(spec))
         result = journal.excise(from_, to, prefer, dry_run=True)
     elif running:
-        from corral.recover.journal.online import excise_running
+        from corral.recover.journal.online import excise_running, through_service
 
+        through_service(journal, spec, found[0].path, running["supervisor"])
         result = excise_running(journal, spec, from_, to, prefer)
         if result["processes"] == "restarted":
             result["back"] = _wait_restarted(name, running)
@@ -325,11 +327,16 @@ def check(name: str, volume: str | None, as_json: bool) -> None:
     """Verify the journal: hash chain, objects, head (exit 3 on a problem)."""
     need_root("writes the service's journal")
     name = service_name(name)
-    from corral.recover.journal.online import settle
+    from corral.recover.journal.config import EXCISE_MARK
+    from corral.recover.journal.online import settle, through_service
 
     spec, found, _ = _volumes(name, volume)
+    running = _running(name)
     for vol in found:  # an online excision killed half way: finish it, restart its processes
-        settle(_journal(spec, vol), spec)
+        journal = _journal(spec, vol)
+        if running and os.path.exists(os.path.join(spec.run, EXCISE_MARK)):
+            through_service(journal, spec, vol.path, running["supervisor"])
+        settle(journal, spec)
     result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
     bad = any(item["problems"] for item in result)
     if as_json:

@@ -4,6 +4,7 @@ stops the watcher: its error is logged and shown by `corral status` until an epo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,9 @@ class Journals:
 
         for vol in volumes:
             journal = Journal(self.spec, vol.store)
+            mount = self.spec.root / vol.path.lstrip("/")  # the service's view of it
+            if os.path.ismount(mount):  # an excision finished here writes through it
+                journal.write_root = mount
             journal.recover()
             journal.ensure()
             self.open.append([journal, vol, time.monotonic() + (vol.epoch or DEFAULT_EPOCH)])

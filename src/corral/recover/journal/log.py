@@ -92,6 +92,11 @@ class Log:
         self._observed: dict[str, Any] = {}
         self._unsaved_reads = 0  # files read since the cache was last written
         self.last_scan: dict[str, Any] = {}  # what the last close read and stored
+        # Where an excision writes: the volume directory, or, while the service runs, its
+        # mount of the volume (an overlay whose upper layer is that directory: writing the
+        # upper layer under a mounted overlay is undefined, and the service would keep
+        # seeing the old files). See journal.online.
+        self.write_root: Path | None = None
 
     # -- files ------------------------------------------------------------------------------
 
@@ -460,7 +465,7 @@ class Log:
         excise.json) after a crash until it has been done once completely."""
         record = intent["record"]
         target = {path_from_json(c): meta_from_json(c["after"]) for c in record["changes"]}
-        not_restored = restore(self.volume, self.objects, target)
+        not_restored = restore(self.write_root or self.volume, self.objects, target)
         in_memory = self._tag == (head["epoch"], head["hash"])
         self._commit_record(head, record)
         unlink_durable([self.dir / INTENT])

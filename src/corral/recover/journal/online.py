@@ -36,6 +36,25 @@ from corral.recover.journal.config import freezer
 from corral.recover.journal.store import encode, point, unlink_durable, write_durable
 
 
+def through_service(journal: Any, spec: Any, volume_path: str, supervisor: int) -> bool:
+    """Make `journal` write through the running service's mount of its volume: join the
+    supervisor's mount namespace (the overlays live there, and the processes' namespaces are
+    copies of it sharing the same overlay) and point write_root at the mount. Irreversible
+    for this process: for a one-shot command. False if the volume is not mounted there."""
+    from corral.kernel import syscalls
+
+    fd = os.open(f"/proc/{supervisor}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.setns(fd, syscalls.CLONE_NEWNS)
+    finally:
+        os.close(fd)
+    mount = Path(spec.root) / volume_path.lstrip("/")
+    if not os.path.ismount(mount):
+        return False
+    journal.write_root = mount
+    return True
+
+
 def _groups(spec: Any, names: list[str] | None = None) -> list[Any]:
     from corral.launch import cgroup
 
