@@ -141,14 +141,17 @@ post "good note after the attack"
 echo "  closed epoch $(in_ns "$CORRAL" state mark notes --note "more good work")"
 in_ns "$CORRAL" state log notes
 bad=$(in_ns "$CORRAL" state log notes --json | python3 -c 'import json, sys; epochs = json.load(sys.stdin)["volumes"][0]["epochs"]; print([e["id"] for e in epochs if e.get("incidents")][-1])')
-bold "   corral down, then excise epoch $bad (the attack's stretch): later good work is kept"
-in_ns "$CORRAL" down notes
+bold "   excise epoch $bad (the attack's stretch) while the service runs: a dry run first"
+in_ns "$CORRAL" state excise notes --from "$bad" --to "$bad" --dry-run
+bold "   then for real: frozen, excised line by line, restarted; later good work is kept"
 in_ns "$CORRAL" state excise notes --from "$bad" --to "$bad"
 ls "$CORRAL_ROOT/var/lib/corral/notes/volumes/srv-notes/"
-cat "$CORRAL_ROOT/var/lib/corral/notes/volumes/srv-notes/notes.jsonl"
+for _ in $(seq 50); do in_ns python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:8080/notes", timeout=1)' 2>/dev/null && break; sleep 0.1; done
+in_ns python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/notes", timeout=5).read().decode().strip())'
 in_ns "$CORRAL" state check notes
 
 bold "10. After corral down: no process, delta, mount or cgroup is left; the volume stays"
+in_ns "$CORRAL" down notes
 in_ns "$CORRAL" status notes
 
 bold "11. corral uninstall --purge: the host is as it was"

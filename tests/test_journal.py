@@ -602,8 +602,9 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
         inside = set().union(*(changed(i) for i in range(first, last + 1)))
         after = set().union(set(), *(changed(i) for i in range(last + 1, n + 1)))
         conflicts = {os.fsencode(c["path"]) for c in result["conflicts"]}
+        merged = {os.fsencode(m["path"]) for m in result["merged"]}
         forced = {os.fsencode(f["path"]) for f in result["forced"]}
-        assert conflicts == inside & after
+        assert conflicts | merged == inside & after and not conflicts & merged
         replay = dict(snaps[first - 1])
         for i in range(last + 1, n + 1):
             for path in changed(i):
@@ -613,8 +614,17 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
                     replay.pop(path, None)
         final = tree(vol)
         for path in final.keys() | replay.keys() | snaps[n].keys():
+            versions = [snaps[first - 1].get(path), snaps[last].get(path), snaps[n].get(path)]
             if path in forced:
                 expected = snaps[n].get(path)  # kept at its later value for the tree's sake
+            elif path in inside & after and all(v and v[0] == "file" for v in versions):
+                # a file in all three versions: merged (these contents are one line each, so
+                # a line merge is a whole-value three-way merge, or byte ranges when appended)
+                (_, *old), (_, *end), (_, *now) = versions
+                mode, mode_clash = three_way(old[0], end[0], now[0], prefer)
+                data, data_clash = three_way(old[1], end[1], now[1], prefer, appends=True)
+                expected = ("file", mode, data)
+                assert (path in conflicts) == (mode_clash or data_clash), path
             elif path in conflicts:
                 expected = snaps[first - 1 if prefer == "before" else n].get(path)
             else:
@@ -622,6 +632,17 @@ def check_excision(epochs: list[list[tuple]], data, initial: dict[str, bytes]) -
             assert final.get(path) == expected, path
         assert j.check()["problems"] == []
         assert j.close_epoch("schedule") is None  # the journal describes the volume exactly
+
+
+def three_way(before, end, now, prefer, appends=False):
+    """The oracle for one value: (result, conflict?)."""
+    if appends and end.startswith(before) and now.startswith(end):
+        return before + now[len(end):], False
+    if now == end:
+        return before, False
+    if before in (end, now):
+        return now, False
+    return (before if prefer == "before" else now), True
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -732,19 +753,31 @@ def test_cli_mark_log_diff_excise_commit_check(installed):
     assert result.exit_code == 3 and json.loads(result.stdout)["ok"] is False
 
 
-def test_cli_refuses_to_excise_a_running_service(installed):
+def test_cli_excises_from_a_running_service_and_dry_runs(installed):
     from corral.core.paths import run_dir
 
+    vol = installed.state / "volumes/srv-data"
+    put(vol, "log", b"good 1\n")
     invoke("mark", "tstjournal")
-    # supervisor_alive() looks for "corral" in the pid's command line
+    put(vol, "log", b"good 1\nJUNK\n")
+    invoke("mark", "tstjournal")
+    put(vol, "log", b"good 1\nJUNK\ngood 2\n")
+    # supervisor_alive() looks for "corral" in the pid's command line; no process cgroup
+    # exists, so there is nothing to freeze and nothing to restart
     fake = subprocess.Popen(["bash", "-c", "exec -a corral-fake-supervisor sleep 30"])
     try:
         time.sleep(0.1)
         run_dir("tstjournal").mkdir(parents=True, exist_ok=True)
         (run_dir("tstjournal") / "state.json").write_text(json.dumps(
             {"phase": "running", "supervisor": fake.pid, "processes": {}}))
-        result = invoke("excise", "tstjournal", "--from", "1")
-        assert result.exit_code == 1 and "stop it first" in result.output
+        plan = invoke("excise", "tstjournal", "--from", "2", "--to", "2", "--dry-run")
+        assert plan.exit_code == 0 and "would excise epochs 2..2" in plan.output
+        assert "merged    log: the stretch's 5 appended byte(s) cut out" in plan.output
+        assert (vol / "log").read_bytes() == b"good 1\nJUNK\ngood 2\n"
+        result = invoke("excise", "tstjournal", "--from", "2", "--to", "2", "--json")
+        doc = json.loads(result.output)
+        assert doc["processes"] == "resumed" and doc["merged"][0]["how"] == "append"
+        assert (vol / "log").read_bytes() == b"good 1\ngood 2\n"
     finally:
         os.kill(fake.pid, signal.SIGKILL)
         fake.wait()

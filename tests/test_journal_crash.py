@@ -155,6 +155,9 @@ def template(root: Path, incidents: bool = False) -> Path:
     vol = state / "volumes/v"
     vol.mkdir(parents=True)
     fill(vol, 1)
+    page = [f"line {i}\n".encode() for i in range(10)]
+    (vol / "notes.jsonl").write_bytes(b'{"text": "good 1"}\n')
+    (vol / "page.html").write_bytes(b"".join(page))
     j = Journal(state, "v")
     j.ensure()
     modify(vol, 2)
@@ -163,7 +166,15 @@ def template(root: Path, incidents: bool = False) -> Path:
         (vol / "d/f4").write_bytes(b"defaced")
         (vol / "backdoor").write_bytes(b"#!/bin/sh\n")
         (vol / "big").write_bytes(b"truncated by the attacker")
+        with open(vol / "notes.jsonl", "ab") as handle:
+            handle.write(b'{"text": "ATTACKER"}\n')
+        page[2] = b"<script>defaced</script>\n"
+        (vol / "page.html").write_bytes(b"".join(page))
         j.close_epoch("incident", incidents=["inc-1"])
+    with open(vol / "notes.jsonl", "ab") as handle:  # merged at excision: by byte ranges
+        handle.write(b'{"text": "good 2"}\n')
+    page[7] = b"line 7, edited later\n"  # and by lines
+    (vol / "page.html").write_bytes(b"".join(page))
     modify(vol, 3)
     j.close_epoch("schedule")
     return state
@@ -225,9 +236,13 @@ def test_excise_survives_a_kill_anywhere(workdir):
     tpl = template(workdir, incidents=True)
     probe = fresh(workdir, tpl, 999)
     pre = volume_view(probe / "volumes/v")
-    Journal(probe, "v").excise(2, 2, stopped=True)
+    result = Journal(probe, "v").excise(2, 2, stopped=True)
+    assert {m["path"] for m in result["merged"]} == {"notes.jsonl", "page.html"}
     done = volume_view(probe / "volumes/v")
     assert done != pre
+    assert (probe / "volumes/v/notes.jsonl").read_bytes() == \
+        b'{"text": "good 1"}\n{"text": "good 2"}\n'
+    assert b"defaced" not in (probe / "volumes/v/page.html").read_bytes()
     shutil.rmtree(probe)
 
     interrupted = []

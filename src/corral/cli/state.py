@@ -11,6 +11,7 @@ around the scan when the service runs, exactly as the supervisor does.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -18,7 +19,7 @@ import click
 
 from corral.cli.base import need_root, service_name
 from corral.cli.common import handled, print_json, table
-from corral.core.errors import EXIT_CHECK, RuntimeFailure, UsageError, escape_controls
+from corral.core.errors import EXIT_CHECK, UsageError, escape_controls
 
 
 def _volumes(name: str, volume: str | None, one: bool = False) -> tuple[Any, list[Any], int]:
@@ -151,10 +152,31 @@ def _epochs(ids: list[int]) -> str:
 
 
 def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
-    return [f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
-            f"{_epochs(c['after'])}; kept its "
-            f"{'later' if c['kept'] == 'after' else 'pre-stretch'} version; review it"
-            for c in conflicts]
+    out = []
+    for c in conflicts:
+        kept = 'later' if c['kept'] == 'after' else 'pre-stretch'
+        where = f"{len(c['regions'])} region(s) of lines" if c.get("regions") else \
+            f"its {', '.join(c['fields'])}" if c.get("fields") else "the whole file"
+        out.append(f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
+                   f"{_epochs(c['after'])}; {where}: kept the {kept} version; review it")
+        for region in c.get("regions") or ():
+            out.append(f"    at line {region['line']}:")
+            for side, label in (("before_stretch", "before"), ("stretch", "stretch"),
+                                ("later", "later")):
+                for line in region[side]["lines"]:
+                    out.append(f"      {label:<7} | {escape_controls(line)}")
+                if region[side].get("more_lines"):
+                    out.append(f"      {label:<7} | ... {region[side]['more_lines']} more")
+    return out
+
+
+def _merged_lines(merged: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for m in merged:
+        what = f"the stretch's {m['removed_bytes']} appended byte(s) cut out" \
+            if m["how"] == "append" else f"{m['undone_regions']} region(s) of lines undone"
+        out.append(f"  merged    {m['path']}: {what}; later changes kept")
+    return out
 
 
 @state.command()
@@ -178,7 +200,8 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
     if "excised" in record:
         span = record["excised"]
         click.echo(f"  excised epochs {span['from']}..{span['to']}")
-        for line in _conflict_lines(record["conflicts"]):
+        for line in _merged_lines(record.get("merged", [])) + \
+                _conflict_lines(record["conflicts"]):
             click.echo(line)
     for change in record["changes"]:
         details = f" ({', '.join(change['details'])})" if change.get("details") else ""
@@ -191,35 +214,80 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
               help="First epoch of the stretch to take out.")
 @click.option("--to", type=int, metavar="EPOCH", help="Last epoch of it (default: the latest).")
 @click.option("--prefer", type=click.Choice(["before", "after"]),
-              help="For a file changed inside the stretch and after it: its version before "
-                   "the stretch, or its later one (the default; listed for review either way).")
+              help="For lines (or a binary file) changed inside the stretch and after it: "
+                   "their version before the stretch, or the later one (the default; listed "
+                   "for review either way).")
+@click.option("--dry-run", is_flag=True,
+              help="Close the open epoch and print the plan; change nothing in the volume.")
 @volume_option
 @json_option
 @handled
-def excise(name: str, from_: int, to: int | None, prefer: str | None, volume: str | None,
-           as_json: bool) -> None:
-    """Take a stretch of epochs out of the volume and keep everything after it."""
+def excise(name: str, from_: int, to: int | None, prefer: str | None, dry_run: bool,
+           volume: str | None, as_json: bool) -> None:
+    """Take a stretch of epochs out of the volume and keep everything after it. On a running
+    service its processes are frozen meanwhile, then restarted (resumed if nothing changed)."""
     need_root("writes the service's journal")
     name = service_name(name)
+    from corral.recover.journal.config import freezer
+
     spec, found, _ = _volumes(name, volume, one=True)
-    if _running(name):
-        raise RuntimeFailure(f"{name}: running; an excision rewrites its volume: stop it first "
-                             f"(corral down {name}), nothing was changed")
-    result = _journal(spec, found[0]).excise(from_, to, prefer, stopped=True)
+    journal = _journal(spec, found[0])
+    running = _running(name)
+    if dry_run:
+        if running:  # the plan's own close then finds little left to read
+            journal.close_epoch("mark", note="closed before an excision",
+                                freeze=freezer(spec))
+        result = journal.excise(from_, to, prefer, dry_run=True)
+    elif running:
+        from corral.recover.journal.online import excise_running, through_service
+
+        through_service(journal, spec, found[0].path, running["supervisor"])
+        result = excise_running(journal, spec, from_, to, prefer)
+        if result["processes"] == "restarted":
+            result["back"] = _wait_restarted(name, running)
+    else:
+        result = journal.excise(from_, to, prefer, stopped=True)
     if as_json:
         print_json({"service": name, "volume": found[0].path, **result})
         return
-    click.echo(f"{name} {found[0].path}: excised epochs {result['from']}..{result['to']} as "
-               f"epoch {result['epoch']} ({len(result['changes'])} path(s) changed)")
+    what = f"would excise epochs {result['from']}..{result['to']}" if dry_run else \
+        f"excised epochs {result['from']}..{result['to']} as epoch {result['epoch']}"
+    click.echo(f"{name} {found[0].path}: {what} ({len(result['changes'])} path(s) "
+               f"{'to change' if dry_run else 'changed'})")
     for change in result["changes"]:
-        verb = {"added": "restored", "deleted": "removed", "modified": "restored"}
-        click.echo(f"  {verb[change['change']]:<9} {change['path']}")
-    for line in _conflict_lines(result["conflicts"]):
+        merged = {m["path"] for m in result["merged"]}
+        conflicts = {c["path"] for c in result["conflicts"]}
+        if change["path"] in merged | conflicts:
+            continue  # said below
+        verb = {"added": "restore", "deleted": "remove", "modified": "restore"}[change["change"]]
+        click.echo(f"  {verb + ('' if dry_run else 'd'):<9} {change['path']}")
+    for line in _merged_lines(result["merged"]) + _conflict_lines(result["conflicts"]):
         click.echo(line)
     for forced in result["forced"]:
         click.echo(f"  KEPT      {forced['path']}: needed by {forced['needed_by']['path']}")
     for path in result["not_restored"]:
         click.echo(f"  NOT RESTORED {path}: a socket or device cannot be restored")
+    if "processes" in result:
+        why = "they may hold the excised data in memory or the replaced files open" \
+            if result["processes"] == "restarted" else "the excision changed nothing"
+        click.echo(f"  processes {result['processes']} ({why}); frozen "
+                   f"{result['frozen_ms']:.0f} ms")
+
+
+def _wait_restarted(name: str, before: dict[str, Any], timeout: float = 30.0) -> bool:
+    """Whether every process the supervisor ran before is running again, with a new pid
+    (it restarts a killed process after its back-off, 1 s the first time)."""
+    import time
+
+    old = {p: (s or {}).get("pid") for p, s in (before.get("processes") or {}).items()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = (_running(name) or {}).get("processes") or {}
+        if all((now.get(p) or {}).get("state") == "running" and
+               (now.get(p) or {}).get("pid") not in (None, pid) for p, pid in old.items()):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @state.command()
@@ -259,7 +327,16 @@ def check(name: str, volume: str | None, as_json: bool) -> None:
     """Verify the journal: hash chain, objects, head (exit 3 on a problem)."""
     need_root("writes the service's journal")
     name = service_name(name)
+    from corral.recover.journal.config import EXCISE_MARK
+    from corral.recover.journal.online import settle, through_service
+
     spec, found, _ = _volumes(name, volume)
+    running = _running(name)
+    for vol in found:  # an online excision killed half way: finish it, restart its processes
+        journal = _journal(spec, vol)
+        if running and os.path.exists(os.path.join(spec.run, EXCISE_MARK)):
+            through_service(journal, spec, vol.path, running["supervisor"])
+        settle(journal, spec)
     result = [{**_journal(spec, vol).check(), "volume": vol.path} for vol in found]
     bad = any(item["problems"] for item in result)
     if as_json:

@@ -4,6 +4,7 @@ stops the watcher: its error is logged and shown by `corral status` until an epo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,9 @@ class Journals:
 
         for vol in volumes:
             journal = Journal(self.spec, vol.store)
+            mount = self.spec.root / vol.path.lstrip("/")  # the service's view of it
+            if os.path.ismount(mount):  # an excision finished here writes through it
+                journal.write_root = mount
             journal.recover()
             journal.ensure()
             self.open.append([journal, vol, time.monotonic() + (vol.epoch or DEFAULT_EPOCH)])
@@ -41,6 +45,7 @@ class Journals:
         if not self.open:
             return False
         from corral.recover.journal.config import freezer
+        from corral.recover.journal.online import settle
 
         now = time.monotonic()
         changed = False
@@ -51,6 +56,8 @@ class Journals:
             entry[2] = now + (vol.epoch or DEFAULT_EPOCH)
             hint = {"process": vol.owner, "pid": writer_pid(vol.owner)}
             try:
+                if running and (done := settle(journal, self.spec)):
+                    log.warning(f"journal {vol.path}: {done}")
                 journal.close_epoch(reason, incidents=incidents, writer_hint=hint,
                                     freeze=freezer(self.spec) if running else None,
                                     wait=not due_only)

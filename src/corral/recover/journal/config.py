@@ -14,6 +14,8 @@ from corral.core.errors import UsageError
 from corral.core.paths import RECORD
 from corral.recover.journal.store import HEAD
 
+EXCISE_MARK = "excise-frozen.json"  # in the run directory: journal.online froze the service
+
 
 @dataclass(frozen=True)
 class JournaledVolume:
@@ -75,6 +77,10 @@ def freezer(spec: Any) -> Callable[[], AbstractContextManager[Any]]:
         from corral.launch import cgroup
 
         groups = []
+        run = getattr(spec, "run", None)
+        if run is not None and os.path.exists(os.path.join(run, EXCISE_MARK)):
+            yield  # an excision holds the service frozen (journal.online): not ours to thaw
+            return
         try:
             for proc in spec.processes:
                 group = cgroup.Cgroup(spec.service, proc.name)

@@ -92,6 +92,11 @@ class Log:
         self._observed: dict[str, Any] = {}
         self._unsaved_reads = 0  # files read since the cache was last written
         self.last_scan: dict[str, Any] = {}  # what the last close read and stored
+        # Where an excision writes: the volume directory, or, while the service runs, its
+        # mount of the volume (an overlay whose upper layer is that directory: writing the
+        # upper layer under a mounted overlay is undefined, and the service would keep
+        # seeing the old files). See journal.online.
+        self.write_root: Path | None = None
 
     # -- files ------------------------------------------------------------------------------
 
@@ -247,6 +252,14 @@ class Log:
             return self._close(reason, note, list(incidents), writer_hint, freeze,
                                skip_empty=reason == "schedule")
 
+    def close_locked(self, reason: str, note: str | None = None,
+                     freeze: Freeze | None = None) -> int | None:
+        """A close that records nothing when nothing changed, for a caller holding the lock
+        (journal.online, before an excision)."""
+        if self.head() is None:
+            self._init(freeze)
+        return self._close(reason, note, [], None, freeze, skip_empty=True)
+
     def _close(self, reason: str, note: str | None, incidents: list[str],
                writer: dict[str, Any] | None, freeze: Freeze | None,
                skip_empty: bool) -> int | None:
@@ -354,61 +367,105 @@ class Log:
     # -- excise -----------------------------------------------------------------------------
 
     def excise(self, from_: int, to: int | None = None, prefer: str | None = None, *,
-               stopped: bool = False, note: str | None = None) -> dict[str, Any]:
+               stopped: bool = False, note: str | None = None,
+               dry_run: bool = False) -> dict[str, Any]:
         """Take epochs from_..to (default: through the latest) out of the volume and keep
         what came after them. Each path changed inside the stretch goes back to its value
-        before it; a path changed again after the stretch is a conflict: kept at its later
-        value (or per `prefer`), listed, and marked for review. Applied to the volume and
-        recorded as a new epoch (reason "excise"), so it can itself be excised."""
-        if not stopped:
+        before it; a file changed again after the stretch is merged (journal.merge: byte
+        ranges for an append-only file, lines for text), and what cannot be merged is a
+        conflict: kept at its later value (or per `prefer`), listed, and marked for review.
+        Applied to the volume and recorded as a new epoch (reason "excise"), so it can itself
+        be excised. `stopped` says no process writes the volume (stopped, or frozen by
+        journal.online). `dry_run` closes the open epoch (as a mark would, so the plan covers
+        everything written so far) and returns the plan without changing the volume."""
+        if not stopped and not dry_run:
             raise RuntimeFailure("excise rewrites the volume: stop the service first")
+        with self.locked():
+            return self.excise_locked(from_, to, prefer, note=note, dry_run=dry_run)
+
+    def excise_locked(self, from_: int, to: int | None = None, prefer: str | None = None, *,
+                      note: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """excise(), for a caller that holds the lock and has quiesced the writers."""
         if prefer not in (None, "before", "after"):
             raise UsageError(f"{prefer!r}: prefer is before or after")
-        with self.locked():
-            self.recover_locked()
-            self._check_epoch(self.head(), from_)
-            if to is not None:
-                self._check_epoch(self.head(), to)
-                if to < from_:
-                    raise UsageError(f"--to {to} comes before --from {from_}")
-            # What changed since the last close belongs in the log before anything is undone.
-            closed = self._close("mark", "closed before an excision", [], None, None, True)
-            head = self.head()
-            assert head is not None
-            self._load(head)
-            to = head["epoch"] if to is None else to
-            plan = plan_excision(self.records(from_, head["epoch"]), to, self._state, prefer)
-            record = {"id": head["epoch"] + 1, "start": head["opened"],
-                      "end": iso(self.clock()), "reason": "excise",
-                      "note": note or f"excised epochs {from_}..{to}", "incidents": [],
-                      "prev": head["hash"],
-                      "excised": {"from": from_, "to": to, "prefer": prefer},
-                      "conflicts": plan.conflicts, "forced": plan.forced,
-                      "changes": _changes(self._state, plan.final(self._state),
-                                          {"process": "corral", "pid": os.getpid()})}
-            intent = {"base": {"epoch": head["epoch"], "hash": head["hash"]}, "record": record}
-            try:
-                write_durable(self.dir / INTENT, encode(intent))
-            except OSError as exc:
-                raise failed(exc, f"excising from {self.volume}") from exc
-            try:
-                not_restored = self._finish_excise(head, intent)
-            except OSError as exc:  # the volume may be half rewritten: say how it ends
-                raise RuntimeFailure(
-                    f"excising from {self.volume}: {exc}; the excision is recorded as under way "
-                    "and is finished by `corral state check` or the next close (the service "
-                    "must stay stopped until then)") from exc
-            return {"epoch": record["id"], "closed_before": closed, "from": from_, "to": to,
-                    "prefer": prefer, "changes": [_change_line(c) for c in record["changes"]],
-                    "conflicts": plan.conflicts, "forced": plan.forced,
-                    "not_restored": [show(os.fsencode(p)) for p in not_restored]}
+        self.recover_locked()
+        self._check_epoch(self.head(), from_)
+        if to is not None:
+            self._check_epoch(self.head(), to)
+            if to < from_:
+                raise UsageError(f"--to {to} comes before --from {from_}")
+        # What changed since the last close belongs in the log before anything is undone.
+        closed = self._close("mark", "closed before an excision", [], None, None, True)
+        head = self.head()
+        assert head is not None
+        self._load(head)
+        to = head["epoch"] if to is None else to
+        try:
+            plan = plan_excision(self.records(from_, head["epoch"]), to, self._state, prefer,
+                                 self._merger(prefer))
+            if dry_run:
+                self.objects.discard()
+            else:
+                self.objects.flush()  # merged contents, before the intent that names them
+        except OSError as exc:
+            self.objects.discard()
+            raise failed(exc, f"excising from {self.volume}") from exc
+        except BaseException:
+            self.objects.discard()
+            raise
+        record = {"id": head["epoch"] + 1, "start": head["opened"],
+                  "end": iso(self.clock()), "reason": "excise",
+                  "note": note or f"excised epochs {from_}..{to}", "incidents": [],
+                  "prev": head["hash"],
+                  "excised": {"from": from_, "to": to, "prefer": prefer},
+                  "conflicts": plan.conflicts, "forced": plan.forced, "merged": plan.merged,
+                  "changes": _changes(self._state, plan.final(self._state),
+                                      {"process": "corral", "pid": os.getpid()})}
+        result = {"epoch": None if dry_run else record["id"], "dry_run": dry_run,
+                  "closed_before": closed, "from": from_, "to": to, "prefer": prefer,
+                  "changes": [_change_line(c) for c in record["changes"]],
+                  "merged": plan.merged, "conflicts": plan.conflicts, "forced": plan.forced,
+                  "not_restored": []}
+        if dry_run:
+            return result
+        intent = {"base": {"epoch": head["epoch"], "hash": head["hash"]}, "record": record}
+        try:
+            write_durable(self.dir / INTENT, encode(intent))
+        except OSError as exc:
+            raise failed(exc, f"excising from {self.volume}") from exc
+        try:
+            not_restored = self._finish_excise(head, intent)
+        except OSError as exc:  # the volume may be half rewritten: say how it ends
+            raise RuntimeFailure(
+                f"excising from {self.volume}: {exc}; the excision is recorded as under way "
+                "and is finished by `corral state check` or the next close (the service "
+                "must stay stopped until then)") from exc
+        result["not_restored"] = [show(os.fsencode(p)) for p in not_restored]
+        return result
+
+    def _merger(self, prefer: str | None) -> Any:
+        """journal.merge over the object store: reads the three versions, stages the result."""
+        from corral.recover.journal import merge
+
+        def merged(path: str, before: Meta, end: Meta, current: Meta) -> Any:
+            if max(m.size or 0 for m in (before, end, current)) > merge.MAX_BYTES:
+                return None
+            read = lambda m: b"".join(self.objects.read(c) for c in m.chunks)  # noqa: E731
+            done = merge.revert(read(before), read(end), read(current), prefer)
+            if done is None:
+                return None
+            size, digest_, chunks = merge.store(self.objects, done.content)
+            return (current._replace(size=size, digest=digest_, chunks=chunks, mtime_ns=None),
+                    done.info(), done.hunks)
+
+        return merged
 
     def _finish_excise(self, head: dict[str, Any], intent: dict[str, Any]) -> list[str]:
         """Apply the planned excision to the volume and commit it; run again (from
         excise.json) after a crash until it has been done once completely."""
         record = intent["record"]
         target = {path_from_json(c): meta_from_json(c["after"]) for c in record["changes"]}
-        not_restored = restore(self.volume, self.objects, target)
+        not_restored = restore(self.write_root or self.volume, self.objects, target)
         in_memory = self._tag == (head["epoch"], head["hash"])
         self._commit_record(head, record)
         unlink_durable([self.dir / INTENT])

@@ -4,7 +4,7 @@ so the property tests can exercise them directly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,10 @@ from corral.recover.journal.store import (
 )
 
 State = dict[str, Meta]
+# (path, before the stretch, at its end, current) -> (merged content as a Meta, what the merge
+# did, its conflicting regions), or None when the file stays at file level (binary, too big).
+Merged = tuple[Meta, dict[str, Any], list[dict[str, Any]]]
+Merger = Callable[[str, Meta, Meta, Meta], Merged | None]
 
 
 def changes(old: State, new: State, writer: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -71,6 +75,7 @@ class Excision:
     target: dict[str, Meta | None] = field(default_factory=dict)  # None: must not exist
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     forced: list[dict[str, Any]] = field(default_factory=list)
+    merged: list[dict[str, Any]] = field(default_factory=list)  # settled within the file
 
     def final(self, current: State) -> State:
         out = dict(current)
@@ -83,13 +88,16 @@ class Excision:
 
 
 def plan_excision(records: Iterable[dict[str, Any]], to: int, current: State,
-                  prefer: str | None) -> Excision:
+                  prefer: str | None, merge: Merger | None = None) -> Excision:
     """`records` run from the stretch's first epoch to the latest; `to` ends the stretch;
     `current` is the state after the latest. A path changed inside the stretch goes back to
     its value before the stretch (the "before" of its first change there) unless it changed
-    again after the stretch: then it is a conflict, kept at its later value (the default and
-    prefer="after") or put back (prefer="before")."""
+    again after the stretch. Such a file, a file in all three versions, is handed to `merge`
+    (journal.merge: byte ranges, lines): what it settles is listed in `merged`, its
+    conflicting regions make it a conflict. Otherwise it is a conflict at file level, kept at
+    its later value (the default and prefer="after") or put back (prefer="before")."""
     before: dict[str, Meta | None] = {}
+    end: dict[str, Meta | None] = {}
     inside: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
     for record in records:
@@ -98,27 +106,67 @@ def plan_excision(records: Iterable[dict[str, Any]], to: int, current: State,
             if record["id"] <= to:
                 if path not in inside:
                     before[path] = meta_from_json(change["before"])
+                end[path] = meta_from_json(change["after"])
                 inside.setdefault(path, []).append(record["id"])
             else:
                 after.setdefault(path, []).append(record["id"])
     plan = Excision()
     by_path = {}
     for path in sorted(inside):
-        if path in after:
-            kept = "before" if prefer == "before" else "after"
-            plan.target[path] = before[path] if kept == "before" else current.get(path)
-            conflict = path_json(path) | {
-                "inside": inside[path], "after": after[path], "kept": kept, "review": True,
-                "before_stretch": meta_json(before[path]), "later": meta_json(current.get(path))}
-            plan.conflicts.append(conflict)
-            by_path[path] = conflict
-        else:
+        if path not in after:
             plan.target[path] = before[path]
+            continue
+        kept = "before" if prefer == "before" else "after"
+        conflict: dict[str, Any] = path_json(path)
+        conflict |= {"inside": inside[path], "after": after[path]}
+        settled = _merge(merge, path, before[path], end[path], current.get(path), prefer)
+        if settled is not None:
+            plan.target[path], info, hunks, fields = settled
+            if not hunks and not fields:
+                plan.merged.append(conflict | info)
+                continue
+            conflict |= info | {"kept": kept, "review": True, "regions": hunks,
+                                "fields": fields}
+        else:
+            plan.target[path] = before[path] if kept == "before" else current.get(path)
+            conflict |= {"kept": kept, "review": True}
+        conflict |= {"before_stretch": meta_json(before[path]),
+                     "later": meta_json(current.get(path))}
+        plan.conflicts.append(conflict)
+        by_path[path] = conflict
     for path, needed_by in _fix_structure(current, plan.target):
         plan.forced.append(path_json(path) | {"kept": "later", "needed_by": path_json(needed_by)})
         if path in by_path:
             by_path[path]["kept"] = "after"
     return plan
+
+
+def _merge(merge: Merger | None, path: str, before: Meta | None, end: Meta | None,
+           current: Meta | None, prefer: str | None
+           ) -> tuple[Meta, dict[str, Any], list[dict[str, Any]], list[str]] | None:
+    """The file's content merged by `merge`, its mode and owner three-way here: each takes the
+    later epochs' value if they changed it, else goes back to its value before the stretch; a
+    field both changed differently is a conflict settled by `prefer` (default: the later)."""
+    if merge is None or before is None or end is None or current is None or \
+            not before.kind == end.kind == current.kind == "file":
+        return None
+    done = merge(path, before, end, current)
+    if done is None:
+        return None
+    content, info, hunks = done
+    fields: list[str] = []
+    values: dict[str, tuple[int, ...]] = {}
+    for name, get in (("mode", lambda m: (m.mode,)), ("owner", lambda m: (m.uid, m.gid))):
+        b, e, c = get(before), get(end), get(current)
+        if c == e:
+            values[name] = b
+        elif b in (e, c):
+            values[name] = c
+        else:
+            fields.append(name)
+            values[name] = b if prefer == "before" else c
+    (mode,), (uid, gid) = values["mode"], values["owner"]
+    return content._replace(mode=mode, uid=uid, gid=gid), info, hunks, fields
 
 
 def _is_dir(meta: Meta | None) -> bool:
