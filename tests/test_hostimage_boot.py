@@ -143,8 +143,8 @@ def test_boot_read_only_root_ram_delta_revert_by_reboot(tmp_path: Path) -> None:
 def _report(meta: dict, timings: dict) -> None:
     lines = ["# The host image boot (`make boot-test`)", "",
              "Measured by tests/test_hostimage_boot.py on the last run of `make boot-test`: "
-             "qemu under TCG (`-cpu qemu64`; KVM hangs here, tests/hostvm.py), 2 vCPUs, 1 GiB, the image's own kernel and "
-             "initramfs, the notes sample service.", "",
+             "qemu under TCG (`-cpu qemu64`; KVM hangs here, tests/hostvm.py), 2 vCPUs, "
+             "1 GiB, the image's own kernel and initramfs, the notes sample service.", "",
              "| what | value |", "|---|---|",
              f"| image (squashfs, zstd) | {meta['size'] / (1 << 20):.1f} MiB |",
              f"| entries in the root | {meta['entries']} |",
