@@ -4,13 +4,16 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
-                bubblewrap ca-certificates strace dnsmasq-base
+                bubblewrap ca-certificates strace dnsmasq-base squashfs-tools
 # Only the tests need these: the exports are run for real (systemd-analyze comes with systemd;
 # podman with runc, slirp4netns and catatonit runs the Kubernetes export).
 TEST_PACKAGES := podman runc slirp4netns catatonit
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: demo test lint layers system venv bench clean
+# The host image's boot test needs these too (mmdebstrap, squashfs, qemu, mkfs.ext4).
+BOOT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 e2fsprogs
+
+.PHONY: demo test boot-test lint layers system venv bench clean
 
 demo: venv
 	bash examples/demo.sh
@@ -18,6 +21,12 @@ demo: venv
 test: venv
 	@$(MAKE) --no-print-directory system APT_PACKAGES="$(TEST_PACKAGES)"
 	$(VENV)/bin/python -m pytest -q tests
+
+# Builds a Debian host image and boots it twice in qemu (docs/host-image.md): several minutes,
+# so not part of `make test`; CI runs it after. Writes bench/host-image.md.
+boot-test: venv
+	@$(MAKE) --no-print-directory system APT_PACKAGES="$(BOOT_PACKAGES)"
+	CORRAL_BOOT_TEST=1 $(VENV)/bin/python -m pytest -q tests/test_hostimage_boot.py
 
 # Style and bugs (ruff), types (mypy), the pipeline's layers (import-linter, contract in
 # pyproject.toml), and declared against imported dependencies (deptry). CI runs it before the tests.

@@ -397,10 +397,13 @@ def _register_groups() -> None:
     from corral.cli.events import events
     from corral.cli.export import export
     from corral.cli.host import host
+    from corral.cli.hostimage import delta, image
     from corral.cli.learn import learn
     from corral.cli.state import state
 
     host.add_command(events)
+    host.add_command(image)
+    host.add_command(delta)
     main.add_command(host)
     main.add_command(audit)
     main.add_command(state)

@@ -69,8 +69,14 @@ def verify(state: Path, version: int) -> dict[str, Any]:
         recorded = json.loads((version_dir / INTEGRITY).read_text())["entries"]
     except (OSError, ValueError, KeyError) as exc:
         raise RuntimeFailure(f"base {version}: integrity manifest unreadable: {exc}") from None
-    current = snapshot(version_dir / "root")
-    problems = []
+    problems = compare(recorded, snapshot(version_dir / "root"))
+    return {"version": version, "entries": len(recorded), "problems": problems}
+
+
+def compare(recorded: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+    """Differences between an integrity manifest and a snapshot (bases and host images)."""
+    problems: list[dict[str, Any]] = []
     for path in sorted(set(recorded) | set(current)):
         was, now = recorded.get(path), current.get(path)
         if was == now:
@@ -83,7 +89,7 @@ def verify(state: Path, version: int) -> dict[str, Any]:
             fields = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             problems.append({"path": path, "change": "modified", "fields": fields,
                              "was": was, "now": now})
-    return {"version": version, "entries": len(recorded), "problems": problems}
+    return problems
 
 
 def versions(state: Path) -> list[int]:
