@@ -397,6 +397,7 @@ def _register_groups() -> None:
     from corral.cli.events import events
     from corral.cli.host import host
     from corral.cli.learn import learn
+    from corral.cli.life import disable, enable, logs, reload
     from corral.cli.state import state
 
     host.add_command(events)
@@ -404,6 +405,8 @@ def _register_groups() -> None:
     main.add_command(audit)
     main.add_command(state)
     main.add_command(learn)
+    for command in (reload, enable, disable, logs):
+        main.add_command(command)
 
 
 _register_groups()
