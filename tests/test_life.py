@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import CORRAL, corral, in_netns, write_manifest
 
 pytestmark = pytest.mark.root
