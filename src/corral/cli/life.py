@@ -23,7 +23,7 @@ def reload(name: str, process: str | None, as_json: bool) -> None:
     """Re-read configuration without a restart: each process's reload, and the installed
     connect/listen sets re-applied atomically."""
     from corral.core.errors import RuntimeFailure
-    from corral.supervise.reload import request
+    from corral.supervise.reload_client import request
 
     need_root()
     result = request(service_name(name), process)
