@@ -310,7 +310,9 @@ command = ["/usr/bin/python3.11", "-I", "-c", "{split}"]
         assert shown == [f"main| {n}" for n in range(1, lines + 1)]
         assert [line for line in result.stdout.splitlines() if line.startswith("split| ")] \
             == ["split| abcd"] * 3 + ["split| no newline at the end"]
-        log = corral_root / "run/corral" / service_name / "logs/main.log"
-        assert log.read_text().splitlines() == [str(n) for n in range(1, lines + 1)]
+        log = corral_root / "var/log/corral" / service_name / "main.log"
+        # Each line stamped with the time the supervisor read it (corral logs --since).
+        assert [line.split(" ", 1)[1] for line in log.read_text().splitlines()] \
+            == [str(n) for n in range(1, lines + 1)]
     finally:
         corral("uninstall", service_name, "--purge", netns=netns)

@@ -399,6 +399,7 @@ def _register_groups() -> None:
     from corral.cli.host import host
     from corral.cli.hostimage import delta, image
     from corral.cli.learn import learn
+    from corral.cli.life import disable, enable, logs, reload
     from corral.cli.state import state
 
     host.add_command(events)
@@ -409,6 +410,8 @@ def _register_groups() -> None:
     main.add_command(state)
     main.add_command(learn)
     main.add_command(export)
+    for command in (reload, enable, disable, logs):
+        main.add_command(command)
 
 
 _register_groups()

@@ -1,5 +1,5 @@
-"""Where corral keeps state: /var/lib/corral/NAME and /run/corral/NAME, both moved by
-CORRAL_ROOT."""
+"""Where corral keeps state: /var/lib/corral/NAME, /run/corral/NAME and the processes' logs in
+/var/log/corral/NAME, all moved by CORRAL_ROOT."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def lib_root() -> Path:
 
 def run_root() -> Path:
     return corral_root() / "run/corral"
+
+
+def log_root() -> Path:
+    return corral_root() / "var/log/corral"
+
+
+def log_dir(service: str) -> Path:
+    """The processes' output, size-rotated (launch.logfile): on disk, unlike /run."""
+    return log_root() / service
 
 
 def lib_dir(service: str) -> Path:

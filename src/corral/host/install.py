@@ -22,7 +22,7 @@ from typing import Any
 
 from corral.core.errors import RuntimeFailure, UsageError
 from corral.core.fsio import write_json
-from corral.core.paths import RECORD, lib_dir, lib_root, run_dir, run_root
+from corral.core.paths import RECORD, lib_dir, lib_root, log_dir, log_root, run_dir, run_root
 from corral.core.text import iso
 from corral.host import image, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
@@ -140,7 +140,10 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
             capabilities=list(sandbox.capabilities), limits=dict(sandbox.limits),
             seccomp=dataclasses.asdict(sandbox.seccomp),
             landlock=dataclasses.asdict(sandbox.landlock),
-            listen=[str(p) for p in flow.listen]))
+            listen=[str(p) for p in flow.listen],
+            stop_signal=sandbox.stop_signal, stop_timeout=sandbox.stop_timeout,
+            reload=sandbox.reload if isinstance(sandbox.reload, str) else list(sandbox.reload),
+            setup=sandbox.setup, connect=[str(c) for c in flow.connect]))
     owners = {u.name: u.process for u in plan.users}
     return runtime.ServiceSpec(
         service=plan.service, base_version=record["base"]["version"], delta=plan.delta,
@@ -148,7 +151,8 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
         volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner], v.journal, v.epoch)
                  for v in plan.volumes],
         watch=dict(plan.watch),
-        exec_paths={s.process: list(s.executables) for s in plan.sandbox})
+        exec_paths={s.process: list(s.executables) for s in plan.sandbox},
+        log=dict(plan.log))
 
 
 def _save(state: Path, record: dict[str, Any]) -> None:
@@ -260,10 +264,17 @@ def uninstall(service: str, purge: bool = False) -> Report:
     for entry in record.get("users", []):
         if users.remove(UserSpec(entry["name"], service, entry["process"])):
             report.changes.append(f"removed user {entry['name']}")
+    from corral.host import unit
+
+    if unit.disable(service):
+        report.changes.append(f"removed the systemd unit {unit.unit_name(service)}")
     shutil.rmtree(run_dir(service), ignore_errors=True)
     if purge:
         shutil.rmtree(state)
         report.changes.append(f"removed {state} (volumes included)")
+        if log_dir(service).exists():
+            shutil.rmtree(log_dir(service))
+            report.changes.append(f"removed the logs in {log_dir(service)}")
     else:
         for child in state.iterdir():
             if child.name != "volumes":
@@ -272,7 +283,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
                 else:
                     child.unlink()
         report.changes.append(f"removed base images; volumes kept in {state / 'volumes'}")
-    for parent in (run_root(), lib_root()):
+    for parent in (run_root(), lib_root(), log_root()):
         try:
             parent.rmdir()  # only if no other service is left
         except OSError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.core.paths import RUNTIME, lib_dir, run_dir
+from corral.core.paths import RUNTIME, lib_dir, log_dir, run_dir
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ class ProcessSpec:
     seccomp: dict[str, Any]
     landlock: dict[str, Any]
     listen: list[str]
+    # The life cycle; defaults for a runtime.json written before these existed.
+    stop_signal: str = "SIGTERM"
+    stop_timeout: float = 10.0
+    reload: str | list[str] = "SIGHUP"
+    setup: dict[str, Any] | None = None
+    connect: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ServiceSpec:
     volumes: list[VolumeSpec]
     watch: dict[str, Any] = dataclasses.field(default_factory=dict)  # react, tripwires, ...
     exec_paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    log: dict[str, Any] = dataclasses.field(default_factory=dict)  # size, files, rate
 
     @property
     def state(self) -> Path:
@@ -54,6 +61,10 @@ class ServiceSpec:
     @property
     def run(self) -> Path:
         return run_dir(self.service)
+
+    @property
+    def logs(self) -> Path:
+        return log_dir(self.service)
 
     @property
     def base_root(self) -> Path:

@@ -95,6 +95,19 @@ def _env_name(raw: str) -> str:
     return raw
 
 
+def _signal_name(raw: object) -> str:
+    """"SIGINT", "INT" or "int" -> "SIGINT"; only signals a process can handle or die of."""
+    import signal
+
+    if not isinstance(raw, str):
+        raise ValueError('expected a signal name like "SIGTERM"')
+    name = raw.strip().upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    if name not in signal.Signals.__members__ or name.startswith(("SIGRT", "SIGSTOP", "SIGCHLD")):
+        raise ValueError(f'"{raw}": not a signal name (e.g. "SIGTERM", "SIGINT", "SIGHUP")')
+    return name
+
+
 def _no_nul(raw: str) -> str:
     if "\0" in raw:
         raise ValueError("contains a NUL byte")
@@ -108,6 +121,7 @@ Ports = Annotated[PortSpec, BeforeValidator(parse_ports), PlainSerializer(str)]
 Connect = Annotated[Endpoint, BeforeValidator(parse_endpoint), PlainSerializer(str)]
 Capability = Annotated[str, BeforeValidator(normalize_capability)]
 Text = Annotated[str, AfterValidator(_no_nul)]
+Signal = Annotated[str, BeforeValidator(_signal_name)]
 
 
 class Strict(BaseModel):
@@ -139,6 +153,14 @@ class Limits(Strict):
     cpu: Annotated[float, AfterValidator(_cpu)] = 1.0
 
 
+class Setup(Strict):
+    """A one-shot step run inside the process's containment before its first start (initdb)."""
+
+    command: Annotated[list[Text], Field(min_length=1)]
+    creates: AbsPath | None = None  # run whenever this path is missing, not only the first time
+    timeout: Duration = 600
+
+
 class Process(Strict):
     command: Annotated[list[Text], Field(min_length=1)]
     capabilities: list[Capability] = []
@@ -149,6 +171,11 @@ class Process(Strict):
     syscalls: Literal["default"] | list[Text] = "default"
     limits: Limits = Limits()
     environment: dict[Annotated[str, AfterValidator(_env_name)], Text] = {}
+    # The life cycle (systemd: KillSignal=, TimeoutStopSec=, ExecReload=, ExecStartPre=).
+    stop_signal: Signal = "SIGTERM"
+    stop_timeout: Duration = 10
+    reload: Signal | Annotated[list[Text], Field(min_length=1)] = "SIGHUP"
+    setup: Setup | None = None
 
     @property
     def executables(self) -> list[str]:
@@ -164,12 +191,27 @@ class Watch(Strict):
     on_incident: Annotated[list[Text], Field(min_length=1)] | None = None
 
 
+def _not_negative(raw: int) -> int:
+    if raw < 0:
+        raise ValueError(f"{raw}: must be 0 or more")
+    return raw
+
+
+class Log(Strict):
+    """The processes' output in /var/log/corral/NAME (launch.logfile)."""
+
+    size: Size = 10 << 20  # per file, before it is rotated
+    files: Annotated[int, AfterValidator(_positive)] = 5  # rotated files kept
+    rate: Annotated[int, AfterValidator(_not_negative)] = 200  # lines/s to journald; 0: none
+
+
 class Manifest(Strict):
     name: Annotated[str, AfterValidator(_service_name)]
     image: Image = Image()
     volume: list[Volume] = []
     process: dict[str, Process]
     watch: Watch = Watch()
+    log: Log = Log()
 
     def user_of(self, process: str) -> str:
         """The system user of one process: corral-SERVICE-PROCESS (at most 32 characters)."""
@@ -294,6 +336,17 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
                     add(base + ("listen", k), f'"{port}": {port.proto}/{number} is already '
                                               f'declared by process "{owner}"')
                     break
+        for key, argv in (("reload", proc.reload if isinstance(proc.reload, list) else None),
+                          ("setup", proc.setup.command if proc.setup else None)):
+            if argv is None:
+                continue
+            loc: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
+                                                 else (key, "command", 0))
+            if not argv[0].startswith("/"):
+                add(loc, f'"{argv[0]}": the program must be an absolute path')
+            elif argv[0] not in proc.executables:
+                add(loc, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
+                         "which executes only what exec lists)")
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):
                 if not _known_syscall(name):

@@ -277,3 +277,26 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
             add("rule", chain=f"proc-{f.process}", expr=expr,
                 **({"comment": comment} if comment else {}))
     return {"nftables": cmds}
+
+
+def sets_refill(service: str, flows: Sequence[ProcessFlows]) -> dict:
+    """libnftables JSON that empties and refills each process's connect and listen sets in one
+    transaction (`corral reload`): the chains, counters and the `isolated` set stay as they are,
+    and no packet ever meets a half-filled set. Needs the table made by `service_ruleset` with
+    the same processes."""
+    base = {"family": "inet", "table": table_name(service)}
+    cmds: list[dict] = []
+    for f in sorted(flows, key=lambda f: f.process):
+        _check_name("process", f.process)
+        sets: list[tuple[str, list]] = [
+            (f"{f.process}-connect{version}",
+             [{"concat": [addr(net), proto, port(first, last)]}
+              for net, proto, first, last in connect_boxes(f.connect, version)])
+            for version in (4, 6)]
+        sets.append((f"{f.process}-listen", [{"concat": [proto, port(first, last)]}
+                                             for proto, first, last in listen_boxes(f.listen)]))
+        for name, elems in sets:
+            cmds.append({"flush": {"set": {**base, "name": name}}})
+            if elems:
+                cmds.append({"add": {"element": {**base, "name": name, "elem": elems}}})
+    return {"nftables": cmds}

@@ -83,6 +83,11 @@ class SandboxPlan:
     limits: dict[str, float | int]
     cgroup: str
     environment: dict[str, str] = field(default_factory=dict)
+    # The life cycle: how it is stopped and reloaded, and its one-shot setup (docs/manifest.md).
+    stop_signal: str = "SIGTERM"
+    stop_timeout: int = 10
+    reload: str | tuple[str, ...] = "SIGHUP"
+    setup: dict[str, object] | None = None
 
 
 # Namespaces every process gets. The network namespace is the host's: per-user nftables rules
@@ -134,4 +139,8 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
         limits=proc.limits.model_dump(),
         cgroup=f"corral/{m.name}/{name}",
         environment=dict(proc.environment),
+        stop_signal=proc.stop_signal,
+        stop_timeout=proc.stop_timeout,
+        reload=proc.reload if isinstance(proc.reload, str) else tuple(proc.reload),
+        setup=proc.setup.model_dump() if proc.setup else None,
     )

@@ -91,6 +91,7 @@ class ServicePlan:
     delta: str = "tmpfs"
     delta_size: int = 64 << 20
     watch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    log: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def table(self) -> str:
@@ -112,6 +113,7 @@ class ServicePlan:
             "sandbox": [dataclasses.asdict(s) for s in self.sandbox],
             "delta": {"kind": self.delta, "size": self.delta_size},
             "watch": self.watch,
+            "log": self.log,
         }
 
 
@@ -228,4 +230,5 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
         delta=m.image.delta,
         delta_size=m.image.delta_size,
         watch=m.watch.model_dump(),
+        log=m.log.model_dump(),
     )

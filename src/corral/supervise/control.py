@@ -22,11 +22,15 @@ from corral.core.errors import (
     UsageError,
 )
 from corral.core.paths import lib_root, run_dir
-from corral.host import runtime
+from corral.host import runtime, unit
 from corral.host.runtime import ServiceSpec
 from corral.watch import incidents
 
 READY_TIMEOUT = 30.0
+# After every process runs and listens, `up` watches this long before it says "started": a
+# service that trips a wire at start reverts (or crashes) within milliseconds, and must not be
+# reported as started only because the first look came before that.
+SETTLE = 0.5
 
 
 def spec_of(service: str) -> ServiceSpec:
@@ -93,28 +97,78 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         if proc.poll() is not None and (not state or state.get("phase") != "running"):
             detail = (state or {}).get("error") or _tail(run_path / "supervisor.log")
             raise RuntimeFailure(f"{service}: did not start: {detail}")
-        if state and state.get("phase") == "failed":
+        trouble = _start_trouble(spec, state)
+        if trouble:
             down(service)
-            raise RuntimeFailure(f"{service}: did not start: {state.get('error')}")
-        crashed = _crashed_during_start(spec, state)
-        if crashed:
-            down(service)
-            raise RuntimeFailure(f"{service}: did not start: {crashed}")
+            raise RuntimeFailure(f"{service}: did not start: {trouble}")
+        if any(p.get("state") == "setup" for p in ((state or {}).get("processes") or {})
+               .values()):
+            deadline = max(deadline, time.monotonic() + 1.0)  # bounded by the setup's timeout
         if state and state.get("phase") == "running" and _all_listening(spec, state):
-            return {"service": service, "changed": True, "state": state}
+            settled = _settled(spec, service)
+            return {"service": service, "changed": True, "state": settled}
         time.sleep(0.02)
     down(service)
     raise RuntimeFailure(f"{service}: not ready within {timeout:.0f}s (processes running and "
                          "declared ports listening); stopped again")
 
 
+def _start_trouble(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
+    if state and state.get("phase") in ("failed", "killed"):
+        return str(state.get("error") or state.get("phase"))
+    if state and state.get("reverts"):
+        return _reverted(spec, state)
+    return _crashed_during_start(spec, state)
+
+
+def _settled(spec: ServiceSpec, service: str) -> dict[str, Any]:
+    """Watch the started service for SETTLE seconds; raise if it reverted, crashed or ended."""
+    first = read_state(service) or {}
+    restarts = {n: p.get("restarts", 0) for n, p in (first.get("processes") or {}).items()}
+    end = time.monotonic() + SETTLE
+    while True:
+        state = read_state(service) or {}
+        trouble = _start_trouble(spec, state)
+        if not trouble and not supervisor_alive(state):
+            trouble = str(state.get("error") or f"the supervisor ended ({state.get('phase')})")
+        for name, pstate in (state.get("processes") or {}).items():
+            if not trouble and pstate.get("restarts", 0) > restarts.get(name, 0):
+                trouble = f"process {name} crashed and was restarted right after it started"
+        if trouble:
+            down(service)
+            raise RuntimeFailure(f"{service}: did not start: {trouble} (seen within "
+                                 f"{SETTLE}s of starting); stopped")
+        if time.monotonic() >= end:
+            return state
+        time.sleep(0.05)
+
+
+def _reverted(spec: ServiceSpec, state: dict[str, Any]) -> str:
+    """A revert while starting: an incident tripped; name it."""
+    records = incidents.open_ones(spec.state)
+    last = records[-1] if records else {}
+    what = (f"incident {last.get('tripwire')} in process {last.get('process')} "
+            f"({last.get('detail')})") if last else "an incident"
+    return (f"{what} made corral revert it {state.get('reverts')} time(s) right after it "
+            "started (corral incidents " + spec.service + ")")
+
+
 def _crashed_during_start(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
-    """A process that exits before the service is ready will not get better by waiting."""
+    """A process that exits before the service is ready will not get better by waiting. The
+    excerpt is this run's output (the supervisor keeps the last lines since each start)."""
     for name, pstate in ((state or {}).get("processes") or {}).items():
         if pstate.get("state") in ("backoff", "failed", "exited"):
-            log = _tail(spec.run / "logs" / f"{name}.log")
-            why = pstate.get("error") or f"exited with code {pstate.get('exit_code')}"
-            return f"process {name} {why}; its log: {log}"
+            said = " | ".join((pstate.get("output") or [])[-3:]) or "no output"
+            if pstate.get("error"):
+                return f"process {name}: {pstate['error']}"
+            code = pstate.get("exit_code")
+            if code == 0:
+                return (f"process {name} exited with code 0 before the service was ready; its "
+                        f"output: {said}. A server that forks into the background (daemonizes) "
+                        "cannot run here: the exit of the first process ends its PID namespace "
+                        "and every process in it. Run it in the foreground (nginx: "
+                        "\"daemon off;\", redis: --daemonize no)")
+            return f"process {name} exited with code {code}; its output: {said}"
     return ""
 
 
@@ -146,10 +200,12 @@ def listening_sockets() -> set[tuple[str, int, int]]:
     return {(s.proto, s.port, s.uid) for s in procnet.listening()}
 
 
-def down(service: str, timeout: float = 30.0) -> dict[str, Any]:
+def down(service: str, timeout: float | None = None) -> dict[str, Any]:
     """Stop the supervisor (it stops every process, unmounts, removes cgroups), then clean up
     whatever a dead supervisor left: no process, mount or cgroup stays behind."""
     spec = spec_of(service)
+    if timeout is None:  # each process gets its stop_timeout; the supervisor a margin beyond
+        timeout = max((float(p.stop_timeout) for p in spec.processes), default=10.0) + 20.0
     state = read_state(service)
     changed = False
     if supervisor_alive(state):
@@ -214,6 +270,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
         "archives": _archives(spec),
+        "enabled": unit.is_enabled(service),
     }
 
 

@@ -28,19 +28,18 @@ from corral.core.fsio import write_json
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
-from corral.launch import cgroup, landlock, mnt, output
+from corral.launch import cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
+from corral.supervise import setup
 from corral.supervise.exec_guard import ExecGuard
 from corral.supervise.journals import Journals
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
-STOP_GRACE = 5.0  # seconds a process with a SIGTERM handler gets before SIGKILL
 DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire
 TICK = 0.25  # seconds the loop waits for an event before its timed work (polled sensors, ...)
-SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 
 @dataclass
@@ -58,6 +57,8 @@ class Child:
     exit_code: int | None = None
     next_start: float = 0.0
     error: str = ""
+    in_setup: bool = False  # its one-shot `setup` runs now, not its program
+    setup_deadline: float = 0.0
 
 
 class Supervisor:
@@ -69,6 +70,8 @@ class Supervisor:
         self.stopping = False  # the supervisor is ending
         self.halting = False  # processes are being stopped (end, or a revert)
         self.revert_requested = False
+        self.reload_requested = False
+        self.reloads: Any = None  # supervise.reload.Reloads, made at the first reload
         self.reverts = 0
         self.last_archive: str | None = None
         self.phase = "starting"
@@ -101,19 +104,19 @@ class Supervisor:
             "sensors": self.sensors | {name: s.state for name, s in self.live.items()},
             "journals": self.journals.health,
             "last_archive": self.last_archive,
+            "reload": self.reloads.record if self.reloads else None,
             "cgroup": cgroup.describe(),
             "processes": {name: {
                 "state": c.state, "pid": c.init or None, "user": c.spec.user,
                 "started_at": iso(c.started_at) if c.started_at else None,
                 "restarts": c.restarts, "exit_code": c.exit_code, "error": c.error,
-                "listen": c.spec.listen,
+                "listen": c.spec.listen, "output": list(c.output.recent),
             } for name, c in self.children.items()},
         })
 
     # -- set-up and tear-down ---------------------------------------------------------------
     def prepare(self) -> None:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.join(self.run_dir, "logs"), mode=0o700, exist_ok=True)
         delta = str(self.spec.delta_dir)
         mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
         if self.spec.delta == "tmpfs":
@@ -130,8 +133,12 @@ class Supervisor:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
                                    cpu=proc.limits.get("cpu"))
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
-            out = Output(proc.name, os.path.join(self.run_dir, "logs", f"{proc.name}.log"),
-                         self.echo)
+            settings = self.spec.log
+            out = Output(proc.name, logfile.LogFile(
+                str(self.spec.logs), proc.name, int(settings.get("size", logfile.SIZE)),
+                int(settings.get("files", logfile.FILES))),
+                logfile.Forward(self.spec.service, proc.name,
+                                int(settings.get("rate", logfile.RATE))), self.echo)
             self.children[proc.name] = Child(proc, group, out)
             self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
 
@@ -265,6 +272,7 @@ class Supervisor:
         self.resume_logs(everything=True)  # the last words of every process
         for child in self.children.values():
             child.output.end()
+            child.output.close()
         self.close_epochs("schedule")  # what the last stretch wrote is in the log
         try:
             self.release()
@@ -287,8 +295,10 @@ class Supervisor:
 
     # -- processes --------------------------------------------------------------------------
     def spawn(self, child: Child) -> launch.Spawned | None:
+        child.in_setup = setup.needed(self.spec, child.spec)
         try:
-            return launch.spawn(self.spec, child.spec, child.output.write_fd, child.group)
+            return launch.spawn(self.spec, self._program(child), child.output.write_fd,
+                                child.group)
         except OSError as exc:
             child.error = str(exc)
             return None
@@ -297,7 +307,10 @@ class Supervisor:
         """Start a child, or finish the start of one spawned already."""
         try:
             if spawned is None:
-                spawned = launch.spawn(self.spec, child.spec, child.output.write_fd, child.group)
+                child.in_setup = setup.needed(self.spec, child.spec)
+                spawned = launch.spawn(self.spec, self._program(child), child.output.write_fd,
+                                       child.group)
+            child.output.mark()
             name = child.spec.name
             started = launch.finish(spawned, lambda fd: self.exec_guard.answer(name, fd))
         except OSError as exc:
@@ -310,6 +323,16 @@ class Supervisor:
         child.pidfd = os.pidfd_open(started.holder)
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child.spec.name))
         child.state, child.started_at, child.exit_code = "running", time.time(), None  # shown
+        if child.in_setup:
+            child.state = "setup"
+            child.setup_deadline = time.monotonic() + float((child.spec.setup or {}).get(
+                "timeout", setup.TIMEOUT))
+
+    def _program(self, child: Child) -> ProcessSpec:
+        """What runs next under the process's containment: its `setup`, or its command."""
+        if child.in_setup and child.spec.setup:
+            return dataclasses.replace(child.spec, command=list(child.spec.setup["command"]))
+        return child.spec
 
     def _crashed(self, child: Child, code: int) -> None:
         now = time.monotonic()
@@ -331,6 +354,16 @@ class Supervisor:
         code = os.waitstatus_to_exitcode(status)
         self.exec_guard.drop_process(child.spec.name)
         child.init = 0
+        if child.in_setup:
+            child.in_setup = False
+            if code == 0 and not self.halting:
+                setup.done(self.spec, child.spec)
+                self.start(child)
+            else:
+                child.state, child.exit_code = "failed", code
+                child.error = setup.failure(child.spec, code, list(child.output.recent),
+                                            time.monotonic() > child.setup_deadline)
+            return
         if self.halting:
             child.state, child.exit_code = "stopped", code
         elif code == 0:
@@ -340,21 +373,23 @@ class Supervisor:
             self._crashed(child, code)
 
     def stop_all(self) -> None:
-        """SIGTERM where the program handles it, SIGKILL otherwise (PID 1 of a namespace
-        ignores signals it has no handler for), then the cgroup's kill for anything left."""
+        """Each process's `stop_signal` where the program handles it, SIGKILL otherwise (PID 1
+        of a namespace ignores signals it has no handler for); after its `stop_timeout`,
+        SIGKILL and the cgroup's kill for anything left."""
         self.halting = True
-        deadline = time.monotonic() + STOP_GRACE
+        now = time.monotonic()
+        deadlines = {}
         for child in self.children.values():
             if child.init:
-                sig = signal.SIGTERM if _handles_sigterm(child.init) else signal.SIGKILL
-                _kill(child.init, sig)
-        while self.alive() and time.monotonic() < deadline:
-            self.poll(0.1)
-        for child in self.children.values():
-            if child.pidfd >= 0:
-                _kill(child.init, signal.SIGKILL)
-                child.group.kill()
-        while any(c.pidfd >= 0 for c in self.children.values()):
+                sig = _signal_number(child.spec.stop_signal)
+                _kill(child.init, sig if _handles(child.init, sig) else signal.SIGKILL)
+                deadlines[child.spec.name] = now + float(child.spec.stop_timeout)
+        while self.alive():
+            now = time.monotonic()
+            for child in self.children.values():
+                if child.pidfd >= 0 and now >= deadlines.get(child.spec.name, now):
+                    _kill(child.init, signal.SIGKILL)
+                    child.group.kill()
             self.poll(0.1)
         self.halting = False
 
@@ -404,6 +439,14 @@ class Supervisor:
         self.phase = "running"
         self.write_state()
 
+    def reload(self) -> None:
+        from corral.supervise.reload import Reloads, read_request
+
+        self.reload_requested = False
+        self.reloads = self.reloads or Reloads(self.spec.service)
+        self.reloads.start(self.children, read_request(self.run_dir))
+        self.write_state()
+
     # -- the loop ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> None:
         paused = [c.output.paused_until for c in self.children.values() if c.output.paused_until]
@@ -413,6 +456,8 @@ class Supervisor:
                     "notify": self.exec_guard.ready, "control": self._on_control,
                     "sensor": self._on_sensor}
         for key, _ in self.selector.select(timeout):
+            if self.selector.get_map().get(key.fd) is not key:
+                continue  # an earlier handler of this batch unregistered it (a process ended)
             kind, name = key.data  # what registered the descriptor, and for whom
             handlers[kind](key.fd, name)
         self.resume_logs()
@@ -424,7 +469,9 @@ class Supervisor:
             received = b""
         if signal.SIGUSR1 in received:
             self.revert_requested = True
-        if set(received) - {signal.SIGUSR1}:
+        if signal.SIGHUP in received:  # as for most daemons: re-read the configuration
+            self.reload_requested = True
+        if set(received) - {signal.SIGUSR1, signal.SIGHUP}:
             self.stopping = True
 
     def _on_output(self, fd: int, name: str) -> None:
@@ -470,10 +517,17 @@ class Supervisor:
             self.close_epochs("schedule", due_only=True)
         if self.revert_requested and not self.stopping and not self.halting:
             self.revert()
+        if self.reload_requested and not self.stopping and not self.halting:
+            self.reload()
+        if self.reloads and self.reloads.poll():
+            self.write_state()
         if self.stopping:
             return None
         now = time.monotonic()
         for child in self.children.values():
+            if child.state == "setup" and now > child.setup_deadline and child.init:
+                _kill(child.init, signal.SIGKILL)
+                child.group.kill()
             if child.state == "backoff" and now >= child.next_start:
                 self.start(child)
                 self.write_state()
@@ -509,7 +563,7 @@ class Supervisor:
                     self._crashed(child, 127)
                 else:
                     self.start(child, spawned[name])
-            failed = [c for c in self.children.values() if c.state != "running"]
+            failed = [c for c in self.children.values() if c.state not in ("running", "setup")]
             if failed:
                 self.phase, self.error = "failed", "; ".join(c.error for c in failed)
                 self.write_state()
@@ -522,10 +576,19 @@ class Supervisor:
                 if code is not None:
                     return code
             return 0
-        except Exception as exc:  # noqa: BLE001 - said in state.json and the log, then cleaned up
+        except (CorralError, OSError) as exc:  # said in state.json and the log, then cleaned up
             self.phase, self.error = "failed", str(exc)
             self.write_state()
             log.error(str(exc))
+            return 1
+        except Exception as exc:  # noqa: BLE001 - a bug: its text means nothing to a user
+            import traceback
+
+            traceback.print_exc()  # supervisor.log (or the terminal of `corral run`)
+            self.phase = "failed"
+            self.error = (f"internal error in corral's supervisor ({type(exc).__name__}); "
+                          f"details in {self.run_dir}/supervisor.log; please report it")
+            self.write_state()
             return 1
         finally:
             self.stop_all()
@@ -547,12 +610,20 @@ def open_dirs(*paths: str) -> Iterator[tuple[int, ...]]:
             os.close(fd)
 
 
-def _handles_sigterm(pid: int) -> bool:
+def _signal_number(name: str) -> int:
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else signal.SIGTERM
+
+
+def _handles(pid: int, sig: int) -> bool:
+    """Does the process catch `sig` (SigCgt)? A namespace's init ignores any signal it does
+    not, so sending it would only wait out the timeout."""
+    if sig == signal.SIGKILL:
+        return True
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
                 if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & SIGTERM_BIT)
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
     except OSError:
         pass
     return False
