@@ -40,6 +40,9 @@ DEFAULT_DENY: dict[str, tuple[str, ...]] = {
 # or another namespace flag, which `launch` filters by argument.
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 # (CLONE_NEWTIME only exists for clone3 and unshare, both denied.)
+# openat2 takes its flags and mode in memory too (struct open_how), so the `setuid` rule could
+# not see a setuid mode through it: it gets ENOSYS as well, and programs that use it (for
+# RESOLVE_* flags) fall back to openat, as they must on kernels older than 5.6.
 
 
 def default_deny() -> list[str]:
@@ -51,7 +54,7 @@ class SeccompPlan:
     mode: str  # "deny-list" (the default policy) or "allow-list" (the manifest's own list)
     syscalls: tuple[str, ...]
     deny_action: str = "errno:EPERM"
-    enosys: tuple[str, ...] = ("clone3",)
+    enosys: tuple[str, ...] = ("clone3", "openat2")
     other_arch: str = "kill-process"
 
 
