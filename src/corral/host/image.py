@@ -62,6 +62,40 @@ def _copy_entry(src_root: int, entry: ImageEntry | AddedEntry, dst: Path) -> int
         os.close(fd)
 
 
+def _hash_fd(fd: int) -> str:
+    import blake3
+
+    hasher = blake3.blake3()
+    while chunk := os.read(fd, COPY_CHUNK):
+        hasher.update(chunk)
+    return str(hasher.hexdigest())
+
+
+def source_hashes(plan: ServicePlan) -> dict[str, str]:
+    """blake3 of what each file of the image would be built from now, by image path (the keys
+    and hashes of the base's integrity manifest), so `install` can tell which input changed.
+    A source that is gone or no longer a regular file hashes as "" (changed: the rebuild
+    then reports the real error)."""
+    out: dict[str, str] = {}
+    with safefs.directory(plan.image.host_root) as src_root:
+        for entry in plan.image.entries + plan.image.added:
+            if entry.kind != "file":
+                continue
+            try:
+                if isinstance(entry, AddedEntry):
+                    fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                else:
+                    fd = safefs.open_beneath(src_root, entry.path)
+            except OSError:
+                out[entry.path] = ""
+                continue
+            try:
+                out[entry.path] = _hash_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+            finally:
+                os.close(fd)
+    return out
+
+
 def _accounts(users: list[tuple[str, SystemUser]]) -> tuple[str, str]:
     """passwd and group holding root and the service's own users only, never the host's."""
     passwd = ["root:x:0:0:root:/root:/usr/sbin/nologin"]
