@@ -227,7 +227,7 @@ command = ["/usr/bin/true"]
         again = corral("install", str(manifest), netns=netns, check=True)
         assert again.stdout.strip() == f"{service_name}: installed, nothing to change"
         # A manifest field the launch path reads (runtime.json) is named too.
-        manifest.write_text(manifest.read_text() + 'environment = { LANG = "C.UTF-8" }\n')
+        manifest.write_text(manifest.read_text() + 'environment = { MODE = "fast" }\n')
         result = corral("install", str(manifest), netns=netns, check=True)
         assert result.stdout.strip() == (f"{service_name}: updated the run-time settings: "
                                          "process app: environment")

@@ -133,6 +133,10 @@ def build_base(plan: ServicePlan, state: Path, version: int,
                     total += _copy_entry(src_root, entry, dst)
                     files += 1
                 bar.advance()
+        for where, text in plan.image.generated:
+            made = root / where.lstrip("/")
+            made.write_text(text)
+            made.chmod(0o644)
         passwd, group = _accounts(users)
         (root / "etc/passwd").write_text(passwd)
         (root / "etc/group").write_text(group)

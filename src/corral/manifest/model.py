@@ -77,6 +77,17 @@ def _mode(raw: object) -> int:
     return mode
 
 
+def _resolver(raw: object) -> str:
+    import ipaddress
+
+    if not isinstance(raw, str):
+        raise ValueError('expected an IP address (a string like "192.0.2.53")')
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError(f'"{raw}": not an IP address (a resolver is never a host name)') from None
+
+
 def _cpu(raw: float) -> float:
     if not 0 < raw <= 1024:
         raise ValueError(f"{raw}: cpu is a number of CPUs, more than 0")
@@ -170,6 +181,10 @@ class Manifest(Strict):
     volume: list[Volume] = []
     process: dict[str, Process]
     watch: Watch = Watch()
+    # DNS servers: /etc/resolv.conf, "dns" in nsswitch.conf, and udp/53 + tcp/53 to them for
+    # every process. None: the service resolves names from /etc/hosts only.
+    resolvers: Annotated[list[Annotated[str, BeforeValidator(_resolver)]],
+                         Field(max_length=3)] = []
 
     def user_of(self, process: str) -> str:
         """The system user of one process: corral-SERVICE-PROCESS (at most 32 characters)."""

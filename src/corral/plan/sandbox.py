@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from corral.plan.etc import dns_endpoints
+
 if TYPE_CHECKING:  # the launch path imports this module: no pydantic at run time
     from corral.manifest.model import Manifest, Process
 
@@ -132,7 +134,7 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
             read_only=ro,
             read_write=rw,
             tcp_bind=_port_numbers(proc.listen),
-            tcp_connect=_port_numbers(proc.connect),
+            tcp_connect=_port_numbers([*proc.connect, *dns_endpoints(list(m.resolvers))]),
         ),
         limits=proc.limits.model_dump(),
         cgroup=f"corral/{m.name}/{name}",
