@@ -106,6 +106,21 @@ def _accounts(users: list[tuple[str, SystemUser]]) -> tuple[str, str]:
     return "\n".join(passwd) + "\n", "\n".join(group) + "\n"
 
 
+def _chown(root: Path, owners: tuple[tuple[str, str], ...],
+           accounts: dict[str, SystemUser]) -> None:
+    """Give each (path, user) of the plan to that user, a directory with all it holds. The
+    tree is the build's own (just copied, not yet visible to any service): os.walk is safe."""
+    for path, name in owners:
+        user = accounts[name]
+        top = root / path.lstrip("/")
+        os.chown(top, user.uid, user.gid, follow_symlinks=False)
+        if top.is_dir() and not top.is_symlink():
+            for where, dirs, files in os.walk(top):
+                for entry in dirs + files:
+                    os.chown(os.path.join(where, entry), user.uid, user.gid,
+                             follow_symlinks=False)
+
+
 def build_base(plan: ServicePlan, state: Path, version: int,
                users: list[tuple[str, SystemUser]], show_progress: bool = False) -> Path:
     """Build base version `version`; returns its directory. Raises OSError on failure,
@@ -137,6 +152,7 @@ def build_base(plan: ServicePlan, state: Path, version: int,
             made = root / where.lstrip("/")
             made.write_text(text)
             made.chmod(0o644)
+        _chown(root, plan.image.owners, {user.name: user for _, user in users})
         passwd, group = _accounts(users)
         (root / "etc/passwd").write_text(passwd)
         (root / "etc/group").write_text(group)

@@ -107,10 +107,11 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
                 interpreters: tuple[str, ...] = ()) -> SandboxPlan:
     """`interpreters`: the ELF or #! interpreters of the process's executables, which the kernel
     opens for execution too (found by `plan`, which reads the image)."""
-    volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.volume)
+    volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.all_volumes())
     # /dev: writes to null, full and the shm tmpfs; the /dev mount itself is read-only.
+    run = {path for pname, path, _ in m.runtime_directories() if pname == name}
     rw = tuple(sorted({p for p, access in volumes if access == "rw"} | set(proc.writable)
-                      | {"/tmp", "/dev"}))
+                      | run | {"/tmp", "/dev"}))
     ro = tuple(sorted({p for p, access in volumes if access == "ro"} | set(LIBRARY_DIRS)
                       | set(m.image.include) | set(m.image.add)
                       | ({"/"} if m.image.source != "closure" and not m.image.include else set())))

@@ -74,6 +74,9 @@ class ImagePlan:
     added: tuple[AddedEntry, ...] = ()
     include: tuple[str, ...] = ()
     generated: tuple[tuple[str, str], ...] = ()  # (image path, text): plan.etc's basics
+    # (image path, user): owned by that user in the base, a directory recursively (image.owner
+    # and the runtime directories); everything else is root's.
+    owners: tuple[tuple[str, str], ...] = ()
 
     @property
     def host_root(self) -> str:
@@ -109,6 +112,7 @@ class ServicePlan:
                 "added": [_entry_json(e) | {"source": e.source} for e in self.image.added],
                 "passwd": [u.name for u in self.users],
                 "generated": dict(self.image.generated),
+                "owners": dict(self.image.owners),
             },
             "volumes": [dataclasses.asdict(v) | {"mode": f"{v.mode:04o}"} for v in self.volumes],
             "nftables": self.ruleset,
@@ -175,19 +179,36 @@ def _image(file: str, m: Manifest) -> ImagePlan:
     merged = {e.path: e for e in SKELETON} | {e.path: e for e in entries}
     added = _added(file, m)
     # Mount points for the volumes' bind mounts, and the directories added files go into.
-    for path in [v.path for v in m.volume] + [os.path.dirname(a.path) for a in added]:
+    for path in [v.path for v in m.all_volumes()] + [os.path.dirname(a.path) for a in added]:
+        while path != "/":
+            merged.setdefault(path, ImageEntry(path, "dir", None, 0o755))
+            path = os.path.dirname(path)
+    # Runtime directories: empty in the base, owned by their process, so each start (a fresh
+    # delta) finds them empty, as systemd's RuntimeDirectory= does.
+    owners = []
+    for pname, path, mode in m.runtime_directories():
+        merged[path] = ImageEntry(path, "dir", None, mode)
+        owners.append((path, m.user_of(pname)))
+        path = os.path.dirname(path)
         while path != "/":
             merged.setdefault(path, ImageEntry(path, "dir", None, 0o755))
             path = os.path.dirname(path)
     added = tuple(a for a in added if a.path not in merged)
     present = set(merged) | {a.path for a in added}
+    problems = [Problem(file, ("image", "owner", path),
+                        f'"{path}": not in the image (include or add it first)')
+                for path in m.image.owner if path not in present]
+    if problems:
+        raise InputError(problems)
+    owners += [(path, m.user_of(pname)) for path, pname in m.image.owner.items()]
     zone = etc.zone_file() if source == "closure" else None
     if zone is not None and etc.LOCALTIME not in present:
         added = tuple(sorted(added + (AddedEntry(etc.LOCALTIME, "file", zone, 0o644),)))
     generated = tuple(sorted((path, text) for path, text in
                              etc.generated(m.name, list(m.resolvers)).items()
                              if path not in present))
-    return ImagePlan(source, tuple(sorted(merged.values())), added, tuple(include), generated)
+    return ImagePlan(source, tuple(sorted(merged.values())), added, tuple(include), generated,
+                     tuple(sorted(owners)))
 
 
 def _check_executables(file: str, m: Manifest, image: ImagePlan) -> None:
@@ -230,7 +251,7 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
                                         tuple(proc.connect) + dns)
                   for p, proc in m.process.items())
     volumes = tuple(VolumePlan(v.path, m.user_of(v.owner), v.mode, v.journal, v.epoch,
-                               escape_path(v.path)) for v in m.volume)
+                               escape_path(v.path)) for v in m.all_volumes())
     return ServicePlan(
         service=m.name,
         file=file,
