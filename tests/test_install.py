@@ -198,3 +198,38 @@ def test_install_reports_json(tmp_path, corral_root, netns, service_name):
                             check=True).stdout)
     assert out["service"] == service_name and out["changed"] is True and len(out["changes"]) == 5
     corral("uninstall", service_name, "--purge", netns=netns, check=True)
+
+
+def test_an_edited_input_rebuilds_the_base_and_says_why(tmp_path, corral_root, netns,
+                                                        service_name):
+    """Editing an `add`ed config file used to leave install saying "nothing to change": the
+    base's inputs are compared by content with what the current base was built from."""
+    from conftest import write_manifest
+
+    conf = tmp_path / "app.conf"
+    conf.write_text("port 1\n")
+    manifest = write_manifest(tmp_path, service_name, """
+[image]
+include = ["/usr/bin/true"]
+add = { "/etc/app/app.conf" = "app.conf" }
+[process.app]
+command = ["/usr/bin/true"]
+""")
+    try:
+        corral("install", str(manifest), netns=netns, check=True)
+        conf.write_text("port 2\n")
+        result = corral("install", str(manifest), netns=netns, check=True)
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{service_name}: built base version 2 ")
+        assert lines[0].endswith(f": /etc/app/app.conf changed ({conf})"), lines
+        base = state_dir(corral_root, service_name) / "base/2/root/etc/app/app.conf"
+        assert base.read_text() == "port 2\n"
+        again = corral("install", str(manifest), netns=netns, check=True)
+        assert again.stdout.strip() == f"{service_name}: installed, nothing to change"
+        # A manifest field the launch path reads (runtime.json) is named too.
+        manifest.write_text(manifest.read_text() + 'environment = { MODE = "fast" }\n')
+        result = corral("install", str(manifest), netns=netns, check=True)
+        assert result.stdout.strip() == (f"{service_name}: updated the run-time settings: "
+                                         "process app: environment")
+    finally:
+        corral("uninstall", service_name, "--purge", netns=netns)

@@ -514,3 +514,56 @@ def test_actions():
 def test_import_is_lean():
     code = "import sys, corral.launch.seccomp; assert 'pyseccomp' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the setuid rules read a mode only where the kernel does ---------------------------------
+
+O_CREAT, O_TMPFILE_BIT, O_DIRECTORY = 0o100, 0o20000000, 0o200000
+SYS_OPEN, SYS_OPENAT, SYS_CREAT, SYS_MKDIRAT, SYS_FCHMOD, SYS_OPENAT2 = 2, 257, 85, 258, 91, 437
+AT_FDCWD = -100
+
+
+def test_a_read_only_open_with_a_garbage_mode_is_allowed(tmp_path):
+    """jemalloc opens /proc files with a raw open(path, O_RDONLY) and leaves garbage in the
+    mode register (05007 seen with redis-server). The kernel ignores the mode without O_CREAT
+    or O_TMPFILE, so must the filter; with them, a setuid or setgid bit is refused."""
+    existing = tmp_path / "existing"
+    existing.write_text("x")
+    path = ctypes.create_string_buffer(str(existing).encode())
+    new = {n: ctypes.create_string_buffer(str(tmp_path / n).encode())
+           for n in ("open", "openat", "creat", "tmpfile", "dir", "plain")}
+    where = ctypes.create_string_buffer(str(tmp_path).encode())
+
+    def opened(ret_err):
+        ret, err = ret_err
+        if ret >= 0:
+            os.close(ret)
+        return [min(ret, 0), err]
+
+    def body():
+        a, d = ctypes.addressof, os.O_RDONLY
+        return {
+            "open ro": opened(syscall(SYS_OPEN, a(path), d, 0o5007)),
+            "openat ro": opened(syscall(SYS_OPENAT, AT_FDCWD, a(path), d, 0o6755)),
+            "openat ro high mode": opened(syscall(SYS_OPENAT, AT_FDCWD, a(path), d,
+                                                  0x7FA77E1A6A07)),
+            "open creat": opened(syscall(SYS_OPEN, a(new["open"]), O_CREAT | os.O_WRONLY,
+                                         0o4755)),
+            "openat creat setgid": opened(syscall(SYS_OPENAT, AT_FDCWD, a(new["openat"]),
+                                                  O_CREAT | os.O_WRONLY, 0o2755)),
+            "openat tmpfile": opened(syscall(SYS_OPENAT, AT_FDCWD, a(where),
+                                             O_TMPFILE_BIT | O_DIRECTORY | os.O_WRONLY, 0o4755)),
+            "creat": opened(syscall(SYS_CREAT, a(new["creat"]), 0o4755)),
+            "mkdirat": opened(syscall(SYS_MKDIRAT, AT_FDCWD, a(new["dir"]), 0o2755)),
+            "openat creat plain": opened(syscall(SYS_OPENAT, AT_FDCWD, a(new["plain"]),
+                                                 O_CREAT | os.O_WRONLY, 0o755)),
+            # openat2's mode is in memory seccomp cannot read: ENOSYS, programs fall back
+            "openat2": opened(syscall(SYS_OPENAT2, AT_FDCWD, a(path), 0, 24)),
+        }
+
+    r = in_child(body, DEFAULT).result
+    assert r.pop("open ro") == r.pop("openat ro") == r.pop("openat ro high mode") == [0, 0]
+    assert r.pop("openat creat plain") == [0, 0]
+    assert r.pop("openat2") == [-1, errno.ENOSYS]
+    assert r == dict.fromkeys(r, [-1, errno.EPERM]), r
+    assert not (tmp_path / "open").exists() and not (tmp_path / "creat").exists()

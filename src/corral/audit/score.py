@@ -72,7 +72,7 @@ def view_from_manifest(file: str) -> ServiceView:
         for name, p in m.process.items()]
     return ServiceView(
         service=m.name, source=file, processes=processes,
-        volumes=[VolView(v.path, v.mode, v.journal) for v in m.volume],
+        volumes=[VolView(v.path, v.mode, v.journal) for v in m.all_volumes()],
         delta=m.image.delta, react=m.watch.react, tripwires=tuple(m.watch.tripwires),
         image=plan_image_findings(plan))
 
@@ -125,7 +125,7 @@ def view_from_installed(name: str) -> ServiceView:
             exec=tuple(spec.exec_paths.get(p.name) or [p.command[0]]), program=p.command[0],
             writable=tuple(w for w in rw if w not in volume_paths and w not in ("/tmp", "/dev")),
             limits=dict(p.limits)))
-    journals = {v.path: v.journal for v in m.volume} if m else {}
+    journals = {v.path: v.journal for v in m.all_volumes()} if m else {}
     volumes = []
     for v in spec.volumes:
         try:

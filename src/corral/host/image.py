@@ -62,6 +62,40 @@ def _copy_entry(src_root: int, entry: ImageEntry | AddedEntry, dst: Path) -> int
         os.close(fd)
 
 
+def _hash_fd(fd: int) -> str:
+    import blake3
+
+    hasher = blake3.blake3()
+    while chunk := os.read(fd, COPY_CHUNK):
+        hasher.update(chunk)
+    return str(hasher.hexdigest())
+
+
+def source_hashes(plan: ServicePlan) -> dict[str, str]:
+    """blake3 of what each file of the image would be built from now, by image path (the keys
+    and hashes of the base's integrity manifest), so `install` can tell which input changed.
+    A source that is gone or no longer a regular file hashes as "" (changed: the rebuild
+    then reports the real error)."""
+    out: dict[str, str] = {}
+    with safefs.directory(plan.image.host_root) as src_root:
+        for entry in plan.image.entries + plan.image.added:
+            if entry.kind != "file":
+                continue
+            try:
+                if isinstance(entry, AddedEntry):
+                    fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                else:
+                    fd = safefs.open_beneath(src_root, entry.path)
+            except OSError:
+                out[entry.path] = ""
+                continue
+            try:
+                out[entry.path] = _hash_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+            finally:
+                os.close(fd)
+    return out
+
+
 def _accounts(users: list[tuple[str, SystemUser]]) -> tuple[str, str]:
     """passwd and group holding root and the service's own users only, never the host's."""
     passwd = ["root:x:0:0:root:/root:/usr/sbin/nologin"]
@@ -70,6 +104,21 @@ def _accounts(users: list[tuple[str, SystemUser]]) -> tuple[str, str]:
         passwd.append(f"{user.name}:x:{user.uid}:{user.gid}:{comment}:/nonexistent:/usr/sbin/nologin")
         group.append(f"{user.name}:x:{user.gid}:")
     return "\n".join(passwd) + "\n", "\n".join(group) + "\n"
+
+
+def _chown(root: Path, owners: tuple[tuple[str, str], ...],
+           accounts: dict[str, SystemUser]) -> None:
+    """Give each (path, user) of the plan to that user, a directory with all it holds. The
+    tree is the build's own (just copied, not yet visible to any service): os.walk is safe."""
+    for path, name in owners:
+        user = accounts[name]
+        top = root / path.lstrip("/")
+        os.chown(top, user.uid, user.gid, follow_symlinks=False)
+        if top.is_dir() and not top.is_symlink():
+            for where, dirs, files in os.walk(top):
+                for entry in dirs + files:
+                    os.chown(os.path.join(where, entry), user.uid, user.gid,
+                             follow_symlinks=False)
 
 
 def build_base(plan: ServicePlan, state: Path, version: int,
@@ -99,6 +148,11 @@ def build_base(plan: ServicePlan, state: Path, version: int,
                     total += _copy_entry(src_root, entry, dst)
                     files += 1
                 bar.advance()
+        for where, text in plan.image.generated:
+            made = root / where.lstrip("/")
+            made.write_text(text)
+            made.chmod(0o644)
+        _chown(root, plan.image.owners, {user.name: user for _, user in users})
         passwd, group = _accounts(users)
         (root / "etc/passwd").write_text(passwd)
         (root / "etc/group").write_text(group)

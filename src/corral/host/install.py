@@ -22,7 +22,16 @@ from typing import Any
 
 from corral.core.errors import RuntimeFailure, UsageError
 from corral.core.fsio import write_json
-from corral.core.paths import RECORD, lib_dir, lib_root, log_dir, log_root, run_dir, run_root
+from corral.core.paths import (
+    RECORD,
+    RUNTIME,
+    lib_dir,
+    lib_root,
+    log_dir,
+    log_root,
+    run_dir,
+    run_root,
+)
 from corral.core.text import iso
 from corral.host import image, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
@@ -113,7 +122,11 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
         _install_table(plan, record, report, undo)
         _save(state, record)
         _fault("table")
-        runtime.write(runtime_spec(plan, record))
+        spec = runtime_spec(plan, record)
+        settings = _runtime_changes(state, spec)
+        runtime.write(spec)
+        if settings:
+            report.changes.append("updated the run-time settings: " + ", ".join(settings))
         _remove_dropped_users(plan, record, report)
         record["installed_at"] = record.get("installed_at") or iso(time.time())
         _save(state, record)
@@ -155,6 +168,32 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
         log=dict(plan.log))
 
 
+def _runtime_changes(state: Path, spec: runtime.ServiceSpec) -> list[str]:
+    """What differs from the runtime.json in place (none on a first install): "process web:
+    command", "watch", ... The base version is the base step's to report."""
+    try:
+        old = json.loads((state / RUNTIME).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        return ["runtime.json (unreadable before)"]
+    new = json.loads(json.dumps(spec.to_json()))  # tuples as the file has them: lists
+    out = []
+    olds = {p.get("name"): p for p in old.get("processes", []) if isinstance(p, dict)}
+    for proc in new["processes"]:
+        was = olds.pop(proc["name"], None)
+        if was is None:
+            out.append(f"process {proc['name']}: added")
+            continue
+        fields = sorted(k for k in set(proc) | set(was) if proc.get(k) != was.get(k))
+        if fields:
+            out.append(f"process {proc['name']}: " + " ".join(fields))
+    out += [f"process {name}: removed" for name in olds]
+    out += [key for key in sorted(set(new) - {"processes", "base_version"})
+            if new.get(key) != old.get(key)]
+    return out
+
+
 def _save(state: Path, record: dict[str, Any]) -> None:
     write_json(state / RECORD, record)
 
@@ -194,19 +233,50 @@ def _remove_dropped_users(plan: ServicePlan, record: dict[str, Any], report: Rep
 def _install_base(plan: ServicePlan, state: Path, record: dict[str, Any],
                   accounts: list[tuple[str, users.SystemUser]], report: Report, undo: _Undo,
                   show_progress: bool) -> None:
-    wanted = digest({"image": plan.to_json()["image"],
-                     "accounts": [(c, a.name, a.uid, a.gid) for c, a in accounts]})
+    parts = {"image": digest({"image": plan.to_json()["image"]}),
+             "accounts": digest([(c, a.name, a.uid, a.gid) for c, a in accounts])}
+    wanted = digest(parts)
     base = record.get("base") or {}
     current = base.get("version")
-    if current and base.get("digest") == wanted and image.base_dir(state, current).is_dir():
-        return
+    # What install last built (a `commit` or `base use` may have made another version current;
+    # that choice stands as long as the inputs are those install built from).
+    reasons = []
+    if not current or not image.base_dir(state, current).is_dir():
+        reasons.append("no base yet")
+    else:
+        if base.get("digest") != wanted:
+            old = base.get("parts") or {}
+            reasons += [{"image": "the manifest's image (include, add, volumes, owners)",
+                         "accounts": "the service's users"}[k]
+                        for k in parts if old.get(k) != parts[k]] or ["the image plan"]
+        built = int(base.get("built") or current)
+        reasons += [f"{path} changed" + (f" ({source})" if source else "")
+                    for path, source in _changed_inputs(plan, state, built)]
+        if not reasons:
+            return
     version = next_version(state)
     path = image.build_base(plan, state, version, accounts, show_progress)
     undo.push(f"remove base {version}", lambda: shutil.rmtree(path, ignore_errors=True))
     undo.push("restore base record", functools.partial(record.__setitem__, "base", dict(base)))
     # The disk lists what exists, versions made by `base build` and `commit` included.
-    record["base"] = {"version": version, "digest": wanted, "versions": versions(state)}
-    report.changes.append(f"built base version {version} ({len(plan.image.entries)} entries)")
+    record["base"] = {"version": version, "built": version, "digest": wanted, "parts": parts,
+                      "versions": versions(state)}
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    report.changes.append(f"built base version {version} ({len(plan.image.entries)} entries)"
+                          + ("" if reasons == ["no base yet"] else f": {shown}"))
+
+
+def _changed_inputs(plan: ServicePlan, state: Path, version: int) -> list[tuple[str, str]]:
+    """(image path, host source if added) of each file whose source's content is not what base
+    `version` was built from (its integrity manifest's blake3)."""
+    try:
+        sealed = json.loads((image.base_dir(state, version) / "integrity.json").read_text())
+        entries = sealed["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [("the base's integrity manifest", "unreadable")]
+    sources = {a.path: a.source for a in plan.image.added}
+    return [(path, sources.get(path, "")) for path, blake in image.source_hashes(plan).items()
+            if (entries.get(path) or {}).get("blake3") != blake]
 
 
 def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], report: Report,

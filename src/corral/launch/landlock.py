@@ -159,7 +159,13 @@ def _allow_path(ruleset: int, path: str, rights: int) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return  # optional: granting nothing is the safe side
     except OSError as e:
-        raise OSError(e.errno, f"landlock: cannot open {path}: {e.strerror}") from None
+        # Landlock is not applied yet: what refused is the image's own modes and owners (a
+        # 0750 directory of root's on the way, say). Say so: the fix is image.owner or a mode.
+        error = OSError(e.errno, f"{path}: {e.strerror} for uid {os.geteuid()}: a file mode or "
+                        "owner in the image (not Landlock); give it to the process with "
+                        "image.owner or change its mode")
+        error.stage = "image"  # type: ignore[attr-defined]  # the launch report's label
+        raise error from None
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS

@@ -226,6 +226,9 @@ def run_steps(steps: tuple[Step, ...], jail: Jail, at: list[str]) -> None:
 
 def _report(err_w: int, stage: str, exc: BaseException) -> None:
     try:
+        # A step may name a better culprit than itself (landlock's grant failing on a file
+        # mode is the image's problem, not Landlock's).
+        stage = getattr(exc, "stage", stage)
         os.write(err_w, f"{stage}: {exc}".encode()[:4000])
     finally:
         os._exit(127)

@@ -99,9 +99,16 @@ def not_in_low32(values: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 # Setting a setuid/setgid bit is the `setuid` tripwire: denied (and so logged for the watcher)
-# wherever a mode is passed. (syscall, index of its mode argument)
-MODE_ARGUMENT = (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("creat", 1), ("open", 2),
-                 ("openat", 3), ("mkdir", 1), ("mkdirat", 2), ("mknod", 1), ("mknodat", 2))
+# wherever the kernel reads a mode, and only there. chmod/mkdir/mknod/creat always read theirs:
+# (syscall, index of its mode argument).
+MODE_ARGUMENT = (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("fchmodat2", 2), ("creat", 1),
+                 ("mkdir", 1), ("mkdirat", 2), ("mknod", 1), ("mknodat", 2))
+# open/openat read the mode only when they may create (the kernel's WILL_CREATE: O_CREAT or
+# __O_TMPFILE); otherwise the register is whatever the caller left there, and jemalloc's raw
+# open(path, O_RDONLY) leaves garbage with S_ISUID set in it (redis-server tripped at every
+# start). (syscall, index of flags, index of mode)
+CREATE_MODE_ARGUMENT = (("open", 1, 2), ("openat", 2, 3))
+CREATING_FLAGS = (0o100, 0o20000000)  # O_CREAT, __O_TMPFILE (O_TMPFILE is it | O_DIRECTORY)
 SETID_BITS = (0o4000, 0o2000)
 
 
@@ -145,6 +152,12 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
             if name not in listed | special:
                 for bit in SETID_BITS:
                     add(deny, name, Arg(index, MASKED_EQ, bit, bit))
+        # One rule per (creating flag, setid bit): a rule's comparisons are ANDed.
+        for name, flags, index in CREATE_MODE_ARGUMENT:
+            if name not in listed | special:
+                for flag, bit in itertools.product(CREATING_FLAGS, SETID_BITS):
+                    add(deny, name, Arg(flags, MASKED_EQ, flag, flag),
+                        Arg(index, MASKED_EQ, bit, bit))
         if "clone" not in listed | special:
             # One rule per flag: MASKED_EQ(flag, flag) is "this flag is set". On x86_64 the flags
             # are clone's first argument (clone(flags, stack, parent_tid, child_tid, tls)).

@@ -77,6 +77,36 @@ def _mode(raw: object) -> int:
     return mode
 
 
+def _resolver(raw: object) -> str:
+    import ipaddress
+
+    if not isinstance(raw, str):
+        raise ValueError('expected an IP address (a string like "192.0.2.53")')
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError(f'"{raw}": not an IP address (a resolver is never a host name)') from None
+
+
+def _dir_mode(raw: object) -> int:
+    if not isinstance(raw, str) or not re.fullmatch(r"0?[0-7]{3}", raw):
+        raise ValueError(f'"{raw}": expected an octal mode string like "0755"')
+    mode = int(raw, 8)
+    if mode & 0o002:
+        raise ValueError(f'"{raw}": a directory of the service must not be writable by others')
+    return mode
+
+
+def _dir_name(raw: object) -> str:
+    """systemd's RuntimeDirectory= style: a relative path below /run (or /var/lib, ...)."""
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_.@+-]+(/[A-Za-z0-9_.@+-]+)*",
+                                                    raw) \
+            or any(part in (".", "..") for part in raw.split("/")):
+        raise ValueError(f'"{raw}": expected a relative directory name like "nginx" '
+                         '(letters, digits, "._-@+", "/" between parts, no "..")')
+    return raw
+
+
 def _cpu(raw: float) -> float:
     if not 0 < raw <= 1024:
         raise ValueError(f"{raw}: cpu is a number of CPUs, more than 0")
@@ -122,6 +152,11 @@ Connect = Annotated[Endpoint, BeforeValidator(parse_endpoint), PlainSerializer(s
 Capability = Annotated[str, BeforeValidator(normalize_capability)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Signal = Annotated[str, BeforeValidator(_signal_name)]
+DirName = Annotated[str, BeforeValidator(_dir_name)]
+DirMode = Annotated[int, BeforeValidator(_dir_mode)]
+# Where systemd puts each kind of directory: the kind's key -> its parent in the root.
+DIRECTORY_PARENTS = {"state_directory": "/var/lib", "cache_directory": "/var/cache",
+                     "logs_directory": "/var/log"}
 
 
 class Strict(BaseModel):
@@ -136,6 +171,9 @@ class Image(Strict):
     add: dict[AbsPath, Annotated[str, AfterValidator(_source_path)]] = {}
     delta: Literal["tmpfs", "disk"] = "tmpfs"
     delta_size: Size = Field(default=64 << 20)
+    # {image path = process}: that process's user owns the path in the base (a directory
+    # recursively), so a 0640 config keeps its meaning (Debian's /etc/redis/redis.conf).
+    owner: dict[AbsPath, str] = {}
 
 
 class Volume(Strict):
@@ -176,6 +214,17 @@ class Process(Strict):
     stop_timeout: Duration = 10
     reload: Signal | Annotated[list[Text], Field(min_length=1)] = "SIGHUP"
     setup: Setup | None = None
+    # systemd's RuntimeDirectory=, StateDirectory=, CacheDirectory=, LogsDirectory=: names
+    # below /run (fresh at every start), /var/lib, /var/cache, /var/log (volumes), owned by
+    # this process's user.
+    runtime_directory: list[DirName] = []
+    runtime_directory_mode: DirMode = 0o755
+    state_directory: list[DirName] = []
+    state_directory_mode: DirMode = 0o755
+    cache_directory: list[DirName] = []
+    cache_directory_mode: DirMode = 0o755
+    logs_directory: list[DirName] = []
+    logs_directory_mode: DirMode = 0o755
 
     @property
     def executables(self) -> list[str]:
@@ -212,6 +261,32 @@ class Manifest(Strict):
     process: dict[str, Process]
     watch: Watch = Watch()
     log: Log = Log()
+    # DNS servers: /etc/resolv.conf, "dns" in nsswitch.conf, and udp/53 + tcp/53 to them for
+    # every process. None: the service resolves names from /etc/hosts only.
+    resolvers: Annotated[list[Annotated[str, BeforeValidator(_resolver)]],
+                         Field(max_length=3)] = []
+
+    def directory_volumes(self) -> list[tuple[tuple[str | int, ...], Volume]]:
+        """The volumes the processes' state/cache/logs directories stand for, with the key
+        path each comes from (for error messages)."""
+        out: list[tuple[tuple[str | int, ...], Volume]] = []
+        for pname, proc in self.process.items():
+            for key, parent in DIRECTORY_PARENTS.items():
+                mode = getattr(proc, key + "_mode")
+                for k, name in enumerate(getattr(proc, key)):
+                    volume = Volume.model_validate({"path": f"{parent}/{name}", "owner": pname,
+                                                    "mode": f"{mode:04o}"})
+                    out.append((("process", pname, key, k), volume))
+        return out
+
+    def all_volumes(self) -> list[Volume]:
+        """[[volume]] and the state/cache/logs directories, which are volumes too."""
+        return list(self.volume) + [v for _, v in self.directory_volumes()]
+
+    def runtime_directories(self) -> list[tuple[str, str, int]]:
+        """(process, path below /run, mode) of every runtime directory."""
+        return [(pname, f"/run/{name}", proc.runtime_directory_mode)
+                for pname, proc in self.process.items() for name in proc.runtime_directory]
 
     def user_of(self, process: str) -> str:
         """The system user of one process: corral-SERVICE-PROCESS (at most 32 characters)."""
@@ -304,20 +379,26 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
         elif pname in RESERVED_PROCESS_NAMES:
             add(("process", pname), f'"{pname}": reserved (a cgroup v1 control file has this name)')
 
-    seen_paths: list[tuple[int, str]] = []
-    for i, vol in enumerate(m.volume):
-        if vol.owner not in m.process:
+    seen_paths: list[tuple[str, str]] = []
+    volumes: list[tuple[tuple[str | int, ...], Volume]] = [
+        (("volume", i, "path"), v) for i, v in enumerate(m.volume)] + m.directory_volumes()
+    for loc, vol in volumes:
+        if loc[0] == "volume" and vol.owner not in m.process:
             known = ", ".join(sorted(m.process)) or "none"
-            add(("volume", i, "owner"), f'"{vol.owner}": no such process (processes: {known})')
+            add(("volume", loc[1], "owner"),
+                f'"{vol.owner}": no such process (processes: {known})')
         if vol.path == "/" or any(vol.path == r or vol.path.startswith(r + "/")
                                   for r in RESERVED_ROOTS):
-            add(("volume", i, "path"),
-                f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
-        for j, other in seen_paths:
+            add(loc, f'"{vol.path}": cannot be a volume (/, /proc, /dev and /sys are not)')
+        for where, other in seen_paths:
             if vol.path == other or vol.path.startswith(other + "/") \
                     or other.startswith(vol.path + "/"):
-                add(("volume", i, "path"), f'"{vol.path}": overlaps volume[{j}] "{other}"')
-        seen_paths.append((i, vol.path))
+                add(loc, f'"{vol.path}": overlaps {where} "{other}"')
+        seen_paths.append((_key(loc), vol.path))
+    for path, pname in m.image.owner.items():
+        if pname not in m.process:
+            known = ", ".join(sorted(m.process)) or "none"
+            add(("image", "owner", path), f'"{pname}": no such process (processes: {known})')
 
     listeners: dict[tuple[str, int], str] = {}
     for pname, proc in m.process.items():
@@ -340,18 +421,28 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
                           ("setup", proc.setup.command if proc.setup else None)):
             if argv is None:
                 continue
-            loc: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
-                                                 else (key, "command", 0))
+            where: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
+                                                   else (key, "command", 0))
             if not argv[0].startswith("/"):
-                add(loc, f'"{argv[0]}": the program must be an absolute path')
+                add(where, f'"{argv[0]}": the program must be an absolute path')
             elif argv[0] not in proc.executables:
-                add(loc, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
+                add(where, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
                          "which executes only what exec lists)")
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):
                 if not _known_syscall(name):
                     add(base + ("syscalls", k), f'"{name}": unknown system call')
     return out
+
+
+def _key(loc: tuple[str | int, ...]) -> str:
+    """("volume", 0, "path") -> "volume[0]"; ("process", "web", "state_directory", 1) ->
+    "process.web.state_directory[1]"."""
+    parts = [p for p in loc if p != "path"]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + part
+    return text
 
 
 def _known_syscall(name: str) -> bool:

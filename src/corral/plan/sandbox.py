@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from corral.plan.etc import dns_endpoints
+
 if TYPE_CHECKING:  # the launch path imports this module: no pydantic at run time
     from corral.manifest.model import Manifest, Process
 
@@ -40,6 +42,9 @@ DEFAULT_DENY: dict[str, tuple[str, ...]] = {
 # or another namespace flag, which `launch` filters by argument.
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 # (CLONE_NEWTIME only exists for clone3 and unshare, both denied.)
+# openat2 takes its flags and mode in memory too (struct open_how), so the `setuid` rule could
+# not see a setuid mode through it: it gets ENOSYS as well, and programs that use it (for
+# RESOLVE_* flags) fall back to openat, as they must on kernels older than 5.6.
 
 
 def default_deny() -> list[str]:
@@ -51,7 +56,7 @@ class SeccompPlan:
     mode: str  # "deny-list" (the default policy) or "allow-list" (the manifest's own list)
     syscalls: tuple[str, ...]
     deny_action: str = "errno:EPERM"
-    enosys: tuple[str, ...] = ("clone3",)
+    enosys: tuple[str, ...] = ("clone3", "openat2")
     other_arch: str = "kill-process"
 
 
@@ -107,10 +112,11 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
                 interpreters: tuple[str, ...] = ()) -> SandboxPlan:
     """`interpreters`: the ELF or #! interpreters of the process's executables, which the kernel
     opens for execution too (found by `plan`, which reads the image)."""
-    volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.volume)
+    volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.all_volumes())
     # /dev: writes to null, full and the shm tmpfs; the /dev mount itself is read-only.
+    run = {path for pname, path, _ in m.runtime_directories() if pname == name}
     rw = tuple(sorted({p for p, access in volumes if access == "rw"} | set(proc.writable)
-                      | {"/tmp", "/dev"}))
+                      | run | {"/tmp", "/dev"}))
     ro = tuple(sorted({p for p, access in volumes if access == "ro"} | set(LIBRARY_DIRS)
                       | set(m.image.include) | set(m.image.add)
                       | ({"/"} if m.image.source != "closure" and not m.image.include else set())))
@@ -134,7 +140,7 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
             read_only=ro,
             read_write=rw,
             tcp_bind=_port_numbers(proc.listen),
-            tcp_connect=_port_numbers(proc.connect),
+            tcp_connect=_port_numbers([*proc.connect, *dns_endpoints(list(m.resolvers))]),
         ),
         limits=proc.limits.model_dump(),
         cgroup=f"corral/{m.name}/{name}",

@@ -14,6 +14,7 @@ from corral.core.errors import InputError, Problem
 from corral.core.imagepath import resolve_in
 from corral.core.paths import escape_path
 from corral.manifest.model import Manifest
+from corral.plan import etc
 from corral.plan import nft_rules as nftables
 from corral.plan.closure import ClosureError, ImageEntry, image_closure, interpreter_of
 from corral.plan.sandbox import SandboxPlan, sandbox_for
@@ -72,6 +73,10 @@ class ImagePlan:
     entries: tuple[ImageEntry, ...]
     added: tuple[AddedEntry, ...] = ()
     include: tuple[str, ...] = ()
+    generated: tuple[tuple[str, str], ...] = ()  # (image path, text): plan.etc's basics
+    # (image path, user): owned by that user in the base, a directory recursively (image.owner
+    # and the runtime directories); everything else is root's.
+    owners: tuple[tuple[str, str], ...] = ()
 
     @property
     def host_root(self) -> str:
@@ -107,6 +112,8 @@ class ServicePlan:
                 "entries": [_entry_json(e) for e in self.image.entries],
                 "added": [_entry_json(e) | {"source": e.source} for e in self.image.added],
                 "passwd": [u.name for u in self.users],
+                "generated": dict(self.image.generated),
+                "owners": dict(self.image.owners),
             },
             "volumes": [dataclasses.asdict(v) | {"mode": f"{v.mode:04o}"} for v in self.volumes],
             "nftables": self.ruleset,
@@ -161,8 +168,12 @@ def _image(file: str, m: Manifest) -> ImagePlan:
         raise InputError([Problem(file, ("image", "from"), f'"{source}": no such directory')])
     host_root = "/" if source == "closure" else source
     include = list(m.image.include) or (["/"] if source != "closure" else [])
+    closure = list(include)
+    if source == "closure" and etc.wants_c_utf8([p.environment for p in m.process.values()]) \
+            and os.path.isdir(etc.C_UTF8) and etc.C_UTF8 not in include:
+        closure.append(etc.C_UTF8)
     try:
-        entries = image_closure(include, host_root=host_root)
+        entries = image_closure(closure, host_root=host_root)
     except ClosureError as exc:
         index = getattr(exc, "index", None)
         loc: tuple[str | int, ...] = ("image", "include") + ((index,) if index is not None else ())
@@ -170,12 +181,36 @@ def _image(file: str, m: Manifest) -> ImagePlan:
     merged = {e.path: e for e in SKELETON} | {e.path: e for e in entries}
     added = _added(file, m)
     # Mount points for the volumes' bind mounts, and the directories added files go into.
-    for path in [v.path for v in m.volume] + [os.path.dirname(a.path) for a in added]:
+    for path in [v.path for v in m.all_volumes()] + [os.path.dirname(a.path) for a in added]:
+        while path != "/":
+            merged.setdefault(path, ImageEntry(path, "dir", None, 0o755))
+            path = os.path.dirname(path)
+    # Runtime directories: empty in the base, owned by their process, so each start (a fresh
+    # delta) finds them empty, as systemd's RuntimeDirectory= does.
+    owners = []
+    for pname, path, mode in m.runtime_directories():
+        merged[path] = ImageEntry(path, "dir", None, mode)
+        owners.append((path, m.user_of(pname)))
+        path = os.path.dirname(path)
         while path != "/":
             merged.setdefault(path, ImageEntry(path, "dir", None, 0o755))
             path = os.path.dirname(path)
     added = tuple(a for a in added if a.path not in merged)
-    return ImagePlan(source, tuple(sorted(merged.values())), added, tuple(include))
+    present = set(merged) | {a.path for a in added}
+    problems = [Problem(file, ("image", "owner", path),
+                        f'"{path}": not in the image (include or add it first)')
+                for path in m.image.owner if path not in present]
+    if problems:
+        raise InputError(problems)
+    owners += [(path, m.user_of(pname)) for path, pname in m.image.owner.items()]
+    zone = etc.zone_file() if source == "closure" else None
+    if zone is not None and etc.LOCALTIME not in present:
+        added = tuple(sorted(added + (AddedEntry(etc.LOCALTIME, "file", zone, 0o644),)))
+    generated = tuple(sorted((path, text) for path, text in
+                             etc.generated(m.name, list(m.resolvers)).items()
+                             if path not in present))
+    return ImagePlan(source, tuple(sorted(merged.values())), added, tuple(include), generated,
+                     tuple(sorted(owners)))
 
 
 def _check_executables(file: str, m: Manifest, image: ImagePlan) -> None:
@@ -213,10 +248,12 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
     image = _image(file, m)
     _check_executables(file, m, image)
     users = tuple(UserSpec(m.user_of(p), m.name, p) for p in m.process)
-    flows = tuple(nftables.ProcessFlows(p, m.user_of(p), tuple(proc.listen), tuple(proc.connect))
-             for p, proc in m.process.items())
+    dns = etc.dns_endpoints(list(m.resolvers))
+    flows = tuple(nftables.ProcessFlows(p, m.user_of(p), tuple(proc.listen),
+                                        tuple(proc.connect) + dns)
+                  for p, proc in m.process.items())
     volumes = tuple(VolumePlan(v.path, m.user_of(v.owner), v.mode, v.journal, v.epoch,
-                               escape_path(v.path)) for v in m.volume)
+                               escape_path(v.path)) for v in m.all_volumes())
     return ServicePlan(
         service=m.name,
         file=file,

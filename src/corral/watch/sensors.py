@@ -34,11 +34,12 @@ AUDIT_SECCOMP = 1326
 _FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
 _STAMP = re.compile(r"audit\((\d+)\.(\d+):\d+\)")
 PTRACE_CALLS = {"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"}
-SETID_CALLS = {"chmod", "fchmod", "fchmodat", "creat", "open", "openat", "mkdir", "mkdirat",
-               "mknod", "mknodat"}
+SETID_CALLS = {"chmod", "fchmod", "fchmodat", "fchmodat2", "creat", "open", "openat", "mkdir",
+               "mkdirat", "mknod", "mknodat"}
 # Not violations: exec calls are the notify sensor's (every one is logged as USER_NOTIF), and
-# clone3 gets ENOSYS on purpose so that glibc falls back to clone (every new thread does it).
-IGNORED_CALLS = {"execve", "execveat", "clone3"}
+# clone3 and openat2 get ENOSYS on purpose so that callers fall back to clone and openat (every
+# new thread does it); the unlogged filter answers them, this is in case a kernel logs anyway.
+IGNORED_CALLS = {"execve", "execveat", "clone3", "openat2"}
 
 
 @dataclass

@@ -47,7 +47,7 @@ def journal_config(service: str) -> tuple[Any, list[JournaledVolume], int]:
         manifest = load_manifest(record["manifest"])
     except (OSError, ValueError, KeyError, UsageError):
         pass
-    declared = {v.path: v for v in manifest.volume} if manifest else {}
+    declared = {v.path: v for v in manifest.all_volumes()} if manifest else {}
     found = []
     for vol in spec.volumes:
         journaled, epoch = getattr(vol, "journal", None), getattr(vol, "epoch", None)
