@@ -421,13 +421,13 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
                           ("setup", proc.setup.command if proc.setup else None)):
             if argv is None:
                 continue
-            where: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
-                                                   else (key, "command", 0))
+            at: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
+                                                else (key, "command", 0))
             if not argv[0].startswith("/"):
-                add(where, f'"{argv[0]}": the program must be an absolute path')
+                add(at, f'"{argv[0]}": the program must be an absolute path')
             elif argv[0] not in proc.executables:
-                add(where, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
-                         "which executes only what exec lists)")
+                add(at, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
+                        "which executes only what exec lists)")
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):
                 if not _known_syscall(name):
