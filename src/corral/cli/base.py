@@ -13,6 +13,12 @@ from corral.core.errors import EXIT_RUNTIME, CorralError, InputError
 
 
 def say(message: str) -> None:
+    """One message to the terminal. Messages quote what a service controls (a process's last
+    log lines when `up` fails, paths of its delta): every control character is escaped, line
+    by line, so no escape sequence of theirs reaches root's terminal."""
+    from corral.core.errors import escape_controls
+
+    message = "\n".join(escape_controls(line) for line in message.split("\n"))
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
 

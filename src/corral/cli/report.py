@@ -70,7 +70,25 @@ def plan_text(plan: ServicePlan) -> str:
             f"    limits        memory {_size(limits['memory'])}, pids {limits['pids']}, "
             f"open files {limits['open_files']}, cpu {limits['cpu']}",
         ]
-    return "\n".join(out)
+    return "\n".join(out + _watch_lines(plan.watch))
+
+
+def _watch_lines(watch: dict[str, object]) -> list[str]:
+    """The watcher, and above all `on_incident`: a command the manifest (perhaps a vendor's)
+    has run AS ROOT, outside every containment, at each incident. Shown, and warned about."""
+    from corral.core.errors import escape_controls
+
+    tripwires = watch.get("tripwires")
+    out = ["", "watch", f"  react         {watch.get('react') or 'revert'}",
+           "  tripwires     " + (", ".join(str(t) for t in tripwires)
+                                 if isinstance(tripwires, list) else "all")]
+    command = watch.get("on_incident")
+    if isinstance(command, list) and command:
+        shown = " ".join(escape_controls(str(a)) for a in command)
+        out += [f"  on_incident   {shown}",
+                "  warning: on_incident runs as root, uncontained, at every incident: "
+                "review it as you would a root cron job"]
+    return out
 
 
 def _flows(plan: ServicePlan, process: str, kind: str) -> list[object]:

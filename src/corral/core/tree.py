@@ -7,6 +7,7 @@ Any symlink on the way is an error (ELOOP), and ".." is refused before anything 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -70,10 +71,57 @@ KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
          stat.S_IFSOCK: "socket"}
 
 
-def hash_and_magic(dir_fd: int, name: bytes, sink: BinaryIO | None = None
+class Budget:
+    """Bytes a whole pass (a revert's archive, a commit, `corral delta`) may read from files a
+    service wrote: the delta may hold a file of 8 EiB of holes that costs nothing to make and
+    would take decades to read. Files past the budget are listed in `skipped`, not read."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+        self.skipped: list[bytes] = []
+
+    def take(self, name: bytes, wanted: int) -> bool:
+        if wanted > self.left:
+            self.skipped.append(name)
+            return False
+        self.left -= wanted
+        return True
+
+
+def extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, end) spans of a file that hold data (SEEK_DATA/SEEK_HOLE): holes are
+    never read. A file system without them reports one span, the whole file."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return [(0, size)] if size else []
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)  # a reader after us starts at the start
+    return out
+
+
+def hash_and_magic(dir_fd: int, name: bytes, sink: BinaryIO | None = None,
+                   budget: Budget | None = None, path: bytes = b""
                    ) -> tuple[str | None, bool]:
     """blake3 and "is it ELF" of a regular file; `sink`, when given, receives the very bytes
-    hashed (commit copies what it checked, not a second read that may differ)."""
+    hashed (commit copies what it checked, not a second read that may differ), written at
+    their offsets so that holes stay holes. Only data is read: a file with holes is hashed as
+    its extents (offset, length, bytes) and its size, so equal files still hash equal. Past
+    the `budget`, no hash (None): reported as a change whose content is not known, `path`
+    (the file's name in the tree) listed in budget.skipped."""
     import blake3
 
     try:
@@ -82,16 +130,30 @@ def hash_and_magic(dir_fd: int, name: bytes, sink: BinaryIO | None = None
     except OSError:
         return None, False  # removed or swapped for a symlink meanwhile: reported without hash
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None, False
+        spans = extents(fd, st.st_size)
+        dense = spans == [(0, st.st_size)] or not st.st_size
+        first = os.pread(fd, 4, 0) if spans and spans[0][0] == 0 else b""
+        if budget is not None and not budget.take(path or name, sum(e - b for b, e in spans)):
+            return None, first == b"\x7fELF"
         hasher = blake3.blake3()
-        first = b""
-        while chunk := os.read(fd, READ_CHUNK):
-            if not first:
-                first = chunk[:4]
-            hasher.update(chunk)
-            if sink is not None:
-                sink.write(chunk)
+        if not dense:
+            hasher.update(b"corral-sparse:%d" % st.st_size)
+        for start, end in spans:
+            if not dense:
+                hasher.update(b":%d:%d:" % (start, end - start))
+                if sink is not None:
+                    sink.seek(start)
+            pos = start
+            while pos < end and (chunk := os.pread(fd, min(READ_CHUNK, end - pos), pos)):
+                hasher.update(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+                pos += len(chunk)
+        if sink is not None and not dense:
+            sink.truncate(st.st_size)  # the tail hole, and the size
         return hasher.hexdigest(), first == b"\x7fELF"
     finally:
         os.close(fd)

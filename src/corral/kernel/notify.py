@@ -16,12 +16,13 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import socket
 import stat
 import struct
 from dataclasses import dataclass
 
+from corral.core.text import show
+from corral.kernel import resolve
 from corral.kernel.syscalls import check, libc
 
 NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
@@ -31,6 +32,7 @@ IOCTL_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
 IOCTL_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
 FLAG_CONTINUE = 1
 AT_EMPTY_PATH = 0x1000
+AT_FDCWD = 0xFFFFFF9C  # -100, as the low 32 bits of a syscall argument
 SYS_EXECVE, SYS_EXECVEAT = 59, 322  # x86_64
 SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
@@ -46,12 +48,15 @@ def open_in_root(root_fd: int, path: str) -> int:
     """openat2(RESOLVE_IN_ROOT): resolve `path` as if root_fd were "/", symlinks included, so a
     link planted by the service can never lead outside its root. Returns an O_PATH fd."""
     how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    return check(libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), path.encode(),
-                              ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))), path)
+    # fsencode: a path the service wrote may be any bytes (a strict encode once ended the
+    # supervisor on b"/x\xff")
+    return check(libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd),
+                              os.fsencode(path), ctypes.byref(how),
+                              ctypes.c_size_t(ctypes.sizeof(how))), path)
 
 
-MISSING = None  # the path names nothing: the kernel will fail the exec by itself
-UNRESOLVED = (-1, -1)  # names something we cannot resolve safely: refused (fail closed)
+MISSING = None  # the path names nothing
+UNRESOLVED = resolve.UNRESOLVED  # names something we cannot resolve safely: refused
 
 
 def identity(root_fd: int, path: str) -> tuple[int, int] | None:
@@ -66,10 +71,6 @@ def identity(root_fd: int, path: str) -> tuple[int, int] | None:
         return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else UNRESOLVED
     finally:
         os.close(fd)
-
-
-_PROC_FD = re.compile(r"^/proc/(self|thread-self|\d+)/fd/(\d+)$")
-_PROC_ROOT = re.compile(r"^/proc/(self|thread-self|\d+)/root(/.*)?$")
 
 
 @dataclass
@@ -100,8 +101,9 @@ def still_valid(fd: int, ident: int) -> bool:
         return False
 
 
-def respond(fd: int, ident: int, allow: bool) -> None:
-    resp = RESP.pack(ident, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
+def respond(fd: int, ident: int, allow: bool, err: int = errno.EPERM) -> None:
+    """Let the call go on (the kernel does the exec), or fail it here with `err`."""
+    resp = RESP.pack(ident, 0, 0 if allow else -err, FLAG_CONTINUE if allow else 0)
     try:
         fcntl.ioctl(fd, IOCTL_SEND, bytearray(resp), True)
     except OSError as exc:
@@ -109,63 +111,65 @@ def respond(fd: int, ident: int, allow: bool) -> None:
             raise
 
 
-def _read_string(pid: int, address: int, limit: int = 4096) -> str:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        mem.seek(address)
-        data = mem.read(limit)
-    return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+class Unreadable(Exception):
+    """The call's path cannot be read from the caller's memory (NULL, unmapped...)."""
 
 
-def target_of(req: Request) -> tuple[str, tuple[int, int] | None]:
-    """What the exec asks for: the path (as text, for the record) and the file's identity
-    resolved inside the process's own root: MISSING if nothing is there, UNRESOLVED if it
-    cannot be told safely. Must be checked with still_valid() afterwards (pid reuse).
+def _read_string(pid: int, address: int, limit: int = 4096) -> bytes:
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            data = mem.read(limit)
+    except (OSError, OverflowError, ValueError) as exc:
+        raise Unreadable(f"path at {address:#x}: {exc}") from None
+    if b"\0" not in data:
+        if len(data) < limit:  # ends in unmapped memory: the kernel would say EFAULT
+            raise Unreadable(f"path at {address:#x}: no end")
+        raise resolve.Missing(errno.ENAMETOOLONG)
+    return data.split(b"\0", 1)[0]
+
+
+@dataclass
+class Target:
+    """What an exec asks for: `path` as text for the record (None if it could not be read),
+    and what it names: an identity, UNRESOLVED (refused, with `error` saying why), or nothing
+    (`missing`: the errno the exec fails with, answered here so the kernel never resolves a
+    path this check did not)."""
+    path: str | None
+    ident: tuple[int, int] | None = None
+    missing: int = 0
+    error: str = ""
+
+
+def target_of(req: Request) -> Target:
+    """Resolve the exec's target as the kernel will for the caller: its root, its cwd or
+    execveat's dirfd, its own /proc (kernel.resolve). Must be checked with still_valid()
+    afterwards (pid reuse).
 
     A check like this one can be raced (the path is looked up again when the kernel runs the
     exec), so it is a tripwire, not the lock: writable places are mounted noexec, memfds are
     noexec, and Landlock allows execute only on the `exec` paths."""
     pid = req.pid
     if req.nr == SYS_EXECVEAT:
-        dirfd, address, flags = req.args[0], req.args[1], req.args[4]
+        dirfd, address, flags = req.args[0] & 0xFFFFFFFF, req.args[1], req.args[4]
     else:
-        dirfd, address, flags = -100, req.args[0], 0
-    path = _read_string(pid, address)
-    if not path and flags & AT_EMPTY_PATH:  # fexecve of an open file (a memfd, say)
-        return f"fd {dirfd}", _fd_identity(pid, dirfd & 0xFFFFFFFF)
-    # The process's own /proc magic links, which openat2 refuses to follow: resolve them the
-    # way the kernel would for that process (its fds, its root), never by following them here.
-    if match := _PROC_FD.match(path):
-        owner = pid if match.group(1) in ("self", "thread-self") else int(match.group(1))
-        if owner != pid:
-            return path, UNRESOLVED
-        return path, _fd_identity(pid, int(match.group(2)))
-    if match := _PROC_ROOT.match(path):
-        if match.group(1) not in ("self", "thread-self") and int(match.group(1)) != pid:
-            return path, UNRESOLVED
-        path = match.group(2) or "/"
-    if not path.startswith("/"):
-        base = f"/proc/{pid}/cwd" if dirfd in (-100, 0xFFFFFF9C) else \
-            f"/proc/{pid}/fd/{dirfd & 0xFFFFFFFF}"
-        try:
-            path = os.path.join(os.readlink(base), path)
-        except OSError:
-            return path, UNRESOLVED
+        dirfd, address, flags = AT_FDCWD, req.args[0], 0
     try:
-        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return path, UNRESOLVED
+        raw = _read_string(pid, address)
+    except Unreadable as exc:
+        return Target(None, UNRESOLVED, error=f"unreadable path: {exc}")
+    except resolve.Missing as exc:
+        return Target(None, missing=exc.errno)
+    path = show(raw)
+    if not raw and flags & AT_EMPTY_PATH:  # fexecve of an open file (a memfd, say)
+        return Target(f"fd {dirfd}", resolve.fd_identity(pid, dirfd))
     try:
-        return path, identity(root, path)
-    finally:
-        os.close(root)
-
-
-def _fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, as the kernel would
-    except OSError:
-        return UNRESOLVED
-    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else UNRESOLVED
+        ident = resolve.resolve(pid, raw, None if dirfd == AT_FDCWD else dirfd)
+    except resolve.Missing as exc:
+        return Target(path, missing=exc.errno)
+    except OSError as exc:  # the caller's root, cwd or dirfd cannot be opened
+        return Target(path, UNRESOLVED, error=f"cannot resolve: {exc.strerror}")
+    return Target(path, ident, error="" if ident != UNRESOLVED else "cannot resolve safely")
 
 
 def send_fd(sock: socket.socket, fd: int, message: bytes = b"fd") -> None:

@@ -7,6 +7,7 @@ delta's own directory descriptor, so no host file can ever end up in it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import stat
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from corral.core import tree
 from corral.core.text import show
@@ -25,10 +26,17 @@ META = "meta.json"
 DEFAULT_KEEP = 10
 
 
-def _add_tree(tar: tarfile.TarFile, dir_fd: int, truncated: list[bytes]) -> int:
+PREFIX = 1 << 20  # bytes of data kept of a sparse file, or of one past the budget
+
+
+def _add_tree(tar: tarfile.TarFile, dir_fd: int, truncated: list[bytes],
+              budget: tree.Budget, cut: list[bytes]) -> int:
     """Every entry of the upper layer, as deep as the walk goes: the directories too deep to
     enter are listed in `truncated` (the meta says so) rather than failing the archive, which
-    is the revert's only record of what the service did."""
+    is the revert's only record of what the service did. File data is read within `budget`:
+    a file with holes, or one past the budget, is kept as its extents (PAX header
+    corral.extents, its size in corral.size) and at most PREFIX bytes of their data, listed
+    in `cut`; no hole is ever read or written as zeros."""
     count = 0
     for entry in tree.walk(dir_fd, on_too_deep=lambda e: truncated.append(e.path)):
         name, st = entry.name, entry.st
@@ -42,8 +50,7 @@ def _add_tree(tar: tarfile.TarFile, dir_fd: int, truncated: list[bytes]) -> int:
                              dir_fd=entry.dir_fd)
             except FileNotFoundError:
                 continue  # gone since listed (see tree.walk)
-            fileobj = os.fdopen(fd, "rb")
-            info.size = os.fstat(fd).st_size
+            fileobj = _content(fd, info, entry.path, budget, cut)
         elif stat.S_ISLNK(st.st_mode):
             info.type = tarfile.SYMTYPE
             info.linkname = os.fsdecode(os.readlink(name, dir_fd=entry.dir_fd))
@@ -65,13 +72,43 @@ def _add_tree(tar: tarfile.TarFile, dir_fd: int, truncated: list[bytes]) -> int:
     return count
 
 
+def _content(fd: int, info: tarfile.TarInfo, path: bytes, budget: tree.Budget,
+             cut: list[bytes]) -> BinaryIO:
+    size = os.fstat(fd).st_size
+    try:
+        spans = tree.extents(fd, size)
+    except OSError:
+        spans = []
+    if (spans == [(0, size)] or not size) and budget.take(path, size):
+        info.size = size
+        return os.fdopen(fd, "rb")
+    try:
+        keep = bytearray()
+        limit = min(PREFIX, max(0, budget.left))
+        for start, end in spans:
+            if len(keep) >= limit:
+                break
+            keep += os.pread(fd, min(end - start, limit - len(keep)), start)
+        budget.take(path, len(keep))
+    finally:
+        os.close(fd)
+    info.size = len(keep)
+    info.pax_headers = {"corral.size": str(size), "corral.data": str(sum(e - b for b, e in spans)),
+                        "corral.extents": json.dumps(spans[:64])}
+    cut.append(path)
+    return io.BytesIO(bytes(keep))
+
+
 def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, Any],
                   keep: int = DEFAULT_KEEP) -> Path:
     """Write archives/<time>-<reason>/{delta.tar.zst,meta.json}; returns the directory."""
     import zstandard
 
     too_deep: list[bytes] = []
-    found = delta.changes(upper_fd, base_fd, truncated=too_deep)
+    hashed = tree.Budget(delta.READ_BUDGET)
+    found = delta.changes(upper_fd, base_fd, truncated=too_deep, budget=hashed)
+    read = tree.Budget(delta.READ_BUDGET)
+    cut: list[bytes] = []
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
     reason = "".join(c if c.isalnum() else "-" for c in str(meta.get("reason", "revert")))[:32]
@@ -83,15 +120,22 @@ def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, A
         with open(work / ARCHIVE, "wb") as raw:
             with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst:
                 with tarfile.open(fileobj=zst, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    entries = _add_tree(tar, upper_fd, [])
+                    entries = _add_tree(tar, upper_fd, [], read, cut)
             raw.flush()
             os.fsync(raw.fileno())
         record = dict(meta, created_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
                       + f".{int(now % 1 * 1e6):06d}Z", entries=entries,
                       changes=[c.to_json() for c in found])
+        truncated: dict[str, Any] = {}
         if too_deep:  # the archive and the changes stop there; the revert removes it all
-            record["truncated"] = {"max_depth": tree.MAX_DEPTH,
-                                   "not_entered": [show(p) for p in too_deep[:50]]}
+            truncated |= {"max_depth": tree.MAX_DEPTH,
+                          "not_entered": [show(p) for p in too_deep[:50]]}
+        if cut or hashed.skipped:  # bounded: sparse files and what the budget left unread
+            truncated |= {"read_budget": delta.READ_BUDGET,
+                          "files_cut": [show(p) for p in cut[:50]],
+                          "not_hashed": [show(p) for p in hashed.skipped[:50]]}
+        if truncated:
+            record["truncated"] = truncated
         (work / META).write_text(json.dumps(record, indent=2) + "\n")
         os.rename(work, final)
     except BaseException:

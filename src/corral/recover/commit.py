@@ -49,6 +49,7 @@ def _fold(upper_fd: int, base_fd: int, dest: Path) -> list[delta.Change]:
     same descriptor. (Two walks, a check then a copy, once disagreed: the check skipped what it
     could not open, the copy did not.) A walk that cannot see the whole delta raises."""
     found: list[delta.Change] = []
+    budget = tree.Budget(delta.READ_BUDGET)  # a delta may hold 8 EiB of holes: bounded
     for entry in tree.walk(upper_fd, base_fd=base_fd):
         st = entry.st
         target = dest / os.fsdecode(entry.path[1:])
@@ -61,8 +62,17 @@ def _fold(upper_fd: int, base_fd: int, dest: Path) -> list[delta.Change]:
             target.mkdir(exist_ok=True)
             found.extend(delta.of_entry(entry))
         elif stat.S_ISREG(st.st_mode):
-            with open(target, "xb") as out:
-                described = delta.of_entry(entry, sink=out)
+            if st.st_size > delta.READ_BUDGET:  # only holes make a file this size in a delta
+                raise tree.WalkError(entry.path, f"{st.st_size} bytes: larger than one commit "
+                                     f"copies ({delta.READ_BUDGET} bytes)")
+            try:  # sparsely: only the data is read and written, holes stay holes
+                with open(target, "xb") as out:
+                    described = delta.of_entry(entry, sink=out, budget=budget)
+            except OSError as exc:  # EFBIG, ENOSPC...: refused, never a half-written base
+                raise tree.WalkError(entry.path, f"cannot be copied: {exc.strerror}") from None
+            if entry.path in budget.skipped:
+                raise tree.WalkError(entry.path, "more data than one commit copies "
+                                     f"({delta.READ_BUDGET} bytes)")
             if described and described[0].blake3 is None:  # not what was listed any more
                 raise tree.WalkError(entry.path, "changed while being copied")
             found.extend(described)

@@ -21,6 +21,7 @@ from corral.core.text import show
 from corral.core.tree import KINDS, hash_and_magic, is_whiteout
 
 # Paths whose change in the delta shadows what the service runs or trusts: base-write tripwire.
+READ_BUDGET = 1 << 30  # bytes of file data one pass over a delta reads (tree.Budget)
 SENSITIVE_PREFIXES = (b"/bin/", b"/sbin/", b"/usr/bin/", b"/usr/sbin/", b"/lib/", b"/lib64/",
                       b"/usr/lib/", b"/usr/lib64/", b"/usr/libexec/", b"/etc/", b"/opt/",
                       b"/usr/local/")
@@ -84,10 +85,11 @@ class _Entry:
 
 
 def _describe(dir_fd: int, name: bytes, st: os.stat_result,
-              sink: BinaryIO | None = None) -> _Entry:
+              sink: BinaryIO | None = None, budget: tree.Budget | None = None,
+              path: bytes = b"") -> _Entry:
     entry = _Entry(st)
     if stat.S_ISREG(st.st_mode):
-        entry.blake3, entry.elf = hash_and_magic(dir_fd, name, sink)
+        entry.blake3, entry.elf = hash_and_magic(dir_fd, name, sink, budget, path)
     elif stat.S_ISLNK(st.st_mode):
         entry.target = os.readlink(name, dir_fd=dir_fd)
     return entry
@@ -122,19 +124,23 @@ def _kind(st: os.stat_result) -> str:
     return KINDS.get(stat.S_IFMT(st.st_mode), "?")
 
 
-def changes(upper_fd: int, base_fd: int, truncated: list[bytes] | None = None) -> list[Change]:
+def changes(upper_fd: int, base_fd: int, truncated: list[bytes] | None = None,
+            budget: tree.Budget | None = None) -> list[Change]:
     """Walk the upper layer against the base; both are directory fds. A tree the walk cannot
     see whole raises (tree.WalkError, TooDeep past tree.MAX_DEPTH), unless `truncated` is given:
     then the directories too deep to enter are listed there (the archive of a revert keeps
-    what it can)."""
+    what it can). The files' contents are read within `budget` (READ_BUDGET by default):
+    past it, a file is listed without its hash (budget.skipped)."""
+    budget = budget or tree.Budget(READ_BUDGET)
     on_too_deep = None if truncated is None else (lambda e: truncated.append(e.path))
     out: list[Change] = []
     for entry in tree.walk(upper_fd, base_fd=base_fd, on_too_deep=on_too_deep):
-        out.extend(of_entry(entry))
+        out.extend(of_entry(entry, budget=budget))
     return sorted(out, key=lambda c: c.path)
 
 
-def of_entry(entry: tree.Entry, sink: BinaryIO | None = None) -> list[Change]:
+def of_entry(entry: tree.Entry, sink: BinaryIO | None = None,
+             budget: tree.Budget | None = None) -> list[Change]:
     """What one entry of the upper layer changes in the base (a whiteout: every base path
     below it deleted; an opaque directory: the base's entries it lacks). `sink` receives a
     regular file's content as it is hashed, so that commit copies exactly what was checked."""
@@ -149,7 +155,7 @@ def of_entry(entry: tree.Entry, sink: BinaryIO | None = None) -> list[Change]:
                 out.extend(Change(e.path, "deleted", _kind(e.st))
                            for e in tree.walk(sub, prefix=path, depth=entry.depth))
         return out
-    described = _describe(entry.dir_fd, entry.name, st, sink)
+    described = _describe(entry.dir_fd, entry.name, st, sink, budget, path)
     base = _describe(entry.base_fd, entry.name, base_st) if base_st is not None else None  # type: ignore[arg-type]
     change = _change(path, _kind(st), described, base)
     out = [change] if change is not None else []

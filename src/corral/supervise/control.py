@@ -402,8 +402,11 @@ def open_incidents(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 
 def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
+    from contextlib import nullcontext
+
     from corral.host.base import CheckFailed
     from corral.recover import commit
+    from corral.recover.journal.config import freezer
     from corral.supervise.supervisor import open_dirs
 
     spec = spec_of(service)
@@ -411,7 +414,10 @@ def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
         raise CheckFailed(f"{service}: an incident is open; commit refused until it is "
                           "closed (corral incidents)")
     state = read_state(service)
-    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+    # Check and copy are one walk; the service is frozen for it, so that the delta is the same
+    # from its first file to its last (a running service swapped files behind the walk).
+    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd), \
+            (freezer(spec)() if supervisor_alive(state) else nullcontext()):
         result = commit.commit(spec, upper_fd, base_fd, allow)
     if supervisor_alive(state):
         revert(service, reason="commit")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Container
 from typing import Any
 
+from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.kernel import notify
 from corral.watch.sensors import Event
@@ -70,24 +71,37 @@ class ExecGuard:
         self.selector.register(fd, selectors.EVENT_READ, ("notify", process))
 
     def answer(self, process: str, fd: int) -> None:
-        """Answer one exec notification: only the process's `exec` paths may run."""
+        """Answer one exec notification: only the process's `exec` paths may run. Every
+        notification is hostile input: whatever goes wrong while judging it refuses that exec
+        and trips the wire, and the listener stays (dropping it would switch the wire off:
+        the kernel fails every later exec of its tasks with ENOSYS, unseen)."""
         req = notify.receive(fd)
         if req is None:
             return
         detected = time.time()
-        path, ident = notify.target_of(req)
+        try:
+            target = notify.target_of(req)
+        except Exception as exc:  # noqa: BLE001 - fail closed, never the supervisor's end
+            log.error(f"exec check of {process} pid {req.pid}: {exc!r}")
+            target = notify.Target(None, notify.UNRESOLVED, error=f"check failed: {exc}")
         if not notify.still_valid(fd, req.id):
             return
-        allowed = ident is notify.MISSING or ident in self.allowed.get(process, set())
-        notify.respond(fd, req.id, allowed)  # MISSING: no such file; the kernel will say so
+        if target.missing:  # nothing there: said here, so the kernel never looks itself
+            notify.respond(fd, req.id, False, target.missing)
+            return
+        allowed = target.ident in self.allowed.get(process, set())
+        notify.respond(fd, req.id, allowed)
         if not allowed:
             proc = self.spec.process(process)
-            self.trip(Event("exec", proc.uid if proc else None, req.pid, detected,
-                            {"path": path}), process)
+            detail: dict[str, Any] = {"path": target.path}
+            if target.error:
+                detail["error"] = target.error
+            self.trip(Event("exec", proc.uid if proc else None, req.pid, detected, detail),
+                      process)
 
     def ready(self, fd: int, process: str) -> None:
         """A listener is readable: a notification to answer, or every task using that filter
-        is gone (hang-up)."""
+        is gone (hang-up: the only reason to drop it)."""
         import select
 
         poller = select.poll()
@@ -99,13 +113,16 @@ class ExecGuard:
             return
         try:
             self.answer(process, fd)
-        except OSError:
-            self.drop(fd)
+        except OSError as exc:  # receive or respond: that one call, not the listener
+            log.error(f"exec notification of {process}: {exc}")
 
     def accept(self, processes: Container[str]) -> None:
         """`corral exec` hands over the listener of the command it starts inside a process."""
         assert self.control is not None
-        conn, _ = self.control.accept()
+        try:
+            conn, _ = self.control.accept()
+        except OSError:
+            return
         with conn:
             try:
                 message, fd = notify.recv_fd(conn)
@@ -118,7 +135,10 @@ class ExecGuard:
                 os.close(fd)
                 return
             self.add(fd, name)
-            conn.send(b"ok")
+            try:
+                conn.send(b"ok")
+            except OSError:  # the client gave up waiting (a stalled loop): its loss, not ours
+                pass
 
     def drop(self, fd: int) -> None:
         if fd in self.listeners:

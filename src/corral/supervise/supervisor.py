@@ -201,7 +201,11 @@ class Supervisor:
         """Hand what a sensor saw to the watcher (unless a reaction is under way: those acts
         die with the processes). A sensor that went off for good leaves the selector, and
         status says why."""
-        events = sensor.drain(time.time())
+        try:
+            events = sensor.drain(time.time())
+        except Exception as exc:  # noqa: BLE001 - a sensor's bug blinds that sensor only
+            log.error(f"sensor {sensor.name}: {exc!r}")
+            events = []
         if self.watcher is not None and not self.halting:
             for event in events:
                 self.watcher.trip(event)
@@ -459,7 +463,11 @@ class Supervisor:
             if self.selector.get_map().get(key.fd) is not key:
                 continue  # an earlier handler of this batch unregistered it (a process ended)
             kind, name = key.data  # what registered the descriptor, and for whom
-            handlers[kind](key.fd, name)
+            try:
+                handlers[kind](key.fd, name)
+            except Exception as exc:  # noqa: BLE001 - every event is hostile input: one that
+                # cannot be handled is logged and lost, never the end of the watcher
+                log.error(f"{kind} event{f' of {name}' if name else ''}: {exc!r}")
         self.resume_logs()
 
     def _on_signal(self, fd: int, _: str) -> None:
