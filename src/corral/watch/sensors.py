@@ -4,10 +4,12 @@ the last call. One the kernel wakes has a `fileno()` for the supervisor's select
 (`fileno()` is None) is drained every `interval` seconds by the supervisor's loop. The exec
 tripwire is not one: its seccomp notifications must be answered, not only read (supervisor).
 
-- AuditReader: the kernel's audit records, read-only through the netlink multicast group
-  (no auditd needed, nothing about the host's audit setup changes). corral's seccomp filters
-  log every denial (SECCOMP records, with the kernel's own timestamp), which gives the `ptrace`,
-  `setuid` and dangerous-syscall tripwires.
+- AuditReader: the kernel's audit records, read through the netlink multicast group (no
+  auditd needed). corral's seccomp filters log every denial (SECCOMP records, with the
+  kernel's own timestamp), which gives the `ptrace`, `setuid` and dangerous-syscall
+  tripwires; Landlock's records of refused TCP connects and binds give `egress` and `listen`
+  (watch.refusals). Landlock logs only while audit is enabled: if it is off, the reader turns
+  it on (no rule, no daemon), the one change it makes to the host's audit setup.
 - PacketSensor: the packets the service's nft table dropped, from its NFLOG group (nflog).
 - DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
   (cost proportional to the delta, which is small while the service behaves).
@@ -22,11 +24,15 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral.core import text, tree
 from corral.recover import delta
+from corral.watch.event import Event
+from corral.watch.refusals import KINDS as LANDLOCK_KINDS
+from corral.watch.refusals import LandlockRecords
+
+__all__ = ["Event", "Sensor", "AuditReader", "PacketSensor", "DeltaPoller"]
 
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
@@ -39,15 +45,6 @@ SETID_CALLS = {"chmod", "fchmod", "fchmodat", "creat", "open", "openat", "mkdir"
 # Not violations: exec calls are the notify sensor's (every one is logged as USER_NOTIF), and
 # clone3 gets ENOSYS on purpose so that glibc falls back to clone (every new thread does it).
 IGNORED_CALLS = {"execve", "execveat", "clone3"}
-
-
-@dataclass
-class Event:
-    tripwire: str
-    uid: int | None
-    pid: int | None
-    at: float  # when the act happened (the kernel's timestamp where there is one)
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class Sensor(Protocol):
@@ -107,7 +104,19 @@ class AuditReader:
         self.sock = _in_initial_netns(make)
         self.sock.setblocking(False)
         self._names: dict[int, str] = {}
+        self.landlock = LandlockRecords()
         self.state = "on"  # or "off: why" once reading failed for good
+        self._enable_audit()
+
+    def _enable_audit(self) -> None:
+        from corral.kernel import audit
+
+        try:
+            if audit.enabled() == 0:
+                audit.enable()
+                self.state = "on (audit enabled by corral for Landlock's refusals)"
+        except OSError as exc:  # seccomp's records still come; Landlock's do not
+            self.state = f"on (without Landlock's refusals: audit is off, {exc.strerror})"
         self.lost = 0  # ENOBUFS overruns: records the kernel dropped
 
     def fileno(self) -> int:
@@ -137,6 +146,7 @@ class AuditReader:
             try:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
+                self.landlock.flush(out)  # read dry: what can be attributed goes now
                 return out
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # after a burst: records were lost; read on
@@ -152,6 +162,8 @@ class AuditReader:
                 data = data[(length + 3) & ~3:]
                 if kind == AUDIT_SECCOMP and (event := self.parse(body)) is not None:
                     out.append(event)
+                elif kind in LANDLOCK_KINDS:
+                    self.landlock.feed(kind, body, out)
                 if length < 16:
                     break
 
