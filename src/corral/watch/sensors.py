@@ -272,13 +272,22 @@ class DeltaPoller:
 
     def _walk(self, upper: int, base: int, now: float, events: list[Event]) -> None:
         for entry in tree.walk(upper, base_fd=base):
-            st, base_st, path = entry.st, entry.base_st, entry.path
-            if stat.S_ISDIR(st.st_mode) or base_st is None or path in self.reported:
-                continue
-            sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
-                base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)
-            if sensitive:
-                self.reported.add(path)
-                change = "deleted" if tree.is_whiteout(st) else "modified"
-                events.append(Event("base-write", st.st_uid, None, st.st_mtime or now,
-                                    {"path": text.show(path), "change": change}))
+            if entry.path not in self.reported and (
+                    event := base_write(entry.path, entry.st, entry.base_st, now)):
+                self.reported.add(entry.path)
+                events.append(event)
+
+
+def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
+               now: float) -> Event | None:
+    """The `base-write` event for the delta's entry `path` (`st`) over the base's (`base_st`),
+    or None when it is no base file or not a sensitive one (the walk and fanotify agree)."""
+    if stat.S_ISDIR(st.st_mode) or base_st is None:
+        return None
+    sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
+        base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)
+    if not sensitive:
+        return None
+    change = "deleted" if tree.is_whiteout(st) else "modified"
+    return Event("base-write", st.st_uid, None, st.st_mtime or now,
+                 {"path": text.show(path), "change": change})
