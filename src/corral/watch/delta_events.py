@@ -128,7 +128,10 @@ class DeltaEvents:
             except OSError:
                 return  # removed since: a whiteout, if it was a base file, comes next
             base_st = self._base_stat(path)
-            event = base_write(path, st, base_st, now)
+            # The act's time is the event's receipt (fanotify stamps none, and it is read
+            # within a millisecond): not the mtime, which a copy-up reported before the
+            # write itself still holds from the base (an old act reads as a stale one).
+            event = base_write(path, st, base_st, now, at=now)
             if event is not None:
                 self.reported.add(path)
                 events.append(event)

@@ -45,6 +45,8 @@ SETID_CALLS = {"chmod", "fchmod", "fchmodat", "creat", "open", "openat", "mkdir"
 # Not violations: exec calls are the notify sensor's (every one is logged as USER_NOTIF), and
 # clone3 gets ENOSYS on purpose so that glibc falls back to clone (every new thread does it).
 IGNORED_CALLS = {"execve", "execveat", "clone3"}
+# setsockopt is refused only for multicast joins (launch.seccomp), a covert way out: egress.
+EGRESS_CALLS = {"setsockopt"}
 
 
 class Sensor(Protocol):
@@ -178,7 +180,7 @@ class AuditReader:
         if name in IGNORED_CALLS:
             return None
         tripwire = "ptrace" if name in PTRACE_CALLS else "setuid" if name in SETID_CALLS \
-            else "syscall"
+            else "egress" if name in EGRESS_CALLS else "syscall"
         at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
                                               "comm": fields.get("comm")})
@@ -279,9 +281,10 @@ class DeltaPoller:
 
 
 def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
-               now: float) -> Event | None:
+               now: float, at: float | None = None) -> Event | None:
     """The `base-write` event for the delta's entry `path` (`st`) over the base's (`base_st`),
-    or None when it is no base file or not a sensitive one (the walk and fanotify agree)."""
+    or None when it is no base file or not a sensitive one (the walk and fanotify agree).
+    `at`: the act's time if known, else the file's mtime (a walk's best guess)."""
     if stat.S_ISDIR(st.st_mode) or base_st is None:
         return None
     sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
@@ -289,5 +292,5 @@ def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
     if not sensitive:
         return None
     change = "deleted" if tree.is_whiteout(st) else "modified"
-    return Event("base-write", st.st_uid, None, st.st_mtime or now,
+    return Event("base-write", st.st_uid, None, at or st.st_mtime or now,
                  {"path": text.show(path), "change": change})
