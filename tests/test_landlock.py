@@ -169,8 +169,8 @@ def test_rights_and_degradation_by_abi():
     assert landlock.probe(0) == landlock.LandlockStatus(0, False, (
         "filesystem rules (ABI 1)", "rename/link across directories (ABI 2)",
         "truncate control (ABI 3)", "tcp port rules (ABI 4)", "device ioctl control (ABI 5)",
-        "scoping (ABI 6)"))
-    assert landlock.probe(5).degraded == ("scoping (ABI 6)",)
+        "scoping (ABI 6)", "audit of refusals (ABI 7)"))
+    assert landlock.probe(5).degraded == ("scoping (ABI 6)", "audit of refusals (ABI 7)")
     assert landlock.probe(7).degraded == ()
     assert "unknown to corral" in landlock.probe(99).degraded[0]
 
@@ -180,7 +180,8 @@ def test_describe():
     assert d(landlock.LandlockStatus(6, True, ())) == "landlock ABI 6: enforced"
     assert d(landlock.probe(0)) == "landlock unavailable: not enforced"
     assert d(landlock.probe(3)) == ("landlock ABI 3: enforced (without tcp port rules (ABI 4), "
-                                    "device ioctl control (ABI 5), scoping (ABI 6))")
+                                    "device ioctl control (ABI 5), scoping (ABI 6), "
+                                    "audit of refusals (ABI 7))")
 
 
 # -- filesystem ------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ def test_base_write_over_a_base_file(service_with, tmp_path):
     careless.chmod(0o666)
     svc = service_with(watch='[watch]\nreact = "log"\n', app_extra='writable = ["/opt/notes"]',
                        add={"/opt/notes/settings.py": str(careless)})
+    assert svc.status()["sensors"]["base-write"].startswith("on (fanotify")
     code = "open('/opt/notes/settings.py', 'a').write('DEBUG = True  # backdoor')"
     result = svc.exec(code)
     assert result.returncode == 0, result.stderr
@@ -280,3 +281,45 @@ def test_sensors_say_when_they_fail_instead_of_spinning_or_going_blind(tmp_path)
     (tmp_path / "upper").mkdir()
     poller.upper = str(tmp_path / "upper")
     assert poller.poll(0.0) == [] and poller.state == poller.ON
+
+
+def test_fanotify_sees_a_base_write_without_a_walk(tmp_path):
+    """The event path alone (its safety-net walk pushed out of reach): a tmpfs delta, a copy-up
+    of an executable base file and a whiteout over a base file in /etc, both reported by
+    fanotify; a file that is no base file is not. A delta that is no file system of its own
+    (`delta = "disk"`) cannot be marked alone: own_filesystem says so."""
+    import os
+    import select
+    import subprocess
+
+    from corral.watch import delta_events
+
+    delta, base = tmp_path / "delta", tmp_path / "base"
+    (base / "usr/bin").mkdir(parents=True)
+    (base / "etc").mkdir()
+    (base / "usr/bin/tool").write_text("#!/bin/sh\n")
+    (base / "usr/bin/tool").chmod(0o755)
+    (base / "etc/motd").write_text("hi\n")
+    delta.mkdir()
+    assert not delta_events.own_filesystem(str(delta))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
+                   check=True)
+    try:
+        assert delta_events.own_filesystem(str(delta))
+        for sub in ("upper/usr/bin", "upper/etc", "upper/tmp", "work"):
+            (delta / sub).mkdir(parents=True)
+        sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+        try:
+            assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
+            assert sensor.state.startswith("on (fanotify")
+            (delta / "upper/tmp/scratch").write_text("x")
+            (delta / "upper/usr/bin/tool").write_text("evil\n")
+            os.mknod(delta / "upper/etc/motd", 0o600 | 0o020000, os.makedev(0, 0))
+            found: dict[str, str] = {}
+            while len(found) < 2 and select.select([sensor], [], [], 5)[0]:
+                found |= {e.detail["path"]: e.detail["change"] for e in sensor.drain(2.0)}
+            assert found == {"/usr/bin/tool": "modified", "/etc/motd": "deleted"}
+        finally:
+            sensor.close()
+    finally:
+        subprocess.run(["umount", "-l", str(delta)], check=True)

@@ -43,6 +43,10 @@ FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 # LANDLOCK_ACCESS_NET_* (ABI 4) and LANDLOCK_SCOPE_* (ABI 6)
 BIND_TCP, CONNECT_TCP = 1 << 0, 1 << 1
 SCOPES = {"abstract-unix-socket": 1 << 0, "signal": 1 << 1}
+# landlock_restrict_self flags (ABI 7). By default the kernel logs a domain's denials only until
+# the first execve: the program itself would never be logged. The watcher turns refused TCP
+# connects and binds into incidents from these records (watch.sensors.AuditReader).
+RESTRICT_SELF_LOG_NEW_EXEC_ON = 1 << 1
 
 # (first ABI, fs rights it added). A right missing from the running ABI cannot be handled, so
 # the kernel does not control it at all: that is the best-effort degradation.
@@ -55,6 +59,8 @@ _FEATURES = (
     (4, "tcp port rules"),
     (5, "device ioctl control"),
     (6, "scoping"),
+    # Below 7 no denial after execve is logged: refused connects and binds raise no incident.
+    (7, "audit of refusals"),
 )
 KNOWN_ABI = 7  # newest ABI this table was checked against (7 only adds audit-log flags)
 
@@ -141,7 +147,8 @@ def restrict(plan: LandlockPlan, extra_read_exec: Sequence[str] = ()) -> Landloc
                 for port in ports:
                     _allow_port(ruleset, port, right)
         try:
-            _call("syscall", SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
+            flags = RESTRICT_SELF_LOG_NEW_EXEC_ON if abi >= 7 else 0
+            _call("syscall", SYS_LANDLOCK_RESTRICT_SELF, ruleset, flags)
         except OSError as e:
             raise OSError(e.errno, f"landlock_restrict_self: {e.strerror}") from None
     finally:

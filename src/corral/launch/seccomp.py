@@ -112,6 +112,16 @@ CREATING_FLAGS = (0o100, 0o20000000)  # O_CREAT, __O_TMPFILE (O_TMPFILE is it | 
 SETID_BITS = (0o4000, 0o2000)
 
 
+# Multicast joins, refused unless the plan allows multicast: a joined group's address leaves
+# the host in the kernel's IGMP/MLD reports, which no socket owns (so no `meta skuid` rule
+# matches them). (setsockopt level, its join options); IPV6_JOIN_ANYCAST joins the address's
+# solicited-node group, which reports too.
+SOL_IP, SOL_IPV6 = 0, 41
+# IP_ADD_MEMBERSHIP, IP_ADD_SOURCE_MEMBERSHIP, MCAST_JOIN_GROUP, MCAST_JOIN_SOURCE_GROUP;
+# IPV6_ADD_MEMBERSHIP, IPV6_JOIN_ANYCAST and the same two MCAST_ options.
+MULTICAST_JOINS = ((SOL_IP, (35, 39, 42, 46)), (SOL_IPV6, (20, 27, 42, 46)))
+
+
 @dataclass
 class Filters:
     """A plan compiled: `main` (the plan; denials logged) and `quiet` (ENOSYS and user
@@ -166,12 +176,26 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
         if "ioctl" not in listed | special:
             for cmd in TTY_INJECTION:
                 add(deny, "ioctl", Arg(1, MASKED_EQ, LOW32, cmd))
+        if not plan.multicast and "setsockopt" not in listed | special:
+            for level, options in MULTICAST_JOINS:  # level and optname are ints: low 32 bits
+                for option in options:
+                    add(deny, "setsockopt", Arg(1, MASKED_EQ, LOW32, level),
+                        Arg(2, MASKED_EQ, LOW32, option))
     else:
         listed = (set(plan.syscalls) | set(ALWAYS_ALLOWED)) - special - set(notify)
         # What `quiet` answers, `main` must allow: its deny action (EPERM, or a kill, which
         # would beat quiet's answer) is for the calls nobody listed.
-        for name in sorted((listed - {"clone", "ioctl"}) | special | set(notify)):
+        narrowed = {"clone", "ioctl"} | ({"setsockopt"} if not plan.multicast else set())
+        for name in sorted((listed - narrowed) | special | set(notify)):
             add(pyseccomp.ALLOW, name)
+        if "setsockopt" in listed and not plan.multicast:
+            # Allowed: any other level, and at SOL_IP/SOL_IPV6 any option but the joins.
+            for mask, datum in not_in_low32(tuple(level for level, _ in MULTICAST_JOINS)):
+                add(pyseccomp.ALLOW, "setsockopt", Arg(1, MASKED_EQ, mask, datum))
+            for level, options in MULTICAST_JOINS:
+                for mask, datum in not_in_low32(options):
+                    add(pyseccomp.ALLOW, "setsockopt", Arg(1, MASKED_EQ, LOW32, level),
+                        Arg(2, MASKED_EQ, mask, datum))
         # A listed rule cannot be narrowed with a rule whose action is the default one
         # (libseccomp refuses it), so these allow only the harmless arguments instead.
         if "clone" in listed:

@@ -207,6 +207,7 @@ class Process(Strict):
     exec_: list[AbsPath] | None = Field(None, alias="exec")
     writable: list[AbsPath] = []
     syscalls: Literal["default"] | list[Text] = "default"
+    multicast: bool = False  # may join multicast groups (setsockopt IP_ADD_MEMBERSHIP, ...)
     limits: Limits = Limits()
     environment: dict[Annotated[str, AfterValidator(_env_name)], Text] = {}
     # The life cycle (systemd: KillSignal=, TimeoutStopSec=, ExecReload=, ExecStartPre=).

@@ -58,6 +58,9 @@ class SeccompPlan:
     deny_action: str = "errno:EPERM"
     enosys: tuple[str, ...] = ("clone3", "openat2")
     other_arch: str = "kill-process"
+    # False: setsockopt's multicast joins are refused (the kernel's IGMP/MLD reports for a
+    # joined group carry its address, owned by no socket: no per-user rule can stop them).
+    multicast: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,10 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
                       | set(m.image.include) | set(m.image.add)
                       | ({"/"} if m.image.source != "closure" and not m.image.include else set())))
     if proc.syscalls == "default":
-        seccomp = SeccompPlan("deny-list", tuple(default_deny()))
+        seccomp = SeccompPlan("deny-list", tuple(default_deny()), multicast=proc.multicast)
     else:
-        seccomp = SeccompPlan("allow-list", tuple(sorted(set(proc.syscalls))))
+        seccomp = SeccompPlan("allow-list", tuple(sorted(set(proc.syscalls))),
+                              multicast=proc.multicast)
     return SandboxPlan(
         process=name,
         user=m.user_of(name),

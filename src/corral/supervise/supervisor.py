@@ -183,18 +183,35 @@ class Supervisor:
             self._add_sensor(sensors.PacketSensor(nflog_group(self.spec.service)))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.sensors["network"] = f"off: {exc}"
-        self._add_sensor(sensors.DeltaPoller(os.path.join(str(self.spec.delta_dir), "upper"),
-                                             str(self.spec.base_root), DELTA_POLL))
+        self._add_sensor(self._base_write_sensor())
         self.sensors["exec"] = "on (seccomp user notification)"
         self.exec_guard.listen(self.run_dir)
 
+    def _base_write_sensor(self) -> Any:
+        """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
+        walk alone every DELTA_POLL where fanotify cannot be used (a delta on disk)."""
+        from corral.watch import delta_events, sensors
+
+        delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
+        why = "the delta is no file system of its own"
+        if delta_events.own_filesystem(delta_dir):
+            try:
+                return delta_events.DeltaEvents(delta_dir, base)
+            except OSError as exc:
+                why = f"fanotify: {exc.strerror}"
+        poller = sensors.DeltaPoller(os.path.join(delta_dir, "upper"), base, DELTA_POLL)
+        poller.ON = f"on (delta walk every {DELTA_POLL:g}s; {why})"
+        poller.state = poller.ON
+        return poller
+
     def _add_sensor(self, sensor: Any) -> None:
-        """A sensor the kernel wakes goes into the selector; one without a descriptor is
-        drained by the loop every `sensor.interval` seconds (`due`)."""
+        """A sensor the kernel wakes goes into the selector; one with an interval is also
+        drained by the loop every `sensor.interval` seconds (`due`): the polled ones, and the
+        fanotify one for its safety-net walk."""
         self.live[sensor.name] = sensor
         if sensor.fileno() is not None:
             self.selector.register(sensor, selectors.EVENT_READ, ("sensor", sensor.name))
-        else:
+        if sensor.fileno() is None or sensor.interval > 0:
             self.due[sensor.name] = 0.0
 
     def drain(self, sensor: Any) -> None:

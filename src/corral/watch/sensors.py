@@ -4,10 +4,12 @@ the last call. One the kernel wakes has a `fileno()` for the supervisor's select
 (`fileno()` is None) is drained every `interval` seconds by the supervisor's loop. The exec
 tripwire is not one: its seccomp notifications must be answered, not only read (supervisor).
 
-- AuditReader: the kernel's audit records, read-only through the netlink multicast group
-  (no auditd needed, nothing about the host's audit setup changes). corral's seccomp filters
-  log every denial (SECCOMP records, with the kernel's own timestamp), which gives the `ptrace`,
-  `setuid` and dangerous-syscall tripwires.
+- AuditReader: the kernel's audit records, read through the netlink multicast group (no
+  auditd needed). corral's seccomp filters log every denial (SECCOMP records, with the
+  kernel's own timestamp), which gives the `ptrace`, `setuid` and dangerous-syscall
+  tripwires; Landlock's records of refused TCP connects and binds give `egress` and `listen`
+  (watch.refusals). Landlock logs only while audit is enabled: if it is off, the reader turns
+  it on (no rule, no daemon), the one change it makes to the host's audit setup.
 - PacketSensor: the packets the service's nft table dropped, from its NFLOG group (nflog).
 - DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
   (cost proportional to the delta, which is small while the service behaves).
@@ -22,11 +24,15 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral.core import text, tree
 from corral.recover import delta
+from corral.watch.event import Event
+from corral.watch.refusals import KINDS as LANDLOCK_KINDS
+from corral.watch.refusals import LandlockRecords
+
+__all__ = ["Event", "Sensor", "AuditReader", "PacketSensor", "DeltaPoller"]
 
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
@@ -40,15 +46,8 @@ SETID_CALLS = {"chmod", "fchmod", "fchmodat", "fchmodat2", "creat", "open", "ope
 # clone3 and openat2 get ENOSYS on purpose so that callers fall back to clone and openat (every
 # new thread does it); the unlogged filter answers them, this is in case a kernel logs anyway.
 IGNORED_CALLS = {"execve", "execveat", "clone3", "openat2"}
-
-
-@dataclass
-class Event:
-    tripwire: str
-    uid: int | None
-    pid: int | None
-    at: float  # when the act happened (the kernel's timestamp where there is one)
-    detail: dict[str, Any] = field(default_factory=dict)
+# setsockopt is refused only for multicast joins (launch.seccomp), a covert way out: egress.
+EGRESS_CALLS = {"setsockopt"}
 
 
 class Sensor(Protocol):
@@ -108,7 +107,19 @@ class AuditReader:
         self.sock = _in_initial_netns(make)
         self.sock.setblocking(False)
         self._names: dict[int, str] = {}
+        self.landlock = LandlockRecords()
         self.state = "on"  # or "off: why" once reading failed for good
+        self._enable_audit()
+
+    def _enable_audit(self) -> None:
+        from corral.kernel import audit
+
+        try:
+            if audit.enabled() == 0:
+                audit.enable()
+                self.state = "on (audit enabled by corral for Landlock's refusals)"
+        except OSError as exc:  # seccomp's records still come; Landlock's do not
+            self.state = f"on (without Landlock's refusals: audit is off, {exc.strerror})"
         self.lost = 0  # ENOBUFS overruns: records the kernel dropped
 
     def fileno(self) -> int:
@@ -138,6 +149,7 @@ class AuditReader:
             try:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
+                self.landlock.flush(out)  # read dry: what can be attributed goes now
                 return out
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # after a burst: records were lost; read on
@@ -153,6 +165,8 @@ class AuditReader:
                 data = data[(length + 3) & ~3:]
                 if kind == AUDIT_SECCOMP and (event := self.parse(body)) is not None:
                     out.append(event)
+                elif kind in LANDLOCK_KINDS:
+                    self.landlock.feed(kind, body, out)
                 if length < 16:
                     break
 
@@ -167,7 +181,7 @@ class AuditReader:
         if name in IGNORED_CALLS:
             return None
         tripwire = "ptrace" if name in PTRACE_CALLS else "setuid" if name in SETID_CALLS \
-            else "syscall"
+            else "egress" if name in EGRESS_CALLS else "syscall"
         at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
                                               "comm": fields.get("comm")})
@@ -261,13 +275,23 @@ class DeltaPoller:
 
     def _walk(self, upper: int, base: int, now: float, events: list[Event]) -> None:
         for entry in tree.walk(upper, base_fd=base):
-            st, base_st, path = entry.st, entry.base_st, entry.path
-            if stat.S_ISDIR(st.st_mode) or base_st is None or path in self.reported:
-                continue
-            sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
-                base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)
-            if sensitive:
-                self.reported.add(path)
-                change = "deleted" if tree.is_whiteout(st) else "modified"
-                events.append(Event("base-write", st.st_uid, None, st.st_mtime or now,
-                                    {"path": text.show(path), "change": change}))
+            if entry.path not in self.reported and (
+                    event := base_write(entry.path, entry.st, entry.base_st, now)):
+                self.reported.add(entry.path)
+                events.append(event)
+
+
+def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
+               now: float, at: float | None = None) -> Event | None:
+    """The `base-write` event for the delta's entry `path` (`st`) over the base's (`base_st`),
+    or None when it is no base file or not a sensitive one (the walk and fanotify agree).
+    `at`: the act's time if known, else the file's mtime (a walk's best guess)."""
+    if stat.S_ISDIR(st.st_mode) or base_st is None:
+        return None
+    sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
+        base_st.st_mode & 0o111) or bool(stat.S_IMODE(st.st_mode) & 0o6000)
+    if not sensitive:
+        return None
+    change = "deleted" if tree.is_whiteout(st) else "modified"
+    return Event("base-write", st.st_uid, None, at or st.st_mtime or now,
+                 {"path": text.show(path), "change": change})

@@ -1,0 +1,59 @@
+"""The kernel audit subsystem's status, through its netlink socket (AUDIT_GET / AUDIT_SET).
+
+Plain `socket` and `struct`: the requests are two fixed structs, and the Python bindings of
+libaudit (python3-audit) are a Debian package outside the venv, not on PyPI.
+
+Landlock writes its denial records (AUDIT_LANDLOCK_ACCESS) only while audit is enabled
+(`audit_enabled`), unlike seccomp, whose logged actions reach the audit multicast group
+either way. A host without auditd boots with audit disabled, so the watcher turns it on.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+NETLINK_AUDIT = 9
+AUDIT_GET, AUDIT_SET = 1000, 1001
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+AUDIT_STATUS_ENABLED = 1
+# struct audit_status's first eight u32 fields: mask, enabled, failure, pid, rate_limit,
+# backlog_limit, lost, backlog (the kernel accepts a shorter struct and zero-fills the rest).
+_STATUS = struct.Struct("=8I")
+_NLMSG = struct.Struct("=IHHII")
+
+
+def _request(kind: int, flags: int, body: bytes = b"") -> tuple[int, bytes]:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_AUDIT) as sock:
+        sock.settimeout(2.0)
+        sock.bind((0, 0))
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), kind, flags, 1, 0) + body)
+        data = sock.recv(8192)
+    if len(data) < _NLMSG.size:
+        raise OSError(errno.EPROTO, "audit: short netlink reply")
+    _, reply, _, _, _ = _NLMSG.unpack_from(data)
+    payload = data[_NLMSG.size:]
+    if reply == NLMSG_ERROR:
+        code = struct.unpack_from("=i", payload)[0]
+        if code < 0:
+            raise OSError(-code, f"audit: {errno.errorcode.get(-code, code)}")
+    return reply, payload
+
+
+def enabled() -> int:
+    """0 disabled, 1 enabled, 2 enabled and locked (until reboot)."""
+    reply, payload = _request(AUDIT_GET, NLM_F_REQUEST)
+    if reply != AUDIT_GET or len(payload) < _STATUS.size:
+        raise OSError(errno.EPROTO, "audit: unexpected reply to AUDIT_GET")
+    return _STATUS.unpack_from(payload)[1]
+
+
+def enable() -> None:
+    """Set `enabled` to 1 (needs CAP_AUDIT_CONTROL in the initial user namespace). No rule is
+    added and no daemon is registered: records go to the multicast group and, with no auditd,
+    to the kernel log (rate-limited)."""
+    body = _STATUS.pack(AUDIT_STATUS_ENABLED, 1, 0, 0, 0, 0, 0, 0)
+    _request(AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, body)

@@ -1,0 +1,153 @@
+"""The `base-write` tripwire, event-driven: fanotify on the file system that holds the delta.
+
+The overlay mount itself cannot be marked (overlayfs has no file handles without
+`index=on,nfs_export=on`), but its upper layer is a plain directory of the delta's tmpfs,
+and every change the service makes through the overlay is a change there: a copy-up is a
+create in `work/` renamed into `upper/`, a deletion a whiteout (a 0/0 character device)
+renamed in, a chmod an attribute change. `fanotify_init(FAN_REPORT_DFID_NAME)` with a
+`FAN_MARK_FILESYSTEM` mark on that tmpfs reports each with its parent directory's file handle
+and the entry's name; the handle opened with `open_by_handle_at` gives the directory's path,
+and the entry is then judged exactly as the walk judges it (sensors.base_write).
+
+The walk (sensors.DeltaPoller) stays, every `SAFETY_WALK` seconds, as the safety net: it
+catches what events cannot say (a queue overflow also triggers it at once) and keeps its
+`unwalkable` check. A delta on disk (`delta = "disk"`) is not a file system of its own: a
+filesystem mark there would report every write of the host, so that delta is walked every
+0.25 s as before (`corral status` says which is active).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from corral.core import tree
+from corral.kernel import fanotify
+from corral.watch.event import Event
+from corral.watch.sensors import DeltaPoller, base_write
+
+SAFETY_WALK = 5.0  # seconds between two walks while fanotify reports
+TMPFS_MAGIC = 0x01021994
+EVENTS = (fanotify.FAN_MODIFY | fanotify.FAN_ATTRIB | fanotify.FAN_CLOSE_WRITE
+          | fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO | fanotify.FAN_DELETE
+          | fanotify.FAN_ONDIR)
+READ_SIZE = 65536
+
+
+def own_filesystem(delta_dir: str) -> bool:
+    """True when `delta_dir` is the root of a file system of its own (the tmpfs delta), so
+    that a filesystem mark sees the delta and nothing else."""
+    try:
+        here, parent = os.stat(delta_dir), os.stat(os.path.join(delta_dir, ".."))
+    except OSError:
+        return False
+    return here.st_dev != parent.st_dev
+
+
+class DeltaEvents:
+    """fanotify on the delta's tmpfs, with the walk as a slower safety net; a sensor with both
+    a descriptor (events) and an interval (the walk)."""
+
+    name = "base-write"
+
+    def __init__(self, delta_dir: str, base: str, interval: float = SAFETY_WALK):
+        self.interval = interval
+        self.upper = os.path.realpath(os.path.join(delta_dir, "upper"))
+        self.walk = DeltaPoller(self.upper, base, interval)
+        self.reported = self.walk.reported  # one path, one incident, whoever saw it first
+        self.fd = fanotify.init(fanotify.FAN_CLASS_NOTIF | fanotify.FAN_REPORT_DFID_NAME)
+        try:
+            fanotify.mark(self.fd, fanotify.FAN_MARK_FILESYSTEM, EVENTS, delta_dir)
+            self.mount_fd = os.open(delta_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.base = base
+        self.ON = f"on (fanotify; walk every {interval:g}s)"
+        self.state = self.ON
+        self.last_walk = 0.0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        for fd in (self.fd, self.mount_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def drain(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        changed: set[tuple[bytes, bytes]] = set()
+        overflow = False
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # the walk still runs on its interval
+                self.state = f"on (walk every {self.interval:g}s; fanotify: {exc.strerror})"
+                break
+            if not data:
+                break
+            for ev in fanotify.parse(data):
+                if ev.mask & fanotify.FAN_Q_OVERFLOW:
+                    overflow = True
+                elif ev.handle is not None and ev.name is not None:
+                    changed.add((ev.handle, ev.name))
+        for handle, name in changed:
+            self._judge(handle, name, now, events)
+        if overflow or now - self.last_walk >= self.interval:
+            self.last_walk = now
+            events += self.walk.poll(now)
+            if self.walk.state != self.walk.ON:  # "off" would drop the events too: "error"
+                self.state = "error: " + self.walk.state.removeprefix("off: ") \
+                    .removeprefix("error: ")
+            elif self.state.startswith(("error", "off")):
+                self.state = self.ON
+        return events
+
+    def _judge(self, handle: bytes, name: bytes, now: float, events: list[Event]) -> None:
+        try:
+            fd = fanotify.open_by_handle(self.mount_fd, handle)
+        except OSError:  # ESTALE: the directory is gone since; nothing left to judge
+            return
+        try:
+            where = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+            top = os.fsencode(self.upper)
+            if where != top and not where.startswith(top + b"/"):
+                return  # overlayfs' work directory, or the delta's root
+            relative = where[len(top):]
+            path = relative + b"/" + name if name != b"." else relative or b"/"
+            if path in self.reported:
+                return
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False) if name != b"." \
+                    else os.fstat(fd)
+            except OSError:
+                return  # removed since: a whiteout, if it was a base file, comes next
+            base_st = self._base_stat(path)
+            # The act's time is the event's receipt (fanotify stamps none, and it is read
+            # within a millisecond): not the mtime, which a copy-up reported before the
+            # write itself still holds from the base (an old act reads as a stale one).
+            event = base_write(path, st, base_st, now, at=now)
+            if event is not None:
+                self.reported.add(path)
+                events.append(event)
+        finally:
+            os.close(fd)
+
+    def _base_stat(self, path: bytes) -> os.stat_result | None:
+        """The base's entry at `path`, refusing symlinks on the way (a base symlink such as
+        /lib64 -> /usr/lib64 must not lead out of the base), or None."""
+        parent, _, leaf = path.rpartition(b"/")
+        try:
+            with tree.directory(self.base) as base_fd:
+                with tree.opened(base_fd, os.fsdecode(parent) or ".",
+                                 os.O_PATH | os.O_DIRECTORY) as dir_fd:
+                    return os.stat(leaf, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                self.state = f"error: base {os.fsdecode(path)}: {exc.strerror}"
+            return None

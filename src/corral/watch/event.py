@@ -1,0 +1,16 @@
+"""The one thing every sensor returns: a tripwire event (in a module of its own so that the
+sensors' helper modules share it without importing `sensors`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Event:
+    tripwire: str
+    uid: int | None
+    pid: int | None
+    at: float  # when the act happened (the kernel's timestamp where there is one)
+    detail: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,118 @@
+"""Landlock's refusals as tripwire events, from its audit records (kernel 6.15+).
+
+Landlock refuses a TCP connect() or bind() before any packet exists, so the service's nft
+table never sees it; its audit records are the only trace. Parsed by hand: they are text
+lines (`key=value ...`), and no maintained Python parser knows the Landlock types.
+
+One audit event (one serial in `audit(SEC.MS:SERIAL)`) holds, in this order:
+
+    1423 LANDLOCK_ACCESS  domain=1a2b blockers=net.connect_tcp daddr=127.0.0.1 dest=7999
+    1424 LANDLOCK_DOMAIN  domain=1a2b status=allocated mode=enforcing pid=.. uid=.. exe=..
+                          (only at the domain's first denial)
+    1300 SYSCALL          ... pid=.. uid=..   (only if the task has an audit context)
+    1320 EOE              (likewise)
+
+The ACCESS record names no process. A SYSCALL record gives pid and uid; without one (a task
+forked before audit was enabled, or a host rule `-a task,never`) the domain's uid is that of
+its creator, which for corral is the process's own user (Landlock is applied after the uid
+change). An event is emitted at its SYSCALL or EOE record, at the first record of a later
+event, or at the end of a read when its domain's uid is known.
+
+Decided: refused file access (`fs.*`) is not a tripwire. Programs probe files all the time
+(locale, configuration, plugin paths); an incident per probe would revert benign services.
+Only network refusals and abstract UNIX socket scoping (an attempt to reach a host service)
+count.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from corral.watch.event import Event
+
+AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320
+AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN = 1423, 1424
+KINDS = (AUDIT_SYSCALL, AUDIT_EOE, AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN)
+_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
+_STAMP = re.compile(r"audit\((\d+)\.(\d+):(\d+)\)")
+# blocker -> (tripwire, detail keys from the record's fields)
+TRIPWIRES = {
+    "net.connect_tcp": ("egress", {"daddr": "dst", "dest": "dport"}),
+    "net.bind_tcp": ("listen", {"saddr": "src", "src": "sport"}),
+    "scope.abstract_unix_socket": ("egress", {"path": "dst"}),
+}
+MAX_DOMAINS = 4096  # creators remembered; a domain's "deallocated" record frees its entry
+MAX_PENDING = 256
+
+
+def _fields(body: str) -> dict[str, str]:
+    return {k: v.strip('"') for k, v in _FIELD.findall(body)}
+
+
+def _number(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class LandlockRecords:
+    def __init__(self) -> None:
+        self.domains: dict[str, int] = {}  # domain id -> its creator's uid
+        self.pending: dict[int, Event] = {}  # serial -> event waiting for its process
+
+    def feed(self, kind: int, body: str, out: list[Event]) -> None:
+        stamp = _STAMP.search(body)
+        if stamp is None:
+            return
+        serial = int(stamp.group(3))
+        for older in [s for s in self.pending if s < serial]:  # a later event began
+            self._emit(older, out)
+        fields = _fields(body[stamp.end():])
+        if kind == AUDIT_LANDLOCK_ACCESS:
+            event = self._access(fields, int(stamp.group(1)) + int(stamp.group(2)) / 1000)
+            if event is not None and len(self.pending) < MAX_PENDING:
+                self.pending[serial] = event
+        elif kind == AUDIT_LANDLOCK_DOMAIN:
+            domain = fields.get("domain", "")
+            if fields.get("status") == "allocated" and (uid := _number(fields.get("uid"))) \
+                    is not None:
+                if len(self.domains) >= MAX_DOMAINS:
+                    self.domains.pop(next(iter(self.domains)))
+                self.domains[domain] = uid
+            elif fields.get("status") == "deallocated":
+                self.domains.pop(domain, None)
+        elif kind == AUDIT_SYSCALL and serial in self.pending:
+            event = self.pending[serial]
+            self.pending[serial] = replace(event, uid=_number(fields.get("uid")),
+                                           pid=_number(fields.get("pid")))
+            self._emit(serial, out)
+        elif kind == AUDIT_EOE and serial in self.pending:
+            self._emit(serial, out)
+
+    def flush(self, out: list[Event]) -> None:
+        """At the end of a read: emit what can be attributed; the rest waits for its
+        domain's record."""
+        for serial in list(self.pending):
+            if self.pending[serial].detail.get("_domain") in self.domains:
+                self._emit(serial, out)
+
+    def _access(self, fields: dict[str, str], at: float) -> Event | None:
+        for blocker in fields.get("blockers", "").split(","):
+            if blocker in TRIPWIRES:
+                tripwire, keys = TRIPWIRES[blocker]
+                detail: dict[str, Any] = {"proto": "unix" if blocker.startswith("scope.")
+                                          else "tcp", "refused_by": "landlock",
+                                          "_domain": fields.get("domain")}
+                for key, name in keys.items():
+                    value = fields.get(key)
+                    detail[name] = _number(value) if name.endswith("port") else value
+                return Event(tripwire, None, None, at, detail)
+        return None  # fs.*, scope.signal, ptrace: not tripwires (see above)
+
+    def _emit(self, serial: int, out: list[Event]) -> None:
+        event = self.pending.pop(serial)
+        domain = event.detail.pop("_domain", None)
+        if event.uid is None:
+            event.uid = self.domains.get(domain or "")
+        if event.uid is not None:  # unattributable: no process of any service to blame
+            out.append(event)
