@@ -8,6 +8,7 @@ express always goes to stderr, and into --json as `lost`. Exit codes: 0 done, 2 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,33 @@ def export_oci(target: str, out: str, as_json: bool) -> None:
     else:
         click.echo(f"wrote {path}; import it with: podman import {path} "
                    f"{kubernetes.image_ref(src)}")
+
+
+@click.command("graph")
+@click.argument("targets", nargs=-1, metavar="[NAME|FILE]...")
+@click.option("--host", "host_file", metavar="HOST.toml",
+              help="Draw this host file's filter around the services (default: the one "
+                   "applied here, if any).")
+@click.option("--format", "fmt", type=click.Choice(["dot", "svg", "png"]), default="dot",
+              show_default=True, help="svg and png are drawn by Graphviz's dot.")
+@click.option("--out", "out", metavar="FILE", help="Write the picture to FILE instead of stdout.")
+@handled
+def graph(targets: tuple[str, ...], host_file: str | None, fmt: str, out: str | None) -> None:
+    """One picture of services: processes, users, volumes, listens and connects (between
+    services where they meet), the host's filter, and incidents in red."""
+    from corral.core.errors import UsageError
+    from corral.export import graph as draw
+
+    if out is not None and Path(out).is_dir():
+        raise UsageError(f"--out {out}: a directory; name the file to write")
+    if fmt == "png" and out is None and sys.stdout.isatty():
+        raise UsageError("--format png writes binary data: give --out FILE")
+    services, host = draw.load([(t, is_file(t)) for t in targets],
+                               host_file if host_file is not None else draw.applied_host_file())
+    data = draw.render(draw.graph(services, host), fmt)
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        Path(out).write_bytes(data)
+        click.echo(f"wrote {out}")

@@ -395,7 +395,7 @@ def _register_groups() -> None:
     """Command groups that live in their own modules (each imports only click at load)."""
     from corral.cli.audit import audit
     from corral.cli.events import events
-    from corral.cli.export import export
+    from corral.cli.export import export, graph
     from corral.cli.host import host
     from corral.cli.learn import learn
     from corral.cli.state import state
@@ -406,6 +406,7 @@ def _register_groups() -> None:
     main.add_command(state)
     main.add_command(learn)
     main.add_command(export)
+    main.add_command(graph)
 
 
 _register_groups()
