@@ -71,7 +71,7 @@ def _emit(files: dict[str, str], lost: dict[str, list[str]], out: str | None, as
 
 @click.group("export")
 def export() -> None:
-    """The manifest's containment for other runners: systemd, Kubernetes, an OCI image."""
+    """The manifest's containment for other runners: systemd, Kubernetes, an OCI image, Ansible."""
 
 
 @export.command("systemd")
@@ -153,3 +153,39 @@ def graph(targets: tuple[str, ...], host_file: str | None, fmt: str, out: str | 
     else:
         Path(out).write_bytes(data)
         click.echo(f"wrote {out}")
+
+
+@export.command("ansible")
+@click.option("--inventory", "inventory", metavar="FILE", required=True,
+              help="The Ansible inventory of the fleet (copied beside the playbook).")
+@click.argument("manifests", nargs=-1, required=True, metavar="MANIFEST...")
+@out_option
+@json_option
+@handled
+def export_ansible(inventory: str, manifests: tuple[str, ...], out: str | None,
+                   as_json: bool) -> None:
+    """A playbook and a role that install corral and the manifests on every host, run them,
+    and apply the host and router filters derived from all of them."""
+    import shutil
+
+    from corral.export import ansible
+
+    ansible.check_inventory(inventory)
+    fleet = ansible.load(list(manifests))
+    files = ansible.export(fleet, inventory)
+    copies = ansible.copies(fleet, inventory)
+    lost = {"playbook.yml": ansible.lost(fleet)}
+    if out is not None:
+        directory = _out_dir(out)
+        for name in files:
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        for name, source in copies.items():
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(source, target)
+    elif not as_json:
+        click.echo("copied only with --out DIR: " + ", ".join(copies), err=True)
+    _emit(files, lost, out, as_json, {"copied": sorted(copies)})
