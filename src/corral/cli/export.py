@@ -1,5 +1,5 @@
-"""`corral export systemd|kubernetes|oci NAME|FILE [--out DIR]` and `corral graph`: the same
-containment for other runners, and a picture of it.
+"""`corral export systemd|kubernetes|oci NAME|FILE [--out DIR]`, `corral export ansible` and
+`corral graph`: the same containment for other runners, a fleet's playbook, and a picture.
 
 Attach with `main.add_command(export)`. Only click is imported here. Without --out a text export
 is printed to stdout (several files each under a `# ==> FILE <==` line); what the target cannot
