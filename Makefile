@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
-                bubblewrap ca-certificates strace dnsmasq-base squashfs-tools
+                bubblewrap ca-certificates strace dnsmasq-base squashfs-tools graphviz
 # Only the tests need these: the exports are run for real (systemd-analyze comes with systemd;
 # podman with runc, slirp4netns and catatonit runs the Kubernetes export).
 TEST_PACKAGES := podman runc slirp4netns catatonit
@@ -36,10 +36,9 @@ lint: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/deptry src
 
-# docs/layers.dot and .svg: the folders and their imports, drawn from the code (Graphviz).
+# docs/layers.dot and .svg: the folders and their imports, drawn from the code (Graphviz's dot,
+# in APT_PACKAGES since `corral graph --format svg|png` runs it too).
 layers: venv
-	@dpkg-query -W -f='$${Status}\n' graphviz 2>/dev/null | grep -q '^install ok installed' || \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends graphviz
 	$(VENV)/bin/python docs/layers.py
 
 bench: venv

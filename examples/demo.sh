@@ -105,6 +105,9 @@ in_ns "$CORRAL" status notes
 in_ns "$CORRAL" delta notes
 in_ns python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/notes", timeout=5).read().decode().strip())'
 
+bold "   corral graph: the service, its user, volume and flows, with the incident in red"
+in_ns "$CORRAL" graph notes --format svg --out "$CORRAL_ROOT/notes-graph.svg"
+
 bold "8. Running anything but the declared program trips the exec wire (even through ld.so)"
 in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -I -c '
 import os, shutil

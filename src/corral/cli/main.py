@@ -395,7 +395,7 @@ def _register_groups() -> None:
     """Command groups that live in their own modules (each imports only click at load)."""
     from corral.cli.audit import audit
     from corral.cli.events import events
-    from corral.cli.export import export
+    from corral.cli.export import export, graph
     from corral.cli.host import host
     from corral.cli.hostimage import delta, image
     from corral.cli.learn import learn
@@ -412,6 +412,7 @@ def _register_groups() -> None:
     main.add_command(export)
     for command in (reload, enable, disable, logs):
         main.add_command(command)
+    main.add_command(graph)
 
 
 _register_groups()
