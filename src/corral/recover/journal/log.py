@@ -568,6 +568,10 @@ class Log:
         garbage = [p for p in garbage if p.exists()]
         unlink_durable(garbage)
         done["removed"] = len(garbage)
+        if (self.dir / "sqlite").is_dir():  # a snapshot or an excision's copy half made
+            from corral.recover.journal import sqlite
+
+            done["removed"] += sqlite.clean(self.dir / "sqlite")
         self.objects.clear_staging()
         orphans = self.objects.orphans()  # packs whose flush was interrupted
         unlink_durable(orphans)

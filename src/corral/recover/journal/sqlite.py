@@ -143,6 +143,14 @@ def snapshot(log: Any, state: dict[str, Meta], path: str) -> Path:
     return out
 
 
+def clean(folder: Path) -> int:
+    """Remove what an interrupted snapshot or excision left (hidden names); returns how many."""
+    left = [p for p in folder.iterdir() if p.name.startswith(".")]
+    for path in left:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return len(left)
+
+
 def _tables(con: Any, schema: str) -> list[tuple[str, str | None, bool]]:
     """(name, sql, has a primary key) of each ordinary table."""
     out = []
