@@ -6,8 +6,9 @@ VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
                 bubblewrap ca-certificates strace dnsmasq-base squashfs-tools graphviz
 # Only the tests need these: the exports are run for real (systemd-analyze comes with systemd;
-# podman with runc, slirp4netns and catatonit runs the Kubernetes export).
-TEST_PACKAGES := podman runc slirp4netns catatonit
+# podman with runc, slirp4netns and catatonit runs the Kubernetes export; sqlite3-tools' sqldiff
+# cross-checks the journal's changesets).
+TEST_PACKAGES := podman runc slirp4netns catatonit sqlite3-tools
 STAMP := $(VENV)/.corral-installed
 
 # The host image's boot test needs these too (mmdebstrap, squashfs, qemu, mkfs.ext4).

@@ -334,3 +334,35 @@ def _try_close(state: Path) -> Any:
         return Journal(state, "v").close_epoch("schedule")
     except RuntimeFailure as exc:
         return str(exc)
+
+
+def test_an_sqlite_excision_survives_a_kill_anywhere(workdir):
+    """The scenario corpus's database, page and log (test_journal_sqlite): the excision of the
+    attack by rows, killed at each durability point and at random instants."""
+    from test_journal_sqlite import attacked
+
+    env, app = attacked(workdir / "tpl")
+    app.close()
+    tpl = env.state
+    probe = fresh(workdir, tpl, 999)
+    pre = volume_view(probe / "volumes/v")
+    result = Journal(probe, "v").excise(2, 2, stopped=True)
+    assert [c["how"] for c in result["conflicts"] if c["path"] == "app.db"] == ["rows"]
+    done = volume_view(probe / "volumes/v")
+    assert done != pre
+    shutil.rmtree(probe)
+    interrupted = []
+
+    def after(state: Path, before: dict, killed: bool) -> None:
+        if (state / "journal/v/excise.json").exists():
+            interrupted.append(state)
+        now = assert_sound(state, before)
+        vol = volume_view(state / "volumes/v")
+        assert vol == (done if now["head"]["epoch"] > before["head"]["epoch"] + 1 else pre)
+        assert journal_view(state) == vol or now["head"]["epoch"] == before["head"]["epoch"]
+        Journal(state, "v").close_epoch("mark")
+        assert journal_view(state) == volume_view(state / "volumes/v")
+
+    runs = crash_everywhere(workdir, tpl, lambda s: None,
+                            lambda s: Journal(s, "v").excise(2, 2, stopped=True), after, 20)
+    assert runs >= 25 and interrupted

@@ -195,3 +195,69 @@ def test_online_excision_survives_a_kill_anywhere(tmp_path):
         assert outcomes == {False, True}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# A service's database writer: one connection held open (WAL), a row per transaction, each
+# committed row's number then appended to a side file outside the volume.
+DB_WRITER = """
+import sqlite3, sys, time
+db, side, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+con = sqlite3.connect(db, isolation_level=None, timeout=10)
+con.execute("PRAGMA journal_mode=WAL")
+con.execute("CREATE TABLE IF NOT EXISTS orders(id INTEGER PRIMARY KEY, what TEXT)")
+while True:
+    n += 1
+    con.execute("INSERT INTO orders VALUES (?, 'order')", (n,))
+    with open(side, "a") as handle:
+        handle.write(f"{n}\\n")
+    time.sleep(0.002)
+"""
+
+
+def test_online_excision_of_database_rows_with_the_writer_frozen(tmp_path):
+    import sqlite3
+
+    svc = Service(tmp_path, "tstjonlinedb")
+    try:
+        svc.vol.mkdir(parents=True)
+        db = svc.vol / "app.db"
+        con = sqlite3.connect(db, isolation_level=None)
+        con.executescript("PRAGMA journal_mode=WAL; CREATE TABLE accounts(id INTEGER PRIMARY "
+                          "KEY, name TEXT, role TEXT); INSERT INTO accounts VALUES "
+                          "(1, 'alice', 'admin');")
+        con.close()
+        j = Journal(svc.state, "v")
+        j.ensure()
+        svc.writer = subprocess.Popen([sys.executable, "-c", DB_WRITER, str(db),
+                                       str(svc.side), "0"])
+        svc.group.add(svc.writer.pid)
+        time.sleep(0.3)
+        j.close_epoch("mark")
+        attacker = sqlite3.connect(db, isolation_level=None, timeout=10)
+        attacker.execute("INSERT INTO accounts VALUES (66, 'mallory', 'admin')")
+        attacker.close()
+        time.sleep(0.1)
+        j.close_epoch("incident", incidents=["inc-1"])
+        time.sleep(0.2)
+        result = excise_running(j, svc.spec, 2, 2, None)
+        assert result["processes"] == "restarted"
+        assert svc.writer.wait(5) == -9
+        [entry] = [c for c in result["conflicts"] + result["merged"] if c["path"] == "app.db"]
+        assert entry["how"] == "rows" and result["conflicts"] == []
+        # The stretch's rows (the attacker's, and the writer's own meanwhile: a row carries
+        # no author) are undone; every row the writer committed before or after it stays.
+        [change] = [c for c in j.diff(2, detail=True)["changes"] if c["path"] == "app.db"]
+        stretch = {r["key"][0] for r in change["rows"]["rows"] if r["table"] == "orders"}
+        assert stretch and ["accounts", "insert", [66]] in [
+            [r["table"], r["op"], r["key"]] for r in change["rows"]["rows"]]
+        check = sqlite3.connect(db)
+        ids = {n for (n,) in check.execute("SELECT id FROM orders")}
+        admins = check.execute("SELECT name FROM accounts").fetchall()
+        check.close()
+        assert admins == [("alice",)]
+        committed = {int(x) for x in svc.side.read_text().split()}
+        assert not ids & stretch and committed - stretch <= ids
+        assert max(committed) > max(stretch)  # the writer went on after the stretch
+        assert j.check()["problems"] == []
+    finally:
+        svc.cleanup()

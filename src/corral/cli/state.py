@@ -156,7 +156,10 @@ def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
     for c in conflicts:
         kept = 'later' if c['kept'] == 'after' else 'pre-stretch'
         where = f"{len(c['regions'])} region(s) of lines" if c.get("regions") else \
+            f"{len(c['rows'])} row(s)" if c.get("rows") else \
             f"its {', '.join(c['fields'])}" if c.get("fields") else "the whole file"
+        if c.get("file_level"):
+            where += f" (file level: {escape_controls(c['file_level'])})"
         out.append(f"  CONFLICT  {c['path']}: changed in {_epochs(c['inside'])} and again in "
                    f"{_epochs(c['after'])}; {where}: kept the {kept} version; review it")
         for region in c.get("regions") or ():
@@ -167,6 +170,36 @@ def _conflict_lines(conflicts: list[dict[str, Any]]) -> list[str]:
                     out.append(f"      {label:<7} | {escape_controls(line)}")
                 if region[side].get("more_lines"):
                     out.append(f"      {label:<7} | ... {region[side]['more_lines']} more")
+        for row in c.get("rows") or ():
+            if "key" not in row:
+                out.append(f"    {row['reason']}: {row['why']} ({row['count']} row(s))")
+                continue
+            out.append(f"    {_text(row['table'])} key {_values(row['key'])}: {row['why']}; "
+                       f"kept the {'later' if row['kept'] == 'after' else 'pre-stretch'} row")
+            for side, label in (("before_stretch", "before"), ("stretch", "stretch"),
+                                ("later", "later")):
+                out.append(f"      {label:<7} | {_values(row[side])}")
+    return out
+
+
+def _values(values: Any) -> str:
+    import json
+
+    return escape_controls(json.dumps(values, ensure_ascii=False)) if values is not None \
+        else "(no row)"
+
+
+def _row_lines(change: dict[str, Any]) -> list[str]:
+    """`state diff`: a database's rows, a text file's lines, under its change."""
+    rows = change.get("rows")
+    if rows is None:
+        return [f"      {escape_controls(line)}" for line in change.get("lines") or ()]
+    if rows.get("file_level"):
+        return [f"      file level: {escape_controls(rows['file_level'])}"]
+    out = [f"      {_text(r['table'])} {r['op']:<6} key {_values(r['key'])}: "
+           f"{_values(r['before'])} -> {_values(r['after'])}" for r in rows.get("rows", ())]
+    if rows.get("more_rows"):
+        out.append(f"      ... {rows['more_rows']} more row(s)")
     return out
 
 
@@ -174,7 +207,8 @@ def _merged_lines(merged: list[dict[str, Any]]) -> list[str]:
     out = []
     for m in merged:
         what = f"the stretch's {m['removed_bytes']} appended byte(s) cut out" \
-            if m["how"] == "append" else f"{m['undone_regions']} region(s) of lines undone"
+            if m["how"] == "append" else f"{m['undone_rows']} row(s) undone" \
+            if m["how"] == "rows" else f"{m['undone_regions']} region(s) of lines undone"
         out.append(f"  merged    {m['path']}: {what}; later changes kept")
     return out
 
@@ -186,10 +220,11 @@ def _merged_lines(merged: list[dict[str, Any]]) -> list[str]:
 @json_option
 @handled
 def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
-    """What one epoch changed: per path, before and after."""
+    """What one epoch changed: per path, before and after; the rows of a database (table, key,
+    before, after) and the lines of a text file."""
     name = service_name(name)
     spec, found, _ = _volumes(name, volume, one=True)
-    record = _journal(spec, found[0]).diff(epoch)
+    record = _journal(spec, found[0]).diff(epoch, detail=True)
     if as_json:
         print_json({"service": name, "volume": found[0].path, **record})
         return
@@ -206,6 +241,8 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
     for change in record["changes"]:
         details = f" ({', '.join(change['details'])})" if change.get("details") else ""
         click.echo(f"  {change['change']:<9} {change['path']}{details}{_writer(change)}")
+        for line in _row_lines(change):
+            click.echo(line)
 
 
 @state.command()
@@ -214,9 +251,9 @@ def diff(name: str, epoch: int, volume: str | None, as_json: bool) -> None:
               help="First epoch of the stretch to take out.")
 @click.option("--to", type=int, metavar="EPOCH", help="Last epoch of it (default: the latest).")
 @click.option("--prefer", type=click.Choice(["before", "after"]),
-              help="For lines (or a binary file) changed inside the stretch and after it: "
-                   "their version before the stretch, or the later one (the default; listed "
-                   "for review either way).")
+              help="For rows, lines (or a binary file) changed inside the stretch and after "
+                   "it: their version before the stretch, or the later one (the default; "
+                   "listed for review either way).")
 @click.option("--dry-run", is_flag=True,
               help="Close the open epoch and print the plan; change nothing in the volume.")
 @volume_option

@@ -46,6 +46,7 @@ from corral.recover.journal.store import (
     GENESIS,
     HEAD,
     Meta,
+    chunks_of,
     digest,
     encode,
     failed,
@@ -97,6 +98,9 @@ class Log:
         # upper layer under a mounted overlay is undefined, and the service would keep
         # seeing the old files). See journal.online.
         self.write_root: Path | None = None
+        # SQLite databases get row-level epochs (journal.sqlite); off: file level only
+        # (the bench compares both).
+        self.row_level = True
 
     # -- files ------------------------------------------------------------------------------
 
@@ -271,6 +275,9 @@ class Log:
             changes = _changes(self._state, scan.entries, writer)
             stored_bytes = self.objects.staged_bytes
             stored = self.objects.flush()  # before the record that names them
+            changes = self._rows(self._state, scan.entries, changes)
+            stored_bytes += self.objects.staged_bytes
+            stored += self.objects.flush()
         except OSError as exc:
             self.objects.discard()
             raise failed(exc, f"closing an epoch of {self.volume}") from exc
@@ -296,6 +303,19 @@ class Log:
         self._adopt(scan)
         self._save_cache()
         return record["id"]
+
+    def _rows(self, old: dict[str, Meta], new: dict[str, Meta],
+              changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Row-level changesets of the SQLite databases among `changes` (journal.sqlite;
+        apsw is imported only when a changed file may be one)."""
+        if not self.row_level or not any(
+                (m := new.get(path_from_json(c))) is not None and m.kind == "file" and
+                (m.size or 0) >= 512 or path_from_json(c).endswith(("-wal", "-journal"))
+                for c in changes):
+            return changes
+        from corral.recover.journal import sqlite
+
+        return sqlite.annotate(self, old, new, changes)
 
     def _snapshot(self, freeze: Freeze | None) -> Scan:
         """Scan the volume. With a freezer, twice: first while the service runs (reading and
@@ -349,11 +369,39 @@ class Log:
                 return []
             return [_summary(r) for r in self.records(head["first"], head["epoch"])]
 
-    def diff(self, epoch: int) -> dict[str, Any]:
+    def diff(self, epoch: int, detail: bool = False) -> dict[str, Any]:
+        """The epoch's record; with `detail`, each database's change spelled out in rows
+        (table, op, key, before, after) and each text file's in lines (a unified diff)."""
         with self.locked(exclusive=False) as present:
             head = self.head() if present else None
             self._check_epoch(head, epoch)
-            return self.record(epoch)[0]
+            record = self.record(epoch)[0]
+            if detail:
+                self.objects.refresh()
+                for change in record["changes"]:
+                    self._detail(change)
+            return record
+
+    def _detail(self, change: dict[str, Any]) -> None:
+        from corral.recover.journal import merge
+
+        if "rows" in change:
+            from corral.recover.journal import sqlite
+
+            try:
+                change["rows"] |= sqlite.rows_of(self.objects, change["rows"])
+            except Exception as exc:  # noqa: BLE001 - a damaged changeset: say so, go on
+                change["rows"]["unreadable"] = str(exc)
+            return
+        before, after = meta_from_json(change["before"]), meta_from_json(change["after"])
+        sizes = [m.size or 0 for m in (before, after) if m is not None and m.kind == "file"]
+        if sizes and max(sizes) <= merge.DIFF_BYTES and "content" in change.get(
+                "details", ["content"]):
+            read = lambda m: b"".join(self.objects.read(c) for c in m.chunks) \
+                if m is not None and m.kind == "file" else b""  # noqa: E731
+            lines = merge.line_diff(read(before), read(after))
+            if lines is not None:
+                change["lines"] = lines
 
     def _check_epoch(self, head: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
         if head is None or epoch > head["epoch"] or epoch < 1:
@@ -402,11 +450,15 @@ class Log:
         to = head["epoch"] if to is None else to
         try:
             plan = plan_excision(self.records(from_, head["epoch"]), to, self._state, prefer,
-                                 self._merger(prefer))
+                                 self._merger(prefer), self._row_merger(prefer))
+            final = plan.final(self._state)
+            changes = _changes(self._state, final, {"process": "corral", "pid": os.getpid()})
             if dry_run:
                 self.objects.discard()
             else:
                 self.objects.flush()  # merged contents, before the intent that names them
+                changes = self._rows(self._state, final, changes)  # undoable at row level too
+                self.objects.flush()
         except OSError as exc:
             self.objects.discard()
             raise failed(exc, f"excising from {self.volume}") from exc
@@ -419,8 +471,7 @@ class Log:
                   "prev": head["hash"],
                   "excised": {"from": from_, "to": to, "prefer": prefer},
                   "conflicts": plan.conflicts, "forced": plan.forced, "merged": plan.merged,
-                  "changes": _changes(self._state, plan.final(self._state),
-                                      {"process": "corral", "pid": os.getpid()})}
+                  "changes": changes}
         result = {"epoch": None if dry_run else record["id"], "dry_run": dry_run,
                   "closed_before": closed, "from": from_, "to": to, "prefer": prefer,
                   "changes": [_change_line(c) for c in record["changes"]],
@@ -459,6 +510,16 @@ class Log:
                     done.info(), done.hunks)
 
         return merged
+
+    def _row_merger(self, prefer: str | None) -> Any:
+        """journal.sqlite's excision of rows, imported only for a stretch with databases."""
+
+        def merged(*args: Any) -> Any:
+            from corral.recover.journal import sqlite
+
+            return sqlite.merger(self, self._state, prefer)(*args)
+
+        return merged if self.row_level else None
 
     def _finish_excise(self, head: dict[str, Any], intent: dict[str, Any]) -> list[str]:
         """Apply the planned excision to the volume and commit it; run again (from
@@ -507,6 +568,10 @@ class Log:
         garbage = [p for p in garbage if p.exists()]
         unlink_durable(garbage)
         done["removed"] = len(garbage)
+        if (self.dir / "sqlite").is_dir():  # a snapshot or an excision's copy half made
+            from corral.recover.journal import sqlite
+
+            done["removed"] += sqlite.clean(self.dir / "sqlite")
         self.objects.clear_staging()
         orphans = self.objects.orphans()  # packs whose flush was interrupted
         unlink_durable(orphans)
@@ -533,7 +598,12 @@ class Log:
         return self.objects.sweep(self.referenced(head)) if head else (0, 0)
 
     def referenced(self, head: dict[str, Any]) -> set[str]:
-        return {chunk for meta in self.all_metas(head) for chunk in meta.chunks}
+        out = {chunk for meta in self.all_metas(head) for chunk in meta.chunks}
+        for record in self.records(head["first"], head["epoch"]):
+            for change in record["changes"]:
+                if "rows" in change:  # the changeset of a database (journal.sqlite)
+                    out.update(chunks_of(change["rows"]))
+        return out
 
     def all_metas(self, head: dict[str, Any]) -> Iterator[Meta]:
         """Every state the journal can still restore: the baseline and both sides of each

@@ -99,6 +99,23 @@ def revert(before: bytes, end: bytes, current: bytes, prefer: str | None) -> Mer
     return merged
 
 
+DIFF_BYTES = 1 << 20  # `state diff` shows lines of text files up to this size
+DIFF_LINES = 200  # ...and this many lines of the diff
+
+
+def line_diff(before: bytes, after: bytes) -> list[str] | None:
+    """The lines that changed, as a unified diff (for `state diff`); None for a binary file."""
+    import difflib
+
+    if b"\0" in before or b"\0" in after:
+        return None
+    text = lambda d: [x.decode("utf-8", "backslashreplace") for x in lines(d)]  # noqa: E731
+    out = [line.rstrip("\n") for line in
+           difflib.unified_diff(text(before), text(after), "before", "after", n=1)]
+    return out[:DIFF_LINES] + ([f"... {len(out) - DIFF_LINES} more"] if len(out) > DIFF_LINES
+                               else [])
+
+
 def store(objects: Any, data: bytes) -> tuple[int, str, tuple[str, ...]]:
     """Stage `data` in the object store as the scanner would have stored it: (size, digest,
     chunks). The caller flushes before anything durable names the chunks."""

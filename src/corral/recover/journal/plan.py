@@ -23,6 +23,11 @@ State = dict[str, Meta]
 # did, its conflicting regions), or None when the file stays at file level (binary, too big).
 Merged = tuple[Meta, dict[str, Any], list[dict[str, Any]]]
 Merger = Callable[[str, Meta, Meta, Meta], Merged | None]
+# The same for an SQLite database, given the `rows` of its changes inside the stretch
+# (journal.sqlite); a dict {"file_level": why} when the rows cannot be applied.
+RowMerger = Callable[[str, Meta, Meta, Meta, list[dict[str, Any]]],
+                     Merged | dict[str, Any] | None]
+COMPANIONS = ("-wal", "-journal", "-shm")  # of a database: its state, with the file
 
 
 def changes(old: State, new: State, writer: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -88,44 +93,73 @@ class Excision:
 
 
 def plan_excision(records: Iterable[dict[str, Any]], to: int, current: State,
-                  prefer: str | None, merge: Merger | None = None) -> Excision:
+                  prefer: str | None, merge: Merger | None = None,
+                  rows: RowMerger | None = None) -> Excision:
     """`records` run from the stretch's first epoch to the latest; `to` ends the stretch;
     `current` is the state after the latest. A path changed inside the stretch goes back to
     its value before the stretch (the "before" of its first change there) unless it changed
     again after the stretch. Such a file, a file in all three versions, is handed to `merge`
     (journal.merge: byte ranges, lines): what it settles is listed in `merged`, its
     conflicting regions make it a conflict. Otherwise it is a conflict at file level, kept at
-    its later value (the default and prefer="after") or put back (prefer="before")."""
+    its later value (the default and prefer="after") or put back (prefer="before").
+    An SQLite database whose every change since the stretch began carries its rows, and that
+    changed again after it, is handed to `rows` instead: the stretch's rows undone, each row a
+    later epoch also touched a conflict; its -wal, -journal and -shm then go (the result is
+    whole in the file)."""
     before: dict[str, Meta | None] = {}
     end: dict[str, Meta | None] = {}
     inside: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
+    row_sets: dict[str, list[dict[str, Any] | None]] = {}  # inside the stretch
+    row_level: dict[str, bool] = {}  # every change since the stretch began has its rows
+    file_level: dict[str, str] = {}  # databases whose rows cannot be used, and why
     for record in records:
         for change in record["changes"]:
             path = path_from_json(change)
+            has_rows = "rows" in change and "file_level" not in change["rows"]
+            if "rows" in change and not has_rows:
+                file_level[path] = change["rows"]["file_level"]
+            row_level[path] = row_level.get(path, True) and has_rows
             if record["id"] <= to:
                 if path not in inside:
                     before[path] = meta_from_json(change["before"])
                 end[path] = meta_from_json(change["after"])
                 inside.setdefault(path, []).append(record["id"])
+                row_sets.setdefault(path, []).append(change.get("rows"))
             else:
                 after.setdefault(path, []).append(record["id"])
     plan = Excision()
     by_path = {}
+    databases = {p for p in inside if rows is not None and row_level.get(p) and p in after}
     for path in sorted(inside):
+        if _database(path, databases) is not None:
+            continue  # a companion of a database its rows settle: see below
         if path not in after:
             plan.target[path] = before[path]
             continue
         kept = "before" if prefer == "before" else "after"
         conflict: dict[str, Any] = path_json(path)
         conflict |= {"inside": inside[path], "after": after[path]}
-        settled = _merge(merge, path, before[path], end[path], current.get(path), prefer)
+        if path in databases:
+            assert rows is not None
+            stretch = row_sets[path]
+            settled = _merge(lambda *m, s=stretch: rows(*m, s),  # type: ignore[call-arg]
+                             path, before[path], end[path], current.get(path), prefer)
+            if settled is not None and isinstance(settled[0], str):  # rows failed: file level
+                file_level[path] = settled[0]
+                databases.discard(path)
+                settled = None
+        else:
+            settled = _merge(merge, path, before[path], end[path], current.get(path), prefer)
+        if path in file_level:
+            conflict["file_level"] = file_level[path]
         if settled is not None:
             plan.target[path], info, hunks, fields = settled
             if not hunks and not fields:
                 plan.merged.append(conflict | info)
                 continue
-            conflict |= info | {"kept": kept, "review": True, "regions": hunks,
+            conflict |= info | {"kept": kept, "review": True,
+                                "rows" if info.get("how") == "rows" else "regions": hunks,
                                 "fields": fields}
         else:
             plan.target[path] = before[path] if kept == "before" else current.get(path)
@@ -134,6 +168,10 @@ def plan_excision(records: Iterable[dict[str, Any]], to: int, current: State,
                      "later": meta_json(current.get(path))}
         plan.conflicts.append(conflict)
         by_path[path] = conflict
+    for db in databases:  # settled by rows: the result is whole in the file, so a WAL or a
+        for suffix in COMPANIONS:  # journal of the current version would be replayed on it
+            if db + suffix in current or db + suffix in inside:
+                plan.target[db + suffix] = None
     for path, needed_by in _fix_structure(current, plan.target):
         plan.forced.append(path_json(path) | {"kept": "later", "needed_by": path_json(needed_by)})
         if path in by_path:
@@ -141,9 +179,16 @@ def plan_excision(records: Iterable[dict[str, Any]], to: int, current: State,
     return plan
 
 
-def _merge(merge: Merger | None, path: str, before: Meta | None, end: Meta | None,
-           current: Meta | None, prefer: str | None
-           ) -> tuple[Meta, dict[str, Any], list[dict[str, Any]], list[str]] | None:
+def _database(path: str, databases: set[str]) -> str | None:
+    """The database `path` is a companion of (-wal...), if it is one of `databases`."""
+    for suffix in COMPANIONS:
+        if path.endswith(suffix) and path[: -len(suffix)] in databases:
+            return path[: -len(suffix)]
+    return None
+
+
+def _merge(merge: Any, path: str, before: Meta | None, end: Meta | None,
+           current: Meta | None, prefer: str | None) -> Any:
     """The file's content merged by `merge`, its mode and owner three-way here: each takes the
     later epochs' value if they changed it, else goes back to its value before the stretch; a
     field both changed differently is a conflict settled by `prefer` (default: the later)."""
@@ -153,6 +198,8 @@ def _merge(merge: Merger | None, path: str, before: Meta | None, end: Meta | Non
     done = merge(path, before, end, current)
     if done is None:
         return None
+    if isinstance(done, dict):  # a database whose rows could not be applied: say why
+        return (done["file_level"],)
     content, info, hunks = done
     fields: list[str] = []
     values: dict[str, tuple[int, ...]] = {}

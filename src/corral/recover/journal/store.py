@@ -154,6 +154,12 @@ def meta_from_json(doc: dict[str, Any] | None) -> Meta | None:
                 digest, chunks, target, doc.get("mtime_ns"))
 
 
+def chunks_of(rows: dict[str, Any]) -> tuple[str, ...]:
+    """The objects holding the changeset of a database's `rows` entry (journal.sqlite)."""
+    ref = rows["changeset"]
+    return tuple(ref["chunks"]) if "chunks" in ref else implied_chunks(ref["size"], ref["blake3"])
+
+
 def meta_row(m: Meta) -> list[Any]:
     """The compact form of the index files. A chunk list is implied unless there are
     several chunks (one chunk is the whole file: its hash is the file's)."""
