@@ -49,6 +49,10 @@ class Event:
     pid: int | None
     at: float  # when the act happened (the kernel's timestamp where there is one)
     detail: dict[str, Any] = field(default_factory=dict)
+    # Which clock `at` is (the incident's `act_clock`): "audit" (the kernel's audit record),
+    # "notification" (the exec notification read), "received" (an NFLOG message read: the
+    # kernel stamps no packet at the output hook), "mtime" (a delta file's), "walk" (found).
+    clock: str = "walk"
 
 
 class Sensor(Protocol):
@@ -170,7 +174,7 @@ class AuditReader:
             else "syscall"
         at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
-                                              "comm": fields.get("comm")})
+                                              "comm": fields.get("comm")}, "audit")
 
 
 PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
@@ -208,7 +212,7 @@ def packet_event(packet: dict[str, Any]) -> Event:
         at = 0.0
     detail = {k: packet.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
     return Event(PACKET_TRIPWIRES.get(packet.get("reason") or "", "egress"), packet.get("uid"),
-                 None, at, detail)
+                 None, at, detail, "received")
 
 
 class DeltaPoller:
@@ -270,4 +274,5 @@ class DeltaPoller:
                 self.reported.add(path)
                 change = "deleted" if tree.is_whiteout(st) else "modified"
                 events.append(Event("base-write", st.st_uid, None, st.st_mtime or now,
-                                    {"path": text.show(path), "change": change}))
+                                    {"path": text.show(path), "change": change},
+                                    "mtime" if st.st_mtime else "walk"))
