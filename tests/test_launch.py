@@ -18,7 +18,8 @@ def test_the_order_of_a_start():
     # the parent-death signal again after the uid change, which clears it.
     assert names(pipeline.INIT + pipeline.CONFINE) == [
         "pdeathsig", "root", "hostname", "memfd",
-        "rlimits", "fds", "session", "creds", "pdeathsig", "landlock", "seccomp", "notify"]
+        "rlimits", "fds", "session", "keyring", "creds", "pdeathsig", "landlock", "seccomp",
+        "notify"]
 
 
 def test_exec_is_the_same_confinement_without_the_root():

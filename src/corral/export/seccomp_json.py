@@ -12,6 +12,8 @@ from typing import Any
 
 from corral.launch.seccomp import (
     ALWAYS_ALLOWED,
+    CREATE_MODE_ARGUMENT,
+    CREATING_FLAGS,
     MODE_ARGUMENT,
     SETID_BITS,
     TTY_INJECTION,
@@ -63,10 +65,20 @@ def profile(plan: SeccompPlan) -> dict[str, Any]:
                   for value in TTY_INJECTION]
         for name, index in MODE_ARGUMENT:
             rules += [_masked(name, index, bit) for bit in SETID_BITS]
+        # open/openat: only a creating open reads its mode, as corral's own filter has it: one
+        # rule per (creating flag, setid bit), a rule's comparisons ANDed.
+        for name, flags, index in CREATE_MODE_ARGUMENT:
+            rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+                       "args": [{"index": flags, "value": flag, "valueTwo": flag,
+                                 "op": "SCMP_CMP_MASKED_EQ"},
+                                {"index": index, "value": bit, "valueTwo": bit,
+                                 "op": "SCMP_CMP_MASKED_EQ"}]}
+                      for flag in CREATING_FLAGS for bit in SETID_BITS]
     else:
         default = "SCMP_ACT_ERRNO"
         listed = set(plan.syscalls) | set(ALWAYS_ALLOWED)
-        checked = {"clone", "ioctl"} | set(checked_modes)
+        creating = {name: (flags, index) for name, flags, index in CREATE_MODE_ARGUMENT}
+        checked = {"clone", "ioctl"} | set(checked_modes) | set(creating)
         rules.append({"names": sorted(listed - checked), "action": "SCMP_ACT_ALLOW"})
         if "clone" in listed:
             rules.append(_allowed_if("clone", 0, CLONE_NAMESPACE_FLAGS, 0))
@@ -75,6 +87,12 @@ def profile(plan: SeccompPlan) -> dict[str, Any]:
                       for mask, datum in not_in_low32(TTY_INJECTION)]
         for name in sorted(listed & set(checked_modes)):
             rules.append(_allowed_if(name, checked_modes[name], setid, 0))
+        # A listed open/openat is allowed when it does not create, or creates without a setid
+        # bit (two rules: rules OR).
+        for name in sorted(listed & set(creating)):
+            flags, index = creating[name]
+            rules.append(_allowed_if(name, flags, sum(CREATING_FLAGS), 0))
+            rules.append(_allowed_if(name, index, setid, 0))
     if plan.enosys:
         rules.append({"names": sorted(plan.enosys), "action": "SCMP_ACT_ERRNO",
                       "errnoRet": errno.ENOSYS})

@@ -49,6 +49,8 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 SYS_PIVOT_ROOT = 155  # x86_64; pivot_root has no glibc wrapper
 SYS_CAPGET, SYS_CAPSET = 125, 126
+SYS_KEYCTL = 250  # x86_64
+KEYCTL_JOIN_SESSION_KEYRING = 1
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -65,6 +67,13 @@ def call(name: str, *args: int | bytes | None, what: str | None = None) -> int:
     are variadic: a bare Python int would be passed as a 32-bit int); -1 raises OSError."""
     conv = [a if a is None or isinstance(a, bytes) else ctypes.c_long(a) for a in args]
     return check(getattr(libc, name)(*conv), what)
+
+
+def join_new_session_keyring() -> int:
+    """keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): a fresh anonymous session keyring, so that
+    nothing of the caller's session keyring (an administrator's tokens) is possessed after."""
+    return call("syscall", SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None,
+                what="keyctl(JOIN_SESSION_KEYRING)")
 
 
 def syncfs(fd: int, what: str = "syncfs") -> None:

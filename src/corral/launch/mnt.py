@@ -184,10 +184,33 @@ def _mount_dev(dev: str) -> None:
                  "size=64k,mode=0755")
 
 
+# Host-wide facts a service's own /proc would still show (its PID namespace does not cover
+# them): the kernel command line, which host uids hold keys, the host's pressure stalls (a side
+# channel on other services). Masked the way runc masks paths: an empty file, an empty directory.
+MASKED_FILES = ("cmdline", "key-users")
+MASKED_DIRS = ("pressure",)
+
+
+def _mask_proc(proc: str) -> None:
+    for name in MASKED_FILES:
+        target = os.path.join(proc, name)
+        if os.path.exists(target):
+            kernel.mount("/dev/null", target, None, MS_BIND)  # reads as empty; nodev would
+            kernel.mount(None, target, None,  # make it unreadable, so only read-only, nosuid
+                         MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    for name in MASKED_DIRS:
+        target = os.path.join(proc, name)
+        if os.path.isdir(target):
+            kernel.mount("corral-masked", target, "tmpfs", SAFE | MS_NOEXEC | MS_RDONLY,
+                         "size=4k,mode=0555")
+
+
 def enter_root(root: str, process: str, volumes: list[VolumeMount]) -> None:
-    """In the process's new mount + PID namespaces: /proc, read-only foreign volumes, pivot."""
+    """In the process's new mount + PID namespaces: /proc (host-wide entries masked),
+    read-only foreign volumes, pivot."""
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
     kernel.mount("proc", os.path.join(root, "proc"), "proc", SAFE | MS_NOEXEC)
+    _mask_proc(os.path.join(root, "proc"))
     for vol in volumes:
         if vol.owner != process:
             target = os.path.join(root, vol.path.lstrip("/"))

@@ -176,6 +176,10 @@ def _session(jail: Jail) -> None:
         os.setsid()  # a new session: no controlling terminal to inject keystrokes into
 
 
+def _keyring(jail: Jail) -> None:
+    kernel.join_new_session_keyring()  # not root's: its keys would be the service's to read
+
+
 def _creds(jail: Jail) -> None:
     creds.drop_privileges(jail.proc.uid, jail.proc.gid, jail.proc.capabilities)
 
@@ -208,7 +212,8 @@ INIT: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("root", _enter_root)
 # signal when the uid changes, so it is set again; Landlock, then seccomp (its filter would
 # refuse the Landlock calls), then the listener goes up.
 CONFINE: tuple[Step, ...] = (("rlimits", _rlimits), ("fds", _fds), ("session", _session),
-                             ("creds", _creds), ("pdeathsig", _die_with_parent),
+                             ("keyring", _keyring), ("creds", _creds),
+                             ("pdeathsig", _die_with_parent),
                              ("landlock", _landlock), ("seccomp", _seccomp),
                              ("notify", _hand_up_listener))
 # `corral exec`: the holder joins the running process's cgroup and namespaces instead.

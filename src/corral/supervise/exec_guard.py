@@ -96,8 +96,8 @@ class ExecGuard:
             detail: dict[str, Any] = {"path": target.path}
             if target.error:
                 detail["error"] = target.error
-            self.trip(Event("exec", proc.uid if proc else None, req.pid, detected, detail),
-                      process)
+            self.trip(Event("exec", proc.uid if proc else None, req.pid, detected, detail,
+                            "notification"), process)
 
     def ready(self, fd: int, process: str) -> None:
         """A listener is readable: a notification to answer, or every task using that filter

@@ -1,10 +1,18 @@
 """The supervisor's side of the redo log: each journaled volume's epochs end on the volume's
 schedule, at every incident and revert, and at stop. A journal that fails (a full disk) never
-stops the watcher: its error is logged and shown by `corral status` until an epoch closes again."""
+stops the watcher: its error is logged and shown by `corral status` until an epoch closes again.
+
+Closes while the service runs (its schedule, an incident) go to one worker thread: a scan
+reads what the service wrote, which the service chooses, so it must never hold up the loop that
+answers exec notifications and reacts (red team finding 6). Its reads and hashes release the
+GIL. The scan itself is bounded too (recover/journal/fs.py). A revert's and the stop's closes
+run inline after the worker is done, since the processes are dead then and the next start must
+not write into the epoch being closed."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +22,20 @@ from corral.host.runtime import ServiceSpec
 
 DEFAULT_EPOCH = 600.0  # seconds, when the volume sets none
 
+Request = tuple[str, tuple[str, ...], bool, bool]  # reason, incidents, due_only, running
+
 
 class Journals:
-    def __init__(self, spec: ServiceSpec):
+    def __init__(self, spec: ServiceSpec, hold: Callable[[], bool] = lambda: False):
         self.spec = spec
+        self.hold = hold  # true while the service is isolated: a close must not thaw it
         self.open: list[list[Any]] = []  # [journal, volume, next close (monotonic)]
         self.health: dict[str, str] = {}  # volume path -> "ok" or the last error
+        self.changed = False  # a health changed on the worker: the loop rewrites its state
+        self._queue: list[Request] = []
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._writer_pid: Callable[[str], int | None] = lambda _: None
 
     def start(self) -> None:
         """Finish what a crash interrupted, start each volume's log if new."""
@@ -38,10 +54,54 @@ class Journals:
             self.open.append([journal, vol, time.monotonic() + (vol.epoch or DEFAULT_EPOCH)])
             self.health[vol.path] = "ok"
 
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        return any(now >= entry[2] for entry in self.open)
+
+    def request(self, reason: str, incidents: tuple[str, ...], due_only: bool,
+                writer_pid: Callable[[str], int | None], running: bool) -> None:
+        """Close on the worker thread; returns at once. Requests made while it works are
+        queued and closed in order."""
+        if not self.open:
+            return
+        self._writer_pid = writer_pid
+        with self._lock:
+            if due_only and any(r[2] for r in self._queue):
+                return  # a scheduled close is already waiting
+            self._queue.append((reason, incidents, due_only, running))
+            if self.busy:
+                return
+            self._worker = threading.Thread(target=self._work, name="journal", daemon=True)
+            self._worker.start()
+
+    def wait(self) -> None:
+        """Until the worker has closed everything asked of it."""
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._worker = None
+                    return
+                reason, incidents, due_only, running = self._queue.pop(0)
+            try:
+                if self.close_epochs(reason, incidents, due_only, self._writer_pid, running):
+                    self.changed = True
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end the journal
+                log.error(f"journal worker: {exc!r}")
+
     def close_epochs(self, reason: str, incidents: tuple[str, ...], due_only: bool,
                      writer_pid: Callable[[str], int | None], running: bool) -> bool:
-        """End the open epoch of every journaled volume (only those due when `due_only`).
-        Returns whether a volume's health changed (the caller rewrites its state)."""
+        """End the open epoch of every journaled volume (only those due when `due_only`), on
+        the calling thread. Returns whether a volume's health changed (the caller rewrites its
+        state)."""
         if not self.open:
             return False
         from corral.recover.journal.config import freezer
@@ -59,7 +119,7 @@ class Journals:
                 if running and (done := settle(journal, self.spec)):
                     log.warning(f"journal {vol.path}: {done}")
                 journal.close_epoch(reason, incidents=incidents, writer_hint=hint,
-                                    freeze=freezer(self.spec) if running else None,
+                                    freeze=freezer(self.spec, self.hold) if running else None,
                                     wait=not due_only)
                 health = "ok"
             except Exception as exc:  # noqa: BLE001 - a full disk must not stop the watcher

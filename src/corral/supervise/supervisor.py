@@ -85,7 +85,7 @@ class Supervisor:
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
         self.watcher: Any = None
         self.isolated = False
-        self.journals = Journals(spec)
+        self.journals = Journals(spec, hold=lambda: self.isolated)
         self.due: dict[str, float] = {}  # polled sensor -> its next drain (monotonic)
 
     # -- state ------------------------------------------------------------------------------
@@ -154,13 +154,19 @@ class Supervisor:
             e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
 
     def close_epochs(self, reason: str, incidents: tuple[str, ...] = (),
-                     due_only: bool = False) -> None:
-        """End the open epoch of every journaled volume (on its schedule when `due_only`)."""
+                     due_only: bool = False, inline: bool = False) -> None:
+        """End the open epoch of every journaled volume (on its schedule when `due_only`): on
+        the journals' worker thread, or here once it is idle when `inline` (the processes are
+        dead: a revert, the stop)."""
         def writer_pid(process: str) -> int | None:
             child = self.children.get(process)
             return child.init if child else None
 
         running = any(c.init for c in self.children.values())
+        if not inline:
+            self.journals.request(reason, incidents, due_only, writer_pid, running)
+            return
+        self.journals.wait()
         if self.journals.close_epochs(reason, incidents, due_only, writer_pid, running):
             self.write_state()  # a journal's health changed: `corral status` shows it
 
@@ -294,7 +300,7 @@ class Supervisor:
         for child in self.children.values():
             child.output.end()
             child.output.close()
-        self.close_epochs("schedule")  # what the last stretch wrote is in the log
+        self.close_epochs("schedule", inline=True)  # what the last stretch wrote is in the log
         try:
             self.release()
         except Exception as exc:  # noqa: BLE001 - the table may be gone already (uninstall)
@@ -431,7 +437,7 @@ class Supervisor:
                 request = {"reason": "revert"}
         self.stop_all()
         self.release()
-        self.close_epochs("revert", tuple(filter(None, [request.get("incident")])))
+        self.close_epochs("revert", tuple(filter(None, [request.get("incident")])), inline=True)
         fresh = runtime.read(self.spec.service)  # a `base use` or commit may have moved it
         upper = os.path.join(str(self.spec.delta_dir), "upper")
         try:
@@ -538,8 +544,12 @@ class Supervisor:
             self.settle()
         self.drain_timed()
         self.watcher.flush_counts()
-        if self.journals.open and self.phase == "running" and not self.halting:
+        if self.journals.open and self.phase == "running" and not self.halting \
+                and self.journals.due():
             self.close_epochs("schedule", due_only=True)
+        if self.journals.changed:  # the worker closed an epoch with a new outcome
+            self.journals.changed = False
+            self.write_state()
         if self.revert_requested and not self.stopping and not self.halting:
             self.revert()
         if self.reload_requested and not self.stopping and not self.halting:

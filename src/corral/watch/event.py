@@ -14,3 +14,7 @@ class Event:
     pid: int | None
     at: float  # when the act happened (the kernel's timestamp where there is one)
     detail: dict[str, Any] = field(default_factory=dict)
+    # Which clock `at` is (the incident's `act_clock`): "audit" (the kernel's audit record),
+    # "notification" (the exec notification read), "received" (an NFLOG or fanotify message
+    # read: the kernel stamps no packet at the output hook), "mtime" (a delta file's), "walk".
+    clock: str = "walk"

@@ -106,7 +106,7 @@ class LandlockRecords:
                 for key, name in keys.items():
                     value = fields.get(key)
                     detail[name] = _number(value) if name.endswith("port") else value
-                return Event(tripwire, None, None, at, detail)
+                return Event(tripwire, None, None, at, detail, "audit")
         return None  # fs.*, scope.signal, ptrace: not tripwires (see above)
 
     def _emit(self, serial: int, out: list[Event]) -> None:

@@ -184,7 +184,7 @@ class AuditReader:
             else "egress" if name in EGRESS_CALLS else "syscall"
         at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
-                                              "comm": fields.get("comm")})
+                                              "comm": fields.get("comm")}, "audit")
 
 
 PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
@@ -222,7 +222,7 @@ def packet_event(packet: dict[str, Any]) -> Event:
         at = 0.0
     detail = {k: packet.get(k) for k in ("proto", "src", "sport", "dst", "dport")}
     return Event(PACKET_TRIPWIRES.get(packet.get("reason") or "", "egress"), packet.get("uid"),
-                 None, at, detail)
+                 None, at, detail, "received")
 
 
 class DeltaPoller:
@@ -282,10 +282,12 @@ class DeltaPoller:
 
 
 def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
-               now: float, at: float | None = None) -> Event | None:
+               now: float, at: float | None = None,
+               clock: str = "received") -> Event | None:
     """The `base-write` event for the delta's entry `path` (`st`) over the base's (`base_st`),
     or None when it is no base file or not a sensitive one (the walk and fanotify agree).
-    `at`: the act's time if known, else the file's mtime (a walk's best guess)."""
+    `at`: the act's time if known (`clock` says which), else the file's mtime (a walk's best
+    guess)."""
     if stat.S_ISDIR(st.st_mode) or base_st is None:
         return None
     sensitive = path.startswith(delta.SENSITIVE_PREFIXES) or bool(
@@ -293,5 +295,7 @@ def base_write(path: bytes, st: os.stat_result, base_st: os.stat_result | None,
     if not sensitive:
         return None
     change = "deleted" if tree.is_whiteout(st) else "modified"
-    return Event("base-write", st.st_uid, None, at or st.st_mtime or now,
-                 {"path": text.show(path), "change": change})
+    if at is None:
+        at, clock = (st.st_mtime, "mtime") if st.st_mtime else (now, "walk")
+    return Event("base-write", st.st_uid, None, at,
+                 {"path": text.show(path), "change": change}, clock)

@@ -79,6 +79,7 @@ class Watcher:
         key = (event.tripwire, process)
         open_one = self.recent.get(key)
         act = event.at if 0 < event.at <= detected else detected
+        clock = event.clock if 0 < event.at <= detected else "detected"
         # Acts of processes killed since (records still in flight), or repeats within the
         # coalescing window while the same processes live (log, isolate): one incident, counted.
         stale = act < self.incarnation
@@ -113,6 +114,7 @@ class Watcher:
         record["contained_at"] = incidents.iso(contained)
         record["latency_ms"] = round((contained - act) * 1000, 3)
         record["act_at"] = incidents.iso(act)
+        record["act_clock"] = clock  # what act_at (and so latency_ms) is measured from
         self.recent[key] = dict(record, _last=detected, _dirty=False)
         # The incident is on disk before anything waits: whatever happens to the revert, the
         # act is recorded. What the reaction finds later (the archive) follows as an update.

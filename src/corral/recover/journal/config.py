@@ -65,12 +65,14 @@ def journaled_volumes(service: str) -> list[tuple[str, str, int]]:
     return [(v.store, v.path, v.epoch) for v in journal_config(service)[1]]
 
 
-def freezer(spec: Any) -> Callable[[], AbstractContextManager[Any]]:
+def freezer(spec: Any, hold: Callable[[], bool] = lambda: False
+            ) -> Callable[[], AbstractContextManager[Any]]:
     """A `freeze` for close_epoch: every process cgroup of the service frozen around the scan,
     so no file changes while it is read, and thawed in `finally`. A cgroup already frozen (the
     "isolate" reaction) is left as it is, frozen. A closer killed while the service is frozen
     leaves it frozen: the supervisor should thaw a cgroup it did not freeze itself once it can
-    take the journal's lock (nobody is closing)."""
+    take the journal's lock (nobody is closing). `hold()` true at the end: leave them frozen
+    (the supervisor's worker closes epochs while its loop may isolate the service meanwhile)."""
 
     @contextmanager
     def frozen() -> Iterator[None]:
@@ -90,7 +92,7 @@ def freezer(spec: Any) -> Callable[[], AbstractContextManager[Any]]:
                     group.freeze()
             yield
         finally:
-            for group in groups:
+            for group in groups if not hold() else ():
                 group.thaw()
 
     return frozen

@@ -9,6 +9,11 @@ Cost: a scan stats every entry (there is no cheaper way to know what changed wit
 change log), but it reads only files whose (inode, size, mtime, ctime) differ from the last
 scan, and it stores only chunks that are not in the object store yet. ctime cannot be set from
 user space, so a writer cannot hide a change by restoring the mtime.
+
+Bounds: a file of holes costs its writer nothing (1 TiB of them is one block), so holes are
+never read (core.tree.extents: a chunk wholly in a hole is the zero chunk, its hash known), and a
+pass hashes at most SCAN_BUDGET bytes (data read and zeros hashed alike): a file past it keeps
+its last journaled version, is listed in the epoch's `skipped`, and is tried again next pass.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from corral.core import tree
@@ -34,6 +40,11 @@ MAX_DEPTH = tree.MAX_DEPTH  # deeper entries are not journaled (listed as skippe
 # (10 ms at HZ=100) suffices; 100 ms leaves room for clock slew.
 RACY_NS = 100_000_000
 EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"  # blake3(b"")
+# Bytes one scan may hash: a few seconds of work on the journal's worker thread, so a close
+# ends in bounded time whatever the service wrote (a legitimate file bigger than this is
+# skipped, listed in the epoch, and not journaled: the volume's `size` should stay below it).
+SCAN_BUDGET = 4 << 30
+ZEROS = bytes(CHUNK)
 
 Observation = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
 
@@ -52,7 +63,9 @@ class Scan:
     last_observed: dict[str, Observation | None]
     entries: dict[str, Meta] = field(default_factory=dict)
     observed: dict[str, Observation | None] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # not journaled: other fs, too deep
+    skipped: list[str] = field(default_factory=list)  # not journaled: other fs, too deep,
+    #                                                  past the budget
+    budget: tree.Budget = field(default_factory=lambda: tree.Budget(SCAN_BUDGET))
     defer_fresh: bool = False  # leave files written just now to a second, frozen scan
     frozen_ms: float = 0.0
     read_files: int = 0
@@ -107,7 +120,8 @@ class Scan:
                 entry.enter = False
 
     def _read(self, dir_fd: int, name: str, path: str, st: os.stat_result) -> None:
-        """Read a new or changed file once: hash it whole and by chunk, stage new chunks."""
+        """Read a new or changed file once: hash it whole and by chunk, stage new chunks. Holes
+        are not read; a file past the pass's budget is not read at all (see the module)."""
         import blake3
 
         try:
@@ -119,17 +133,24 @@ class Scan:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 return self._swapped(dir_fd, name, path)
+            if not self.budget.take(os.fsencode(path), before.st_size):
+                self.skipped.append(path)
+                if path in self.known:  # its last journaled version stands until read
+                    self.entries[path] = self.known[path]
+                self.observed[path] = None
+                return None
+            spans = tree.extents(fd, before.st_size)
             # A file of one chunk is hashed once: the chunk's hash is the file's.
             chunks: list[str]
             whole, chunks, size, first = None, [], 0, b""
-            while data := _read_chunk(fd):
+            for data in _chunks(fd, before.st_size, spans):
                 if chunks:
                     if whole is None:
                         whole = blake3.blake3(first)
                     whole.update(data)
                 else:
                     first = data
-                chunks.append(blake3.blake3(data).hexdigest())
+                chunks.append(_zero_hash() if data is ZEROS else blake3.blake3(data).hexdigest())
                 self.objects.stage(chunks[-1], data)
                 size += len(data)
             after = os.fstat(fd)
@@ -160,14 +181,46 @@ class Scan:
                                       st.st_uid, st.st_gid, target=target)
 
 
-def _read_chunk(fd: int) -> bytes:
-    parts, left = [], CHUNK
+_ZERO_HASH: list[str] = []
+
+
+def _zero_hash() -> str:
+    """blake3 of a whole chunk of zeros, computed once."""
+    import blake3
+
+    if not _ZERO_HASH:
+        _ZERO_HASH.append(blake3.blake3(ZEROS).hexdigest())
+    return _ZERO_HASH[0]
+
+
+def _chunks(fd: int, size: int, spans: list[tuple[int, int]]) -> Iterator[bytes]:
+    """The file's CHUNK-sized pieces up to `size` (or its end, if it shrank meanwhile): a piece
+    wholly inside a hole is ZEROS, never read."""
+    pos, span = 0, 0
+    while pos < size:
+        end = min(pos + CHUNK, size)
+        while span < len(spans) and spans[span][1] <= pos:
+            span += 1
+        if end - pos == CHUNK and (span == len(spans) or spans[span][0] >= end):
+            yield ZEROS
+        else:
+            data = _read_chunk(fd, pos, end - pos)
+            if data:
+                yield data
+            if len(data) < end - pos:
+                return  # shrunk while read: not steady, read again by the next scan
+        pos = end
+
+
+def _read_chunk(fd: int, offset: int, length: int) -> bytes:
+    parts, left = [], length
     while left:
-        data = os.read(fd, left)
+        data = os.pread(fd, left, offset)
         if not data:
             break
         parts.append(data)
         left -= len(data)
+        offset += len(data)
     return b"".join(parts)
 
 

@@ -63,6 +63,8 @@ def apply(state: State, record: dict[str, Any]) -> None:
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     out = {k: record[k] for k in ("id", "start", "end", "reason", "note", "incidents")}
     out["files_changed"] = len(record["changes"])
+    if record.get("skipped"):  # not journaled this epoch: other fs, too deep, past the budget
+        out["skipped"] = record["skipped"]
     if "excised" in record:
         out["excised"] = record["excised"]
         out["conflicts"] = len(record["conflicts"])
