@@ -39,7 +39,9 @@ while True:
 
 
 class Service:
-    def __init__(self, root: Path, name: str = "tstjonline"):
+    # A name per test run: the cgroup (corral/NAME/w) is host-wide, and two runs on one
+    # machine must not freeze or remove each other's.
+    def __init__(self, root: Path, name: str = f"tstjo{os.getpid() % 100000}"):
         from corral.launch import cgroup
 
         self.state, self.vol = root / "state", root / "state/volumes/v"
@@ -217,7 +219,7 @@ while True:
 def test_online_excision_of_database_rows_with_the_writer_frozen(tmp_path):
     import sqlite3
 
-    svc = Service(tmp_path, "tstjonlinedb")
+    svc = Service(tmp_path, f"tstjd{os.getpid() % 100000}")
     try:
         svc.vol.mkdir(parents=True)
         db = svc.vol / "app.db"

@@ -122,7 +122,18 @@ def _():
 def _():
     gap()
     path = "/tmp/\x1b[2K\r\x1b[1A\x1b]0;owned-title\x07no incidents\x1b[8m"
-    os.mkdir(path)
+    with open(path, "w") as handle:  # a file that could run (a directory would fail anyway)
+        handle.write("#!/usr/bin/python3.11\n")
+    os.chmod(path, 0o755)
+    return spawn(path, ["x"])
+
+@attempt("exec_a_file_no_one_can_run")  # no x bit at all: EACCES for anybody, nothing to see
+def _():
+    gap()
+    path = "/tmp/not-a-program"
+    with open(path, "w") as handle:
+        handle.write("#!/usr/bin/python3.11\n")
+    os.chmod(path, 0o644)
     return spawn(path, ["x"])
 
 @attempt("exec_python_still_allowed")  # and the one allowed program still runs
@@ -163,6 +174,14 @@ def test_a_non_utf8_path_is_refused_and_recorded_escaped(wire):
     blocked(results, "exec_non_utf8_file_in_tmp", "EPERM")
     paths = [i["detail"]["path"] for i in exec_incidents(service)]
     assert "/tmp/payload-\\xff" in paths, paths
+
+
+def test_a_file_no_one_can_run_is_answered_eacces_without_an_incident(wire):
+    """The kernel refuses it whoever asks (no x bit: not even CAP_DAC_OVERRIDE runs it), so the
+    wire answers EACCES itself: no incident, and no revert racing the caller's own error."""
+    service, results, _ = wire
+    blocked(results, "exec_a_file_no_one_can_run", "EACCES")
+    assert "/tmp/not-a-program" not in [i["detail"]["path"] for i in exec_incidents(service)]
 
 
 @pytest.mark.parametrize("name", [

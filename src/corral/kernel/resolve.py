@@ -28,7 +28,9 @@ UNRESOLVED: Identity = (-1, -1)  # cannot be told safely: refused (fail closed)
 
 
 class Missing(Exception):
-    """The path names nothing (ENOENT, ENOTDIR...): the exec fails with this errno."""
+    """The exec fails with this errno whoever asks: the path names nothing (ENOENT, ENOTDIR),
+    or something no one can execute (EACCES: a directory, or a file with no x bit at all, which
+    even CAP_DAC_OVERRIDE cannot run). Answered without an incident: nothing could run."""
 
     def __init__(self, err: int):
         super().__init__(os.strerror(err))
@@ -119,6 +121,9 @@ def resolve(pid: int, path: bytes, dirfd: int | None = None) -> Identity:
                 parts.extend(more)
                 continue
             if not parts or all(p in (b"", b".") for p in parts):
+                if stat.S_ISDIR(st.st_mode) or (
+                        stat.S_ISREG(st.st_mode) and not st.st_mode & 0o111):
+                    raise Missing(errno.EACCES)
                 return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else UNRESOLVED
             if not stat.S_ISDIR(st.st_mode):
                 raise Missing(errno.ENOTDIR)

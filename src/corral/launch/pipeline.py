@@ -416,4 +416,7 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: Cgroup,
         found = re.search(r"\[Errno (\d+)\]", text)
         error.errno = int(found.group(1)) if found else None
         raise error
-    return os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
+    # The holder itself killed (a revert's cgroup kill): 128 + the signal, as a shell says it,
+    # never a negative number that exit() would wrap (-9 became 247).
+    return 128 - code if code < 0 else code
