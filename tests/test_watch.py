@@ -267,6 +267,7 @@ def test_sensors_say_when_they_fail_instead_of_spinning_or_going_blind(tmp_path)
     reader = sensors.AuditReader.__new__(sensors.AuditReader)
     reader.sock, spare = socket.socketpair()
     reader._names, reader.state, reader.lost = {}, "on", 0
+    reader._domains, reader._pending = {}, []
     os.close(reader.sock.fileno())  # EBADF on every recv from now on
     try:
         assert reader.read() == []  # returns at once instead of spinning
@@ -280,3 +281,27 @@ def test_sensors_say_when_they_fail_instead_of_spinning_or_going_blind(tmp_path)
     (tmp_path / "upper").mkdir()
     poller.upper = str(tmp_path / "upper")
     assert poller.poll(0.0) == [] and poller.state == poller.ON
+
+
+def test_landlock_tcp_denials_are_egress_and_listen_events():
+    """Landlock refuses a TCP connect or bind to an undeclared port before any packet exists:
+    its audit records are what the egress and listen tripwires see (redis REPLICAOF, psql to an
+    undeclared port: tests/test_servers.py). File denials are not tripwires."""
+    from corral.watch import sensors
+
+    reader = sensors.AuditReader.__new__(sensors.AuditReader)
+    reader._domains, reader._pending = {}, []
+    reader.parse_landlock(1423, 'audit(1796428985.376:1): domain=1a blockers=net.connect_tcp '
+                                'daddr=127.0.0.1 dest=6380')
+    reader.parse_landlock(1423, 'audit(1796428985.377:2): domain=1a blockers=fs.write_file '
+                                'path="/etc/x" dev="vda" ino=1')
+    reader.parse_landlock(1424, 'audit(1796428985.376:1): domain=1a status=allocated '
+                                'mode=enforcing pid=42 uid=993 exe="/usr/bin/redis-server"')
+    reader.parse_landlock(1423, 'audit(1796428985.378:3): domain=1a blockers=net.bind_tcp '
+                                'saddr=0.0.0.0 src=7000')
+    events = reader._resolved()
+    assert [(e.tripwire, e.uid, e.pid) for e in events] == [("egress", 993, 42),
+                                                            ("listen", 993, 42)]
+    assert events[0].detail == {"proto": "tcp", "dst": "127.0.0.1", "dport": 6380,
+                                "by": "landlock"}
+    assert events[1].detail["sport"] == 7000 and reader._pending == []

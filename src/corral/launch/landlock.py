@@ -42,6 +42,12 @@ MAKE_SYM, REFER, TRUNCATE, IOCTL_DEV = 1 << 12, 1 << 13, 1 << 14, 1 << 15
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 # LANDLOCK_ACCESS_NET_* (ABI 4) and LANDLOCK_SCOPE_* (ABI 6)
 BIND_TCP, CONNECT_TCP = 1 << 0, 1 << 1
+# landlock_restrict_self flag (ABI 7): log denials in the audit records after execve too. By
+# default the kernel logs only those of the program that called restrict_self, which here is
+# corral's launcher before it execs the service: without it a TCP connect or bind to an
+# undeclared port is refused before any packet exists and the egress/listen tripwires, which
+# otherwise see only nftables' drops, would never hear of it (watch/sensors.py reads them).
+LOG_NEW_EXEC_ON = 1 << 1
 SCOPES = {"abstract-unix-socket": 1 << 0, "signal": 1 << 1}
 
 # (first ABI, fs rights it added). A right missing from the running ABI cannot be handled, so
@@ -141,7 +147,8 @@ def restrict(plan: LandlockPlan, extra_read_exec: Sequence[str] = ()) -> Landloc
                 for port in ports:
                     _allow_port(ruleset, port, right)
         try:
-            _call("syscall", SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
+            flags = LOG_NEW_EXEC_ON if abi >= 7 else 0
+            _call("syscall", SYS_LANDLOCK_RESTRICT_SELF, ruleset, flags)
         except OSError as e:
             raise OSError(e.errno, f"landlock_restrict_self: {e.strerror}") from None
     finally:

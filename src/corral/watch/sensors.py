@@ -7,7 +7,9 @@ tripwire is not one: its seccomp notifications must be answered, not only read (
 - AuditReader: the kernel's audit records, read-only through the netlink multicast group
   (no auditd needed, nothing about the host's audit setup changes). corral's seccomp filters
   log every denial (SECCOMP records, with the kernel's own timestamp), which gives the `ptrace`,
-  `setuid` and dangerous-syscall tripwires.
+  `setuid` and dangerous-syscall tripwires. Landlock (ABI 7) logs its denials too: a TCP connect
+  or bind to an undeclared port is refused by Landlock before any packet exists, so its record
+  is what the `egress` and `listen` tripwires see of it (nftables sees UDP and the rest).
 - PacketSensor: the packets the service's nft table dropped, from its NFLOG group (nflog).
 - DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
   (cost proportional to the delta, which is small while the service behaves).
@@ -21,6 +23,7 @@ import re
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +34,14 @@ from corral.recover import delta
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
 AUDIT_SECCOMP = 1326
+# AUDIT_LANDLOCK_ACCESS: one denial ("blockers=net.connect_tcp daddr=... dest=PORT"), tagged with
+# its domain's id; AUDIT_LANDLOCK_DOMAIN: the domain's creator (uid, pid), logged once, with the
+# domain's first denial.
+AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN = 1423, 1424
+# Only the network denials are tripwires: a program probing a file it may not write is normal
+# (and refused all the same).
+LANDLOCK_TRIPWIRES = {"net.connect_tcp": "egress", "net.bind_tcp": "listen"}
+LANDLOCK_WAIT = 2.0  # seconds an access waits for its domain's record before going out without
 _FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
 _STAMP = re.compile(r"audit\((\d+)\.(\d+):\d+\)")
 PTRACE_CALLS = {"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"}
@@ -110,6 +121,8 @@ class AuditReader:
         self._names: dict[int, str] = {}
         self.state = "on"  # or "off: why" once reading failed for good
         self.lost = 0  # ENOBUFS overruns: records the kernel dropped
+        self._domains: dict[str, tuple[int, int]] = {}  # Landlock domain id -> (uid, pid)
+        self._pending: list[tuple[str, Event]] = []  # accesses whose domain is not known yet
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -138,7 +151,7 @@ class AuditReader:
             try:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
-                return out
+                return out + self._resolved()
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # after a burst: records were lost; read on
                     self.lost += 1
@@ -146,13 +159,15 @@ class AuditReader:
                 # Anything else (EBADF, ...) would fail again at once: retrying spun the
                 # supervisor at 100% CPU. Stop and say so; the supervisor drops the sensor.
                 self.state = f"off: {exc.strerror or exc}"
-                return out
+                return out + self._resolved()
             while len(data) >= 16:
                 length, kind = struct.unpack_from("=IH", data)
                 body = data[16:length].decode(errors="replace")
                 data = data[(length + 3) & ~3:]
                 if kind == AUDIT_SECCOMP and (event := self.parse(body)) is not None:
                     out.append(event)
+                elif kind in (AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN):
+                    self.parse_landlock(kind, body)
                 if length < 16:
                     break
 
@@ -171,6 +186,55 @@ class AuditReader:
         at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
                                               "comm": fields.get("comm")})
+
+    def parse_landlock(self, kind: int, body: str) -> None:
+        fields = {k: v.strip('"') for k, v in _FIELD.findall(body)}
+        domain = fields.get("domain")
+        if domain is None:
+            return
+        if kind == AUDIT_LANDLOCK_DOMAIN:
+            if fields.get("status") == "allocated" and "uid" in fields and "pid" in fields:
+                self._domains[domain] = (int(fields["uid"]), int(fields["pid"]))
+            elif fields.get("status") == "deallocated":
+                self._domains.pop(domain, None)
+            return
+        tripwire = LANDLOCK_TRIPWIRES.get(fields.get("blockers", ""))
+        if tripwire is None:
+            return
+        stamp = _STAMP.search(body)
+        at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
+        if tripwire == "egress":
+            detail = {"proto": "tcp", "dst": fields.get("daddr"), "dport": _int(fields.get("dest")),
+                      "by": "landlock"}
+        else:
+            detail = {"proto": "tcp", "src": fields.get("saddr"), "sport": _int(fields.get("src")),
+                      "by": "landlock"}
+        self._pending.append((domain, Event(tripwire, None, None, at, detail)))
+
+    def _resolved(self) -> list[Event]:
+        """The pending accesses whose domain's creator is known (it is the process's user: the
+        launcher restricts itself after dropping to it); an access whose domain record never
+        came (it was lost) goes out after LANDLOCK_WAIT without a uid."""
+        out: list[Event] = []
+        waiting: list[tuple[str, Event]] = []
+        now = time.time()
+        for domain, event in self._pending:
+            if domain in self._domains:
+                event.uid, event.pid = self._domains[domain]
+                out.append(event)
+            elif now - event.at > LANDLOCK_WAIT:
+                out.append(event)
+            else:
+                waiting.append((domain, event))
+        self._pending = waiting
+        return out
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 PACKET_TRIPWIRES = {"egress": "egress", "listen": "listen", "spoof": "spoof",
