@@ -9,18 +9,23 @@ APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux
 # podman with runc, slirp4netns and catatonit runs the Kubernetes export; sqlite3-tools' sqldiff
 # cross-checks the journal's changesets).
 TEST_PACKAGES := podman runc slirp4netns catatonit sqlite3-tools
+# The real servers of tests/test_servers.py and their clients. Installed with starts denied
+# (policy-rc.d): a test must never start, or leave running, the host's own nginx, redis or
+# PostgreSQL; only the binaries are used, contained, from examples/.
+SERVER_PACKAGES := nginx redis-server redis-tools postgresql-15 postgresql-client-15 wrk curl
 STAMP := $(VENV)/.corral-installed
 
 # The host image's boot test needs these too (mmdebstrap, squashfs, qemu, mkfs.ext4).
 BOOT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 e2fsprogs
 
-.PHONY: demo test boot-test lint layers system venv bench clean
+.PHONY: servers demo test boot-test lint layers system venv bench clean
 
 demo: venv
 	bash examples/demo.sh
 
 test: venv
 	@$(MAKE) --no-print-directory system APT_PACKAGES="$(TEST_PACKAGES)"
+	@$(MAKE) --no-print-directory servers
 	$(VENV)/bin/python -m pytest -q tests
 
 # Builds a Debian host image and boots it twice in qemu (docs/host-image.md): several minutes,
@@ -44,6 +49,20 @@ layers: venv
 
 bench: venv
 	bash bench/run.sh
+
+# The server packages, with service starts denied while apt runs: an existing policy-rc.d is
+# left as it is (this image's denies every start); else a temporary one that denies, removed
+# afterwards whatever apt did.
+servers:
+	@missing=$$(for p in $(SERVER_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made=1; fi; \
+	  $(MAKE) --no-print-directory system APT_PACKAGES="$$missing"; rc=$$?; \
+	  [ -n "$$made" ] && rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
 
 # Debian packages: installed only when one is missing, so a second run needs no network.
 system:
