@@ -113,8 +113,9 @@ def test_a_read_only_open_with_a_setuid_mode_is_no_incident(service_with):
     time.sleep(1.0)  # the audit record, had there been one, is read within milliseconds
     assert incidents(svc) == []
     assert svc.status()["processes"][0]["pid"] == pid
+    # flush: the revert this trips may kill the session before a buffered print reaches us
     code = ("import os\ntry:\n os.open('/tmp/s', os.O_WRONLY | os.O_CREAT, 0o4755)\n"
-            "except OSError as e:\n print(e.errno)")
+            "except OSError as e:\n print(e.errno, flush=True)")
     assert svc.exec(code).stdout.strip() == "1"
     found = wait_for(lambda: incidents(svc))
     assert (found[0]["tripwire"], found[0]["detail"]["syscall"]) == ("setuid", "openat")
