@@ -15,8 +15,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 PACKAGE = DOCS.parent / "src" / "corral"
 # Top to bottom, as in pyproject.toml's layer contract.
-ORDER = ["cli", "audit", "learn", "supervise", "watch", "recover", "launch", "host", "plan",
-         "manifest", "kernel", "core"]
+ORDER = ["cli", "audit", "learn", "export", "supervise", "watch", "hostimage", "recover", "launch",
+         "host", "plan", "manifest", "kernel", "core"]
 
 
 def folder_of(module: str) -> str | None:
