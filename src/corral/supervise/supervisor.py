@@ -34,11 +34,11 @@ from corral.launch.output import Output
 from corral.supervise import setup
 from corral.supervise.exec_guard import ExecGuard
 from corral.supervise.journals import Journals
+from corral.supervise.sensing import Sensing
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0
 BACKOFF_MAX = 30.0
-DELTA_POLL = 0.25  # seconds between walks of the delta for the base-write tripwire
 TICK = 0.25  # seconds the loop waits for an event before its timed work (polled sensors, ...)
 
 
@@ -80,13 +80,11 @@ class Supervisor:
         self.host_mnt = -1
         self.landlock = landlock.describe_abi()
         self.exec_guard = ExecGuard(spec, self.selector, self._trip_exec)
-        self.sensors: dict[str, str] = {}  # sensor -> "on" or why it is off (state.json)
-        self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
+        self.sensing = Sensing(spec, self.selector)
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
         self.watcher: Any = None
         self.isolated = False
         self.journals = Journals(spec, hold=lambda: self.isolated)
-        self.due: dict[str, float] = {}  # polled sensor -> its next drain (monotonic)
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
@@ -101,7 +99,7 @@ class Supervisor:
             "warnings": self.warnings,
             "reverts": self.reverts,
             "isolated": self.isolated,
-            "sensors": self.sensors | {name: s.state for name, s in self.live.items()},
+            "sensors": self.sensing.report(),
             "journals": self.journals.health,
             "last_archive": self.last_archive,
             "reload": self.reloads.record if self.reloads else None,
@@ -175,80 +173,16 @@ class Supervisor:
             self.watcher.trip(event, process=process)
 
     def start_sensors(self) -> None:
-        from corral.watch import sensors
         from corral.watch import watcher as watch
 
         self.watcher = watch.Watcher.for_supervisor(self)
-        try:
-            self._add_sensor(sensors.AuditReader())
-        except OSError as exc:
-            self.sensors["audit"] = f"off: {exc.strerror}"
-        try:
-            from corral.plan.nft_rules import nflog_group
-
-            self._add_sensor(sensors.PacketSensor(nflog_group(self.spec.service)))
-        except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
-            self.sensors["network"] = f"off: {exc}"
-        self._add_sensor(self._base_write_sensor())
-        self.sensors["exec"] = "on (seccomp user notification)"
+        self.sensing.start()
         self.exec_guard.listen(self.run_dir)
 
-    def _base_write_sensor(self) -> Any:
-        """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
-        walk alone every DELTA_POLL where fanotify cannot be used (a delta on disk)."""
-        from corral.watch import delta_events, sensors
-
-        delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
-        why = "the delta is no file system of its own"
-        if delta_events.own_filesystem(delta_dir):
-            try:
-                return delta_events.DeltaEvents(delta_dir, base)
-            except OSError as exc:
-                why = f"fanotify: {exc.strerror}"
-        poller = sensors.DeltaPoller(os.path.join(delta_dir, "upper"), base, DELTA_POLL)
-        poller.ON = f"on (delta walk every {DELTA_POLL:g}s; {why})"
-        poller.state = poller.ON
-        return poller
-
-    def _add_sensor(self, sensor: Any) -> None:
-        """A sensor the kernel wakes goes into the selector; one with an interval is also
-        drained by the loop every `sensor.interval` seconds (`due`): the polled ones, and the
-        fanotify one for its safety-net walk."""
-        self.live[sensor.name] = sensor
-        if sensor.fileno() is not None:
-            self.selector.register(sensor, selectors.EVENT_READ, ("sensor", sensor.name))
-        if sensor.fileno() is None or sensor.interval > 0:
-            self.due[sensor.name] = 0.0
-
-    def drain(self, sensor: Any) -> None:
-        """Hand what a sensor saw to the watcher (unless a reaction is under way: those acts
-        die with the processes). A sensor that went off for good leaves the selector, and
-        status says why."""
-        try:
-            events = sensor.drain(time.time())
-        except Exception as exc:  # noqa: BLE001 - a sensor's bug blinds that sensor only
-            log.error(f"sensor {sensor.name}: {exc!r}")
-            events = []
-        if self.watcher is not None and not self.halting:
-            for event in events:
-                self.watcher.trip(event)
-        if sensor.state.startswith("off") and sensor.fileno() is not None:
-            self.selector.unregister(sensor)
-            sensor.close()
-            del self.live[sensor.name]
-            self.sensors[sensor.name] = sensor.state
-            self.write_state()
-
-    def drain_timed(self) -> None:
-        now = time.monotonic()
-        for name, when in list(self.due.items()):
-            sensor = self.live[name]
-            if now >= when and not self.halting and self.phase == "running":
-                self.due[name] = now + sensor.interval
-                before = sensor.state
-                self.drain(sensor)
-                if sensor.state != before:
-                    self.write_state()
+    def _trip(self) -> Any:
+        """Where sensors' events go: the watcher, unless a reaction is under way (those acts
+        die with the processes)."""
+        return None if self.watcher is None or self.halting else self.watcher.trip
 
     # -- reactions (called by the watcher) --------------------------------------------------
     def isolate(self) -> None:
@@ -306,8 +240,7 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - the table may be gone already (uninstall)
             log.warning(f"releasing isolation: {exc}")
         self.exec_guard.close()
-        for sensor in self.live.values():
-            sensor.close()
+        self.sensing.close()
         for child in self.children.values():
             try:
                 child.group.remove()
@@ -457,8 +390,7 @@ class Supervisor:
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
             launch.volumes_of(self.spec), self._noexec_paths())
         self.reverts += 1
-        if "base-write" in self.live:  # a fresh delta: report its base writes anew
-            self.live["base-write"].reported.clear()
+        self.sensing.fresh_delta()
         self.exec_guard.index(self.spec)
         for child in self.children.values():
             child.crashes.clear()
@@ -523,7 +455,8 @@ class Supervisor:
         self.exec_guard.accept(self.children)
 
     def _on_sensor(self, fd: int, name: str) -> None:
-        self.drain(self.live[name])
+        if self.sensing.drain(name, self._trip()):
+            self.write_state()
 
     def resume_logs(self, everything: bool = False) -> None:
         """Copy the output of processes whose batch window has ended (or all), and watch their
@@ -542,7 +475,8 @@ class Supervisor:
         Returns an exit code once nothing is left to supervise."""
         if self.watcher.pending and not self.alive():
             self.settle()
-        self.drain_timed()
+        if self.phase == "running" and not self.halting and self.sensing.drain_due(self._trip()):
+            self.write_state()
         self.watcher.flush_counts()
         if self.journals.open and self.phase == "running" and not self.halting \
                 and self.journals.due():

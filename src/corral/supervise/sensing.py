@@ -1,0 +1,112 @@
+"""The supervisor's sensors (watch.sensors): which run, how each is doing, and draining what
+they saw into the watcher. One the kernel wakes sits in the supervisor's selector; one with an
+interval is also drained by the loop every `interval` seconds (the polled delta walk, and the
+fanotify sensor's safety-net walk). A sensor's failure blinds that sensor only, and `corral
+status` says so; it is never the supervisor's end."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import time
+from collections.abc import Callable
+from typing import Any
+
+from corral.core import log
+from corral.host.runtime import ServiceSpec
+from corral.watch.event import Event
+
+DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (a delta on disk)
+
+Trip = Callable[[Event], Any]
+
+
+class Sensing:
+    def __init__(self, spec: ServiceSpec, selector: selectors.BaseSelector):
+        self.spec, self.selector = spec, selector
+        self.states: dict[str, str] = {}  # sensors not running (why), and the exec wire's
+        self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
+        self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
+
+    def start(self) -> None:
+        from corral.watch import sensors
+
+        try:
+            self.add(sensors.AuditReader())
+        except OSError as exc:
+            self.states["audit"] = f"off: {exc.strerror}"
+        try:
+            from corral.plan.nft_rules import nflog_group
+
+            self.add(sensors.PacketSensor(nflog_group(self.spec.service)))
+        except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
+            self.states["network"] = f"off: {exc}"
+        self.add(self._base_write_sensor())
+        self.states["exec"] = "on (seccomp user notification)"
+
+    def _base_write_sensor(self) -> Any:
+        """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
+        walk alone every DELTA_POLL where fanotify cannot be used (a delta on disk)."""
+        from corral.watch import delta_events, sensors
+
+        delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
+        why = "the delta is no file system of its own"
+        if delta_events.own_filesystem(delta_dir):
+            try:
+                return delta_events.DeltaEvents(delta_dir, base)
+            except OSError as exc:
+                why = f"fanotify: {exc.strerror}"
+        poller = sensors.DeltaPoller(os.path.join(delta_dir, "upper"), base, DELTA_POLL)
+        poller.ON = f"on (delta walk every {DELTA_POLL:g}s; {why})"
+        poller.state = poller.ON
+        return poller
+
+    def add(self, sensor: Any) -> None:
+        self.live[sensor.name] = sensor
+        if sensor.fileno() is not None:
+            self.selector.register(sensor, selectors.EVENT_READ, ("sensor", sensor.name))
+        if sensor.fileno() is None or sensor.interval > 0:
+            self.due[sensor.name] = 0.0
+
+    def drain(self, name: str, trip: Trip | None) -> bool:
+        """Hand what sensor `name` saw to `trip` (None: a reaction is under way, those acts die
+        with the processes). Returns whether its state changed (the caller rewrites its own);
+        a sensor that went off for good leaves the selector."""
+        sensor = self.live[name]
+        before = sensor.state
+        try:
+            events = sensor.drain(time.time())
+        except Exception as exc:  # noqa: BLE001 - a sensor's bug blinds that sensor only
+            log.error(f"sensor {name}: {exc!r}")
+            events = []
+        if trip is not None:
+            for event in events:
+                trip(event)
+        if sensor.state.startswith("off") and sensor.fileno() is not None:
+            self.selector.unregister(sensor)
+            sensor.close()
+            del self.live[name]
+            self.due.pop(name, None)
+            self.states[name] = sensor.state
+        return sensor.state != before
+
+    def drain_due(self, trip: Trip | None) -> bool:
+        """Drain the sensors whose interval has passed; whether a state changed."""
+        now, changed = time.monotonic(), False
+        for name, when in list(self.due.items()):
+            if now >= when and name in self.live:
+                self.due[name] = now + self.live[name].interval
+                changed |= self.drain(name, trip)
+        return changed
+
+    def fresh_delta(self) -> None:
+        """After a revert: the new delta's base writes are reported anew."""
+        if "base-write" in self.live:
+            self.live["base-write"].reported.clear()
+
+    def report(self) -> dict[str, str]:
+        return self.states | {name: s.state for name, s in self.live.items()}
+
+    def close(self) -> None:
+        for sensor in self.live.values():
+            sensor.close()
