@@ -84,6 +84,7 @@ def learn_notes(out: Path, notes_dir: str, port: int) -> tuple[subprocess.Comple
     """Run `corral learn` on the sample service, drive the workload, stop it with SIGINT."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     proc = subprocess.Popen(LEARN + ["--out", str(out), "--env", f"NOTES_DIR={notes_dir}",
+                                     "--writable", notes_dir,
                                      "--", PYTHON, "-I", str(NOTES_PY), str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -164,7 +165,8 @@ def test_learn_stops_after_duration_and_infers_net_bind_service(tmp_path, notes_
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     started = time.time()
     result = subprocess.run(LEARN + ["--out", str(out), "--name", "lowport", "--duration", "3",
-                                     "--env", f"NOTES_DIR={notes_dir}", "--",
+                                     "--env", f"NOTES_DIR={notes_dir}",
+                                     "--writable", notes_dir, "--",
                                      PYTHON, "-I", str(NOTES_PY), str(port)],
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -190,6 +192,72 @@ def test_a_dangerous_call_during_learn_is_exit_3(tmp_path):
     text = out.read_text()
     assert "VIOLATION: system call ptrace" in text
     assert "ptrace" not in tomllib.loads(text)["process"]["app"]["syscalls"]
+
+
+def tree_digest(top: str) -> str:
+    """Names, owners, modes and contents below `top`: what a learned program could change."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for base, dirs, files in sorted(os.walk(top)):
+        dirs.sort()
+        for name in [base] + [os.path.join(base, f) for f in sorted(files)]:
+            st = os.lstat(name)
+            digest.update(f"{name} {st.st_uid} {st.st_gid} {st.st_mode:o}\n".encode())
+            if os.path.isfile(name):
+                digest.update(Path(name).read_bytes())
+    return digest.hexdigest()
+
+
+WRITER = """
+import os, sys, time
+d = sys.argv[1]
+with open(os.path.join(d, 'state'), 'w') as f: f.write('new')
+with open(os.path.join(d, 'old'), 'a') as f: f.write('more')
+os.mkdir(os.path.join(d, 'sub'))
+print('uid', os.getuid(), os.getgid(), flush=True)
+time.sleep(30)
+"""
+
+
+def test_learn_runs_as_a_user_in_a_throwaway_view(tmp_path, notes_dir):
+    """The program runs as a uid that is not root, its writes land in the view: the host's
+    directory it wrote to hashes the same afterwards; the learned volume is that directory."""
+    Path(notes_dir, "old").write_text("before")
+    before = tree_digest(notes_dir)
+    out = tmp_path / "writer.toml"
+    result = subprocess.run(LEARN + ["--out", str(out), "--duration", "3", "--writable",
+                                     notes_dir, "--", PYTHON, "-I", "-c", WRITER, notes_dir],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert result.returncode == 0, result.stderr
+    uid, gid = (int(x) for x in result.stdout.split()[1:3])
+    assert uid != 0 and gid != 0, result.stdout
+    assert tree_digest(notes_dir) == before  # nothing of the host changed
+    assert Path(notes_dir, "old").read_text() == "before"
+    data = tomllib.loads(out.read_text())
+    assert data["volume"] == [{"path": notes_dir, "owner": "app", "mode": "0750"}]
+    assert f"(uid {uid}) in a throwaway view" in out.read_text()
+
+
+def test_learn_never_runs_as_root_and_says_when_the_program_did_not_start(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = tmp_path / "pg.toml"
+    root = subprocess.run(LEARN + ["--out", str(out), "--user", "root", "--", PYTHON, "-c", ""],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert root.returncode == 2 and "--user" in root.stderr and "Traceback" not in root.stderr
+    # PostgreSQL refuses root; as the throwaway user it starts, finds no cluster and exits:
+    # not a manifest with listen = [] and exit 0, but a clear failure.
+    postgres = "/usr/lib/postgresql/15/bin/postgres"
+    if not Path(postgres).exists():
+        pytest.fail("postgresql-15 not installed (make test installs it)")
+    failed = subprocess.run(LEARN + ["--out", str(out), "--", postgres, "-D",
+                                     "/nonexistent/corral-tst-cluster"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert failed.returncode == 1, failed.stderr
+    assert "exited with status 2" in failed.stderr and "(uid 6" in failed.stderr
+    assert "no manifest written" in failed.stderr and "Traceback" not in failed.stderr
+    assert not out.exists()
 
 
 def test_parse_trace_reads_sockets_writes_and_resumed_calls():

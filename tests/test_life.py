@@ -228,6 +228,21 @@ def test_setup_must_be_executable_by_the_process(tmp_path, corral_root):
     assert "process.app.setup.command[0]" in result.stderr and "not in exec" in result.stderr
 
 
+def test_setup_exec_is_checked_against_its_command_and_the_image(tmp_path, corral_root):
+    manifest = life_manifest(tmp_path, "tstsetup", SERVE,
+                             extra='setup = { command = ["/usr/bin/python3.11"], '
+                                   'exec = ["/usr/bin/dash"] }')
+    result = corral("check", str(manifest))
+    assert result.returncode == 2
+    assert "process.app.setup.exec: does not include setup.command[0]" in result.stderr
+    manifest = life_manifest(tmp_path, "tstsetup", SERVE,
+                             extra='setup = { command = ["/usr/bin/python3.11"], '
+                                   'exec = ["/usr/bin/python3.11", "/usr/bin/dash"] }')
+    result = corral("plan", str(manifest))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert 'process.app.setup.exec[1]: "/usr/bin/dash": not in the image' in result.stderr
+
+
 def test_enable_writes_a_unit_systemd_accepts(installed, netns, service_name, corral_root):
     installed(RECORD_SIGNALS, extra='stop_timeout = "60s"')
     result = json.loads(corral("enable", service_name, "--json", netns=netns,

@@ -51,7 +51,9 @@ def _():
     pid = os.fork()
     if pid == 0:
         try:
-            os.execve("/usr/lib/python3.11/os.py", ["os.py"], {})  # there, not allowed
+            # in the image, executable, not allowed (a file with no x bit would get EACCES: the
+            # kernel refuses it to anyone, so the wire answers it without an incident)
+            os.execve("/lib64/ld-linux-x86-64.so.2", ["ld.so", "--version"], {})
         except OSError as exc:
             os._exit(exc.errno)
         os._exit(0)

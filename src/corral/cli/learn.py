@@ -35,12 +35,18 @@ def _env_pair(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--env", "environment", multiple=True, callback=_env_pair, metavar="NAME=VALUE",
               help="Environment of the program while learning, written to the manifest "
                    "(LANG=C.UTF-8 unless given); nothing else is passed on.")
+@click.option("--user", "user", default=None, metavar="NAME",
+              help="Run the program as this host user (never root); default: a throwaway uid.")
+@click.option("--writable", "writable", multiple=True, metavar="DIR",
+              help="A directory the program's user gets in the throwaway view (created and "
+                   "owned there only; the host's stays as it is).")
 @click.option("--json", "as_json", is_flag=True,
               help="Report what was learned as one JSON object (docs/cli.md).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handled
 def learn(out: str, name: str | None, process: str, duration: float | None,
-          environment: dict[str, str], as_json: bool, command: tuple[str, ...]) -> None:
+          environment: dict[str, str], user: str | None, writable: tuple[str, ...],
+          as_json: bool, command: tuple[str, ...]) -> None:
     """Run CMD under observation (strace) while you exercise it, and write the minimal manifest
     it needs. Stop it with Ctrl-C (or SIGTERM), --duration, or let it exit. Exit code 3 when it
     did something containment can never allow (the manifest is written anyway, with the reason)."""
@@ -49,7 +55,7 @@ def learn(out: str, name: str | None, process: str, duration: float | None,
 
     need_root("traces any program and its binds")
     learned = do_learn(list(command), name=name, process=process, duration=duration,
-                       environment=environment)
+                       environment=environment, user=user, writable=list(writable))
     # What is written must pass `corral check`.
     import tomllib
 

@@ -1,6 +1,7 @@
 """`corral learn`: run a program under observation and write the minimal manifest it needs.
 
-The program runs on the host, unconfined, while the administrator exercises it; corral watches it
+The program runs as a user who is not root, in a throwaway view of the host where its writes
+land in RAM (learn/view.py), while the administrator exercises it; corral watches it
 with strace and turns what it saw into a manifest: the files it opened become `image.include`,
 the directories it wrote become volumes, the ports it bound become `listen`, the addresses it
 connected or sent to become `connect`, the programs it executed become `exec`, and every system
@@ -14,8 +15,8 @@ marked mounts (it misses failed opens, stat probes and everything about sockets)
 subsystem would need rules loaded host-wide. Learning is a one-off, so ptrace's overhead is fine.
 
 What strace cannot show is recorded as a comment in the manifest for the administrator to review:
-capabilities (only NET_BIND_SERVICE is inferred, from a bind below 1024), code paths the workload
-did not exercise, and anything done as root during learning that the contained user cannot do.
+capabilities (only NET_BIND_SERVICE is inferred, from a bind below 1024) and code paths the
+workload did not exercise.
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def dangerous_calls() -> set[str]:
 
 def render(name: str, process: str, command: list[str], obs: Observed,
            environment: dict[str, str], exit_status: int | None,
-           started: datetime.datetime, duration: float) -> Learned:
+           started: datetime.datetime, duration: float, user: Any = None) -> Learned:
     volumes, writable = _volume_dirs(obs)
     include, collapsed = minimal_includes(obs, volumes)
     program = command[0]
@@ -430,7 +431,9 @@ def render(name: str, process: str, command: list[str], obs: Observed,
         "It is the minimum that run needed: REVIEW it before you install it.",
         " - Code paths the workload did not exercise (error handling, rare requests, upgrades)",
         "   may need more files, system calls, ports or addresses than are listed here.",
-        " - The program ran as root while learning; contained it runs as its own system user.",
+        (f" - The program ran as {user.name} (uid {user.uid}) in a throwaway view of the host;"
+         if user else " - The program ran unconfined while learning;")
+        + " contained it runs as its own system user.",
         " - Capabilities cannot be learned from strace (it does not trace capability checks):",
         "   only NET_BIND_SERVICE is inferred, from a bind below port 1024. Add what else it "
         "needs.",
@@ -511,11 +514,23 @@ class _Stop(Exception):
     pass
 
 
+# A program that fails on its own within this long did not start: nothing was learned.
+AT_ONCE = 10.0
+
+
 def learn(command: list[str], *, name: str | None = None, process: str = "app",
           duration: float | None = None, environment: dict[str, str] | None = None,
-          on_start=None) -> Learned:
+          on_start=None, user: str | None = None, writable: list[str] | None = None) -> Learned:
     """Run `command` under strace until it exits, `duration` passes, or corral gets SIGINT or
-    SIGTERM (then the program is stopped); return the learned manifest."""
+    SIGTERM (then the program is stopped); return the learned manifest. The program runs as
+    `user` (default: a throwaway uid), never root, in a throwaway view of the host
+    (learn/view.py); `writable`: directories that user gets in the view."""
+    from corral.learn import view as viewing
+
+    who = viewing.user_for(user)
+    for k, path in enumerate(writable or []):
+        if not path.startswith("/"):
+            raise UsageError(f"--writable[{k}]: {path!r}: must be an absolute path")
     strace = shutil.which("strace")
     if not strace:
         raise RuntimeFailure("strace is not installed (apt-get install strace)")
@@ -535,10 +550,23 @@ def learn(command: list[str], *, name: str | None = None, process: str = "app",
     begin = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="corral-learn-") as work:
         trace = os.path.join(work, "trace")
-        argv = [strace, "-f", "-qq", "-yy", "-s", "0", "-o", trace, "--"] + command
+        out_fd = os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        view = viewing.View(os.path.join(work, "view"), who, tuple(writable or ()))
+        # strace writes the trace through the inherited descriptor: the file is outside the
+        # view.
+        os.fchown(out_fd, who.uid, who.gid)  # strace reopens it as the user
+        argv = [strace, "-f", "-qq", "-yy", "-s", "0",
+                "-o", f"/proc/self/fd/{out_fd}", "--"] + command
         # strace runs with the environment the service will have (its `environment`), in "/",
         # the contained process's working directory.
-        proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True)
+        try:
+            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True,
+                                    pass_fds=(out_fd,), preexec_fn=lambda: viewing.enter(view))
+        except subprocess.SubprocessError as exc:
+            raise RuntimeFailure(f"could not build the throwaway view of the host: {exc}") \
+                from None
+        finally:
+            os.close(out_fd)
         previous = {}
 
         def stop(_signum, _frame):
@@ -567,8 +595,16 @@ def learn(command: list[str], *, name: str | None = None, process: str = "app",
                 _terminate(proc)
         with open(trace, errors="replace") as handle:
             obs = parse_trace(handle)
+    took = time.monotonic() - begin
+    if status and took < AT_ONCE:
+        # strace returns the program's status (a signal as 128+N).
+        raise RuntimeFailure(
+            f"{program} exited with status {status} after {took:.1f} s, running as "
+            f"{who.name} (uid {who.uid}): it did not start, so nothing was learned and no "
+            "manifest written; its own messages above say why (--user NAME runs it as another "
+            "user, --writable DIR gives it a directory to write)")
     return render(name, process, command, obs, {k: v for k, v in env.items()},
-                  status, started, time.monotonic() - begin)
+                  status, started, took, who)
 
 
 def _terminate(proc: subprocess.Popen) -> None:

@@ -197,6 +197,13 @@ class Setup(Strict):
     command: Annotated[list[Text], Field(min_length=1)]
     creates: AbsPath | None = None  # run whenever this path is missing, not only the first time
     timeout: Duration = 600
+    # What the setup alone may execute (initdb's popen needs /bin/sh and postgres); None: the
+    # process's `exec`. Never granted to the process itself (its Landlock execute rights and its
+    # exec guard's list stay its own `exec`).
+    exec_: list[AbsPath] | None = Field(None, alias="exec")
+
+    def executables(self, process: list[str]) -> list[str]:
+        return list(self.exec_) if self.exec_ is not None else process
 
 
 class Process(Strict):
@@ -424,10 +431,19 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
                 continue
             at: tuple[str | int, ...] = base + ((key, 0) if key == "reload"
                                                 else (key, "command", 0))
+            allowed = proc.setup.executables(proc.executables) \
+                if key == "setup" and proc.setup else proc.executables
             if not argv[0].startswith("/"):
                 add(at, f'"{argv[0]}": the program must be an absolute path')
-            elif argv[0] not in proc.executables:
+            elif key == "setup" and proc.setup and proc.setup.exec_ is not None:
+                if argv[0] not in allowed:
+                    add(base + ("setup", "exec"), f'does not include setup.command[0] '
+                                                  f'"{argv[0]}"')
+            elif argv[0] not in allowed:
                 add(at, f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
+                        "which executes only what exec lists; or give the setup its own "
+                        "setup.exec)" if key == "setup" else
+                        f'"{argv[0]}": not in exec (it runs under the process\'s containment, '
                         "which executes only what exec lists)")
         if isinstance(proc.syscalls, list):
             for k, name in enumerate(proc.syscalls):

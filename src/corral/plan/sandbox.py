@@ -111,10 +111,11 @@ def _port_numbers(specs) -> tuple[int, ...]:
     return tuple(sorted({n for s in specs if s.proto == "tcp" for n in range(s.first, s.last + 1)}))
 
 
-def sandbox_for(m: Manifest, name: str, proc: Process,
-                interpreters: tuple[str, ...] = ()) -> SandboxPlan:
+def sandbox_for(m: Manifest, name: str, proc: Process, interpreters: tuple[str, ...] = (),
+                setup_interpreters: tuple[str, ...] = ()) -> SandboxPlan:
     """`interpreters`: the ELF or #! interpreters of the process's executables, which the kernel
-    opens for execution too (found by `plan`, which reads the image)."""
+    opens for execution too (found by `plan`, which reads the image); `setup_interpreters`: those
+    of its setup's own `exec`."""
     volumes = tuple((v.path, "rw" if v.owner == name else "ro") for v in m.all_volumes())
     # /dev: writes to null, full and the shm tmpfs; the /dev mount itself is read-only.
     run = {path for pname, path, _ in m.runtime_directories() if pname == name}
@@ -152,5 +153,20 @@ def sandbox_for(m: Manifest, name: str, proc: Process,
         stop_signal=proc.stop_signal,
         stop_timeout=proc.stop_timeout,
         reload=proc.reload if isinstance(proc.reload, str) else tuple(proc.reload),
-        setup=proc.setup.model_dump() if proc.setup else None,
+        setup=_setup(proc, interpreters, setup_interpreters),
     )
+
+
+def _setup(proc: Process, interpreters: tuple[str, ...],
+           setup_interpreters: tuple[str, ...]) -> dict[str, object] | None:
+    """The setup's command and condition, and what it alone may execute: `exec` (the exec
+    guard's list) and `read_exec` (its Landlock execute rights). The setup is a launch of its
+    own, so a shell initdb needs is never in the long-running process's domain."""
+    if not proc.setup:
+        return None
+    own = proc.setup.exec_ is not None
+    executables = proc.setup.executables(proc.executables)
+    return {"command": list(proc.setup.command), "creates": proc.setup.creates,
+            "timeout": proc.setup.timeout, "exec": executables,
+            "read_exec": sorted(set(executables)
+                                | set(setup_interpreters if own else interpreters))}

@@ -225,6 +225,10 @@ def _check_executables(file: str, m: Manifest, image: ImagePlan) -> None:
                 key = ("command", 0) if proc.exec_ is None else ("exec", k)
                 problems.append(Problem(file, ("process", name) + key,
                                         f'"{path}": not in the image (add it to image.include)'))
+        for k, path in enumerate((proc.setup.exec_ or []) if proc.setup else []):
+            if path not in present and resolve_in(path, links) not in present:
+                problems.append(Problem(file, ("process", name, "setup", "exec", k),
+                                        f'"{path}": not in the image (add it to image.include)'))
     if problems:
         raise InputError(problems)
 
@@ -262,7 +266,9 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
         volumes=volumes,
         flows=flows,
         ruleset=nftables.service_ruleset(m.name, flows),
-        sandbox=tuple(sandbox_for(m, p, proc, _interpreters(image, proc.executables))
+        sandbox=tuple(sandbox_for(m, p, proc, _interpreters(image, proc.executables),
+                                  _interpreters(image, proc.setup.exec_ or [])
+                                  if proc.setup else ())
                       for p, proc in m.process.items()),
         delta=m.image.delta,
         delta_size=m.image.delta_size,

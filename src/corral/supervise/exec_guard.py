@@ -32,7 +32,9 @@ class ExecGuard:
         self.selector = selector
         self.trip = trip
         self.allowed: dict[str, set[tuple[int, int]]] = {}  # process -> executables' identities
+        self.setup_allowed: dict[str, set[tuple[int, int]]] = {}  # the same for its setup
         self.listeners: dict[int, str] = {}  # seccomp listener -> process name
+        self.setup_listeners: set[int] = set()  # those of a setup (its own list)
         self.control: socket.socket | None = None
 
     def index(self, spec: ServiceSpec) -> None:
@@ -43,9 +45,9 @@ class ExecGuard:
         try:
             for proc in spec.processes:
                 paths = spec.exec_paths.get(proc.name) or [proc.command[0]]
-                self.allowed[proc.name] = {i for p in paths
-                                           if (i := notify.identity(root, p))
-                                           not in (notify.MISSING, notify.UNRESOLVED)}
+                self.allowed[proc.name] = _identities(root, paths)
+                self.setup_allowed[proc.name] = _identities(
+                    root, (proc.setup or {}).get("exec") or paths)
         finally:
             os.close(root)
 
@@ -66,11 +68,14 @@ class ExecGuard:
         self.control.listen(8)
         self.selector.register(self.control, selectors.EVENT_READ, ("control", ""))
 
-    def add(self, fd: int, process: str) -> None:
+    def add(self, fd: int, process: str, setup: bool = False) -> None:
+        """`setup`: the listener of the process's one-shot setup, judged by the setup's list."""
         self.listeners[fd] = process
+        if setup:
+            self.setup_listeners.add(fd)
         self.selector.register(fd, selectors.EVENT_READ, ("notify", process))
 
-    def answer(self, process: str, fd: int) -> None:
+    def answer(self, process: str, fd: int, setup: bool | None = None) -> None:
         """Answer one exec notification: only the process's `exec` paths may run. Every
         notification is hostile input: whatever goes wrong while judging it refuses that exec
         and trips the wire, and the listener stays (dropping it would switch the wire off:
@@ -89,13 +94,18 @@ class ExecGuard:
         if target.missing:  # nothing there: said here, so the kernel never looks itself
             notify.respond(fd, req.id, False, target.missing)
             return
-        allowed = target.ident in self.allowed.get(process, set())
+        if setup is None:
+            setup = fd in self.setup_listeners
+        allowed = target.ident in (self.setup_allowed if setup else self.allowed).get(
+            process, set())
         notify.respond(fd, req.id, allowed)
         if not allowed:
             proc = self.spec.process(process)
             detail: dict[str, Any] = {"path": target.path}
             if target.error:
                 detail["error"] = target.error
+            if setup:
+                detail["setup"] = True
             self.trip(Event("exec", proc.uid if proc else None, req.pid, detected, detail,
                             "notification"), process)
 
@@ -143,6 +153,7 @@ class ExecGuard:
     def drop(self, fd: int) -> None:
         if fd in self.listeners:
             del self.listeners[fd]
+            self.setup_listeners.discard(fd)
             self.selector.unregister(fd)
             os.close(fd)
 
@@ -155,3 +166,8 @@ class ExecGuard:
     def close(self) -> None:
         if self.control is not None:
             self.control.close()
+
+
+def _identities(root: int, paths: list[str]) -> set[tuple[int, int]]:
+    return {i for p in paths if (i := notify.identity(root, p))
+            not in (notify.MISSING, notify.UNRESOLVED)}

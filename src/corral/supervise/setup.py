@@ -6,16 +6,32 @@ It runs when its `creates` path is missing inside the service's root (looked up 
 without following a symlink: the service wrote that tree), or, without `creates`, once: a marker
 in the state directory records that it succeeded. A setup that fails leaves the process failed
 with the setup's last lines as the reason; the service does not start.
+
+A setup may have executables of its own (`setup.exec`: initdb runs postgres through popen, i.e.
+/bin/sh): it is a separate launch of the process's confinement with its own Landlock execute
+rights (`program`) and its own list in the exec guard, so the long-running program never gets
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from corral.core import tree
 from corral.host.runtime import ProcessSpec, ServiceSpec
 
 TIMEOUT = 600.0
+
+
+def program(proc: ProcessSpec) -> ProcessSpec:
+    """The process's confinement running its setup: the setup's command and execute rights
+    (a runtime.json written before setup.exec existed has no read_exec: the process's own)."""
+    assert proc.setup is not None
+    landlock = dict(proc.landlock)
+    if "read_exec" in proc.setup:
+        landlock["read_exec"] = list(proc.setup["read_exec"])
+    return dataclasses.replace(proc, command=list(proc.setup["command"]), landlock=landlock)
 
 
 def _marker(spec: ServiceSpec, proc: ProcessSpec) -> str:

@@ -272,14 +272,16 @@ class Supervisor:
                                        child.group)
             child.output.mark()
             name = child.spec.name
-            started = launch.finish(spawned, lambda fd: self.exec_guard.answer(name, fd))
+            in_setup = child.in_setup  # the setup's exec list, not the program's
+            started = launch.finish(spawned,
+                                    lambda fd: self.exec_guard.answer(name, fd, in_setup))
         except OSError as exc:
             child.error = str(exc)
             self._crashed(child, 127)
             return
         child.holder, child.init = started.holder, started.init
         if started.notify_fd >= 0:
-            self.exec_guard.add(started.notify_fd, child.spec.name)
+            self.exec_guard.add(started.notify_fd, child.spec.name, child.in_setup)
         child.pidfd = os.pidfd_open(started.holder)
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child.spec.name))
         child.state, child.started_at, child.exit_code = "running", time.time(), None  # shown
@@ -291,7 +293,7 @@ class Supervisor:
     def _program(self, child: Child) -> ProcessSpec:
         """What runs next under the process's containment: its `setup`, or its command."""
         if child.in_setup and child.spec.setup:
-            return dataclasses.replace(child.spec, command=list(child.spec.setup["command"]))
+            return setup.program(child.spec)
         return child.spec
 
     def _crashed(self, child: Child, code: int) -> None:
