@@ -19,7 +19,6 @@ No policy here: which ports is the caller's business (launch.cgroup).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import struct
 from collections.abc import Iterable
@@ -137,13 +136,7 @@ def attached(cgroup_dir: str, attach_type: int) -> int:
     try:
         attr = ctypes.create_string_buffer(64)
         struct.pack_into("=IIII", attr, 0, cg, attach_type, 0, 0)
-        try:
-            _bpf(BPF_PROG_QUERY, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # prog_ids was NULL: only the count is wanted
-                pass
-            else:
-                raise
+        _bpf(BPF_PROG_QUERY, attr)  # prog_ids NULL: the kernel fills in only the count
         return struct.unpack_from("=I", attr, 24)[0]  # prog_cnt after attach_flags, prog_ids
     finally:
         os.close(cg)
