@@ -455,3 +455,50 @@ def test_remove_service_removes_everything(service, spawn):
     cgroup.remove_service(service)
     assert not any(os.path.exists(os.path.join(h.mount, BASE, service))
                    for h in cgroup.layout().hierarchies)
+
+
+# --- UDP binds (kernel.bindguard) -------------------------------------------------------------
+
+def _binds(w: int) -> None:
+    """In the child: which UDP binds (and one TCP) the cgroup's program lets through."""
+    import socket
+
+    out = []
+    for family, kind, proto, port in ((socket.AF_INET, socket.SOCK_DGRAM, 0, 47001),
+                                      (socket.AF_INET6, socket.SOCK_DGRAM, 0, 47005),
+                                      (socket.AF_INET, socket.SOCK_DGRAM, 0, 47011),
+                                      (socket.AF_INET, socket.SOCK_DGRAM, 0, 0),
+                                      (socket.AF_INET, socket.SOCK_DGRAM, 136, 47012),
+                                      (socket.AF_INET, socket.SOCK_STREAM, 0, 47013)):
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+                out.append("ok")
+            except OSError as exc:
+                out.append(errno.errorcode[exc.errno])
+    os.write(w, (" ".join(out) + "\n").encode())
+
+
+@pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")
+def test_udp_binds_only_to_declared_ports(service, spawn):
+    from corral.kernel import bindguard
+
+    cg = Cgroup.create(service, "app", Limits())
+    cg.guard_udp_binds(["udp/47001", "udp/47004-47006", "tcp/47020"])
+    _, r = spawn(cg, _binds)
+    # declared v4, declared range v6, undeclared, port 0, UDP-Lite undeclared, TCP (Landlock's)
+    assert read_line(r) == "ok ok EPERM ok EPERM ok"
+    cg.guard_udp_binds(["udp/47011"])  # a reload: the new program replaces the old one
+    assert [bindguard.attached(cg.paths["unified"], t) for t in bindguard.ATTACH_TYPES] == [1, 1]
+    _, r = spawn(cg, _binds)
+    assert read_line(r) == "EPERM EPERM ok ok EPERM ok"
+
+
+def test_bind_program_is_pure():
+    from corral.kernel import bindguard
+
+    ports = [(53, 53), (7000, 7010)]
+    assert bindguard.program(ports) == bindguard.program(ports[::-1])
+    assert len(bindguard.program([])) == 8 * 10  # protocol and port checks, deny, allow
+    with pytest.raises(ValueError):
+        bindguard.program([(10, 70000)])

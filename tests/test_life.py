@@ -321,3 +321,38 @@ def test_up_does_not_report_started_for_a_revert_loop(installed, netns, service_
     result = corral("up", service_name, netns=netns)
     assert result.returncode == 1, result.stdout
     assert "revert" in result.stderr and "egress" in result.stderr
+
+
+UDP_HOLD = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 19411))
+while True:
+    time.sleep(1)
+"""
+UDP_BIND = """
+import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(("127.0.0.1", 19412))
+    print("bound")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_reload_applies_a_changed_udp_listen_to_binds(installed, netns, service_name):
+    """The cgroup's bind program (kernel.bindguard) follows `listen` at a reload, like nft."""
+    manifest = installed(UDP_HOLD, extra='listen = ["udp/19411"]')
+    corral("up", service_name, netns=netns, check=True)
+
+    def bind_19412() -> str:
+        done = subprocess.run(in_netns(netns) + CORRAL + ["exec", service_name, "app", "--",
+                              *PY, "-c", UDP_BIND], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert bind_19412() == "1"  # EPERM: not declared
+    manifest.write_text(manifest.read_text().replace('"udp/19411"', '"udp/19411", "udp/19412"'))
+    corral("install", str(manifest), netns=netns, check=True)
+    corral("reload", service_name, "--json", netns=netns, check=True)
+    assert bind_19412() == "bound"

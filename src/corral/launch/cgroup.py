@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.core.netspec import parse_ports
+from corral.kernel import bindguard
+
 BASE = "corral"
 CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 CPU_PERIOD = 100_000  # microseconds: the kernel's default period
@@ -203,6 +206,17 @@ class Cgroup:
             _write(f"{d}/cpu.cfs_quota_us", str(quota or -1))
         elif version == 2:
             _write(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD}")
+
+    def guard_udp_binds(self, listen: list[str]) -> None:
+        """Let the processes of this cgroup bind only their own declared UDP ports (and 0):
+        kernel.bindguard on the v2 cgroup, so a socket made here, by the program or by `corral
+        exec`, can neither take another service's port nor hold it while that one is down.
+        Again at a reload: the new program replaces the old one at once."""
+        if not self._v2:
+            raise OSError(errno.ENOTSUP, "no cgroup v2 hierarchy: UDP binds are not guarded")
+        ports = [(spec.first, spec.last) for spec in map(parse_ports, listen)
+                 if spec.proto == "udp"]
+        bindguard.attach(self._v2, ports)
 
     def add(self, pid: int) -> None:
         for path in self._procs:

@@ -12,8 +12,10 @@ for a router, also those of each [[lan]]). One table, one transaction, like the 
         anti_spoofing: fib saddr . iif oif missing (strict rpf)     -> "rpf"
     input       policy drop: management first, lo, ND/MLD, invalid drop, established/related,
                 echo-request (rate-limited), the installed services' listen ports
-    output      policy drop: lo, ND/MLD, own-address check (anti_spoofing), management replies,
-                invalid drop, established/related, allow_out + the installed services' connects
+    output      policy drop: lo, ND, MLD -> mld-out, own-address check (anti_spoofing),
+                management replies, invalid drop, established/related, allow_out + the
+                installed services' connects
+    mld-out     (jumped to) only reports of neighbour discovery's groups accept; else "mld"
     forward     policy drop. Router: management into each LAN, invalid drop, established/related,
                 into a LAN its services' listen ports, out of a LAN its services' connects
 
@@ -30,8 +32,10 @@ Why this shape:
   flows (listens inbound, connects outbound), which also covers root and the kernel.
 - IPv6 keeps working: ND (hop limit 255) and MLD (hop limit 1, link-local) are accepted before
   the conntrack checks (conntrack marks them invalid) and before the spoofing checks (DAD and
-  early MLD reports come from ::). Nothing else about ICMP is opened except echo-request
-  (rate-limited) inbound; ICMP errors pass as related to a tracked flow.
+  early MLD reports come from ::). Outgoing MLD only for neighbour discovery's groups
+  (MLD_RECORDS below): other groups' reports would carry data out. Nothing else about ICMP is
+  opened except echo-request (rate-limited) inbound; ICMP errors pass as related to a tracked
+  flow.
 - Every drop rule has a counter and a comment naming why; the packets are also logged,
   rate-limited, headers only, to the watcher's NFLOG group with prefix "corral host CHAIN".
 - Interfaces are matched by name (iifname/oifname), so the ruleset loads even when a LAN
@@ -97,6 +101,39 @@ BOGONS6 = ("::/3", "4000::/2", "8000::/2", "c000::/3", "e000::/4", "f000::/5", "
 _ND = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
 _MLD = ["mld-listener-query", "mld-listener-report", "mld-listener-done", "mld2-listener-report"]
 _LINK_LOCAL6 = {"prefix": {"addr": "fe80::", "len": 10}}
+
+# Outgoing MLD reports (chain mld-out). The kernel sends them for every group joined on the host,
+# from its own socket: `meta skuid` matches none (tests/escapes/test_host_mld.py), whoever
+# joined, so a group chosen to encode data (14 bytes per ff0e:: group) would leave the host.
+# Neighbour discovery needs only the solicited-node groups ff02::1:ffXX:XXXX (and a router also
+# all-routers ff02::2 and ff05::2); every other report is dropped and counted (`mld`).
+# An MLDv2 report lists records of variable length (sources, aux data) that nft cannot walk, so
+# a report passes only when it holds 1..MLD_RECORDS records with no sources and no aux data,
+# each for an allowed group, and nothing after them (checked through the IPv6 payload length:
+# 8 bytes of hop-by-hop router alert, 8 of header, 20 per record). Such a report is what the
+# kernel sends for those groups. A report mixing in any other group (a response to a query on
+# a host where, say, avahi joined ff02::fb) is dropped whole.
+MLD_RECORDS = 8
+_HBH = 8  # the router-alert hop-by-hop header every MLD message carries
+
+
+def _raw(offset: int, bits: int) -> dict:
+    """`bits` bits of the ICMPv6 message at bit `offset` (nft's raw payload, base th)."""
+    return {"payload": {"base": "th", "offset": offset, "len": bits}}
+
+
+def _mld_group(offset: int, router: bool) -> list[dict]:
+    """The 128-bit group address at bit `offset` is an allowed one, as four 32-bit words
+    (nft's JSON numbers are 64-bit): ff02::1:ffXX:XXXX, and on a router ff02::2 and ff05::2 too.
+    The router's word sets also admit their cross product (ff05::1:ffXX:XXXX, ff02::ffXX:XXXX,
+    ff02::1:0:2...): no more room for data than the solicited-node groups already leave."""
+    def one_of(*values: int | dict) -> int | dict:
+        return values[0] if len(values) == 1 else {"set": list(values)}
+
+    solicited = {"range": [0xFF000000, 0xFFFFFFFF]}
+    words = ([one_of(0xFF020000, 0xFF050000), 0, one_of(0, 1), one_of(2, solicited)] if router
+             else [0xFF020000, 0, 1, solicited])
+    return [_match(_raw(offset + 32 * i, 32), word) for i, word in enumerate(words)]
 
 
 @dataclass(frozen=True)
@@ -236,6 +273,9 @@ class _Doc:
     def chain(self, name: str, prio: int, policy: str) -> None:
         self._add("chain", name=name, type="filter", hook=name, prio=prio, policy=policy)
 
+    def regular_chain(self, name: str) -> None:  # no hook: entered by jump only
+        self._add("chain", name=name)
+
     def rule(self, chain: str, expr: list[dict], comment: str | None = None) -> None:
         self._add("rule", chain=chain, expr=expr, **({"comment": comment} if comment else {}))
 
@@ -298,6 +338,7 @@ def host_ruleset(spec: HostSpec) -> dict:
     doc.chain("prerouting", -300, "accept")   # priority raw: before conntrack
     for name in ("input", "output", "forward"):
         doc.chain(name, 0, "drop")
+    doc.regular_chain("mld-out")  # before the rule that jumps to it
 
     # ---- prerouting: drop what is forged; accept only ends this chain
     doc.rule("prerouting", [_IIF_LO, _ACCEPT], "loopback")
@@ -344,7 +385,7 @@ def host_ruleset(spec: HostSpec) -> dict:
     # ---- output
     doc.rule("output", [_OIF_LO, _ACCEPT], "loopback")
     doc.rule("output", _ND_MATCH + [_ACCEPT], "neighbour discovery")
-    doc.rule("output", _MLD_MATCH + [_ACCEPT], "multicast listeners")
+    doc.rule("output", _MLD_MATCH + [{"jump": {"target": "mld-out"}}], "multicast listeners")
     if spec.anti_spoofing:
         doc.deny("output", [_SADDR_NOT_LOCAL], "spoof")
     for version, family in FAMILIES:
@@ -356,6 +397,24 @@ def host_ruleset(spec: HostSpec) -> dict:
         doc.rule("output", [_flow(family, "daddr", "dport", f"egress{version}"), _ACCEPT],
                  "allow_out and services' connect")
     doc.deny("output", [], "undeclared")
+
+    # ---- mld-out: only the reports neighbour discovery needs (see MLD_RECORDS)
+    link_source = _match(_field("ip6", "saddr"), {"set": ["::", _LINK_LOCAL6]})
+    length = _field("ip6", "length")
+    doc.rule("mld-out", [link_source,
+                         _match(_field("icmpv6", "type"),
+                                {"set": ["mld-listener-report", "mld-listener-done"]}),
+                         _match(length, _HBH + 24)] + _mld_group(64, router) + [_ACCEPT],
+             "MLDv1: neighbour discovery's groups")
+    for records in range(1, MLD_RECORDS + 1):
+        expr = [link_source, _match(_field("icmpv6", "type"), "mld2-listener-report"),
+                _match(_field("ip6", "daddr"), "ff02::16"),
+                _match(length, _HBH + 8 + 20 * records), _match(_raw(48, 16), records)]
+        for i in range(records):  # record i: type, aux length, sources, group (bit offsets)
+            expr += [_match(_raw(64 + 160 * i + 8, 24), 0)] + _mld_group(64 + 160 * i + 32,
+                                                                           router)
+        doc.rule("mld-out", expr + [_ACCEPT], f"MLDv2: {records} of neighbour discovery's groups")
+    doc.deny("mld-out", [], "mld")
 
     # ---- forward
     if router:

@@ -102,6 +102,11 @@ class Reloads:
                 continue
             entry: dict[str, Any] = {"restart_needed": restart_needed(child.spec, new),
                                      "exit_code": None}
+            if new.listen != child.spec.listen:  # UDP ports bindable: at once, like nft's
+                try:
+                    child.group.guard_udp_binds(new.listen)
+                except (OSError, ValueError) as exc:
+                    log.warning(f"reload of {name}: {exc}")
             child.spec = dataclasses.replace(child.spec, **{k: getattr(new, k) for k in ADOPTED})
             record["processes"][name] = entry
             if not child.init:

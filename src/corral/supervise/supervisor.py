@@ -82,6 +82,7 @@ class Supervisor:
         self.exec_guard = ExecGuard(spec, self.selector, self._trip_exec)
         self.sensing = Sensing(spec, self.selector)
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
+        self.bind_warnings: list[str] = []  # UDP binds unguarded: kept across reverts
         self.watcher: Any = None
         self.isolated = False
         self.journals = Journals(spec, hold=lambda: self.isolated)
@@ -131,6 +132,7 @@ class Supervisor:
             limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
                                    cpu=proc.limits.get("cpu"))
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
+            self._guard_udp(group, proc.listen)
             settings = self.spec.log
             out = Output(proc.name, logfile.LogFile(
                 str(self.spec.logs), proc.name, int(settings.get("size", logfile.SIZE)),
@@ -139,6 +141,17 @@ class Supervisor:
                                 int(settings.get("rate", logfile.RATE))), self.echo)
             self.children[proc.name] = Child(proc, group, out)
             self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
+
+    def _guard_udp(self, group: cgroup.Cgroup, listen: list[str]) -> None:
+        """Before the process starts: it may bind only its own UDP ports. Where the kernel
+        cannot (no cgroup v2, no BPF) the service runs all the same, and status says so."""
+        try:
+            group.guard_udp_binds(listen)
+        except (OSError, ValueError) as exc:
+            warning = f"{group.process}: UDP ports not guarded against other services: {exc}"
+            log.warning(warning)
+            self.bind_warnings.append(warning)
+            self.warnings.append(warning)
 
     def _noexec_paths(self) -> tuple[str, ...]:
         """/tmp and every `writable` path: what the service writes must never run. A path
@@ -390,7 +403,7 @@ class Supervisor:
         mnt.clear_delta(str(self.spec.delta_dir))
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
-            launch.volumes_of(self.spec), self._noexec_paths())
+            launch.volumes_of(self.spec), self._noexec_paths()) + self.bind_warnings
         self.reverts += 1
         self.sensing.fresh_delta()
         self.exec_guard.index(self.spec)
