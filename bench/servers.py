@@ -42,17 +42,18 @@ from typing import Any
 import benchkit as bk
 
 VARIANTS = ("corral", "plain", "firejail")
+VARIANTS_OF: dict[str, list[str]] = {}  # per server: VARIANTS and the attribution variants
 # Run by root (firejail.users may not list the service users), keeping only the two
 # capabilities setpriv inside needs to become the user; the uid change clears them.
 FIREJAIL = ["firejail", "--noprofile", "--quiet", "--private-dev", "--caps.keep=setuid,setgid",
             "--nonewprivs", "--seccomp"]
 PG = "/usr/lib/postgresql/15/bin"
-PORTS = {"nginx": 18080, "redis": 18090, "postgresql": 18100}  # + 0, 1, 2 per variant
+PORTS = {"nginx": 18100, "redis": 18200, "postgresql": 18300}  # + the variant's index
 CLIENTS = 16
 
 
 def port(server: str, variant: str) -> int:
-    return PORTS[server] + VARIANTS.index(variant)
+    return PORTS[server] + VARIANTS_OF[server].index(variant)
 
 
 # -- manifests and plain command lines ---------------------------------------------------------
@@ -101,60 +102,55 @@ def pg_argv(data: str, p: int) -> list[str]:
 INITDB = ["--auth=trust", "--username=bench", "--locale=C", "--encoding=UTF8", "--no-sync"]
 
 
-def manifests(world: bk.World, limits: str) -> dict[str, tuple[str, Path]]:
-    """One manifest per server; `limits` is the [process.*] limits line ("" for the
-    defaults, which is what a manifest without one gets)."""
-    out: dict[str, tuple[str, Path]] = {}
-    www = world.dir / "www-src"
-    www.mkdir(exist_ok=True)
-    (www / "4k.bin").write_bytes(os.urandom(4096))
-    conf = world.dir / "nginx-corral.conf"
-    conf.write_text(NGINX_CONF.format(variant="corral", port=port("nginx", "corral"),
-                                      root="/srv/www"))
-    name = world.service("n")
-    path = world.dir / "nginx.toml"
-    path.write_text(f'''name = "{name}"
+def write_manifest(world: bk.World, server: str, variant: str, limits: str) -> tuple[str, Path]:
+    """The manifest of one contained variant (`variant` is "corral" or "corral-SKIPS");
+    `limits` is the [process.*] limits line ("" for the manifest defaults)."""
+    p = port(server, variant)
+    index = VARIANTS_OF[server].index(variant)
+    name = world.service(f"{server[0]}{index}")
+    path = world.dir / f"{server}-{variant}.toml"
+    if server == "nginx":
+        www = world.dir / "www-src"
+        conf = world.dir / f"nginx-{variant}.conf"
+        conf.write_text(NGINX_CONF.format(variant=variant, port=p, root="/srv/www"))
+        path.write_text(f'''name = "{name}"
 [image]
 include = ["/usr/sbin/nginx"]
 add = {{ "/etc/benchnginx/nginx.conf" = "{conf}", "/srv/www/4k.bin" = "{www / '4k.bin'}" }}
 delta_size = "64M"
 [process.web]
 command = {json.dumps(nginx_argv("/etc/benchnginx/nginx.conf"))}
-listen = ["tcp/{port("nginx", "corral")}"]
+listen = ["tcp/{p}"]
 stop_signal = "SIGQUIT"
 {limits}
 [watch]
 react = "log"
 ''')
-    out["nginx"] = (name, path)
-    name = world.service("r")
-    path = world.dir / "redis.toml"
-    path.write_text(f'''name = "{name}"
+    elif server == "redis":
+        path.write_text(f'''name = "{name}"
 [image]
 include = ["/usr/bin/redis-server"]
 delta_size = "64M"
 [process.kv]
-command = {json.dumps(redis_argv(port("redis", "corral")))}
-listen = ["tcp/{port("redis", "corral")}"]
+command = {json.dumps(redis_argv(p))}
+listen = ["tcp/{p}"]
 {limits}
 [watch]
 react = "log"
 ''')
-    out["redis"] = (name, path)
-    name = world.service("p")
-    path = world.dir / "postgresql.toml"
-    data = "/var/lib/pgbench/main"
-    pg_limits = limits.replace("limits = {", 'limits = { memory = "1G",') if limits else \
-        'limits = { memory = "1G" }'
-    path.write_text(f'''name = "{name}"
+    else:
+        data = "/var/lib/pgbench/main"
+        pg_limits = limits.replace("limits = {", 'limits = { memory = "1G",') if limits else \
+            'limits = { memory = "1G" }'
+        path.write_text(f'''name = "{name}"
 [image]
 include = ["{PG}/postgres", "{PG}/initdb", "/usr/lib/postgresql/15/lib",
            "/usr/share/postgresql/15", "/usr/share/zoneinfo", "/bin/sh"]
 delta_size = "64M"
 [process.db]
-command = {json.dumps(pg_argv(data, port("postgresql", "corral")))}
+command = {json.dumps(pg_argv(data, p))}
 exec = ["{PG}/postgres", "{PG}/initdb", "/bin/sh"]
-listen = ["tcp/{port("postgresql", "corral")}"]
+listen = ["tcp/{p}"]
 state_directory = ["pgbench"]
 state_directory_mode = "0700"
 stop_signal = "SIGINT"
@@ -166,8 +162,30 @@ creates = "{data}/PG_VERSION"
 [watch]
 react = "log"
 ''')
-    out["postgresql"] = (name, path)
-    return out
+    return name, path
+
+
+def start_contained(world: bk.World, server: str, variant: str, limits: str) -> None:
+    """`corral up` of one contained variant; "corral-landlock+seccomp" runs with
+    CORRAL_BENCH_SKIP=landlock,seccomp (launch/benchskip.py), and "nft" among the skips
+    flushes the service's table (in the benchmark's own network namespace) after the start."""
+    name, path = write_manifest(world, server, variant, limits)
+    world.install(path, name)
+    skips = variant.partition("-")[2].split("+") if "-" in variant else []
+    env = world.env()
+    launch_skips = [s for s in skips if s != "nft"]
+    if launch_skips or os.environ.get("CORRAL_BENCH_SKIP"):
+        env["CORRAL_BENCH_SKIP"] = ",".join(
+            launch_skips + [s for s in os.environ.get("CORRAL_BENCH_SKIP", "").split(",") if s])
+    result = subprocess.run(world.argv("up", str(path)), capture_output=True, text=True,
+                            env=env, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"corral up {variant}: {(result.stderr or result.stdout)[-800:]}")
+    world.cleanups.append(lambda: world.corral("down", name, check=False))
+    if "nft" in skips:
+        subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
+                       check=True)
+    _wait_port(world, port(server, variant), None, f"{server}-{variant}")
 
 
 # -- starting and stopping ---------------------------------------------------------------------
@@ -294,82 +312,88 @@ def prepare_pg(world: bk.World, variant: str) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
-            limits: str) -> dict[str, Any]:
-    made = manifests(world, limits)
+            limits: str, attribute: list[str]) -> dict[str, Any]:
+    """`attribute`: skip sets ("landlock", "seccomp+landlock", "nft"...), each one more
+    contained variant of every server, run in the same rounds."""
+    www = world.dir / "www-src"
+    www.mkdir()
+    (www / "4k.bin").write_bytes(os.urandom(4096))
+    extra = [f"corral-{a}" for a in attribute]
     env_skip = os.environ.get("CORRAL_BENCH_SKIP", "")
     for server in servers:
-        name, path = made[server]
-        bk.progress(f"{server}: install and start, three ways")
-        world.install(path, name)
-        world.corral("up", str(path), timeout=600)
-        world.cleanups.append(lambda n=name: world.corral("down", n, check=False))
-        _wait_port(world, port(server, "corral"), None, f"{server}-corral")
-        for variant in ("plain", "firejail"):
-            _start_outside(world, server, variant)
+        VARIANTS_OF[server] = [*VARIANTS, *extra]
+        bk.progress(f"{server}: install and start, {len(VARIANTS_OF[server])} ways")
+        for variant in VARIANTS_OF[server]:
+            if variant.startswith("corral"):
+                start_contained(world, server, variant, limits)
+            else:
+                _start_outside(world, server, variant)
         if server == "postgresql":
-            for variant in VARIANTS:
+            for variant in VARIANTS_OF[server]:
                 prepare_pg(world, variant)
-        for variant in VARIANTS:  # one unreported warm-up each
+        for variant in VARIANTS_OF[server]:  # one unreported warm-up each
             CLIENT[server](world, port(server, variant), 1)
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     rng = random.Random(13)
     for rnd in range(rounds):
         for server in servers:
-            order = list(VARIANTS)
+            order = list(VARIANTS_OF[server])
             rng.shuffle(order)
             for variant in order:
                 for row, value in CLIENT[server](world, port(server, variant), seconds).items():
-                    samples.setdefault(row, {v: [] for v in VARIANTS})[variant].append(value)
+                    samples.setdefault(row, {v: [] for v in VARIANTS_OF[server]})[variant] \
+                        .append(value)
         bk.progress(f"round {rnd + 1}/{rounds}")
     results: dict[str, Any] = {}
     for row, per in samples.items():
         med = {v: {"rate": statistics.median(s["rate"] for s in per[v]),
                    "p99_ms": statistics.median(s["p99_ms"] for s in per[v]),
-                   "samples": per[v]} for v in VARIANTS}
+                   "samples": per[v]} for v in per}
+        plain = med["plain"]
         results[row] = {
             "variants": med,
-            "corral_vs_plain": med["corral"]["rate"] / med["plain"]["rate"],
-            "firejail_vs_plain": med["firejail"]["rate"] / med["plain"]["rate"],
-            "corral_p99_vs_plain": med["corral"]["p99_ms"] / med["plain"]["p99_ms"],
-            "firejail_p99_vs_plain": med["firejail"]["p99_ms"] / med["plain"]["p99_ms"],
-            # the spread of the per-round ratio: how far one round's ratio strays
-            "corral_vs_plain_rounds": [c["rate"] / p["rate"] for c, p in
-                                       zip(per["corral"], per["plain"], strict=True)],
+            # ratio of the medians, and the median of each round's own ratio (less sensitive
+            # to load that changed between rounds)
+            "vs_plain": {v: m["rate"] / plain["rate"] for v, m in med.items()},
+            "vs_plain_rounds": {v: statistics.median(
+                a["rate"] / b["rate"] for a, b in zip(per[v], per["plain"], strict=True))
+                for v in per},
+            "p99_vs_plain": {v: m["p99_ms"] / plain["p99_ms"] for v, m in med.items()},
         }
     return {"rows": results, "rounds": rounds, "seconds": seconds, "skip": env_skip,
             "limits": limits or "(manifest defaults)"}
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [["server", "plain /s", "corral /s", "firejail /s", "corral/plain",
-             "(rounds min-max)", "firejail/plain", "p99 ms plain", "p99 corral", "p99 firejail",
-             "p99 c/p"]]
+    rows = [["server", "variant", "per s", "/plain", "(per round)", "p99 ms", "p99 /plain"]]
     for row, r in report["result"]["rows"].items():
-        v = r["variants"]
-        spread = r["corral_vs_plain_rounds"]
-        rows.append([row, f"{v['plain']['rate']:.0f}", f"{v['corral']['rate']:.0f}",
-                     f"{v['firejail']['rate']:.0f}", f"{r['corral_vs_plain']:.3f}",
-                     f"{min(spread):.2f}-{max(spread):.2f}", f"{r['firejail_vs_plain']:.3f}",
-                     f"{v['plain']['p99_ms']:.2f}", f"{v['corral']['p99_ms']:.2f}",
-                     f"{v['firejail']['p99_ms']:.2f}", f"{r['corral_p99_vs_plain']:.2f}"])
+        for n, (variant, v) in enumerate(r["variants"].items()):
+            rows.append([row if n == 0 else "", variant, f"{v['rate']:.0f}",
+                         f"{r['vs_plain'][variant]:.3f}", f"{r['vs_plain_rounds'][variant]:.3f}",
+                         f"{v['p99_ms']:.2f}", f"{r['p99_vs_plain'][variant]:.2f}"])
     res = report["result"]
     head = (f"servers: {res['rounds']} interleaved rounds x {res['seconds']:g} s per client run, "
             f"{CLIENTS} connections; limits: {res['limits']}"
             + (f"; CORRAL_BENCH_SKIP={res['skip']}" if res["skip"] else ""))
     noisy = ("\nthe machine had other work during the run: differences of a few points are "
              "noise" if report.get("noisy") else "")
-    return f"{head}\n{bk.aligned(rows)}{noisy}"
+    return f"{head}\n{bk.aligned(rows, right={2, 3, 4, 5, 6})}{noisy}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0,
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=2.0,
                         help="length of each client run (redis: about that many requests)")
     parser.add_argument("--only", default="nginx,redis,postgresql")
     parser.add_argument("--limits", default="",
                         help='a limits line for the manifests, e.g. \'limits = { cpu = 2.0 }\'; '
                              "default: none (the manifest defaults)")
+    parser.add_argument("--attribute", default="",
+                        help="comma-separated skip sets, each one more contained variant: "
+                             "landlock, seccomp, seccomp-main, overlay, cpu, memory, pids (as "
+                             "CORRAL_BENCH_SKIP, docs/sandbox.md) and nft (the table flushed); "
+                             "join with + to skip several in one variant")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=bk.RESULTS_DIR / "servers.json")
     args = parser.parse_args()
@@ -382,7 +406,8 @@ def main() -> None:
     report: dict[str, Any] = {"machine": bk.machine()}
     world = bk.World("corral-bsrv-", "bs")
     with bk.throwaway(world):
-        report["result"] = measure(world, servers, args.rounds, args.seconds, args.limits)
+        report["result"] = measure(world, servers, args.rounds, args.seconds, args.limits,
+                                   [a for a in args.attribute.split(",") if a])
     bk.end_run(report, started, args.out, args.json, table)
 
 

@@ -204,14 +204,16 @@ def notify_fd(filters: Filters) -> int:
     return libseccomp.notify_fd(filters.quiet)
 
 
-def load(filters: Filters) -> None:
+def load(filters: Filters, main: bool = True) -> None:
     """In the child, last thing before execve. The kernel accepts a filter from an unprivileged
-    process only under no_new_privs; launch sets it earlier, set it here if it did not."""
+    process only under no_new_privs; launch sets it earlier, set it here if it did not.
+    `main=False` is for attribution benchmarks only (launch.benchskip)."""
     if kernel.prctl(kernel.PR_GET_NO_NEW_PRIVS) != 1:
         kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
     if filters.quiet is not None:
         filters.quiet.load()
-    filters.main.load()  # the child is single-threaded after fork: no TSYNC needed
+    if main:
+        filters.main.load()  # the child is single-threaded after fork: no TSYNC needed
 
 
 def apply(plan: SeccompPlan) -> None:
