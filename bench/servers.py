@@ -186,6 +186,8 @@ def start_contained(world: bk.World, server: str, variant: str, limits: str) -> 
         subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
                        check=True)
     _wait_port(world, port(server, variant), None, f"{server}-{variant}")
+    status = json.loads(world.corral("status", name, "--json").stdout)
+    TOPS[server, variant] = status["services"][0]["processes"][0]["pid"]
 
 
 # -- starting and stopping ---------------------------------------------------------------------
@@ -239,6 +241,40 @@ def _start_outside(world: bk.World, server: str, variant: str) -> None:
                                 env={"PATH": "/usr/bin:/bin", "TZ": "UTC", "LANG": "C"})
     world.cleanups.append(lambda: _stop(proc))
     _wait_port(world, p, proc, f"{server}-{variant}")
+    TOPS[server, variant] = proc.pid
+
+
+# -- server CPU ------------------------------------------------------------------------------
+# The server's CPU time per request is the figure the rest of the machine disturbs least: on a
+# busy 2-CPU machine throughput swings by tens of percent between rounds, while the CPU a
+# request costs the server moves by a few (bench/servers.md). Read from /proc: utime + stime
+# of the server's process tree plus what its reaped children used (cutime + cstime:
+# PostgreSQL's backends, forked per connection, end up there).
+TOPS: dict[tuple[str, str], int] = {}  # (server, variant) -> the pid at the top of its tree
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(top: int) -> float:
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        ticks[int(entry)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    total = 0
+    for pid in ticks:
+        at = pid
+        while at > 1 and at != top:
+            at = parent.get(at, 0)
+        if at == top:
+            total += ticks[pid]
+    return total / HZ
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -265,9 +301,10 @@ def run_wrk(world: bk.World, p: int, seconds: float) -> dict[str, dict[str, floa
                           f"http://127.0.0.1:{p}/4k.bin"])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    ops = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw errors: {out[-400:]}")
-    return {"nginx": {"rate": rps, "p99_ms": p99}}
+    return {"nginx": {"rate": rps, "p99_ms": p99, "ops": ops}}
 
 
 def run_redis(world: bk.World, p: int, seconds: float) -> dict[str, dict[str, float]]:
@@ -280,7 +317,8 @@ def run_redis(world: bk.World, p: int, seconds: float) -> dict[str, dict[str, fl
     for row in lines[1:]:
         fields = dict(zip(head, row, strict=False))
         rows[f"redis {fields['test']}"] = {"rate": float(fields["rps"]),
-                                           "p99_ms": float(fields["p99_latency_ms"])}
+                                           "p99_ms": float(fields["p99_latency_ms"]),
+                                           "ops": 2 * requests}  # CPU is measured over both
     return rows
 
 
@@ -292,9 +330,11 @@ def run_pgbench(world: bk.World, p: int, seconds: float) -> dict[str, dict[str, 
                           f"{seconds:g}", "-h", "127.0.0.1", "-p", str(p), "-U", "bench",
                           "--log", "--log-prefix", str(logs / "tx"), "bench"], cwd=str(logs))
     tps = float(re.search(r"tps = ([\d.]+)", out)[1])  # type: ignore[index]
+    ops = int(re.search(r"actually processed: (\d+)", out)[1])  # type: ignore[index]
     latencies = [int(line.split()[2]) / 1000 for name in glob.glob(str(logs / "tx*"))
                  for line in Path(name).read_text().splitlines()]
-    return {"postgresql select": {"rate": tps, "p99_ms": bk.percentile(latencies, 99)}}
+    return {"postgresql select": {"rate": tps, "p99_ms": bk.percentile(latencies, 99),
+                                  "ops": ops}}
 
 
 CLIENT: dict[str, Callable[[bk.World, int, float], dict[str, dict[str, float]]]] = {
@@ -340,7 +380,11 @@ def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
             order = list(VARIANTS_OF[server])
             rng.shuffle(order)
             for variant in order:
-                for row, value in CLIENT[server](world, port(server, variant), seconds).items():
+                before = cpu_seconds(TOPS[server, variant])
+                rows = CLIENT[server](world, port(server, variant), seconds)
+                used = cpu_seconds(TOPS[server, variant]) - before
+                for row, value in rows.items():
+                    value["cpu_us"] = used * 1e6 / value["ops"]
                     samples.setdefault(row, {v: [] for v in VARIANTS_OF[server]})[variant] \
                         .append(value)
         bk.progress(f"round {rnd + 1}/{rounds}")
@@ -348,6 +392,7 @@ def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
     for row, per in samples.items():
         med = {v: {"rate": statistics.median(s["rate"] for s in per[v]),
                    "p99_ms": statistics.median(s["p99_ms"] for s in per[v]),
+                   "cpu_us": statistics.median(s["cpu_us"] for s in per[v]),
                    "samples": per[v]} for v in per}
         plain = med["plain"]
         results[row] = {
@@ -359,25 +404,28 @@ def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
                 a["rate"] / b["rate"] for a, b in zip(per[v], per["plain"], strict=True))
                 for v in per},
             "p99_vs_plain": {v: m["p99_ms"] / plain["p99_ms"] for v, m in med.items()},
+            "cpu_vs_plain": {v: m["cpu_us"] / plain["cpu_us"] for v, m in med.items()},
         }
     return {"rows": results, "rounds": rounds, "seconds": seconds, "skip": env_skip,
             "limits": limits or "(manifest defaults)"}
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [["server", "variant", "per s", "/plain", "(per round)", "p99 ms", "p99 /plain"]]
+    rows = [["server", "variant", "per s", "/plain", "(per round)", "p99 ms", "p99 /plain",
+             "srv CPU us/op", "CPU /plain"]]
     for row, r in report["result"]["rows"].items():
         for n, (variant, v) in enumerate(r["variants"].items()):
             rows.append([row if n == 0 else "", variant, f"{v['rate']:.0f}",
                          f"{r['vs_plain'][variant]:.3f}", f"{r['vs_plain_rounds'][variant]:.3f}",
-                         f"{v['p99_ms']:.2f}", f"{r['p99_vs_plain'][variant]:.2f}"])
+                         f"{v['p99_ms']:.2f}", f"{r['p99_vs_plain'][variant]:.2f}",
+                         f"{v['cpu_us']:.1f}", f"{r['cpu_vs_plain'][variant]:.3f}"])
     res = report["result"]
     head = (f"servers: {res['rounds']} interleaved rounds x {res['seconds']:g} s per client run, "
             f"{CLIENTS} connections; limits: {res['limits']}"
             + (f"; CORRAL_BENCH_SKIP={res['skip']}" if res["skip"] else ""))
     noisy = ("\nthe machine had other work during the run: differences of a few points are "
              "noise" if report.get("noisy") else "")
-    return f"{head}\n{bk.aligned(rows, right={2, 3, 4, 5, 6})}{noisy}"
+    return f"{head}\n{bk.aligned(rows, right={2, 3, 4, 5, 6, 7, 8})}{noisy}"
 
 
 def main() -> None:
