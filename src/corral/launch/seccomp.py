@@ -137,6 +137,14 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
     filt.set_attr(pyseccomp.Attr.ACT_BADARCH, action(plan.other_arch))
     if log:
         filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
+    # A binary search over the syscall numbers instead of a linear list: the same verdicts, in
+    # fewer BPF instructions for the calls the kernel cannot cache (those with argument rules,
+    # openat above all: one per request for a static file server). Measured: open+close under
+    # the default filter 2216 -> 2186 ns, ~18% of the filter's cost (bench/servers.md).
+    try:
+        filt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
+    except (OSError, ValueError, RuntimeError):
+        pass  # libseccomp < 2.5: the linear program, same verdicts
 
     def add(act: int, name: str, *args: Any) -> None:  # args: pyseccomp.Arg (no type info)
         if (nr := _number(name)) is not None:
