@@ -100,6 +100,7 @@ def test_two_processes_caps_allowlist_and_quoting(tmp_path):
     assert "BindReadOnlyPaths=" in worker and "IPAddressAllow=10.0.0.5/32 127.0.0.53/32" in worker
     assert "SystemCallFilter=mmap openat read write" in worker
     assert "MemoryDenyWriteExecute" not in worker  # a JIT would die of it
+    assert "CPUQuota=" not in web + worker  # neither asks for a quota: none by default
     units = [str(p) for p in sorted(out.iterdir())]
     verify = subprocess.run([ANALYZE, "verify", *units], capture_output=True, text=True,
                             timeout=60)

@@ -52,6 +52,9 @@ def test_defaults_of_a_minimal_manifest():
     assert m.process["app"].executables == ["/bin/true"]
     assert m.watch.react == "revert" and len(m.watch.tripwires) == 7
     assert m.process["app"].syscalls == "default"
+    # No CPU quota unless asked (a quota throttles a multi-worker server on an idle machine):
+    # the cgroup's default weight applies, and the exports say no quota either.
+    assert m.process["app"].limits.cpu is None
 
 
 def mutate(path: list, value) -> dict:

@@ -68,7 +68,8 @@ def plan_text(plan: ServicePlan) -> str:
             f"    seccomp       {s.seccomp.mode}, {len(s.seccomp.syscalls)} system calls",
             f"    writable      {', '.join(s.landlock.read_write)}",
             f"    limits        memory {_size(limits['memory'])}, pids {limits['pids']}, "
-            f"open files {limits['open_files']}, cpu {limits['cpu']}",
+            f"open files {limits['open_files']}, "
+            f"cpu {'no quota' if limits['cpu'] is None else limits['cpu']}",
         ]
     return "\n".join(out + _watch_lines(plan.watch))
 

@@ -77,7 +77,9 @@ def _policy_ports(specs) -> list[dict[str, Any]]:
 def _container(src: Source, process: str) -> dict[str, Any]:
     m = src.manifest
     proc = m.process[process]
-    limits = {"memory": str(proc.limits.memory), "cpu": f"{round(proc.limits.cpu * 1000)}m"}
+    limits = {"memory": str(proc.limits.memory)}
+    if proc.limits.cpu is not None:  # no quota unless the manifest asks for one
+        limits["cpu"] = f"{round(proc.limits.cpu * 1000)}m"
     mounts = [{"name": _claim(m, v.path), "mountPath": v.path, "readOnly": v.owner != process}
               for v in m.volume]
     mounts += [{"name": "delta-tmp", "mountPath": "/tmp"}]

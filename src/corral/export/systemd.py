@@ -155,7 +155,8 @@ def unit(src: Source, process: str) -> str:
     lines += [f"SocketBindAllow={p}" for p in _ports(proc.listen)] + ["SocketBindDeny=any"]
     limits = proc.limits
     lines += ["", "# Limits", f"MemoryMax={limits.memory}", "MemorySwapMax=0",
-              f"TasksMax={limits.pids}", f"CPUQuota={round(limits.cpu * 100)}%",
+              f"TasksMax={limits.pids}",
+              *([f"CPUQuota={round(limits.cpu * 100)}%"] if limits.cpu is not None else []),
               f"LimitNOFILE={limits.open_files}", "LimitCORE=0",
               "", "[Install]", "WantedBy=multi-user.target", ""]
     return "\n".join(lines)

@@ -93,16 +93,20 @@ def private_namespace() -> None:
 
 
 def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[VolumeMount],
-                         noexec: tuple[str, ...] = ("/tmp",)) -> list[str]:
+                         noexec: tuple[str, ...] = ("/tmp",),
+                         bench_bind_root: bool = False) -> list[str]:
     """In the supervisor's private mount namespace: overlay, /dev, volumes, and `noexec` for
     the places the service can write to (so nothing it writes can be mapped executable, not
     even through the dynamic loader, which Landlock must let it execute). Returns warnings
     for the service's status (a volume that had to be bind-mounted)."""
     os.makedirs(root, mode=0o755, exist_ok=True)
-    upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
-    with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
-        kernel.mount("corral-root", root, "overlay", SAFE,
-                     f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
+    if bench_bind_root:
+        _bench_bind_root(root, base, noexec)
+    else:
+        upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
+        with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
+            kernel.mount("corral-root", root, "overlay", SAFE,
+                         f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
     for path in noexec:
         target = os.path.join(root, path.lstrip("/"))
         if os.path.isdir(target) and not os.path.islink(target):
@@ -128,6 +132,20 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
                             f"overlay's upper layer: {exc.strerror}); the service can see its "
                             "host path in /proc/self/mountinfo")
     return warnings
+
+
+def _bench_bind_root(root: str, base: str, writable: tuple[str, ...]) -> None:
+    """CORRAL_BENCH_SKIP=overlay only (launch.benchskip): the base as a read-only bind mount,
+    and an empty tmpfs (the base directory's owner and mode) on each writable path, to measure
+    what the overlay costs. Writes there are not in the delta."""
+    kernel.mount(base, root, None, MS_BIND)
+    kernel.mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | SAFE)
+    for path in writable:
+        target = os.path.join(root, path.lstrip("/"))
+        if os.path.isdir(target) and not os.path.islink(target):
+            st = os.stat(target)
+            kernel.mount("corral-bench", target, "tmpfs", SAFE,
+                         f"size=64m,mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}")
 
 
 def _mount_volume(vol: VolumeMount, target: str) -> None:

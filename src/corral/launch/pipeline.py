@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import notify
 from corral.kernel import syscalls as kernel
-from corral.launch import creds, landlock, mnt, seccomp
+from corral.launch import benchskip, creds, landlock, mnt, seccomp
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
@@ -185,16 +185,21 @@ def _creds(jail: Jail) -> None:
 
 
 def _landlock(jail: Jail) -> None:
-    landlock.restrict(landlock_plan(jail.proc))
+    if not benchskip.skips("landlock"):  # bench-only attribution switch (benchskip.py)
+        landlock.restrict(landlock_plan(jail.proc))
 
 
 def _seccomp(jail: Jail) -> None:
-    seccomp.load(jail.filt)
+    if benchskip.skips("seccomp"):  # bench-only: neither filter, so no listener either
+        return
+    seccomp.load(jail.filt, main=not benchskip.skips("seccomp-main"))
 
 
 def _hand_up_listener(jail: Jail) -> None:
     """Hand the exec listener up before the first execve blocks on it."""
-    if jail.notify_sock is not None:
+    if jail.notify_sock is not None and benchskip.skips("seccomp"):
+        jail.notify_sock.close()  # the supervisor reads "no listener" and lets it run
+    elif jail.notify_sock is not None:
         fd = seccomp.notify_fd(jail.filt)
         notify.send_fd(jail.notify_sock, fd)
         os.close(fd)

@@ -147,6 +147,15 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
     filt.set_attr(pyseccomp.Attr.ACT_BADARCH, action(plan.other_arch))
     if log:
         filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
+    # A binary search over the syscall numbers instead of a linear list: the same verdicts, in
+    # fewer BPF instructions for the calls the kernel cannot cache (those with argument rules,
+    # openat above all: one per request for a static file server). Measured (bench/
+    # seccomp_open.py): open+close under the default filter 2216 -> 2186 ns in one run,
+    # 2210 -> 2200 in another, of a filter cost of ~170 ns: small, and free.
+    try:
+        filt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
+    except (OSError, ValueError, RuntimeError):
+        pass  # libseccomp < 2.5: the linear program, same verdicts
 
     def add(act: int, name: str, *args: Any) -> None:  # args: pyseccomp.Arg (no type info)
         if (nr := _number(name)) is not None:
@@ -228,14 +237,16 @@ def notify_fd(filters: Filters) -> int:
     return libseccomp.notify_fd(filters.quiet)
 
 
-def load(filters: Filters) -> None:
+def load(filters: Filters, main: bool = True) -> None:
     """In the child, last thing before execve. The kernel accepts a filter from an unprivileged
-    process only under no_new_privs; launch sets it earlier, set it here if it did not."""
+    process only under no_new_privs; launch sets it earlier, set it here if it did not.
+    `main=False` is for attribution benchmarks only (launch.benchskip)."""
     if kernel.prctl(kernel.PR_GET_NO_NEW_PRIVS) != 1:
         kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
     if filters.quiet is not None:
         filters.quiet.load()
-    filters.main.load()  # the child is single-threaded after fork: no TSYNC needed
+    if main:
+        filters.main.load()  # the child is single-threaded after fork: no TSYNC needed
 
 
 def apply(plan: SeccompPlan) -> None:

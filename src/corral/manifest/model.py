@@ -188,7 +188,11 @@ class Limits(Strict):
     memory: Size = 512 << 20
     pids: Annotated[int, AfterValidator(_positive)] = 256
     open_files: Annotated[int, AfterValidator(_positive)] = 1024
-    cpu: Annotated[float, AfterValidator(_cpu)] = 1.0
+    # No quota unless asked: a quota caps a multi-worker server even on an idle machine (nginx
+    # with two workers at cpu = 1.0 was throttled in 93% of periods, 0.66 of its throughput;
+    # bench/servers.md). Without one the service's cgroup has the default weight, so under
+    # contention it gets the same share as any other group.
+    cpu: Annotated[float, AfterValidator(_cpu)] | None = None
 
 
 class Setup(Strict):

@@ -7,13 +7,16 @@ For each service we install one table, `inet corral-SERVICE`:
     set P-connect4 / P-connect6   ipv4_addr|ipv6_addr . inet_proto . inet_service, flags interval
     set P-listen                  inet_proto . inet_service, flags interval
     chain output   hook output, policy accept    meta skuid vmap { USER : goto proc-P, ... }
-    chain proc-P   fib saddr type != local       -> log "corral S P spoof", drop
+    chain proc-P   ct direction reply, ct state established, (l4proto . sport) in P-listen
+                                                 -> accept   (a server's replies: the fast path)
+                   fib saddr type != local       -> goto deny-P-spoof
                    ct direction original, (daddr . l4proto . dport) in P-connect4/6 -> accept
                    ct direction reply, (l4proto . sport) in P-listen              -> accept
-                   ct direction original -> log "... egress", drop
-                   ct direction reply    -> log "... listen", drop   (serving an undeclared port)
-                   anything else         -> log "... untracked", drop
+                   ct direction original -> goto deny-P-egress
+                   ct direction reply    -> goto deny-P-listen   (serving an undeclared port)
+                   anything else         -> goto deny-P-untracked
                                             (invalid or untracked by conntrack)
+    chain deny-P-REASON                  log "corral S P REASON" (rate-limited); drop
 
 Why this shape:
 - Only the output hook: at input the receiving socket is not known yet, so inbound is enforced on
@@ -188,31 +191,52 @@ def th(field: str) -> dict:
     return {"payload": {"protocol": "th", "field": field}}
 
 
-def _deny(service: str, process: str, match: list[dict],
-          reason: str) -> list[tuple[list, str | None]]:
-    """Log (rate limited) and drop. Two rules: the limit must gate only the log, never the drop;
-    the drop rule's counter and comment let tests and operators see which reason fired."""
+REASONS = ("spoof", "egress", "listen", "untracked")
+
+
+def deny_chain(process: str, reason: str) -> str:
+    return f"deny-{process}-{reason}"
+
+
+def _deny(process: str, match: list[dict], reason: str) -> tuple[list, str | None]:
+    """Count, then go to the reason's deny chain (log rate-limited, drop). One rule, so its
+    match (a FIB lookup for `spoof`) is evaluated once per packet, not once for the log and
+    again for the drop; the counter and comment stay here, in proc-PROCESS, for tests and
+    operators."""
+    return (match + [{"counter": None}, {"goto": {"target": deny_chain(process, reason)}}],
+            reason)
+
+
+def _deny_chain_rules(service: str, process: str, reason: str) -> list[list]:
+    """The deny chain: the limit gates only the log, never the drop."""
     prefix = f"corral {service} {process} {reason}"
-    log = [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
-           {"log": {"prefix": prefix, "group": nflog_group(service), "snaplen": LOG_SNAPLEN}}]
-    return [(match + log, None), (match + [{"counter": None}, {"drop": None}], reason)]
+    return [[{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
+             {"log": {"prefix": prefix, "group": nflog_group(service), "snaplen": LOG_SNAPLEN}}],
+            [{"drop": None}]]
 
 
 def _process_rules(service: str, process: str) -> list[tuple[list, str | None]]:
     """(expressions, comment) of the rules in chain proc-PROCESS, in order."""
-    rules = _deny(service, process, [_SPOOFED], "spoof")  # first: no allow rule may let it out
+    listen = match({"concat": [_L4PROTO, th("sport")]}, f"@{process}-listen")
+    # First, the common case of a server: a reply on a flow the peer opened to a declared
+    # port. Its source address is the one the peer's packet was delivered to, so it is the
+    # host's own (conntrack matches the reply to that tuple; only TPROXY, which needs
+    # CAP_NET_ADMIN, could deliver a foreign address): the FIB anti-spoof lookup below would
+    # only repeat what conntrack already established.
+    rules: list[tuple[list, str | None]] = [
+        ([match(_DIRECTION, "reply"), match({"ct": {"key": "state"}}, "established"), listen,
+          {"accept": None}], None)]
+    rules.append(_deny(process, [_SPOOFED], "spoof"))  # before every other allow rule
     for version, family in ((4, "ip"), (6, "ip6")):
         daddr = {"payload": {"protocol": family, "field": "daddr"}}
         rules.append(([match(_DIRECTION, "original"),
                        match({"concat": [daddr, _L4PROTO, th("dport")]},
                              f"@{process}-connect{version}"),
                        {"accept": None}], None))
-    rules.append(([match(_DIRECTION, "reply"),
-                   match({"concat": [_L4PROTO, th("sport")]}, f"@{process}-listen"),
-                   {"accept": None}], None))
-    rules += _deny(service, process, [match(_DIRECTION, "original")], "egress")
-    rules += _deny(service, process, [match(_DIRECTION, "reply")], "listen")
-    rules += _deny(service, process, [], "untracked")
+    rules.append(([match(_DIRECTION, "reply"), listen, {"accept": None}], None))
+    rules.append(_deny(process, [match(_DIRECTION, "original")], "egress"))
+    rules.append(_deny(process, [match(_DIRECTION, "reply")], "listen"))
+    rules.append(_deny(process, [], "untracked"))
     return rules
 
 
@@ -258,6 +282,8 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
     add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
     for f in flows:
         add("chain", name=f"proc-{f.process}")
+        for reason in REASONS:
+            add("chain", name=deny_chain(f.process, reason))
     add("rule", chain="output", comment="isolated",
         expr=[{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": "@isolated"}},
               {"counter": None}, {"drop": None}])
@@ -276,6 +302,9 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
         for expr, comment in _process_rules(service, f.process):
             add("rule", chain=f"proc-{f.process}", expr=expr,
                 **({"comment": comment} if comment else {}))
+        for reason in REASONS:
+            for expr in _deny_chain_rules(service, f.process, reason):
+                add("rule", chain=deny_chain(f.process, reason), expr=expr)
     return {"nftables": cmds}
 
 

@@ -28,7 +28,7 @@ from corral.core.fsio import write_json
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
-from corral.launch import cgroup, landlock, logfile, mnt, output
+from corral.launch import benchskip, cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
 from corral.supervise import setup
@@ -122,15 +122,19 @@ class Supervisor:
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
+        skip = benchskip.skipped()
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
-            self._noexec_paths())
+            self._noexec_paths(), bench_bind_root="overlay" in skip)
+        if skip:
+            self.warnings.append(f"{benchskip.VARIABLE}={','.join(sorted(skip))}: containment "
+                                 "weakened for a benchmark; never use it in production")
         for warning in self.warnings:
             log.warning(warning)
         self.exec_guard.index(self.spec)
         for proc in self.spec.processes:
-            limits = cgroup.Limits(memory=proc.limits.get("memory"), pids=proc.limits.get("pids"),
-                                   cpu=proc.limits.get("cpu"))
+            limits = cgroup.Limits(**{k: None if k in skip else proc.limits.get(k)
+                                      for k in ("memory", "pids", "cpu")})
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
             self._guard_udp(group, proc.listen)
             settings = self.spec.log
@@ -403,7 +407,8 @@ class Supervisor:
         mnt.clear_delta(str(self.spec.delta_dir))
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
-            launch.volumes_of(self.spec), self._noexec_paths()) + self.bind_warnings
+            launch.volumes_of(self.spec), self._noexec_paths(),
+            bench_bind_root="overlay" in benchskip.skipped()) + self.bind_warnings
         self.reverts += 1
         self.sensing.fresh_delta()
         self.exec_guard.index(self.spec)

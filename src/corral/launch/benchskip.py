@@ -1,0 +1,41 @@
+"""CORRAL_BENCH_SKIP: a benchmark-only switch that turns containment mechanisms off, one at a
+time, so that bench/servers.sh can say what each one costs (attribution). Never for production:
+it weakens the containment it names, so the supervisor says so in `status` and its log.
+
+`CORRAL_BENCH_SKIP=landlock,seccomp` in the environment of `corral up`/`run` (the supervisor
+inherits it). Names:
+
+- `landlock`: no Landlock ruleset;
+- `seccomp`: neither seccomp filter (and so no exec notification: the `exec` tripwire is off);
+- `seccomp-main`: only the main (logged) filter is skipped; the quiet one (clone3's ENOSYS, the
+  exec notification) stays;
+- `overlay`: the root is a read-only bind mount of the base instead of the overlay of base and
+  delta, with an empty tmpfs on /tmp and on each writable path (what the service writes there
+  is not in the delta; `corral delta` sees nothing);
+- `cpu`, `memory`, `pids`: no such cgroup limit (the cgroup itself stays).
+
+An unknown name is an error, so that a typo does not measure the full containment under the
+name of a lighter one. The per-service nftables table is not a launch mechanism: the benchmark
+deletes it itself (`nft`, in its own network namespace).
+"""
+
+from __future__ import annotations
+
+import os
+
+KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "cpu", "memory", "pids"})
+VARIABLE = "CORRAL_BENCH_SKIP"
+
+
+def skipped() -> frozenset[str]:
+    """The mechanisms the environment asks to skip; ValueError for an unknown name."""
+    names = frozenset(n.strip() for n in os.environ.get(VARIABLE, "").split(",") if n.strip())
+    if unknown := names - KNOWN:
+        raise ValueError(f"{VARIABLE}: unknown mechanism(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(KNOWN))})")
+    return names
+
+
+def skips(mechanism: str) -> bool:
+    assert mechanism in KNOWN, mechanism  # a caller's typo, not the user's
+    return mechanism in skipped()
