@@ -178,8 +178,11 @@ def test_a_changed_manifest_updates_only_what_changed(tmp_path, corral_root, net
                                         'connect = ["tcp/873@10.0.0.10"]')
     open(changed, "w").write(text)
     result = corral("install", changed, netns=netns, check=True)
-    assert (result.stdout.strip()
-            == f"{service_name}: applied nftables table inet corral-{service_name}")
+    # Exactly what changed: the table re-applied, and the run-time settings of the one process
+    # whose connect changed (issue 12: install says what it rewrote).
+    assert result.stdout.strip().splitlines() == [
+        f"{service_name}: applied nftables table inet corral-{service_name}",
+        f"{service_name}: updated the run-time settings: process backup: connect"]
     assert tables(netns) == before  # same table, new contents
     rules = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "inet",
                             f"corral-{service_name}"], capture_output=True, text=True).stdout
