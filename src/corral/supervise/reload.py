@@ -26,6 +26,7 @@ from corral.core import log
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
+from corral.kernel import signals
 
 REQUEST = "reload-request.json"
 # What the kernel fixed when the process started: a reload cannot change these.
@@ -65,17 +66,6 @@ def refill_firewall(spec: ServiceSpec) -> str:
     return ""
 
 
-def _handles(pid: int, sig: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
-    except OSError:
-        pass
-    return False
-
-
 class Reloads:
     """The supervisor's side: one reload at a time is recorded in state.json as `reload`."""
 
@@ -113,7 +103,7 @@ class Reloads:
                 entry["action"] = "not running"
             elif isinstance(new.reload, str):
                 sig = signal.Signals[new.reload]
-                if _handles(child.init, sig):
+                if signals.handles(child.init, sig):
                     os.kill(child.init, sig)
                     entry["action"] = f"sent {new.reload}"
                 else:

@@ -28,6 +28,7 @@ from corral.core.fsio import write_json
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
+from corral.kernel import signals
 from corral.launch import benchskip, cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
@@ -361,7 +362,7 @@ class Supervisor:
         for child in self.children.values():
             if child.init:
                 sig = _signal_number(child.spec.stop_signal)
-                _kill(child.init, sig if _handles(child.init, sig) else signal.SIGKILL)
+                _kill(child.init, sig if signals.handles(child.init, sig) else signal.SIGKILL)
                 deadlines[child.spec.name] = now + float(child.spec.stop_timeout)
         while self.alive():
             now = time.monotonic()
@@ -601,21 +602,6 @@ def open_dirs(*paths: str) -> Iterator[tuple[int, ...]]:
 
 def _signal_number(name: str) -> int:
     return int(signal.Signals[name]) if name in signal.Signals.__members__ else signal.SIGTERM
-
-
-def _handles(pid: int, sig: int) -> bool:
-    """Does the process catch `sig` (SigCgt)? A namespace's init ignores any signal it does
-    not, so sending it would only wait out the timeout."""
-    if sig == signal.SIGKILL:
-        return True
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
-    except OSError:
-        pass
-    return False
 
 
 def _kill(pid: int, sig: int) -> None:
