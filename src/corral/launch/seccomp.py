@@ -147,15 +147,9 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
     filt.set_attr(pyseccomp.Attr.ACT_BADARCH, action(plan.other_arch))
     if log:
         filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
-    # A binary search over the syscall numbers instead of a linear list: the same verdicts, in
-    # fewer BPF instructions for the calls the kernel cannot cache (those with argument rules,
-    # openat above all: one per request for a static file server). Measured (bench/
-    # seccomp_open.py): open+close under the default filter 2216 -> 2186 ns in one run,
-    # 2210 -> 2200 in another, of a filter cost of ~170 ns: small, and free.
-    try:
-        filt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
-    except (OSError, ValueError, RuntimeError):
-        pass  # libseccomp < 2.5: the linear program, same verdicts
+    # A linear program, not libseccomp's binary tree (CTL_OPTIMIZE=2): the tree measured 10-30
+    # ns less per uncached call, inside the noise (bench/seccomp_open.py), and made the program
+    # 211 instructions instead of 193 (tests/test_seccomp.py keeps it under 200).
 
     def add(act: int, name: str, *args: Any) -> None:  # args: pyseccomp.Arg (no type info)
         if (nr := _number(name)) is not None:
