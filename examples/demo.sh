@@ -80,11 +80,21 @@ print(f"  running as uid {os.getuid()}, pid {os.getpid()} in its own PID namespa
 attempt("read /etc/shadow", lambda: open("/etc/shadow").read())
 attempt("run a shell", lambda: os.execv("/bin/sh", ["sh"]))
 attempt("trojan the base: write /usr/bin/python3.11", lambda: open("/usr/bin/python3.11", "ab"))
-attempt("reach the host-only database on 127.0.0.1:5432", lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2))
 attempt("see host processes", lambda: [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", str(os.getpid()))] or (_ for _ in ()).throw(OSError(3, "only its own PID namespace is visible")))
 attempt("learn the host'"'"'s paths from its mount table", lambda: [l.split()[3] for l in open("/proc/self/mountinfo") if "/var/lib/corral" in l] or (_ for _ in ()).throw(OSError(2, "no host path in /proc/self/mountinfo")))
-'
+import sys; sys.stdout.flush()
+# Last: Landlock refuses the connect before any packet exists, and its audit record is an
+# egress incident; react = revert kills this session, so nothing after it would print.
+attempt("reach the host-only database on 127.0.0.1:5432", lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2))
+' || true
 kill $db 2>/dev/null || true
+bold "   even a refused connect is an incident (Landlock's audit record): the watcher reverted"
+for _ in $(seq 50); do  # back from the clean base
+  in_ns "$CORRAL" status notes --json | grep -q '"reverts": 1' && \
+    in_ns "$CORRAL" status notes --json | grep -q '"state": "running"' && break
+  sleep 0.1
+done
+in_ns "$CORRAL" incidents notes
 
 bold "7. The worm: it drops a copy of itself and tries to spread. The watcher pulls the plug"
 in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -u -I -c '
