@@ -151,3 +151,23 @@ def test_remove_goes_deeper_than_the_walk_and_python_would(tmp_path):
         tree.remove(fd, "top")  # already gone: fine
     assert sorted(os.listdir(tmp_path)) == ["keep"]
     assert (tmp_path / "keep/precious").read_text() == "stays"
+
+
+def test_a_sparse_file_hashes_as_its_dense_twin(tmp_path):
+    """The hash is the content's, whatever the allocation: mksquashfs, cp --sparse and overlay
+    copy-ups turn zero blocks into holes, and a base verified against its own image must agree
+    (the boot test's `host image verify` found three such files)."""
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    content = b"head" + bytes(3 << 20) + b"tail"
+    dense.write_bytes(content)
+    with open(sparse, "wb") as handle:
+        handle.write(b"head")
+        handle.seek(len(content) - 4)
+        handle.write(b"tail")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert len(tree.extents(fd_of := os.open(sparse, os.O_RDONLY), len(content))) > 1
+        os.close(fd_of)
+        assert tree.hash_and_magic(fd, b"dense")[0] == tree.hash_and_magic(fd, b"sparse")[0]
+    finally:
+        os.close(fd)

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from corral.core.errors import RuntimeFailure
 
@@ -118,10 +118,12 @@ def hash_and_magic(dir_fd: int, name: bytes, sink: BinaryIO | None = None,
                    ) -> tuple[str | None, bool]:
     """blake3 and "is it ELF" of a regular file; `sink`, when given, receives the very bytes
     hashed (commit copies what it checked, not a second read that may differ), written at
-    their offsets so that holes stay holes. Only data is read: a file with holes is hashed as
-    its extents (offset, length, bytes) and its size, so equal files still hash equal. Past
-    the `budget`, no hash (None): reported as a change whose content is not known, `path`
-    (the file's name in the tree) listed in budget.skipped."""
+    their offsets so that holes stay holes. Only data is read; a hole is hashed as the zeros it
+    reads as, so the hash is the content's whatever the allocation (mksquashfs, cp --sparse and
+    a copy-up all make holes of zero blocks: a dense file and its sparse copy must agree). The
+    `budget` counts the whole size, holes included (they are hashed); past it, no hash (None):
+    reported as a change whose content is not known, `path` (the file's name in the tree)
+    listed in budget.skipped."""
     import blake3
 
     try:
@@ -136,27 +138,35 @@ def hash_and_magic(dir_fd: int, name: bytes, sink: BinaryIO | None = None,
         spans = extents(fd, st.st_size)
         dense = spans == [(0, st.st_size)] or not st.st_size
         first = os.pread(fd, 4, 0) if spans and spans[0][0] == 0 else b""
-        if budget is not None and not budget.take(path or name, sum(e - b for b, e in spans)):
+        if budget is not None and not budget.take(path or name, st.st_size):
             return None, first == b"\x7fELF"
         hasher = blake3.blake3()
-        if not dense:
-            hasher.update(b"corral-sparse:%d" % st.st_size)
+        pos = 0
         for start, end in spans:
-            if not dense:
-                hasher.update(b":%d:%d:" % (start, end - start))
-                if sink is not None:
-                    sink.seek(start)
+            _hash_zeros(hasher, start - pos)  # the hole before this extent
+            if sink is not None and not dense:
+                sink.seek(start)
             pos = start
             while pos < end and (chunk := os.pread(fd, min(READ_CHUNK, end - pos), pos)):
                 hasher.update(chunk)
                 if sink is not None:
                     sink.write(chunk)
                 pos += len(chunk)
+        _hash_zeros(hasher, st.st_size - pos)  # the tail hole
         if sink is not None and not dense:
             sink.truncate(st.st_size)  # the tail hole, and the size
         return hasher.hexdigest(), first == b"\x7fELF"
     finally:
         os.close(fd)
+
+
+_ZEROS = bytes(READ_CHUNK)
+
+
+def _hash_zeros(hasher: Any, count: int) -> None:
+    while count > 0:
+        hasher.update(_ZEROS[:min(count, READ_CHUNK)])
+        count -= READ_CHUNK
 
 
 def is_whiteout(st: os.stat_result) -> bool:
