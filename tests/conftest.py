@@ -171,3 +171,22 @@ def notes(tmp_path, corral_root, netns, service_name):
     finally:
         svc.corral("down", service_name)
         svc.corral("uninstall", service_name, "--purge")
+
+
+@pytest.fixture
+def start_service(corral_root, netns, service_name):
+    """Install and start a manifest as `service_name` in `netns`; every service started is
+    taken down and uninstalled (--purge) afterwards, even when the test fails."""
+    started: list[Service] = []
+
+    def start(manifest) -> Service:
+        corral("install", str(manifest), netns=netns, check=True)
+        svc = Service(service_name, netns, corral_root, manifest)
+        started.append(svc)
+        svc.corral("up", str(manifest), check=True)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.corral("down", svc.name)
+        svc.corral("uninstall", svc.name, "--purge")

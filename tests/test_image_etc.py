@@ -31,9 +31,8 @@ def egress_drops(svc: Service) -> int:
 
 
 @pytest.fixture
-def python_service(tmp_path, corral_root, netns, service_name):
+def python_service(tmp_path, service_name, start_service):
     """A stock `python3 -m http.server` contained, default tripwires, react = revert."""
-    started: list[Service] = []
 
     def start(top: str = "") -> Service:
         manifest = write_manifest(tmp_path, service_name, f"""{top}
@@ -44,16 +43,9 @@ command = ["/usr/bin/python3.11", "-m", "http.server", "8080", "--directory", "/
 listen = ["tcp/8080"]
 environment = {{ LANG = "C.UTF-8" }}
 """)
-        corral("install", str(manifest), netns=netns, check=True)
-        svc = Service(service_name, netns, corral_root, manifest)
-        started.append(svc)
-        svc.corral("up", str(manifest), check=True)
-        return svc
+        return start_service(manifest)
 
-    yield start
-    for svc in started:
-        svc.corral("down", svc.name)
-        svc.corral("uninstall", svc.name, "--purge")
+    return start
 
 
 def test_localhost_and_the_own_name_resolve_without_dns(python_service):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Service, corral, notes_manifest
+from conftest import Service, notes_manifest
 
 pytestmark = pytest.mark.root
 
@@ -39,9 +39,8 @@ def wait_for(predicate, timeout: float = 10.0):
 
 
 @pytest.fixture
-def service_with(tmp_path, corral_root, netns, service_name):
+def service_with(tmp_path, service_name, start_service):
     """Start the sample with extra manifest text; yields a factory."""
-    started: list[Service] = []
 
     def start(watch: str = "", app_extra: str = "", add: dict | None = None) -> Service:
         manifest = notes_manifest(tmp_path, service_name, extra_process=watch,
@@ -50,16 +49,9 @@ def service_with(tmp_path, corral_root, netns, service_name):
             extra = "".join(f', "{k}" = "{v}"' for k, v in add.items())
             text = manifest.read_text().replace('notes.py" }', f'notes.py"{extra} }}', 1)
             manifest.write_text(text)
-        corral("install", str(manifest), netns=netns, check=True)
-        svc = Service(service_name, netns, corral_root, manifest)
-        started.append(svc)
-        svc.corral("up", str(manifest), check=True)
-        return svc
+        return start_service(manifest)
 
-    yield start
-    for svc in started:
-        svc.corral("down", svc.name)
-        svc.corral("uninstall", svc.name, "--purge")
+    return start
 
 
 def test_an_exec_outside_the_list_is_refused_and_reverted(notes):

@@ -68,13 +68,18 @@ def _image_from(raw: str) -> str:
     return raw if raw == "closure" else _absolute_path(raw)
 
 
-def _mode(raw: object) -> int:
+def _octal_mode(raw: object, example: str, what: str) -> int:
+    """An octal mode string ("0750"), never writable by others."""
     if not isinstance(raw, str) or not re.fullmatch(r"0?[0-7]{3}", raw):
-        raise ValueError(f'"{raw}": expected an octal mode string like "0750"')
+        raise ValueError(f'"{raw}": expected an octal mode string like "{example}"')
     mode = int(raw, 8)
     if mode & 0o002:
-        raise ValueError(f'"{raw}": a volume must not be writable by others')
+        raise ValueError(f'"{raw}": {what} must not be writable by others')
     return mode
+
+
+def _mode(raw: object) -> int:
+    return _octal_mode(raw, "0750", "a volume")
 
 
 def _resolver(raw: object) -> str:
@@ -89,12 +94,7 @@ def _resolver(raw: object) -> str:
 
 
 def _dir_mode(raw: object) -> int:
-    if not isinstance(raw, str) or not re.fullmatch(r"0?[0-7]{3}", raw):
-        raise ValueError(f'"{raw}": expected an octal mode string like "0755"')
-    mode = int(raw, 8)
-    if mode & 0o002:
-        raise ValueError(f'"{raw}": a directory of the service must not be writable by others')
-    return mode
+    return _octal_mode(raw, "0755", "a directory of the service")
 
 
 def _dir_name(raw: object) -> str:
