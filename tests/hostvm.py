@@ -86,6 +86,16 @@ class Guest:
         out = match.group(1).decode(errors="replace").replace("\r\n", "\n")
         return int(match.group(2)), out
 
+    def tail(self, size: int = 3000) -> str:
+        """The console's last bytes, control characters made visible: for failure messages."""
+        self.log.flush()
+        with open(self.log.name, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - size))
+            text = log.read().decode(errors="replace")
+        return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}"
+                       for c in text.replace("\r\n", "\n"))
+
     def wait_exit(self, timeout: float) -> int:
         return self.proc.wait(timeout)
 

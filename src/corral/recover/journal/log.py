@@ -129,6 +129,20 @@ class Log:
         return json.loads(data), digest(data)
 
     @contextmanager
+    def _staging(self, what: str) -> Iterator[None]:
+        """Objects staged inside are discarded if the block fails: they must never outlive the
+        record that would have named them. An OSError becomes a RuntimeFailure saying what was
+        being done."""
+        try:
+            yield
+        except OSError as exc:
+            self.objects.discard()
+            raise failed(exc, what) from exc
+        except BaseException:
+            self.objects.discard()
+            raise
+
+    @contextmanager
     def locked(self, exclusive: bool = True, wait: bool = True) -> Iterator[bool]:
         """Yields False (and locks nothing) when a reader finds no journal at all. Without
         `wait`, raises JournalBusy instead of waiting for another writer."""
@@ -208,7 +222,7 @@ class Log:
         head = {"format": 1, "epoch": 0, "hash": GENESIS, "first": 1, "opened": now,
                 "baseline": base_ref}
         self._known, self._observed = {}, {}  # nothing read before is stored in this journal
-        try:
+        with self._staging(f"starting the journal of {self.volume}"):
             (self.dir / "epochs").mkdir(exist_ok=True, mode=0o700)
             self.objects.create()
             scan = self._snapshot(freeze)
@@ -219,12 +233,6 @@ class Log:
             write_durable(self.dir / "baseline-0.json", baseline)
             base_ref["hash"] = digest(baseline)
             write_durable(self.dir / HEAD, encode(head))  # the journal exists from here on
-        except OSError as exc:
-            self.objects.discard()
-            raise failed(exc, f"starting the journal of {self.volume}") from exc
-        except BaseException:
-            self.objects.discard()
-            raise
         self._tag = (0, GENESIS)
         self._adopt(scan)
         self._save_cache(force=True)
@@ -270,7 +278,7 @@ class Log:
         head = self.head()
         assert head is not None
         self._load(head)
-        try:
+        with self._staging(f"closing an epoch of {self.volume}"):
             scan = self._snapshot(freeze)
             changes = _changes(self._state, scan.entries, writer)
             stored_bytes = self.objects.staged_bytes
@@ -278,12 +286,6 @@ class Log:
             changes = self._rows(self._state, scan.entries, changes)
             stored_bytes += self.objects.staged_bytes
             stored += self.objects.flush()
-        except OSError as exc:
-            self.objects.discard()
-            raise failed(exc, f"closing an epoch of {self.volume}") from exc
-        except BaseException:
-            self.objects.discard()
-            raise
         self.last_scan = {"entries": len(scan.entries), "frozen_ms": scan.frozen_ms,
                           "read_files": scan.read_files,
                           "read_bytes": scan.read_bytes, "stored_objects": stored,
@@ -448,7 +450,7 @@ class Log:
         assert head is not None
         self._load(head)
         to = head["epoch"] if to is None else to
-        try:
+        with self._staging(f"excising from {self.volume}"):
             plan = plan_excision(self.records(from_, head["epoch"]), to, self._state, prefer,
                                  self._merger(prefer), self._row_merger(prefer))
             final = plan.final(self._state)
@@ -459,12 +461,6 @@ class Log:
                 self.objects.flush()  # merged contents, before the intent that names them
                 changes = self._rows(self._state, final, changes)  # undoable at row level too
                 self.objects.flush()
-        except OSError as exc:
-            self.objects.discard()
-            raise failed(exc, f"excising from {self.volume}") from exc
-        except BaseException:
-            self.objects.discard()
-            raise
         record = {"id": head["epoch"] + 1, "start": head["opened"],
                   "end": iso(self.clock()), "reason": "excise",
                   "note": note or f"excised epochs {from_}..{to}", "incidents": [],
