@@ -42,6 +42,9 @@ class Sensing:
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.states["network"] = f"off: {exc}"
         self.add(self._base_write_sensor())
+        from corral.watch import floods
+
+        self.add(floods.FloodSensor(floods.watched_of(self.spec)))
         self.states["exec"] = "on (seccomp user notification)"
 
     def _base_write_sensor(self) -> Any:
@@ -98,6 +101,13 @@ class Sensing:
                 self.due[name] = now + self.live[name].interval
                 changed |= self.drain(name, trip)
         return changed
+
+    def refused(self, detail: dict[str, Any]) -> None:
+        """A write corral refused to keep its reserve (a journal close on the journals' worker
+        thread, a revert's archive): a `flood` event at the next drain."""
+        sensor = self.live.get("flood")
+        if sensor is not None:
+            sensor.refused(detail)
 
     def fresh_delta(self) -> None:
         """After a revert: the new delta's base writes are reported anew."""

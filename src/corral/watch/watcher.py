@@ -46,7 +46,7 @@ class Watcher:
     def for_supervisor(cls, sup: Containment) -> Watcher:
         watch = sup.spec.watch or {}
         tripwires = tuple(watch.get("tripwires") or ("egress", "listen", "exec", "base-write",
-                                                    "setuid", "ptrace", "spoof"))
+                                                    "setuid", "ptrace", "spoof", "flood"))
         return cls(sup, watch.get("react", "revert"), tripwires, watch.get("on_incident"))
 
     def enabled(self, tripwire: str) -> bool:
@@ -70,7 +70,11 @@ class Watcher:
 
     # -- the tripwire ---------------------------------------------------------------------
     def trip(self, event: Event, process: str | None = None) -> dict[str, Any] | None:
-        if process is None:
+        if process is None and event.tripwire == "flood":
+            # A volume's owner, who alone writes it; a delta or the state file system: no one
+            # process is known to have filled it, the first one stands for the service.
+            process = event.detail.get("owner") or self.sup.spec.processes[0].name
+        elif process is None:
             process = self.writer_of(event.detail.get("path", "")) \
                 if event.tripwire == "base-write" else self.process_of(event.uid)
         if process is None or not self.enabled(event.tripwire):
@@ -99,6 +103,11 @@ class Watcher:
             "delta_archive": None,
         }
         reaction = REACTIONS[self.react]
+        if event.tripwire == "flood" and event.detail.get("filesystem") == "state":
+            # The state file system is shared with the host and every service: its reserve
+            # being reached says nothing this service did. Recorded; corral's writes refuse.
+            reaction = REACTIONS["log"]
+            record["reaction"] = "log"
         if reaction.name == "revert" and self._too_many_reverts(detected):
             reaction = REACTIONS["kill"]
             record["reaction"] = reaction.name
