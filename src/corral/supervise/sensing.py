@@ -84,7 +84,11 @@ class Sensing:
             events = []
         if trip is not None:
             for event in events:
-                trip(event)
+                try:
+                    trip(event)
+                except Exception as exc:  # noqa: BLE001 - one event's failure (a full disk
+                    # under the incident file) is logged, never the supervisor's end
+                    log.error(f"sensor {name}: {event.tripwire} event: {exc!r}")
         if sensor.state.startswith("off") and sensor.fileno() is not None:
             self.selector.unregister(sensor)
             sensor.close()

@@ -25,7 +25,10 @@ from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
 
 INTERVAL = 0.25  # seconds: the supervisor loop's tick
-LOW_MIN, LOW_MAX = 256 << 10, 16 << 20  # a limited file system is full under 1% free, within
+# A limited file system is full under 1% free, within these: a writer meets ENOSPC with up to
+# about its write's size still free (ext4 keeps blocks back for delayed allocation's metadata:
+# 1 MiB writes stopped with 450-600 KiB "available" on 32-64 MiB volumes).
+LOW_MIN, LOW_MAX = 2 << 20, 16 << 20
 
 
 @dataclass
