@@ -232,3 +232,64 @@ def test_after_a_reboot_up_mounts_it_again_and_uninstall_undoes_it(escape_env):
         assert (state / "volumes" / STORE / "kept").read_text() == "still here"
         service.corral("uninstall", service.name, "--purge", check=True)
         assert mounts_under(state) == [] and not state.exists()
+
+
+def journaled(text: str) -> str:
+    """The sample's manifest with its (unsized) volume journaled."""
+    return text.replace('mode = "0750"\n', 'mode = "0750"\njournal = true\nepoch = "1h"\n', 1)
+
+
+@pytest.fixture
+def small_state(escape_env, monkeypatch):
+    """A CORRAL_ROOT on a 320 MiB ext4 of its own, so the test can bring the state file system
+    under corral's reserve (64 MiB) without touching the host's."""
+    image, top = escape_env.tmp / "small-state.img", escape_env.tmp / "small-state"
+    with open(image, "wb") as handle:
+        handle.truncate(320 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    top.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(top)], check=True)
+    try:
+        monkeypatch.setenv("CORRAL_ROOT", str(top))
+        yield top
+    finally:
+        subprocess.run(["umount", "-l", str(top)], check=True)
+        image.unlink()
+
+
+def test_corral_keeps_its_reserve_on_the_state_file_system(escape_env, small_state):
+    with started(escape_env.tmp, small_state, escape_env.netns, port=8092,
+                 edit=journaled) as service:
+        wrote = service.exec("open('/srv/notes/note', 'w').write('a note')")
+        assert wrote.returncode == 0, wrote.stderr
+        supervisor = service.status()["supervisor"]
+        # the rest of the host fills the state file system up to 32 MiB of free space
+        st = os.statvfs(small_state)
+        filler = small_state / "filler"
+        with open(filler, "wb") as handle:
+            os.posix_fallocate(handle.fileno(), 0, st.f_bavail * st.f_frsize - (32 << 20))
+        mark = service.corral("state", "mark", service.name)
+        assert mark.returncode != 0 and "corral keeps 64.0 MiB in reserve" in mark.stderr, \
+            mark.stderr
+        assert "Traceback" not in mark.stderr
+        found = wait_for_floods(service, 1, "state")
+        assert len(found) == 1, found
+        assert found[0]["detail"]["reserve"] == 64 << 20
+        assert found[0]["detail"]["free"] < 64 << 20
+        assert found[0]["reaction"] == "log"  # nothing says this service filled it
+        # the incident's own close (on the supervisor's journal thread) was refused and says so
+        deadline = time.monotonic() + 30
+        while "reserve" not in service.status()["journals"]["/srv/notes"] \
+                and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert "reserve" in service.status()["journals"]["/srv/notes"]
+        # a revert's archive is refused too; the revert happens all the same
+        revert = service.corral("revert", service.name)
+        assert revert.returncode == 0, revert.stderr
+        log = (small_state / "run/corral" / service.name / "supervisor.log").read_text()
+        assert "archiving the delta failed" in log and "in reserve" in log, log[-2000:]
+        assert service.status()["supervisor"] == supervisor
+        assert service.serving()
+        filler.unlink()  # space again: epochs close
+        mark = service.corral("state", "mark", service.name)
+        assert mark.returncode == 0, mark.stderr

@@ -16,7 +16,7 @@ from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
 
-DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (a delta on disk)
+DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (no fs of its own)
 
 Trip = Callable[[Event], Any]
 
@@ -49,7 +49,8 @@ class Sensing:
 
     def _base_write_sensor(self) -> Any:
         """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
-        walk alone every DELTA_POLL where fanotify cannot be used (a delta on disk)."""
+        walk alone every DELTA_POLL where fanotify cannot be used (a delta that is no file system
+        of its own)."""
         from corral.watch import delta_events, sensors
 
         delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
