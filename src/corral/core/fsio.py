@@ -94,7 +94,13 @@ RESERVE_MIN = 64 << 20
 RESERVE_FRACTION = 100  # 1 %
 
 
+RESERVE_VARIABLE = "CORRAL_STATE_RESERVE"  # bytes instead of the default; 0: no reserve
+
+
 def reserve_of(st: os.statvfs_result) -> int:
+    setting = os.environ.get(RESERVE_VARIABLE, "").strip()
+    if setting.isdigit():
+        return int(setting)
     return max(RESERVE_MIN, st.f_blocks * st.f_frsize // RESERVE_FRACTION)
 
 
@@ -116,7 +122,7 @@ def keep_reserve(path: str | Path, need: int, what: str) -> None:
     leaves corral's reserve free (max(64 MiB, 1%))."""
     st = os.statvfs(path)
     free, reserve = st.f_bavail * st.f_frsize, reserve_of(st)
-    if free - need < reserve:
+    if reserve and free - need < reserve:
         mib = lambda n: f"{n / (1 << 20):.1f} MiB"  # noqa: E731
         raise ReserveRefused(
             f"{what}: refused to write {mib(need)} to the file system of {path}: "
