@@ -192,6 +192,25 @@ def test_a_disk_delta_is_bounded_too(flooded):
     assert service.status()["supervisor"] == supervisor
 
 
+def test_an_excision_rewrites_a_sized_volume(flooded):
+    """The journal's other half: an excision writes into the volume's own file system (through
+    the running service's mount) and takes the flood's second file out."""
+    service, _, _, _ = flooded
+    log = json.loads(service.corral("state", "log", service.name, "--json", check=True).stdout)
+    epochs = log["volumes"][0]["epochs"]
+    # each flood incident closed an epoch; the volume's second flood changed it
+    holding = [e["id"] for e in epochs if e["reason"] == "incident" and e["files_changed"]]
+    assert holding, epochs
+    mark = service.corral("state", "mark", service.name, check=True)
+    assert mark.returncode == 0
+    excise = service.corral("state", "excise", service.name, "--from", str(holding[-1]),
+                            "--to", str(holding[-1]))
+    assert excise.returncode == 0, excise.stderr
+    assert "flood2" in excise.stdout
+    left = service.attack(LOOK, {"volume": VOLUME})
+    assert "flood2" not in returned(left, "listing")
+
+
 def loop_devices_of(image: Path) -> str:
     return subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True,
                           check=True).stdout.strip()
