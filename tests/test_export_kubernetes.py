@@ -13,12 +13,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import CORRAL, EXAMPLES, corral, notes_manifest
+from corral.export import kubernetes
+from corral.manifest.model import parse_manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "kubernetes"
 NOTES = str(EXAMPLES / "notes" / "notes.toml")
@@ -44,6 +47,13 @@ def test_golden(tmp_path):
             (GOLDEN / name).write_text((tmp_path / name).read_text())
     for name in names:
         assert (tmp_path / name).read_text() == (GOLDEN / name).read_text(), name
+
+
+def test_a_sized_volume_claims_its_size():
+    data = tomllib.loads(Path(NOTES).read_text())
+    data["volume"][0]["size"] = "512M"
+    [claim] = kubernetes.claims(parse_manifest(NOTES, data))
+    assert claim["spec"]["resources"]["requests"]["storage"] == "512Mi"
 
 
 def test_network_policy_denies_by_default():

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import subprocess
+import time
 
 import pytest
 
@@ -125,6 +126,31 @@ def test_a_failure_half_way_undoes_its_own_work(tmp_path, corral_root, netns, se
     assert accounts() == before
     assert tables(netns) == before_tables
     assert not (corral_root / "var/lib/corral").exists()
+
+
+def mounts_under(top) -> list[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return [line.split()[4] for line in handle if line.split()[4].startswith(str(top))]
+
+
+@pytest.mark.parametrize("step", ["volumes", "table"])
+def test_a_failure_after_a_sized_volume_undoes_its_file_system(tmp_path, corral_root, netns,
+                                                               service_name, step):
+    manifest = sample(tmp_path, service_name)
+    text = open(manifest).read().replace('mode = "0750"\n', 'mode = "0750"\nsize = "16M"\n', 1)
+    open(manifest, "w").write(text)
+    result = corral("install", manifest, netns=netns, env={"CORRAL_TEST_FAIL_AFTER": step})
+    assert result.returncode == 1 and "undone" in result.stderr, result.stderr
+    assert "could not undo" not in result.stderr
+    assert mounts_under(corral_root) == []
+    assert not (corral_root / "var/lib/corral").exists()
+    deadline = time.monotonic() + 30  # a lazy unmount lets the loop device go soon after
+    while True:
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        if str(corral_root) not in loops or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert str(corral_root) not in loops, loops
 
 
 def test_a_real_failure_half_way_is_undone(tmp_path, corral_root, netns, service_name):

@@ -50,7 +50,7 @@ def test_defaults_of_a_minimal_manifest():
     assert m.image.source == "closure" and m.image.delta == "tmpfs"
     assert m.image.delta_size == 64 << 20
     assert m.process["app"].executables == ["/bin/true"]
-    assert m.watch.react == "revert" and len(m.watch.tripwires) == 7
+    assert m.watch.react == "revert" and len(m.watch.tripwires) == 8
     assert m.process["app"].syscalls == "default"
     # No CPU quota unless asked (a quota throttles a multi-worker server on an idle machine):
     # the cgroup's default weight applies, and the exports say no quota either.
@@ -100,6 +100,12 @@ CASES = [
      'web.toml: volume[0].mode: "750": expected an octal mode string like "0750"'),
     (["volume", 0, "epoch"], "10 minutes",
      'web.toml: volume[0].epoch: "10 minutes": expected a duration like "10m" (s, m, h or d)'),
+    (["volume", 0, "size"], "4M",
+     'web.toml: volume[0].size: "4M": a file system of its own is 8M to 16T'),
+    (["volume", 0, "size"], "lots",
+     'web.toml: volume[0].size: "lots": expected a size like "64M" (K, M, G or T)'),
+    (["volume", 0, "size"], "32T",
+     'web.toml: volume[0].size: "32T": a file system of its own is 8M to 16T'),
     (["image", "delta"], "zram",
      'web.toml: image.delta: "zram": expected "tmpfs" or "disk"'),
     (["image", "delta_size"], "lots",
@@ -129,7 +135,7 @@ CASES = [
      'web.toml: watch.react: "panic": expected "log", "isolate", "kill" or "revert"'),
     (["watch", "tripwires", 0], "coffee",
      'web.toml: watch.tripwires[0]: "coffee": '
-     'expected "egress", "listen", "exec", "base-write", "setuid", "ptrace" or "spoof"'),
+     'expected "egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof" or "flood"'),
     (["name"], "Web_Server",
      'web.toml: name: "Web_Server": a name is 1-16 characters: a-z first, then a-z, 0-9 or "-"'),
     (["name"], KeyError, "web.toml: name: required key is missing"),
@@ -167,6 +173,27 @@ def test_overlapping_volumes():
     data["volume"].append({"path": "/srv/data/sub", "owner": "app"})
     assert ('web.toml: volume[1].path: "/srv/data/sub": overlaps volume[0] "/srv/data"'
             in problems(data))
+
+
+def test_sizes_of_file_systems_of_their_own():
+    data = spec_data()
+    data["volume"][0]["size"] = "512M"
+    data.setdefault("image", {})["delta"] = "disk"
+    assert problems(data) == []
+    assert parse_manifest("web.toml", data).volume[0].size == 512 << 20
+    data["image"]["delta_size"] = "1M"  # fine for a tmpfs, too small for an ext4 of its own
+    assert problems(data) == ["web.toml: image.delta_size: 1048576: a disk delta is a file "
+                              "system of its own: 8M to 16T"]
+
+
+def test_bad_volume_size_exits_2_naming_the_key(tmp_path):
+    path = tmp_path / "web.toml"
+    path.write_text(SPEC_EXAMPLE.read_text().replace('mode = "0750"',
+                                                      'mode = "0750"\nsize = "-5M"', 1))
+    result = corral("check", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f'{path}: volume[0].size: "-5M": expected a size like')
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("content,message", [

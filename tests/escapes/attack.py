@@ -267,10 +267,13 @@ def new_service_name() -> str:
 
 @contextlib.contextmanager
 def started(directory: Path, root: Path, netns: str, name: str | None = None, port: int = 8080,
-            volume: str = "/srv/notes", launcher: str = "nsenter-net"):
-    """Install and start a service; down, uninstall and remove its user on the way out."""
+            volume: str = "/srv/notes", launcher: str = "nsenter-net",
+            edit=lambda text: text):
+    """Install and start a service (its manifest's text passed through `edit`); down,
+    uninstall and remove its user on the way out."""
     name = name or new_service_name()
     manifest = service_manifest(directory, name, port, volume)
+    manifest.write_text(edit(manifest.read_text()))
     svc = Contained(name, netns, root, manifest, port, launcher)
     try:
         svc.corral("install", str(manifest), check=True)

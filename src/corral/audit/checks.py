@@ -40,6 +40,7 @@ class VolView:
     path: str
     mode: int | None
     journal: bool | None  # None: not known
+    size: int | None = None  # bytes of its own file system; None: unbounded
 
 
 @dataclass
@@ -268,6 +269,16 @@ def _journal(view: ServiceView, host: HostFacts) -> Result:
     without = [v.path for v in known if not v.journal]
     return len(without) / len(known), (f"no journal: {', '.join(without)}" if without
                                         else "every volume journaled")
+
+
+@check("volumes.size", 3, "volumes have a size the kernel enforces")
+def _volume_size(view: ServiceView, host: HostFacts) -> Result:
+    if not view.volumes:
+        return None, "no volumes"
+    without = [v.path for v in view.volumes if not v.size]
+    return len(without) / len(view.volumes), (
+        f"unbounded (a flood fills the state file system): {', '.join(without)}" if without
+        else "every volume sized")
 
 
 REACT_EXPOSURE = {"revert": 0.0, "kill": 0.3, "isolate": 0.3, "log": 1.0}

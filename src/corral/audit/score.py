@@ -72,7 +72,7 @@ def view_from_manifest(file: str) -> ServiceView:
         for name, p in m.process.items()]
     return ServiceView(
         service=m.name, source=file, processes=processes,
-        volumes=[VolView(v.path, v.mode, v.journal) for v in m.all_volumes()],
+        volumes=[VolView(v.path, v.mode, v.journal, v.size) for v in m.all_volumes()],
         delta=m.image.delta, react=m.watch.react, tripwires=tuple(m.watch.tripwires),
         image=plan_image_findings(plan))
 
@@ -132,7 +132,7 @@ def view_from_installed(name: str) -> ServiceView:
             mode: int | None = stat.S_IMODE(os.lstat(spec.state / "volumes" / v.store).st_mode)
         except OSError:
             mode = None
-        volumes.append(VolView(v.path, mode, journals.get(v.path)))
+        volumes.append(VolView(v.path, mode, journals.get(v.path), v.size))
     watch = spec.watch or {}
     from corral.manifest.model import TRIPWIRES
 

@@ -48,7 +48,8 @@ def plan_text(plan: ServicePlan) -> str:
     out += ["", *_image_lines(plan), "", "volumes"]
     for vol in plan.volumes or ():
         journal = f", journal, epoch {vol.epoch}s" if vol.journal else ""
-        out.append(f"  {vol.path:<20} owner {vol.owner}, mode {vol.mode:04o}{journal}")
+        size = f", {vol.size >> 20} MiB file system of its own" if vol.size else ""
+        out.append(f"  {vol.path:<20} owner {vol.owner}, mode {vol.mode:04o}{size}{journal}")
     if not plan.volumes:
         out.append("  none: nothing survives a revert")
     rules = sum(1 for item in plan.ruleset["nftables"] if "rule" in item.get("add", {}))

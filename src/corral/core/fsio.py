@@ -84,3 +84,48 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+# -- corral's reserve on the state file system ------------------------------------------------
+# What corral writes there on its own (journal epochs, delta archives) never takes the last of
+# it: the install record, incidents and state.json must still fit when a service (an unsized
+# volume, another program of the host) has filled the rest.
+RESERVE_MIN = 64 << 20
+RESERVE_FRACTION = 100  # 1 %
+
+
+RESERVE_VARIABLE = "CORRAL_STATE_RESERVE"  # bytes instead of the default; 0: no reserve
+
+
+def reserve_of(st: os.statvfs_result) -> int:
+    setting = os.environ.get(RESERVE_VARIABLE, "").strip()
+    if setting.isdigit():
+        return int(setting)
+    return max(RESERVE_MIN, st.f_blocks * st.f_frsize // RESERVE_FRACTION)
+
+
+class ReserveRefused(OSError):
+    """A write refused to keep corral's reserve; `detail` says where and how much (for the
+    `flood` incident). An OSError, so that the writers' existing handling of a full disk
+    (nothing half-written, the journal unchanged) applies as it is."""
+
+    def __init__(self, message: str, detail: dict[str, Any]):
+        super().__init__(28, message)  # ENOSPC: what the write would have met
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+def keep_reserve(path: str | Path, need: int, what: str) -> None:
+    """Raise ReserveRefused unless writing `need` more bytes to the file system of `path`
+    leaves corral's reserve free (max(64 MiB, 1%))."""
+    st = os.statvfs(path)
+    free, reserve = st.f_bavail * st.f_frsize, reserve_of(st)
+    if reserve and free - need < reserve:
+        mib = lambda n: f"{n / (1 << 20):.1f} MiB"  # noqa: E731
+        raise ReserveRefused(
+            f"{what}: refused to write {mib(need)} to the file system of {path}: "
+            f"{mib(free)} free, and corral keeps {mib(reserve)} in reserve",
+            {"filesystem": "state", "path": str(path), "need": need, "free": free,
+             "reserve": reserve, "refused": what})

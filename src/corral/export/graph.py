@@ -142,8 +142,7 @@ def _pid(service: str, process: str) -> str:
 def _service_cluster(dot: _Dot, svc: Service) -> None:
     m = svc.manifest
     image = m.image
-    delta = f"delta {image.delta}" + (f" {image.delta_size >> 20}M" if image.delta == "tmpfs"
-                                      else "")
+    delta = f"delta {image.delta} {image.delta_size >> 20}M"  # both bounded by their size
     dot.open(f"s:{m.name}", _label(f"service {m.name}", f"base: {image.source}, {delta}",
                                    f"react: {m.watch.react}"),
              style='"rounded"', color='"#455a64"')

@@ -22,7 +22,7 @@ from corral.plan.sandbox import sandbox_for
 
 # Ports a range may expand to in containerPorts; a longer range is in the NetworkPolicy only.
 MAX_LISTED_PORTS = 16
-PVC_SIZE = "1Gi"  # a manifest says nothing of a volume's size
+PVC_SIZE = "1Gi"  # for a volume without `size`
 
 LOST = (
     "the per-process network rules: a NetworkPolicy selects the whole pod, and processes in "
@@ -33,7 +33,7 @@ LOST = (
     "starts from the image, which is close); the redo log of journaled volumes",
     "limits.pids and limits.open_files (the kubelet's pod PID limit and the runtime's "
     "ulimits are node settings)",
-    "a PersistentVolumeClaim's size (the manifest has none: 1Gi is asked for) and the "
+    "a PersistentVolumeClaim's size for a volume without `size` (1Gi is asked for) and the "
     "volume's mode (fsGroup gives the owner's group)",
     "NetworkPolicy needs a network plugin that enforces it; podman ignores it",
 ) + seccomp_json.LOST
@@ -142,7 +142,18 @@ def claims(m: Manifest) -> list[dict[str, Any]]:
     return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": _claim(m, v.path), "labels": _labels(m)},
              "spec": {"accessModes": ["ReadWriteOnce"],
-                      "resources": {"requests": {"storage": PVC_SIZE}}}} for v in m.volume]
+                      "resources": {"requests": {"storage": _quantity(v.size)}}}}
+            for v in m.volume]
+
+
+def _quantity(size: int | None) -> str:
+    """A volume's `size` as a Kubernetes quantity (binary suffix when exact)."""
+    if not size:
+        return PVC_SIZE
+    for shift, suffix in ((40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
 
 
 def service(m: Manifest) -> list[dict[str, Any]]:

@@ -69,8 +69,11 @@ def lost(m: Manifest, process: str) -> list[str]:
     elif proc.listen:
         out.insert(0, "no egress filter: the process listens, so every address must reach it, "
                       "and IPAddressAllow=any also lets it connect anywhere (corral: nowhere)")
-    if m.image.delta == "tmpfs":
-        out.append(f"the delta's size ({m.image.delta_size} bytes): PrivateTmp= has no size")
+    out.append(f"the delta's size ({m.image.delta_size} bytes): PrivateTmp= has no size")
+    sized = [v.path for v in m.volume if v.size]
+    if sized:
+        out.append("the volumes' sizes (" + ", ".join(sized) + "): a unit's directories have "
+                   "no quota; corral gives each a file system of its own")
     if proc.writable:
         out.append("writable paths start empty (TemporaryFileSystem=), where corral's delta "
                    "shows the base underneath")

@@ -33,7 +33,7 @@ from corral.core.paths import (
     run_root,
 )
 from corral.core.text import iso
-from corral.host import image, nft, runtime, users
+from corral.host import image, loopfs, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
 from corral.plan import nft_rules as nftables
 from corral.plan.service import ServicePlan, UserSpec
@@ -161,7 +161,7 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
     return runtime.ServiceSpec(
         service=plan.service, base_version=record["base"]["version"], delta=plan.delta,
         delta_size=plan.delta_size, processes=processes,
-        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner], v.journal, v.epoch)
+        volumes=[runtime.VolumeSpec(v.path, v.store, owners[v.owner], v.journal, v.epoch, v.size)
                  for v in plan.volumes],
         watch=dict(plan.watch),
         exec_paths={s.process: list(s.executables) for s in plan.sandbox},
@@ -289,6 +289,13 @@ def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], rep
         owner = users.lookup(vol.owner)
         assert owner is not None  # created in the users step
         path = volumes_dir / vol.store
+        if vol.size:
+            loopfs.install_volume(state, vol.path, vol.store, vol.size, report.changes,
+                                  undo.push)
+        elif loopfs.has_image(state, vol.store):
+            raise RuntimeFailure(f"volume {vol.path} has a file system of its own "
+                                 f"({loopfs.sized(state, vol.store).image}); dropping its "
+                                 "`size` is not supported: keep a size (it may grow)")
         if not path.exists():
             path.mkdir(mode=0o700)
             undo.push(f"remove volume {vol.path}", path.rmdir)
@@ -298,7 +305,7 @@ def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], rep
             os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
             os.chmod(path, vol.mode, follow_symlinks=False)
     record["volumes"] = [{"path": v.path, "store": v.store, "owner": v.owner,
-                          "mode": f"{v.mode:04o}"} for v in plan.volumes]
+                          "mode": f"{v.mode:04o}", "size": v.size} for v in plan.volumes]
 
 
 def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
@@ -339,6 +346,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
     if unit.disable(service):
         report.changes.append(f"removed the systemd unit {unit.unit_name(service)}")
     shutil.rmtree(run_dir(service), ignore_errors=True)
+    report.changes += loopfs.unmount_all(state)
     if purge:
         shutil.rmtree(state)
         report.changes.append(f"removed {state} (volumes included)")
@@ -347,7 +355,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
             report.changes.append(f"removed the logs in {log_dir(service)}")
     else:
         for child in state.iterdir():
-            if child.name != "volumes":
+            if child.name not in ("volumes", loopfs.IMAGES):
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:

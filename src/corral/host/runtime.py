@@ -40,6 +40,7 @@ class VolumeSpec:
     owner: str  # process name
     journal: bool | None = None  # None: written before install recorded it (read the manifest)
     epoch: int | None = None
+    size: int | None = None  # bytes of its own file system (host.loopfs); None: unbounded
 
 
 @dataclass(frozen=True)

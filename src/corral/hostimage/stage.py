@@ -120,10 +120,11 @@ def prepare(root: Path, host_file: str, host: HostFile) -> dict[str, Any]:
 
     _put(root, f"{CONF}/host.toml", tomlkit.dumps(data).encode())
     _put(root, f"{CONF}/services", "".join(f"{n} {p}\n" for n, p in services).encode())
-    # Each service's volumes and journal persist; its users, base and tables are made again
-    # at every boot, in RAM, from the manifest in the image.
+    # Each service's volumes (and the images of those with a `size`) and journal persist; its
+    # users, base and tables are made again at every boot, in RAM, from the manifest in the
+    # image (and a start mounts the sized volumes' images again).
     persist = list(image.persist) + [f"/var/lib/corral/{n}/{d}" for n, _ in services
-                                     for d in ("volumes", "journal")]
+                                     for d in ("volumes", "volume-images", "journal")]
     _put(root, f"{CONF}/persist", "".join(f"{p}\n" for p in persist).encode())
     _put(root, f"{CONF}/delta_size", f"{image.delta_size}\n".encode())
     _put(root, "etc/hostname", b"corral-host\n")

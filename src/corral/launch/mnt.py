@@ -52,12 +52,35 @@ def _is_mountpoint(path: str) -> bool:
 
 
 def mount_delta(delta_dir: str, kind: str, size: int) -> None:
-    """The writable layer: a tmpfs of `size` (host namespace) or a plain directory for "disk"."""
+    """The writable layer, in the host's mount namespace: a tmpfs of `size`, or for "disk" an
+    ext4 of `size` in an image file next to it (host.loopfs), so that neither can take more
+    of the host than that. The disk delta stays mounted after a stop (it survives a restart,
+    and `corral delta` reads it) until uninstall; its image is made anew when `size`
+    changed (a delta is throwaway: a revert discards it too)."""
     os.makedirs(delta_dir, mode=0o700, exist_ok=True)
     if kind == "tmpfs" and not _is_mountpoint(delta_dir):
         kernel.mount("corral-delta", delta_dir, "tmpfs", SAFE, f"size={size},mode=0700")
+    elif kind == "disk":
+        _mount_disk_delta(delta_dir, size)
     for sub in ("upper", "work"):
         os.makedirs(os.path.join(delta_dir, sub), mode=0o755, exist_ok=True)
+
+
+def _mount_disk_delta(delta_dir: str, size: int) -> None:
+    from pathlib import Path
+
+    from corral.host import loopfs
+
+    image, top = Path(delta_dir + ".img"), Path(delta_dir)
+    if image.exists() and loopfs.image_size(image) != size:
+        loopfs.unmount(top)
+        image.unlink()
+    if not image.exists():
+        loopfs.unmount(top)
+        _empty(delta_dir)  # an unbounded delta of an older corral: under the mount, it would
+        loopfs.make_image(image, size)  # hold its blocks where nothing can reach them
+    if loopfs.mounted_at(top) is None:
+        loopfs.mount_image(image, top, loopfs.DELTA_OPTIONS)
 
 
 def unmount_delta(delta_dir: str, kind: str) -> None:

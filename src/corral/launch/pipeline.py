@@ -76,9 +76,19 @@ def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
 
 
 def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
-    return [mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner,
-                            str(spec.state / "volume-work" / v.store))
-            for v in spec.volumes]
+    """A sized volume's overlay takes its data and work directories through the loop mount:
+    an overlay's upper and work directories must be on one mount (host.loopfs)."""
+    out = []
+    for v in spec.volumes:
+        if v.size:
+            from corral.host import loopfs
+
+            fs = loopfs.sized(spec.state, v.store)
+            out.append(mnt.VolumeMount(v.path, str(fs.data), v.owner, str(fs.work)))
+        else:
+            out.append(mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner,
+                                       str(spec.state / "volume-work" / v.store)))
+    return out
 
 
 # ---------------------------------------------------------------- the start sequence, as data

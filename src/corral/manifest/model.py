@@ -30,7 +30,7 @@ from corral.core.units import parse_duration, parse_size
 from corral.manifest import tomlfile
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof")
+TRIPWIRES = ("egress", "listen", "exec", "base-write", "setuid", "ptrace", "spoof", "flood")
 # Kernel file systems the service gets its own instance of (or none): never a volume.
 RESERVED_ROOTS = ("/proc", "/dev", "/sys")
 RESERVED_PROCESS_NAMES = ("tasks",)
@@ -80,6 +80,18 @@ def _octal_mode(raw: object, example: str, what: str) -> int:
 
 def _mode(raw: object) -> int:
     return _octal_mode(raw, "0750", "a volume")
+
+
+MIN_FILESYSTEM = 8 << 20  # a volume or disk delta of its own: smaller has no room past ext4's
+MAX_FILESYSTEM = 16 << 40  # metadata; larger than ext4 with 4 KiB blocks holds
+
+
+def _fs_size(raw: object) -> int:
+    """The size of a file system of its own (a volume's, a disk delta's): 8M to 16T."""
+    size = parse_size(raw)
+    if not MIN_FILESYSTEM <= size <= MAX_FILESYSTEM:
+        raise ValueError(f'"{raw}": a file system of its own is 8M to 16T')
+    return size
 
 
 def _resolver(raw: object) -> str:
@@ -182,6 +194,9 @@ class Volume(Strict):
     mode: Annotated[int, BeforeValidator(_mode)] = 0o750
     journal: bool = False
     epoch: Duration = 600
+    # A file system of its own of this size (a loop-mounted image, host.loopfs): the kernel
+    # refuses writes past it. None: a directory of the state file system, unbounded.
+    size: Annotated[int, BeforeValidator(_fs_size)] | None = None
 
 
 class Limits(Strict):
@@ -407,6 +422,9 @@ def _cross_checks(file: str, m: Manifest) -> list[Problem]:
                     or other.startswith(vol.path + "/"):
                 add(loc, f'"{vol.path}": overlaps {where} "{other}"')
         seen_paths.append((_key(loc), vol.path))
+    if m.image.delta == "disk" and not MIN_FILESYSTEM <= m.image.delta_size <= MAX_FILESYSTEM:
+        add(("image", "delta_size"), f"{m.image.delta_size}: a disk delta is a file system of "
+                                     "its own: 8M to 16T")
     for path, pname in m.image.owner.items():
         if pname not in m.process:
             known = ", ".join(sorted(m.process)) or "none"

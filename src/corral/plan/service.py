@@ -54,6 +54,7 @@ class VolumePlan:
     journal: bool
     epoch: int
     store: str  # directory name under the state directory's volumes/
+    size: int | None = None  # bytes of its own file system (host.loopfs); None: unbounded
 
 
 @dataclass(frozen=True, order=True)
@@ -257,7 +258,7 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
                                         tuple(proc.connect) + dns)
                   for p, proc in m.process.items())
     volumes = tuple(VolumePlan(v.path, m.user_of(v.owner), v.mode, v.journal, v.epoch,
-                               escape_path(v.path)) for v in m.all_volumes())
+                               escape_path(v.path), v.size) for v in m.all_volumes())
     return ServicePlan(
         service=m.name,
         file=file,

@@ -15,9 +15,10 @@ import stat
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from corral.core import tree
+from corral.core.fsio import keep_reserve
 from corral.core.text import show
 from corral.recover import delta
 
@@ -99,6 +100,27 @@ def _content(fd: int, info: tarfile.TarInfo, path: bytes, budget: tree.Budget,
     return io.BytesIO(bytes(keep))
 
 
+RESERVE_CHECK = 4 << 20  # bytes written between two checks of corral's reserve
+
+
+class _Reserved:
+    """The archive's file, which keeps corral's reserve on the state file system: a delta
+    can be as large as its size allows, the state file system may have less left."""
+
+    def __init__(self, raw: BinaryIO, where: Path):
+        self.raw, self.where, self.pending = raw, where, 0
+
+    def write(self, data: bytes) -> int:
+        self.pending += len(data)
+        if self.pending >= RESERVE_CHECK:
+            keep_reserve(self.where, self.pending, "archiving the delta")
+            self.pending = 0
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, Any],
                   keep: int = DEFAULT_KEEP) -> Path:
     """Write archives/<time>-<reason>/{delta.tar.zst,meta.json}; returns the directory."""
@@ -115,10 +137,12 @@ def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, A
     archives.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = archives / f"{stamp}-{reason}"
     work = archives / f".{stamp}-{reason}.tmp"
+    keep_reserve(archives, 0, "archiving the delta")
     work.mkdir(mode=0o700)
     try:
         with open(work / ARCHIVE, "wb") as raw:
-            with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst:
+            out = cast(BinaryIO, _Reserved(raw, archives))  # only write and flush are used
+            with zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False) as zst:
                 with tarfile.open(fileobj=zst, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     entries = _add_tree(tar, upper_fd, [], read, cut)
             raw.flush()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.core import log
+from corral.core.fsio import ReserveRefused
 from corral.host.runtime import ServiceSpec
 
 DEFAULT_EPOCH = 600.0  # seconds, when the volume sets none
@@ -36,6 +37,8 @@ class Journals:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._writer_pid: Callable[[str], int | None] = lambda _: None
+        # Told of each close refused to keep corral's reserve (from the worker thread too).
+        self.on_refusal: Callable[[dict[str, Any]], None] = lambda _: None
 
     def start(self) -> None:
         """Finish what a crash interrupted, start each volume's log if new."""
@@ -125,7 +128,20 @@ class Journals:
             except Exception as exc:  # noqa: BLE001 - a full disk must not stop the watcher
                 health = f"error: {exc}"
                 log.error(f"journal {vol.path}: {exc}")
+                refused = refusal(exc)
+                if refused is not None:
+                    self.on_refusal(refused.detail | {"volume": vol.path})
             if self.health.get(vol.path) != health:
                 self.health[vol.path] = health
                 changed = True
         return changed
+
+
+def refusal(exc: BaseException) -> ReserveRefused | None:
+    """The reserve's refusal behind a failure (the journal wraps its OSErrors), if one is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ReserveRefused):
+            return seen
+        seen = seen.__cause__
+    return None

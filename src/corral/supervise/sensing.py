@@ -16,7 +16,7 @@ from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
 
-DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (a delta on disk)
+DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (no fs of its own)
 
 Trip = Callable[[Event], Any]
 
@@ -42,11 +42,15 @@ class Sensing:
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.states["network"] = f"off: {exc}"
         self.add(self._base_write_sensor())
+        from corral.watch import floods
+
+        self.add(floods.FloodSensor(floods.watched_of(self.spec)))
         self.states["exec"] = "on (seccomp user notification)"
 
     def _base_write_sensor(self) -> Any:
         """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
-        walk alone every DELTA_POLL where fanotify cannot be used (a delta on disk)."""
+        walk alone every DELTA_POLL where fanotify cannot be used (a delta that is no file system
+        of its own)."""
         from corral.watch import delta_events, sensors
 
         delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
@@ -81,7 +85,11 @@ class Sensing:
             events = []
         if trip is not None:
             for event in events:
-                trip(event)
+                try:
+                    trip(event)
+                except Exception as exc:  # noqa: BLE001 - one event's failure (a full disk
+                    # under the incident file) is logged, never the supervisor's end
+                    log.error(f"sensor {name}: {event.tripwire} event: {exc!r}")
         if sensor.state.startswith("off") and sensor.fileno() is not None:
             self.selector.unregister(sensor)
             sensor.close()
@@ -98,6 +106,13 @@ class Sensing:
                 self.due[name] = now + self.live[name].interval
                 changed |= self.drain(name, trip)
         return changed
+
+    def refused(self, detail: dict[str, Any]) -> None:
+        """A write corral refused to keep its reserve (a journal close on the journals' worker
+        thread, a revert's archive): a `flood` event at the next drain."""
+        sensor = self.live.get("flood")
+        if sensor is not None:
+            sensor.refused(detail)
 
     def fresh_delta(self) -> None:
         """After a revert: the new delta's base writes are reported anew."""

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from corral.core import log, tree
 from corral.core.errors import CorralError
-from corral.core.fsio import write_json
+from corral.core.fsio import ReserveRefused, write_json
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
@@ -87,6 +87,7 @@ class Supervisor:
         self.watcher: Any = None
         self.isolated = False
         self.journals = Journals(spec, hold=lambda: self.isolated)
+        self.journals.on_refusal = self.sensing.refused
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
@@ -119,6 +120,7 @@ class Supervisor:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         delta = str(self.spec.delta_dir)
         mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
+        self._mount_sized_volumes()
         if self.spec.delta == "tmpfs":
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -146,6 +148,17 @@ class Supervisor:
                                 int(settings.get("rate", logfile.RATE))), self.echo)
             self.children[proc.name] = Child(proc, group, out)
             self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
+
+    def _mount_sized_volumes(self) -> None:
+        """Their file systems, in the host's namespace, if they are not mounted (after a
+        reboot): install mounted them once."""
+        from corral.host import loopfs
+
+        for vol in self.spec.volumes:
+            if vol.size:
+                for path in loopfs.mount_volume(loopfs.sized(self.spec.state, vol.store)):
+                    log.warning(f"volume {vol.path}: {path} was not mounted (a reboot?): "
+                                "mounted it")
 
     def _guard_udp(self, group: cgroup.Cgroup, listen: list[str]) -> None:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
@@ -402,6 +415,8 @@ class Supervisor:
         except (OSError, CorralError) as exc:  # a tree.WalkError too: revert all the same
             self.last_archive = None
             log.error(f"archiving the delta failed: {exc}")
+            if isinstance(exc, ReserveRefused):  # corral's reserve: a `flood` incident
+                self.sensing.refused(exc.detail)
         if fresh is not None and fresh.base_version != self.spec.base_version:
             self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes

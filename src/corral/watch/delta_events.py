@@ -11,9 +11,9 @@ and the entry is then judged exactly as the walk judges it (sensors.base_write).
 
 The walk (sensors.DeltaPoller) stays, every `SAFETY_WALK` seconds, as the safety net: it
 catches what events cannot say (a queue overflow also triggers it at once) and keeps its
-`unwalkable` check. A delta on disk (`delta = "disk"`) is not a file system of its own: a
-filesystem mark there would report every write of the host, so that delta is walked every
-0.25 s as before (`corral status` says which is active).
+`unwalkable` check. A delta on disk (`delta = "disk"`) is an ext4 of its own (host.loopfs),
+marked the same way; a delta that is no file system of its own (the mark would report every
+write of the host) is walked every 0.25 s instead (`corral status` says which is active).
 """
 
 from __future__ import annotations

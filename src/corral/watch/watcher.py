@@ -46,7 +46,7 @@ class Watcher:
     def for_supervisor(cls, sup: Containment) -> Watcher:
         watch = sup.spec.watch or {}
         tripwires = tuple(watch.get("tripwires") or ("egress", "listen", "exec", "base-write",
-                                                    "setuid", "ptrace", "spoof"))
+                                                    "setuid", "ptrace", "spoof", "flood"))
         return cls(sup, watch.get("react", "revert"), tripwires, watch.get("on_incident"))
 
     def enabled(self, tripwire: str) -> bool:
@@ -70,13 +70,17 @@ class Watcher:
 
     # -- the tripwire ---------------------------------------------------------------------
     def trip(self, event: Event, process: str | None = None) -> dict[str, Any] | None:
-        if process is None:
+        if process is None and event.tripwire == "flood":
+            # A volume's owner, who alone writes it; a delta or the state file system: no one
+            # process is known to have filled it, the first one stands for the service.
+            process = event.detail.get("owner") or self.sup.spec.processes[0].name
+        elif process is None:
             process = self.writer_of(event.detail.get("path", "")) \
                 if event.tripwire == "base-write" else self.process_of(event.uid)
         if process is None or not self.enabled(event.tripwire):
             return None
         detected = time.time()
-        key = (event.tripwire, process)
+        key = _key(event.tripwire, process, event.detail)
         open_one = self.recent.get(key)
         act = event.at if 0 < event.at <= detected else detected
         clock = event.clock if 0 < event.at <= detected else "detected"
@@ -99,6 +103,11 @@ class Watcher:
             "delta_archive": None,
         }
         reaction = REACTIONS[self.react]
+        if event.tripwire == "flood" and event.detail.get("filesystem") == "state":
+            # The state file system is shared with the host and every service: its reserve
+            # being reached says nothing this service did. Recorded; corral's writes refuse.
+            reaction = REACTIONS["log"]
+            record["reaction"] = "log"
         if reaction.name == "revert" and self._too_many_reverts(detected):
             reaction = REACTIONS["kill"]
             record["reaction"] = reaction.name
@@ -118,7 +127,7 @@ class Watcher:
         self.recent[key] = dict(record, _last=detected, _dirty=False)
         # The incident is on disk before anything waits: whatever happens to the revert, the
         # act is recorded. What the reaction finds later (the archive) follows as an update.
-        incidents.append(self.sup.spec.state, record)
+        self._write(record)
         if reaction.waits:
             self.pending.append((reaction, record))
         else:
@@ -134,10 +143,19 @@ class Watcher:
             fields = reaction.settle(self.sup, record)
             if fields:
                 record.update(fields)
-                self.recent.get((record["tripwire"], record["process"]), {}).update(fields)
-                incidents.append(self.sup.spec.state, {"type": "update", "id": record["id"],
-                                                       "fields": fields})
+                self.recent.get(_key(record["tripwire"], record["process"], record["detail"]),
+                                {}).update(fields)
+                self._write({"type": "update", "id": record["id"], "fields": fields})
             self._announce(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Append to the incident file; a full state file system (a service's unsized volume
+        filled it) loses the record, never the reaction: the system log still gets it."""
+        try:
+            incidents.append(self.sup.spec.state, record)
+        except OSError as exc:
+            log.error(f"incident {record.get('id')}: not recorded in "
+                      f"{incidents.FILE}: {exc}; it follows in the system log")
 
     def _too_many_reverts(self, now: float) -> bool:
         self.reverts = [t for t in self.reverts if now - t < REVERT_WINDOW] + [now]
@@ -147,8 +165,8 @@ class Watcher:
         """Record the counts of coalesced floods (at most one update per incident and poll)."""
         for record in self.recent.values():
             if record.get("_dirty"):
-                incidents.append(self.sup.spec.state, {"type": "update", "id": record["id"],
-                                                       "fields": {"count": record["count"]}})
+                self._write({"type": "update", "id": record["id"],
+                             "fields": {"count": record["count"]}})
                 record["_dirty"] = False
 
     def _announce(self, record: dict[str, Any]) -> None:
@@ -169,3 +187,11 @@ class Watcher:
             except OSError as exc:
                 log.warning(f"on_incident {self.on_incident[0]!r} failed: {exc}")
         self.helpers = [h for h in self.helpers if h.poll() is None]
+
+
+def _key(tripwire: str, process: str, detail: dict[str, Any]) -> tuple[str, str]:
+    """What repeats join: one tripwire of one process; floods of two file systems are two
+    incidents (a volume's and the delta's, one after the other, are not one flood)."""
+    if tripwire == "flood":
+        return f"flood {detail.get('volume') or detail.get('filesystem')}", process
+    return tripwire, process

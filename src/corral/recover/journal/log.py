@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.fsio import keep_reserve
 from corral.core.text import iso, show
+from corral.host import loopfs
 from corral.recover.journal.fs import Scan, restore
 from corral.recover.journal.objects import Objects
 from corral.recover.journal.plan import apply as _apply
@@ -81,6 +83,10 @@ class Log:
         self.store = volume_store
         self.dir = state / "journal" / volume_store
         self.volume = Path(volume_path) if volume_path else state / "volumes" / volume_store
+        # A volume with a file system of its own (host.loopfs) is read only while mounted:
+        # its empty mount point would be journaled as every file deleted.
+        self.sized_image = None if volume_path else \
+            state / loopfs.IMAGES / f"{volume_store}.img"
         self.objects = Objects(self.dir / "objects")
         self.clock = clock
         # The state at head, kept in memory between calls (the supervisor's Journal lives
@@ -279,6 +285,7 @@ class Log:
         assert head is not None
         self._load(head)
         with self._staging(f"closing an epoch of {self.volume}"):
+            keep_reserve(self.dir, 0, f"closing an epoch of {self.volume}")
             scan = self._snapshot(freeze)
             changes = _changes(self._state, scan.entries, writer)
             stored_bytes = self.objects.staged_bytes
@@ -324,6 +331,11 @@ class Log:
         storing what changed: the slow part), then frozen, where only files that changed
         again meanwhile are read (stat shows which). The second scan is the epoch's boundary;
         the service stands still for a stat walk and a few reads, not for all of them."""
+        if self.sized_image is not None and self.sized_image.exists() \
+                and loopfs.mounted_at(self.volume) is None:
+            raise RuntimeFailure(f"{self.volume}: the volume's file system is not mounted "
+                                 "(after a reboot, `corral up` mounts it); its journal reads "
+                                 "nothing from an empty mount point")
         if freeze is None:
             return Scan(self.objects, self._known, self._observed).run(self.volume)
         pre = Scan(self.objects, self._known, self._observed, defer_fresh=True).run(self.volume)

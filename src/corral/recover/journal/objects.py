@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral.core.fsio import write_all
+from corral.core.fsio import keep_reserve, write_all
 from corral.recover.journal.store import CHUNK, digest, fsync_dir, point
 
 ZSTD_LEVEL = 3  # fast; incompressible data costs zstd only a few bytes per frame
@@ -97,6 +97,8 @@ class Objects:
         self._append(name, self._compressor.compress(data))
 
     def _append(self, name: str, frame: bytes) -> None:
+        # Every frame, before it is written: a statvfs is ~1 us, a frame's zstd ~100 times that.
+        keep_reserve(self.root, len(frame), "storing the journal's copy of a volume's files")
         if self._fd is None:
             self._fd = os.open(self.staging / "pack", os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                                os.O_CLOEXEC, 0o600)
