@@ -34,6 +34,10 @@ def _get() -> Any:
     return _logger
 
 
+def info(message: str) -> None:
+    _get().info(message)
+
+
 def warning(message: str) -> None:
     _get().warning(message)
 

@@ -5,7 +5,8 @@ libaudit (python3-audit) are a Debian package outside the venv, not on PyPI.
 
 Landlock writes its denial records (AUDIT_LANDLOCK_ACCESS) only while audit is enabled
 (`audit_enabled`), unlike seccomp, whose logged actions reach the audit multicast group
-either way. A host without auditd boots with audit disabled, so the watcher turns it on.
+either way. A host without auditd boots with audit disabled, so the watcher turns it on, and
+the last supervisor to stop turns it off again (kernel.auditholds decides when).
 """
 
 from __future__ import annotations
@@ -43,17 +44,35 @@ def _request(kind: int, flags: int, body: bytes = b"") -> tuple[int, bytes]:
     return reply, payload
 
 
-def enabled() -> int:
-    """0 disabled, 1 enabled, 2 enabled and locked (until reboot)."""
+def _status() -> tuple[int, ...]:
     reply, payload = _request(AUDIT_GET, NLM_F_REQUEST)
     if reply != AUDIT_GET or len(payload) < _STATUS.size:
         raise OSError(errno.EPROTO, "audit: unexpected reply to AUDIT_GET")
-    return _STATUS.unpack_from(payload)[1]
+    return _STATUS.unpack_from(payload)
+
+
+def enabled() -> int:
+    """0 disabled, 1 enabled, 2 enabled and locked (until reboot)."""
+    return _status()[1]
+
+
+def daemon() -> int:
+    """The pid of the registered audit daemon (auditd), 0 if none."""
+    return _status()[3]
+
+
+def _set_enabled(value: int) -> None:
+    body = _STATUS.pack(AUDIT_STATUS_ENABLED, value, 0, 0, 0, 0, 0, 0)
+    _request(AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
 def enable() -> None:
     """Set `enabled` to 1 (needs CAP_AUDIT_CONTROL in the initial user namespace). No rule is
     added and no daemon is registered: records go to the multicast group and, with no auditd,
     to the kernel log (rate-limited)."""
-    body = _STATUS.pack(AUDIT_STATUS_ENABLED, 1, 0, 0, 0, 0, 0, 0)
-    _request(AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, body)
+    _set_enabled(1)
+
+
+def disable() -> None:
+    """Set `enabled` back to 0 (EPERM while it is locked: enabled == 2)."""
+    _set_enabled(0)

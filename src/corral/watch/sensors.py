@@ -9,7 +9,8 @@ tripwire is not one: its seccomp notifications must be answered, not only read (
   kernel's own timestamp), which gives the `ptrace`, `setuid` and dangerous-syscall
   tripwires; Landlock's records of refused TCP connects and binds give `egress` and `listen`
   (watch.refusals). Landlock logs only while audit is enabled: if it is off, the reader turns
-  it on (no rule, no daemon), the one change it makes to the host's audit setup.
+  it on (no rule, no daemon), and the last reader to close turns it off again
+  (kernel.auditholds).
 - PacketSensor: the packets the service's nft table dropped, from its NFLOG group (nflog).
 - DeltaPoller: the `base-write` tripwire, by a metadata-only walk of the delta's upper layer
   (cost proportional to the delta, which is small while the service behaves).
@@ -26,7 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from corral.core import text, tree
+from corral.core import log, text, tree
 from corral.recover import delta
 from corral.watch.event import Event
 from corral.watch.refusals import KINDS as LANDLOCK_KINDS
@@ -112,14 +113,15 @@ class AuditReader:
         self._enable_audit()
 
     def _enable_audit(self) -> None:
-        from corral.kernel import audit
+        from corral.kernel import auditholds
 
+        self.hold: auditholds.Hold | None = None  # turns audit off again at close, if ours
         try:
-            if audit.enabled() == 0:
-                audit.enable()
-                self.state = "on (audit enabled by corral for Landlock's refusals)"
-        except OSError as exc:  # seccomp's records still come; Landlock's do not
-            self.state = f"on (without Landlock's refusals: audit is off, {exc.strerror})"
+            self.hold = auditholds.register()
+            if self.hold.note:
+                self.state = f"on ({self.hold.note})"
+        except OSError as exc:  # seccomp's records still come; Landlock's may not
+            self.state = f"on (audit left as is: holder registry: {exc.strerror or exc})"
         self.lost = 0  # ENOBUFS overruns: records the kernel dropped
 
     def fileno(self) -> int:
@@ -127,6 +129,15 @@ class AuditReader:
 
     def close(self) -> None:
         self.sock.close()
+        hold, self.hold = getattr(self, "hold", None), None
+        if hold is not None:
+            from corral.kernel import auditholds
+
+            try:
+                if done := auditholds.unregister(hold):
+                    log.info(f"sensor audit: {done}")
+            except OSError as exc:
+                log.warning(f"sensor audit: could not release audit: {exc.strerror or exc}")
 
     def drain(self, now: float) -> list[Event]:
         return self.read()
