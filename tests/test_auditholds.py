@@ -151,3 +151,15 @@ def test_the_sensor_holds_audit_while_it_runs(registry, start_state):
         reader.close()
     reader.close()  # a second close (the supervisor's stop after a sensor went off) is harmless
     assert holders(registry) == [] and audit.enabled() == start_state
+
+
+def test_a_supervisor_holds_audit_until_it_stops(registry, start_state, notes):
+    """The real supervisor: its audit sensor registers at start, under its own pid, and
+    unregisters at `corral down`."""
+    status = notes.status()
+    pid = status["supervisor"]
+    assert isinstance(pid, int) and status["sensors"]["audit"].startswith("on")
+    (hold,) = holders(registry)
+    assert hold.startswith(f"{pid}.")
+    notes.corral("down", notes.name, check=True)
+    assert holders(registry) == [] and audit.enabled() == start_state
