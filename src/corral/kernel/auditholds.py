@@ -110,10 +110,11 @@ def register() -> Hold:
         dir_fd = _open_registry(path)
     except _Refused as exc:
         try:
-            was = "on" if audit.enabled() else "off"
+            was = "audit left on" if audit.enabled() else \
+                "without Landlock's refusals: audit left off"
         except OSError as err:
-            was = f"unknown ({err.strerror})"
-        return Hold(None, note=f"audit left {was}: holder registry {path} refused: {exc}")
+            was = f"audit left as is ({err.strerror})"
+        return Hold(None, note=f"{was}: holder registry {path} refused: {exc}")
     try:
         with _locked(dir_fd):
             name = f"{os.getpid()}.{next(_serial)}"
