@@ -180,7 +180,9 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
-    listening = listening_sockets()
+    # network = "own": the sockets are in the service's namespace, /proc/PID/net shows it
+    pids = [p.get("pid") for p in state["processes"].values() if p.get("pid")]
+    listening = listening_sockets(pids[0] if spec.own_network and pids else "self")
     for proc in spec.processes:
         pstate = state["processes"].get(proc.name, {})
         if pstate.get("state") != "running":
@@ -193,11 +195,12 @@ def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
     return True
 
 
-def listening_sockets() -> set[tuple[str, int, int]]:
-    """(proto, port, uid) of every listening TCP socket and bound UDP socket on the host."""
+def listening_sockets(net_pid: int | str = "self") -> set[tuple[str, int, int]]:
+    """(proto, port, uid) of every listening TCP socket and bound UDP socket in the network
+    namespace of `net_pid` (ours: the host's)."""
     from corral.kernel import procnet
 
-    return {(s.proto, s.port, s.uid) for s in procnet.listening()}
+    return {(s.proto, s.port, s.uid) for s in procnet.listening(net_pid)}
 
 
 def down(service: str, timeout: float | None = None) -> dict[str, Any]:

@@ -1,0 +1,296 @@
+"""network = "own" (issue 16, "the walls to add"): the service in a network namespace of its own,
+joined to the host by a veth, its declared ports DNAT'ed from the host's addresses and its
+connects masqueraded.
+
+The "host" is a throwaway namespace (HOST: 10.77.0.1 on a veth to WORLD, 10.77.0.2, another
+throwaway namespace standing for the rest of the network); forwarding is switched on in HOST
+only. Root listeners run in HOST on loopback and on an abstract UNIX socket: what a service in
+the host's namespace could reach or squat. One service for the module, its attempts batched
+into `corral exec` runs; everything is removed at the end, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORRAL, corral, in_netns, notes_manifest, remove_test_users
+
+pytestmark = pytest.mark.root
+
+LOOPBACK_PORT, WORLD_PORT, UNDECLARED_PORT, UDP_PORT = 7741, 7742, 7743, 7744
+HOST_ADDR, WORLD_ADDR = "10.77.0.1", "10.77.0.2"
+
+# A root listener: prints READY, then one JSON line per contact.
+LISTENER = r'''
+import json, select, socket, sys
+addr, port, abstract = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+socks = []
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port)); s.listen(8); socks.append(s)
+if abstract:
+    u = socket.socket(socket.AF_UNIX); u.bind(b"\0" + abstract.encode()); u.listen(8)
+    socks.append(u)
+print("READY", flush=True)
+while True:
+    for r in select.select(socks, [], [])[0]:
+        conn, peer = r.accept()
+        print(json.dumps({"on": str(r.getsockname()), "peer": str(peer)}), flush=True)
+        conn.sendall(b"host\n"); conn.close()
+'''
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}: {result.stderr}")
+    return result
+
+
+def listener(ns: str, addr: str, port: int, abstract: str = "") -> subprocess.Popen:
+    proc = subprocess.Popen(in_netns(ns) + [sys.executable, "-c", LISTENER, addr, str(port),
+                                            abstract], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    return proc
+
+
+def contacts(proc: subprocess.Popen) -> list[dict]:
+    """What the listener logged so far (it is killed afterwards)."""
+    assert proc.stdout is not None
+    lines = []
+    while select.select([proc.stdout], [], [], 0.5)[0]:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(json.loads(line))
+    return lines
+
+
+class Own:
+    def __init__(self, name: str, host: str, world: str, root: Path):
+        self.name, self.host, self.world, self.root = name, host, world, root
+
+    def corral(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return corral(*args, netns=self.host, check=check)
+
+    def inside(self, code: str) -> dict:
+        """Run python in the service (as its app user, contained); its last line is JSON."""
+        result = subprocess.run(in_netns(self.host) + CORRAL + [
+            "exec", self.name, "app", "--", "/usr/bin/python3.11", "-I", "-c", code],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def incidents(self) -> list[dict]:
+        return json.loads(self.corral("incidents", self.name, "--json", check=True).stdout)[
+            "incidents"]
+
+
+def http_get(ns: str, url: str) -> str:
+    code = ("import sys, urllib.request as u; "
+            "sys.stdout.write(u.urlopen(sys.argv[1], timeout=10).read().decode())")
+    return sh(*in_netns(ns), sys.executable, "-c", code, url).stdout
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    tmp = tmp_path_factory.mktemp("netns-own")
+    root = tmp / "corral-root"
+    root.mkdir()
+    tag = secrets.token_hex(4)
+    host, world = f"corral-t-{tag}", f"corral-t-{tag}-w"
+    name = "tst" + secrets.token_hex(3)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CORRAL_ROOT", str(root))
+    made: list[str] = []
+    try:
+        for ns in (host, world):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", host, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+           "netns", world)
+        sh("ip", "-n", host, "addr", "add", f"{HOST_ADDR}/24", "dev", "v0")
+        sh("ip", "-n", world, "addr", "add", f"{WORLD_ADDR}/24", "dev", "v1")
+        sh("ip", "-n", host, "link", "set", "v0", "up")
+        sh("ip", "-n", world, "link", "set", "v1", "up")
+        # per namespace: this changes the test's HOST only, never the machine's own
+        sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        manifest = notes_manifest(tmp, name,
+                                  app_extra=f'connect = ["tcp/{WORLD_PORT}@{WORLD_ADDR}"]')
+        text = manifest.read_text().replace('connect = ["udp/53@127.0.0.53"]\n', "")
+        manifest.write_text(text.replace("[image]", 'network = "own"\n\n[watch]\nreact = "log"'
+                                         "\n\n[image]", 1))
+        svc = Own(name, host, world, root)
+        try:
+            svc.corral("install", str(manifest), check=True)
+            svc.corral("up", str(manifest), check=True)
+            yield svc
+        finally:
+            svc.corral("down", name)
+            svc.corral("uninstall", name, "--purge")
+            remove_test_users(name)
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        patch.undo()
+
+
+def test_the_namespace_and_its_link(own):
+    pin = own.root / "run/corral" / own.name / "netns"
+    assert os.path.ismount(pin)
+    seen = own.inside("import json, os; print(json.dumps({"
+                      "'net': os.readlink('/proc/self/ns/net'),"
+                      "'links': sorted(l.split(':')[0].strip() for l in "
+                      "open('/proc/net/dev').read().splitlines()[2:])}))")
+    assert seen["net"] == f"net:[{os.stat(pin).st_ino}]"  # corral exec joined the pinned one
+    assert seen["net"] != f"net:[{os.stat(f'/run/netns/{own.host}').st_ino}]"
+    assert seen["links"] == ["eth0", "lo"]
+    links = json.loads(sh("ip", "-n", own.host, "-j", "link", "show").stdout)
+    veths = [link["ifname"] for link in links if link["ifname"].startswith("crn")]
+    assert len(veths) == 1 and len(veths[0]) <= 15
+    state = json.loads((own.root / "run/corral" / own.name / "state.json").read_text())
+    assert state["network"]["mode"] == "own" and state["network"]["host_if"] == veths[0]
+    assert not [w for w in state["warnings"] if "ip_forward" in w]  # HOST forwards
+
+
+def test_cannot_see_host_sockets(own):
+    probe = listener(own.host, "127.0.0.1", LOOPBACK_PORT)
+    try:
+        # the listener is in the host's /proc/net/tcp ...
+        host_tcp = sh(*in_netns(own.host), "cat", "/proc/net/tcp").stdout
+        assert f":{LOOPBACK_PORT:04X} " in host_tcp
+        seen = own.inside(f"""
+import json, socket
+tcp = open('/proc/net/tcp').read()
+s = socket.socket(); s.settimeout(5)
+try:
+    s.connect(('127.0.0.1', {LOOPBACK_PORT})); got = 'connected'
+except OSError as exc:
+    got = type(exc).__name__ + ':' + str(exc.errno)
+print(json.dumps({{'listed': ':{LOOPBACK_PORT:04X} ' in tcp, 'connect': got}}))
+""")
+        assert not seen["listed"], "the host's loopback listener is visible in /proc/net/tcp"
+        assert seen["connect"] != "connected"
+        time.sleep(0.5)
+        assert contacts(probe) == [], "a contained process reached a host loopback service"
+    finally:
+        probe.kill()
+        probe.wait()
+
+
+def test_cannot_squat_a_host_abstract_socket(own):
+    """A name the host's root clients use: the service binding it binds its own namespace's
+    name, so the host's clients never reach the service; nor does the service reach the
+    host's listener on it."""
+    name = "corral-own-" + secrets.token_hex(4)
+    squat = subprocess.Popen(in_netns(own.host) + CORRAL + [
+        "exec", own.name, "app", "--", "/usr/bin/python3.11", "-I", "-c", f"""
+import socket, time
+u = socket.socket(socket.AF_UNIX); u.bind(b'\\0{name}'); u.listen(1)
+print('READY', flush=True)
+u.settimeout(8)
+try:
+    u.accept(); print('ACCEPTED', flush=True)
+except OSError:
+    print('NOBODY', flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert squat.stdout is not None and squat.stdout.readline().strip() == "READY"
+        client = sh(*in_netns(own.host), sys.executable, "-c",
+                    "import socket, sys; u = socket.socket(socket.AF_UNIX); "
+                    "u.connect(b'\\0' + sys.argv[1].encode())", name, check=False)
+        assert client.returncode != 0 and "ConnectionRefused" in client.stderr, client.stderr
+        assert squat.stdout.readline().strip() == "NOBODY"
+    finally:
+        squat.kill()
+        squat.wait()
+    host = listener(own.host, "127.0.0.1", LOOPBACK_PORT + 10, abstract=name)
+    try:
+        seen = own.inside(f"""
+import json, socket
+u = socket.socket(socket.AF_UNIX)
+try:
+    u.connect(b'\\0{name}'); got = 'connected'
+except OSError as exc:
+    got = type(exc).__name__
+print(json.dumps({{'connect': got}}))
+""")
+        assert seen["connect"] == "ConnectionRefusedError"
+        assert contacts(host) == []
+    finally:
+        host.kill()
+        host.wait()
+
+
+def test_listen_port_serves_host_and_world_clients(own):
+    assert http_get(own.host, f"http://{HOST_ADDR}:8080/health") == "ok\n"
+    assert http_get(own.world, f"http://{HOST_ADDR}:8080/health") == "ok\n"
+
+
+def wait_incident(own: Own, dport: int) -> set:
+    deadline = time.time() + 15
+    while True:
+        found = {(i["tripwire"], i["detail"].get("dport")) for i in own.incidents()}
+        if ("egress", dport) in found or time.time() > deadline:
+            return found
+        time.sleep(0.3)
+
+
+def test_declared_connect_leaves_masqueraded_undeclared_is_an_incident(own):
+    world = listener(own.world, "0.0.0.0", WORLD_PORT)
+    try:
+        seen = own.inside(f"""
+import json, socket
+out = {{}}
+for port in ({WORLD_PORT}, {UNDECLARED_PORT}):
+    s = socket.socket(); s.settimeout(5)
+    try:
+        s.connect(('{WORLD_ADDR}', port)); out[port] = s.recv(10).decode()
+    except OSError as exc:
+        out[port] = type(exc).__name__ + ':' + str(exc.errno)
+print(json.dumps(out))
+""")
+        assert seen[str(WORLD_PORT)] == "host\n"
+        assert seen[str(UNDECLARED_PORT)] == "PermissionError:13"  # Landlock's EACCES
+        peers = [c["peer"] for c in contacts(world)]
+        assert peers and all(HOST_ADDR in p for p in peers)  # masqueraded: the host's address
+    finally:
+        world.kill()
+        world.wait()
+    found = wait_incident(own, UNDECLARED_PORT)  # from Landlock's audit record
+    assert ("egress", UNDECLARED_PORT) in found, found
+    time.sleep(2.5)  # past the watcher's coalescing window (2 s): the next act is its own
+    # UDP has no Landlock rule: the service's table inside its namespace drops the datagram
+    # (EPERM) and logs it to NFLOG there, where the watcher's second socket reads it.
+    sent = own.inside(f"""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b'x', ('{WORLD_ADDR}', {UDP_PORT})); out = 'sent'
+except OSError as exc:
+    out = type(exc).__name__
+print(json.dumps({{'udp': out}}))
+""")
+    assert sent["udp"] == "PermissionError"
+    found = wait_incident(own, UDP_PORT)
+    assert ("egress", UDP_PORT) in found, found
+
+
+def test_down_removes_namespace_link_and_table(own):
+    own.corral("down", own.name, check=True)
+    pin = own.root / "run/corral" / own.name / "netns"
+    assert not pin.exists()
+    links = json.loads(sh("ip", "-n", own.host, "-j", "link", "show").stdout)
+    assert not [link for link in links if link["ifname"].startswith("crn")]
+    tables = sh("ip", "netns", "exec", own.host, "nft", "list", "tables").stdout
+    assert f"corral-nat-{own.name}" not in tables
