@@ -294,3 +294,33 @@ def test_down_removes_namespace_link_and_table(own):
     assert not [link for link in links if link["ifname"].startswith("crn")]
     tables = sh("ip", "netns", "exec", own.host, "nft", "list", "tables").stdout
     assert f"corral-nat-{own.name}" not in tables
+
+
+def test_the_pool_skips_leased_and_host_networks():
+    import ipaddress
+
+    from corral.host import netns
+
+    first = netns.choose("web", "10.213.0.0/16", [])
+    block = ipaddress.IPv4Network(f"{first.addr}/30", strict=False)
+    assert block.subnet_of(ipaddress.IPv4Network("10.213.0.0/16"))
+    assert netns.choose("web", "10.213.0.0/16", []) == first  # stable across restarts
+    # the same start, but that /30 leased (or on a host interface): the next free one
+    second = netns.choose("web", "10.213.0.0/16", [block])
+    assert ipaddress.IPv4Address(second.addr) not in block
+    with pytest.raises(netns.NetnsError, match="no free /30"):
+        netns.choose("web", "10.213.0.0/29", [ipaddress.IPv4Network("10.213.0.0/28")])
+    assert len(netns.veth_name("a" * 32)) <= 15
+
+
+@pytest.mark.parametrize("line, message", [
+    ('network = "bridge"', "network"),
+    ('network_pool = "10.213.0.1/16"', "host bits"),
+    ('network_pool = "10.213.0.0/31"', "too small"),
+])
+def test_bad_network_keys_are_refused(tmp_path, line, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'name = "bad"\n{line}\n[process.app]\ncommand = ["/bin/true"]\n')
+    result = corral("check", str(path))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
