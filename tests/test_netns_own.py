@@ -74,8 +74,9 @@ def contacts(proc: subprocess.Popen) -> list[dict]:
 
 
 class Own:
-    def __init__(self, name: str, host: str, world: str, root: Path):
+    def __init__(self, name: str, host: str, world: str, root: Path, manifest: Path):
         self.name, self.host, self.world, self.root = name, host, world, root
+        self.manifest = manifest
 
     def corral(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return corral(*args, netns=self.host, check=check)
@@ -130,7 +131,7 @@ def own(tmp_path_factory):
         text = manifest.read_text().replace('connect = ["udp/53@127.0.0.53"]\n', "")
         manifest.write_text(text.replace("[image]", 'network = "own"\n\n[watch]\nreact = "log"'
                                          "\n\n[image]", 1))
-        svc = Own(name, host, world, root)
+        svc = Own(name, host, world, root, manifest)
         try:
             svc.corral("install", str(manifest), check=True)
             svc.corral("up", str(manifest), check=True)
@@ -158,9 +159,12 @@ def test_the_namespace_and_its_link(own):
     links = json.loads(sh("ip", "-n", own.host, "-j", "link", "show").stdout)
     veths = [link["ifname"] for link in links if link["ifname"].startswith("crn")]
     assert len(veths) == 1 and len(veths[0]) <= 15
-    state = json.loads((own.root / "run/corral" / own.name / "state.json").read_text())
+    status = json.loads(own.corral("status", own.name, "--json", check=True).stdout)
+    state = status["services"][0]
     assert state["network"]["mode"] == "own" and state["network"]["host_if"] == veths[0]
     assert not [w for w in state["warnings"] if "ip_forward" in w]  # HOST forwards
+    text = own.corral("status", own.name, check=True).stdout
+    assert f"{state['network']['addr']} behind veth {veths[0]}" in text
 
 
 def test_cannot_see_host_sockets(own):
@@ -286,6 +290,22 @@ print(json.dumps({{'udp': out}}))
     assert ("egress", UDP_PORT) in found, found
 
 
+def test_reload_takes_new_listen_ports_into_the_nat_table(own):
+    def nat() -> str:
+        return sh("ip", "netns", "exec", own.host, "nft", "list", "table", "ip",
+                  f"corral-nat-{own.name}").stdout
+
+    assert "8080" in nat() and "8090" not in nat()
+    own.manifest.write_text(own.manifest.read_text().replace(
+        'listen = ["tcp/8080"]', 'listen = ["tcp/8080", "tcp/8090"]'))
+    own.corral("install", str(own.manifest), check=True)
+    own.corral("reload", own.name, check=True)
+    assert "8090" in nat()
+    inside = sh("nsenter", f"--net={own.root}/run/corral/{own.name}/netns", "nft", "list",
+                "set", "inet", f"corral-{own.name}", "app-listen").stdout
+    assert "8090" in inside  # the sets in the service's namespace were refilled too
+
+
 def test_down_removes_namespace_link_and_table(own):
     own.corral("down", own.name, check=True)
     pin = own.root / "run/corral" / own.name / "netns"
@@ -324,3 +344,17 @@ def test_bad_network_keys_are_refused(tmp_path, line, message):
     result = corral("check", str(path))
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_forwarding_status_warns_and_host_clients_still_reach_it(
+        tmp_path, start_service, netns, service_name):
+    """A fresh namespace as the host: net.ipv4.ip_forward is 0 there and corral leaves it."""
+    sh("ip", "-n", netns, "addr", "add", "10.78.0.1/32", "dev", "lo")  # a host address
+    manifest = notes_manifest(tmp_path, service_name)
+    manifest.write_text(manifest.read_text().replace("[image]", 'network = "own"\n\n[image]', 1))
+    svc = start_service(manifest)
+    status = svc.status()
+    assert [w for w in status["warnings"] if "ip_forward is 0" in w], status["warnings"]
+    forward = sh("ip", "netns", "exec", netns, "sysctl", "-n", "net.ipv4.ip_forward").stdout
+    assert forward.strip() == "0"
+    assert http_get(netns, "http://10.78.0.1:8080/health") == "ok\n"

@@ -114,6 +114,10 @@ def status_text(services: list[dict]) -> str:
             out.append("  ISOLATED: network cut and processes frozen (corral revert to recover)")
         if svc.get("landlock"):
             out.append(f"  {svc['landlock']}")
+        network = svc.get("network") or {}
+        if network.get("addr"):
+            out.append(f"  network: its own namespace, {network['addr']} behind veth "
+                       f"{network['host_if']} ({network['host_addr']})")
         for warning in svc.get("warnings") or ():
             out.append(f"  warning: {warning}")
         sensors = svc.get("sensors") or {}

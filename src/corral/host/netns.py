@@ -114,6 +114,14 @@ def choose(service: str, pool: str, taken: Iterable[ipaddress.IPv4Network]) -> L
                      "service or overlaps an address of this host)")
 
 
+def leased(service: str) -> Link | None:
+    """The link a running service leased (None: none, or an unreadable lease)."""
+    try:
+        return Link(**json.loads((run_dir(service) / LEASE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def lease(service: str, pool: str) -> Link:
     os.makedirs(run_dir(service), mode=0o700, exist_ok=True)
     with open(run_root() / "network.lock", "w") as lock:

@@ -264,6 +264,8 @@ def _status_of(service: str) -> dict[str, Any]:
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
         "landlock": (state or {}).get("landlock") if alive else None,
         "warnings": (state or {}).get("warnings", []) if alive else [],
+        "network": ((state or {}).get("network") if alive else None)
+        or {"mode": "own" if spec.own_network else "host"},
         "processes": processes,
         "incidents": len(all_incidents := incidents.read(spec.state)),
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),

@@ -70,7 +70,13 @@ def refill_firewall(spec: ServiceSpec) -> str:
         refill = nft_rules.sets_refill(spec.service, service_flows(spec))
         nft.apply(refill)
         if spec.own_network and spec.netns.exists():
+            from corral.host import netns
+
             nft.apply(refill, netns=str(spec.netns))
+            link = netns.leased(spec.service)  # the host side's DNAT: the new listen ports
+            if link is not None:
+                nft.apply(netns.nat_ruleset(link, [p for flow in service_flows(spec)
+                                                   for p in flow.listen]))
     except (ValueError, nft.NftError) as exc:
         return f"firewall sets not refilled: {exc}"
     return ""
