@@ -126,9 +126,10 @@ def own(tmp_path_factory):
         sh("ip", "-n", world, "link", "set", "v1", "up")
         # per namespace: this changes the test's HOST only, never the machine's own
         sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        manifest = notes_manifest(tmp, name,
-                                  app_extra=f'connect = ["tcp/{WORLD_PORT}@{WORLD_ADDR}"]')
-        text = manifest.read_text().replace('connect = ["udp/53@127.0.0.53"]\n', "")
+        manifest = notes_manifest(tmp, name)
+        text = manifest.read_text().replace(  # the sample's resolver, and a peer out there
+            'connect = ["udp/53@127.0.0.53"]',
+            f'connect = ["udp/53@127.0.0.53", "tcp/{WORLD_PORT}@{WORLD_ADDR}"]')
         manifest.write_text(text.replace("[image]", 'network = "own"\n\n[watch]\nreact = "log"'
                                          "\n\n[image]", 1))
         svc = Own(name, host, world, root, manifest)
@@ -288,6 +289,42 @@ print(json.dumps({{'udp': out}}))
     assert sent["udp"] == "PermissionError"
     found = wait_incident(own, UDP_PORT)
     assert ("egress", UDP_PORT) in found, found
+
+
+UDP_ECHO = r'''
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+print("READY", flush=True)
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(b"answer:" + data, peer)
+'''
+
+
+def test_a_declared_connect_to_a_host_loopback_service_reaches_it(own):
+    """The sample's resolver on the host's 127.0.0.53: carried over the veth (DNAT inside to
+    the host side, DNAT back to 127.0.0.53 on the host), transparent to the service."""
+    echo = subprocess.Popen(in_netns(own.host) + [sys.executable, "-c", UDP_ECHO, "127.0.0.53",
+                                                  "53"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "READY"
+        seen = own.inside("""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+u.sendto(b'q', ('127.0.0.53', 53))
+data, peer = u.recvfrom(512)
+t = socket.socket(); t.settimeout(5)
+try:
+    t.connect(('127.0.0.53', 53)); tcp = 'connected'
+except OSError as exc:
+    tcp = type(exc).__name__
+print(json.dumps({'data': data.decode(), 'peer': list(peer), 'tcp': tcp}))
+""")
+    finally:
+        echo.kill()
+        echo.wait()
+    assert seen["data"] == "answer:q" and seen["peer"] == ["127.0.0.53", 53]
+    assert seen["tcp"] != "connected"  # tcp/53 is not declared: neither allowed nor carried
 
 
 def test_reload_takes_new_listen_ports_into_the_nat_table(own):

@@ -18,22 +18,23 @@ route_localnet); clients use the host's other addresses.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from corral.core.fsio import write_json
-from corral.core.netspec import PortSpec
+from corral.core.netspec import Endpoint, PortSpec
 from corral.core.paths import run_dir, run_root
 from corral.host import nft
 from corral.kernel import syscalls as kernel
-from corral.plan.nft_rules import listen_boxes, port
+from corral.plan.nft_rules import ProcessFlows, listen_boxes, port
 
 DEFAULT_POOL = "10.213.0.0/16"
 INSIDE = "eth0"
@@ -133,7 +134,8 @@ def lease(service: str, pool: str) -> Link:
 
 # ---------------------------------------------------------------- the host side's NAT table
 
-def nat_ruleset(link: Link, listen: Iterable[PortSpec]) -> dict:
+def nat_ruleset(link: Link, listen: Iterable[PortSpec],
+                loopback: Iterable[tuple[str, int, int, str]] = ()) -> dict:
     """libnftables JSON (re)creating table ip corral-nat-NAME atomically: the declared listen
     ports on the host's own addresses DNAT'ed to the service (prerouting for other hosts,
     output for the host's own clients), and masquerade for what the service sends beyond the
@@ -169,10 +171,91 @@ def nat_ruleset(link: Link, listen: Iterable[PortSpec]) -> dict:
              f"{proto} listen ports from other hosts")
         rule("output", [not_loopback, local, *dport, {"counter": None}, dnat],
              f"{proto} listen ports from this host")
+    for proto, first, last, addr in loopback:  # loopback_ruleset's connects, back to lo
+        rule("prerouting", [match({"meta": {"key": "iifname"}}, link.host_if),
+                            match({"payload": {"protocol": "ip", "field": "daddr"}},
+                                  link.host_addr),
+                            match({"meta": {"key": "l4proto"}}, proto),
+                            match({"payload": {"protocol": "th", "field": "dport"}},
+                                  port(first, last)),
+                            {"counter": None}, {"dnat": {"addr": addr}}],
+             f"the service's connects to {addr}")
     rule("postrouting", [match({"payload": {"protocol": "ip", "field": "saddr"}}, link.addr),
                          match({"meta": {"key": "oifname"}}, link.host_if, "!="),
                          {"counter": None}, {"masquerade": None}], "the service's connects")
     return {"nftables": cmds}
+
+
+# ---------------------------------------------------------------- host loopback services
+
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def loopback_targets(connects: Iterable[Endpoint]) -> list[tuple[str, int, int, str]]:
+    """(proto, first, last, address) of each declared connect to one address of the host's
+    loopback (a resolver on 127.0.0.53): inside the namespace that address is the service's own
+    loopback, so these are carried to the host. One address per protocol and port: the first
+    declared wins (the host side maps back by port)."""
+    out: list[tuple[str, int, int, str]] = []
+    for ep in connects:
+        if ep.network is None:
+            continue
+        net = ipaddress.ip_network(ep.network)
+        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32 \
+                and net.subnet_of(LOOPBACK) and not any(
+                    p == ep.proto and f <= ep.last and ep.first <= la for p, f, la, _ in out):
+            out.append((ep.proto, ep.first, ep.last, str(net.network_address)))
+    return out
+
+
+def inside_flows(flows: Iterable[ProcessFlows], link: Link) -> list[ProcessFlows]:
+    """The flows for the service table inside the namespace: the kernel's NAT of locally made
+    packets runs before every filter chain of the output hook (at -100, whatever the nat
+    chain's own priority), so the table sees a loopback connect already on its way to the host
+    side's address. Each process's connects to a host loopback address are also allowed there,
+    on the same ports: the host side sends those on to the declared address, nothing else."""
+    out = []
+    for flow in flows:
+        mapped = tuple(Endpoint(proto, first, last, f"{link.host_addr}/32")
+                       for proto, first, last, _ in loopback_targets(flow.connect))
+        out.append(dataclasses.replace(flow, connect=flow.connect + mapped))
+    return out
+
+
+def loopback_ruleset(link: Link, targets: list[tuple[str, int, int, str]]) -> dict:
+    """Inside the service's namespace, table ip corral-lo: a declared connect to a host loopback
+    address goes to the host side's address instead (nat output), from the service's address
+    (postrouting)."""
+    table = {"family": "ip", "name": "corral-lo"}
+    base = {"family": "ip", "table": "corral-lo"}
+    cmds: list[dict] = [{"add": {"table": table}}, {"delete": {"table": table}},
+                        {"add": {"table": table}}]
+    for name, hook in (("output", "output"), ("postrouting", "postrouting")):
+        cmds.append({"add": {"chain": {**base, "name": name, "type": "nat", "hook": hook,
+                                       "prio": 100, "policy": "accept"}}})
+    daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
+    for proto, first, last, addr in targets:
+        cmds.append({"add": {"rule": {**base, "chain": "output", "expr": [
+            _match(daddr, addr), _match({"meta": {"key": "l4proto"}}, proto),
+            _match({"payload": {"protocol": "th", "field": "dport"}}, port(first, last)),
+            {"counter": None}, {"dnat": {"addr": link.host_addr}}]}}})
+    cmds.append({"add": {"rule": {**base, "chain": "postrouting", "expr": [
+        _match({"meta": {"key": "oifname"}}, INSIDE),
+        _match({"payload": {"protocol": "ip", "field": "saddr"}},
+               {"prefix": {"addr": "127.0.0.0", "len": 8}}),
+        {"counter": None}, {"snat": {"addr": link.addr}}]}}})
+    return {"nftables": cmds}
+
+
+def _match(left: dict, right: object, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _route_localnet(path: str) -> None:
+    """Per interface, not host-wide: lets a loopback address be routed over this link (the
+    host side's DNAT back to the loopback service, and its answers)."""
+    with open(path, "w") as handle:
+        handle.write("1")
 
 
 # ---------------------------------------------------------------- create and remove
@@ -188,6 +271,31 @@ def _ip(*args: str, netns: Path | None = None, check: bool = True) -> str:
     return proc.stdout
 
 
+def _inside(path: Path, act: Callable[[], None]) -> None:
+    """Run `act` in the namespace at `path`, in a helper thread (setns moves only the calling
+    thread; ours must stay in the host's): its /proc/sys/net is that namespace's."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def helper() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                kernel.setns(fd, kernel.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            act()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=helper, name="corral-netns")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _pin(path: Path) -> None:
     """A new network namespace, kept alive by a bind mount of its nsfs file at `path` (so it
     outlives the short-lived creator and `nsenter --net=PATH` reaches it)."""
@@ -201,7 +309,8 @@ def _pin(path: Path) -> None:
         raise NetnsError(f"unshare --net={path} failed: {proc.stderr.strip()}")
 
 
-def create(service: str, pool: str, listen: Iterable[PortSpec]) -> Link:
+def create(service: str, pool: str, listen: Iterable[PortSpec],
+           connects: Iterable[Endpoint] = ()) -> Link:
     """The namespace, its link and the host side's NAT for `service`; what an earlier run left
     is removed first. On failure everything made here is removed again."""
     remove(service)
@@ -218,11 +327,23 @@ def create(service: str, pool: str, listen: Iterable[PortSpec]) -> Link:
         _ip("addr", "add", f"{link.addr}/{link.prefixlen}", "dev", INSIDE, netns=path)
         _ip("link", "set", INSIDE, "up", netns=path)
         _ip("route", "add", "default", "via", link.host_addr, netns=path)
-        nft.apply(nat_ruleset(link, listen))
+        configure(link, listen, connects)
     except (OSError, nft.NftError) as exc:
         remove(service)
         raise NetnsError(f"network namespace of {service}: {exc}") from exc
     return link
+
+
+def configure(link: Link, listen: Iterable[PortSpec], connects: Iterable[Endpoint]) -> None:
+    """The NAT of a link, at the start and again at a reload: the host side's table, and the
+    loopback carriage inside (route_localnet on both ends only when some connect needs it)."""
+    path = pin_path(link.service)
+    targets = loopback_targets(connects)
+    if targets:
+        _route_localnet(f"/proc/sys/net/ipv4/conf/{link.host_if}/route_localnet")
+        _inside(path, lambda: _route_localnet(f"/proc/sys/net/ipv4/conf/{INSIDE}/route_localnet"))
+    nft.apply(loopback_ruleset(link, targets), netns=str(path))
+    nft.apply(nat_ruleset(link, listen, targets))
 
 
 def remove(service: str) -> list[str]:

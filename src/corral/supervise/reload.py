@@ -72,12 +72,14 @@ def refill_firewall(spec: ServiceSpec) -> str:
         if spec.own_network and spec.netns.exists():
             from corral.host import netns
 
-            nft.apply(refill, netns=str(spec.netns))
-            link = netns.leased(spec.service)  # the host side's DNAT: the new listen ports
+            link = netns.leased(spec.service)  # the NAT: the new listen ports and connects
             if link is not None:
-                nft.apply(netns.nat_ruleset(link, [p for flow in service_flows(spec)
-                                                   for p in flow.listen]))
-    except (ValueError, nft.NftError) as exc:
+                flows = service_flows(spec)
+                nft.apply(nft_rules.sets_refill(spec.service, netns.inside_flows(flows, link)),
+                          netns=str(spec.netns))
+                netns.configure(link, [p for flow in flows for p in flow.listen],
+                                [c for flow in flows for c in flow.connect])
+    except (OSError, ValueError, nft.NftError) as exc:
         return f"firewall sets not refilled: {exc}"
     return ""
 

@@ -160,13 +160,16 @@ class Supervisor:
         from corral.host import netns, nft
         from corral.supervise.reload import service_flows
 
+        flows = service_flows(self.spec)
         self.link = netns.create(self.spec.service,
                                  self.spec.network.get("pool", netns.DEFAULT_POOL),
-                                 [p for flow in service_flows(self.spec) for p in flow.listen])
+                                 [p for flow in flows for p in flow.listen],
+                                 [c for flow in flows for c in flow.connect])
         try:
             from corral.plan import nft_rules
 
-            nft.apply(nft_rules.service_ruleset(self.spec.service, service_flows(self.spec)),
+            nft.apply(nft_rules.service_ruleset(self.spec.service,
+                                                netns.inside_flows(flows, self.link)),
                       netns=str(self.spec.netns))
         except nft.NftError as exc:
             raise netns.NetnsError(f"the service's table in its namespace: {exc}") from exc
