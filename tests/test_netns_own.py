@@ -395,3 +395,25 @@ def test_without_forwarding_status_warns_and_host_clients_still_reach_it(
     forward = sh("ip", "netns", "exec", netns, "sysctl", "-n", "net.ipv4.ip_forward").stdout
     assert forward.strip() == "0"
     assert http_get(netns, "http://10.78.0.1:8080/health") == "ok\n"
+
+
+def test_down_after_a_killed_supervisor_removes_what_it_left(
+        tmp_path, start_service, netns, service_name, corral_root):
+    manifest = notes_manifest(tmp_path, service_name)
+    manifest.write_text(manifest.read_text().replace("[image]", 'network = "own"\n\n[image]', 1))
+    svc = start_service(manifest)
+    pin = corral_root / "run/corral" / service_name / "netns"
+    supervisor = svc.status()["supervisor"]
+    assert os.path.ismount(pin)
+    os.kill(supervisor, 9)  # no teardown: the pin, the veth and the NAT table stay behind
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{supervisor}") and time.time() < deadline:
+        time.sleep(0.1)
+    links = json.loads(sh("ip", "-n", netns, "-j", "link", "show").stdout)
+    assert [link for link in links if link["ifname"].startswith("crn")]
+    svc.corral("down", service_name, check=True)
+    assert not os.path.exists(pin)
+    links = json.loads(sh("ip", "-n", netns, "-j", "link", "show").stdout)
+    assert not [link for link in links if link["ifname"].startswith("crn")]
+    tables = sh("ip", "netns", "exec", netns, "nft", "list", "tables").stdout
+    assert f"corral-nat-{service_name}" not in tables

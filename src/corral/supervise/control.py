@@ -229,6 +229,10 @@ def _cleanup(spec: ServiceSpec) -> None:
 
     cgroup.remove_service(spec.service)
     mnt.unmount_delta(str(spec.delta_dir), spec.delta)
+    if spec.own_network or (spec.run / "network.json").exists():  # its namespace, veth, NAT
+        from corral.host import netns
+
+        netns.remove(spec.service)
     for name in ("state.json", "supervisor.lock"):
         (spec.run / name).unlink(missing_ok=True)
 
