@@ -417,3 +417,15 @@ def test_down_after_a_killed_supervisor_removes_what_it_left(
     assert not [link for link in links if link["ifname"].startswith("crn")]
     tables = sh("ip", "netns", "exec", netns, "nft", "list", "tables").stdout
     assert f"corral-nat-{service_name}" not in tables
+
+
+def test_plan_shows_the_network(tmp_path):
+    path = notes_manifest(tmp_path, "ownplan")
+    path.write_text(path.read_text().replace("[image]", 'network = "own"\n'
+                                             'network_pool = "10.99.0.0/24"\n\n[image]', 1))
+    data = json.loads(corral("plan", str(path), "--json", check=True).stdout)
+    assert data["network"] == {"mode": "own", "pool": "10.99.0.0/24"}
+    assert "(network: own, behind a veth)" in corral("plan", str(path), check=True).stdout
+    host = notes_manifest(tmp_path, "hostplan")
+    assert json.loads(corral("plan", str(host), "--json", check=True).stdout)["network"] == {
+        "mode": "host"}
