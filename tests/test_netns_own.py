@@ -429,3 +429,33 @@ def test_plan_shows_the_network(tmp_path):
     host = notes_manifest(tmp_path, "hostplan")
     assert json.loads(corral("plan", str(host), "--json", check=True).stdout)["network"] == {
         "mode": "host"}
+
+
+def test_two_services_lease_two_links(tmp_path, corral_root, netns):
+    """Two services whose names would start at the same /30 (a pool of two): each gets its
+    own, and each serves on its own port from the host."""
+    names = ["tst" + secrets.token_hex(3) for _ in range(2)]
+    started = []
+    try:
+        for i, name in enumerate(names):
+            path = notes_manifest(tmp_path, name)
+            text = path.read_text().replace('"8080"]', f'"{8080 + i}"]').replace(
+                'listen = ["tcp/8080"]', f'listen = ["tcp/{8080 + i}"]').replace(
+                "/srv/notes", f"/srv/notes{i}")
+            path.write_text(text.replace("[image]", 'network = "own"\n'
+                                         'network_pool = "10.213.7.0/29"\n\n[image]', 1))
+            corral("install", str(path), netns=netns, check=True)
+            started.append(name)
+            corral("up", str(path), netns=netns, check=True)
+        sh("ip", "-n", netns, "addr", "add", "10.78.0.1/32", "dev", "lo")
+        links = [json.loads(corral("status", name, "--json", netns=netns, check=True).stdout)[
+            "services"][0]["network"] for name in names]
+        assert {link["addr"] for link in links} == {"10.213.7.2", "10.213.7.6"}
+        assert len({link["host_if"] for link in links}) == 2
+        for i in range(2):
+            assert http_get(netns, f"http://10.78.0.1:{8080 + i}/health") == "ok\n"
+    finally:
+        for name in started:
+            corral("down", name, netns=netns)
+            corral("uninstall", name, "--purge", netns=netns)
+            remove_test_users(name)
