@@ -327,6 +327,56 @@ print(json.dumps({'data': data.decode(), 'peer': list(peer), 'tcp': tcp}))
     assert seen["tcp"] != "connected"  # tcp/53 is not declared: neither allowed nor carried
 
 
+def test_the_host_table_lets_its_declared_flows_cross_the_veth(own, tmp_path):
+    """With the host's own table applied (policy drop in input, output and forward), what the
+    service declares still passes its veth, and nothing else reaches the host."""
+    host_file = tmp_path / "host.toml"
+    host_file.write_text(f'role = "server"\nmanagement = ["tcp/22@{WORLD_ADDR}/32"]\n'
+                         'anti_spoofing = true\n')
+    env = dict(os.environ, CORRAL_ROOT=str(own.root))
+    env.pop("CORRAL_DEBUG", None)
+    for args in (["apply", str(host_file), "--confirm-timeout", "120"],
+                 ["confirm", str(host_file)]):
+        result = subprocess.run(in_netns(own.host) + CORRAL + ["host", *args], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    try:
+        assert http_get(own.world, f"http://{HOST_ADDR}:8080/health") == "ok\n"  # forward
+        assert http_get(own.host, f"http://{HOST_ADDR}:8080/health") == "ok\n"  # output
+        echo = subprocess.Popen(in_netns(own.host) + [sys.executable, "-c", UDP_ECHO,
+                                                      "127.0.0.53", "53"],
+                                stdout=subprocess.PIPE, text=True)
+        world = listener(own.world, "0.0.0.0", WORLD_PORT)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "READY"
+            seen = own.inside(f"""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+u.sendto(b'q', ('127.0.0.53', 53))
+t = socket.socket(); t.settimeout(5); t.connect(('{WORLD_ADDR}', {WORLD_PORT}))
+print(json.dumps({{'dns': u.recvfrom(512)[0].decode(), 'world': t.recv(10).decode()}}))
+""")
+        finally:
+            for proc in (echo, world):
+                proc.kill()
+                proc.wait()
+        assert seen == {"dns": "answer:q", "world": "host\n"}  # input, forward
+        # the table is live: an undeclared port of the host stays closed to the world
+        probe = listener(own.host, "0.0.0.0", LOOPBACK_PORT + 20)
+        try:
+            code = ("import socket, sys; s = socket.socket(); s.settimeout(3); "
+                    "s.connect((sys.argv[1], int(sys.argv[2])))")
+            blocked = sh(*in_netns(own.world), sys.executable, "-c", code, HOST_ADDR,
+                         str(LOOPBACK_PORT + 20), check=False)
+            assert blocked.returncode != 0 and "timed out" in blocked.stderr
+        finally:
+            probe.kill()
+            probe.wait()
+    finally:
+        sh("ip", "netns", "exec", own.host, "nft", "delete", "table", "inet", "corral-host",
+           check=False)
+
+
 def test_reload_takes_new_listen_ports_into_the_nat_table(own):
     def nat() -> str:
         return sh("ip", "netns", "exec", own.host, "nft", "list", "table", "ip",

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from corral.core.fsio import write_json
+from corral.core.names import veth_name
 from corral.core.netspec import Endpoint, PortSpec
 from corral.core.paths import run_dir, run_root
 from corral.host import nft
@@ -58,11 +59,6 @@ class Link:
     host_addr: str  # its address; the service's default gateway
     addr: str  # the service's address (eth0)
     prefixlen: int = 30
-
-
-def veth_name(service: str) -> str:
-    """The host side's name: interface names have at most 15 bytes, service names up to 32."""
-    return "crn" + hashlib.sha256(service.encode()).hexdigest()[:10]
 
 
 def nat_table(service: str) -> str:
