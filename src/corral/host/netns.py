@@ -1,19 +1,21 @@
 """`network = "own"`: a service's own network namespace, its veth link to the host and the host
-side's NAT table (docs/sandbox.md, "A network namespace per service").
+side's NAT table (docs/sandbox.md, "`network = "own"`: a network namespace per service").
 
     host namespace                                  the service's namespace (pinned by a bind
       crnXXXXXXXX  10.213.N.1/30  <-- veth -->        mount at /run/corral/NAME/netns)
       table ip corral-nat-NAME                        eth0  10.213.N.2/30, lo; default via .1
         prerouting/output: DNAT of the declared       table inet corral-NAME (the same per-
           listen ports on the host's addresses          process rules as on the host)
-        postrouting: masquerade what it sends out
+        postrouting: masquerade what it sends out     table ip corral-lo: declared connects to
+        prerouting: from the veth, back to the          a host loopback address, DNAT'ed to the
+          declared loopback address                     host side (route_localnet both ends)
 
 The supervisor calls `create` while it is still in the host's mount namespace and `remove` at its
-end (also after a failed start, and `uninstall` for what a killed supervisor left). The address
-pair is leased from the pool under a lock: a lease is /run/corral/NAME/network.json, and a /30
-that any other lease or any address of the host overlaps is skipped. Only IPv4: the namespace has
-no IPv6 route (link-local only), and the host's 127.0.0.1 is not forwarded (it would need
-route_localnet); clients use the host's other addresses.
+end (also after a failed start; `down` and `uninstall` for what a killed supervisor left). The
+address pair is leased from the pool under a lock: a lease is /run/corral/NAME/network.json, and
+a /30 that any other lease or any address of the host overlaps is skipped. Only IPv4: the
+namespace has no IPv6 route (link-local only), and the host's 127.0.0.1 is not DNAT'ed to the
+service (clients use the host's other addresses).
 """
 
 from __future__ import annotations
