@@ -1,6 +1,7 @@
 """Start one contained process, or run a command inside a running one's containment.
 
-    supervisor ──fork──> holder: joins the cgroup, unshares mount, PID, IPC, UTS and cgroup
+    supervisor ──fork──> holder: joins the cgroup (and the service's own network namespace,
+                          network = "own"), unshares mount, PID, IPC, UTS and cgroup
                           namespaces, forks, waits and passes the exit status on
                           └──fork──> init (PID 1 of its namespace): /proc, pivot_root,
                                      hostname, rlimits, new session, user and capabilities,
