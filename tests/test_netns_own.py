@@ -509,3 +509,30 @@ def test_two_services_lease_two_links(tmp_path, corral_root, netns):
             corral("down", name, netns=netns)
             corral("uninstall", name, "--purge", netns=netns)
             remove_test_users(name)
+
+
+def test_isolate_cuts_the_service_inside_its_namespace(
+        tmp_path, start_service, netns, service_name, corral_root):
+    """react = "isolate": the uids go into the `isolated` set of the table in the service's
+    namespace (the host's copy sees none of its packets), so its answers stop."""
+    sh("ip", "-n", netns, "addr", "add", "10.78.0.1/32", "dev", "lo")
+    manifest = notes_manifest(tmp_path, service_name)
+    manifest.write_text(manifest.read_text().replace(
+        "[image]", 'network = "own"\n\n[watch]\nreact = "isolate"\n\n[image]', 1))
+    svc = start_service(manifest)
+    assert http_get(netns, "http://10.78.0.1:8080/health") == "ok\n"
+    svc.exec("import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+             ".sendto(b'x', ('10.78.0.1', 7799))\nexcept OSError:\n    pass\n")
+    deadline = time.time() + 15
+    while not svc.status()["isolated"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert svc.status()["isolated"]
+    inside = sh("nsenter", f"--net={corral_root}/run/corral/{service_name}/netns", "nft", "-j",
+                "list", "set", "inet", f"corral-{service_name}", "isolated").stdout
+    uid = svc.status()["processes"][0]["uid"]
+    assert uid in json.loads(inside)["nftables"][1]["set"].get("elem", [])
+    code = ("import socket; s = socket.socket(); s.settimeout(3); "
+            "s.connect(('10.78.0.1', 8080)); s.sendall(b'GET /health HTTP/1.0\\r\\n\\r\\n'); "
+            "print(s.recv(100))")
+    cut = sh(*in_netns(netns), sys.executable, "-c", code, check=False)
+    assert cut.returncode != 0, cut.stdout  # no answer (no SYN-ACK, or no reply)
