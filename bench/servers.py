@@ -17,6 +17,11 @@ servers share the machine's CPUs (two on the reference machine), so throughput i
 ratio: see bench/servers.md. Reported: the median throughput and the median of each round's p99
 latency, and the ratios contained/plain and firejail/plain, with the load before and after.
 
+`--own-netns` adds the variant "corral-own" (nginx only): the same manifest with network = "own"
+(docs/sandbox.md), nginx listening on all of its namespace's addresses, wrk connecting to
+OWN_ADDR, an address of the benchmark's namespace (on its lo) that the service's NAT table
+DNATs through the veth: what a service's own network namespace costs a real server.
+
 CORRAL_BENCH_SKIP (docs/sandbox.md, bench-only) is passed to corral's supervisor when set, for
 attribution runs: `CORRAL_BENCH_SKIP=landlock bash bench/servers.sh`.
 """
@@ -50,10 +55,14 @@ FIREJAIL = ["firejail", "--noprofile", "--quiet", "--private-dev", "--caps.keep=
 PG = "/usr/lib/postgresql/15/bin"
 PORTS = {"nginx": 18100, "redis": 18200, "postgresql": 18300}  # + the variant's index
 CLIENTS = 16
+OWN_ADDR = "10.214.0.1"  # --own-netns: the benchmark namespace's address wrk connects to
 
 
 def port(server: str, variant: str) -> int:
     return PORTS[server] + VARIANTS_OF[server].index(variant)
+
+
+HOST_OF: dict[int, str] = {}  # port -> the address its client connects to (127.0.0.1 if absent)
 
 
 # -- manifests and plain command lines ---------------------------------------------------------
@@ -112,8 +121,13 @@ def write_manifest(world: bk.World, server: str, variant: str, limits: str) -> t
     if server == "nginx":
         www = world.dir / "www-src"
         conf = world.dir / f"nginx-{variant}.conf"
-        conf.write_text(NGINX_CONF.format(variant=variant, port=p, root="/srv/www"))
+        listen = NGINX_CONF.format(variant=variant, port=p, root="/srv/www")
+        own = variant == "corral-own"
+        conf.write_text(listen.replace(f"listen 127.0.0.1:{p};", f"listen {p};") if own
+                        else listen)
+        network = 'network = "own"' if own else ""
         path.write_text(f'''name = "{name}"
+{network}
 [image]
 include = ["/usr/sbin/nginx"]
 add = {{ "/etc/benchnginx/nginx.conf" = "{conf}", "/srv/www/4k.bin" = "{www / '4k.bin'}" }}
@@ -172,6 +186,7 @@ def start_contained(world: bk.World, server: str, variant: str, limits: str) -> 
     name, path = write_manifest(world, server, variant, limits)
     world.install(path, name)
     skips = variant.partition("-")[2].split("+") if "-" in variant else []
+    skips = [s for s in skips if s != "own"]  # corral-own: no skip, network = "own"
     env = world.env()
     launch_skips = [s for s in skips if s != "nft"]
     if launch_skips or os.environ.get("CORRAL_BENCH_SKIP"):
@@ -185,7 +200,10 @@ def start_contained(world: bk.World, server: str, variant: str, limits: str) -> 
     if "nft" in skips:
         subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
                        check=True)
-    _wait_port(world, port(server, variant), None, f"{server}-{variant}")
+    if variant == "corral-own":  # `up` waited for it in the service's namespace
+        HOST_OF[port(server, variant)] = OWN_ADDR
+    else:
+        _wait_port(world, port(server, variant), None, f"{server}-{variant}")
     status = json.loads(world.corral("status", name, "--json").stdout)
     TOPS[server, variant] = status["services"][0]["processes"][0]["pid"]
 
@@ -298,7 +316,7 @@ def _client(world: bk.World, argv: list[str], cwd: str = "/tmp") -> str:
 
 def run_wrk(world: bk.World, p: int, seconds: float) -> dict[str, dict[str, float]]:
     out = _client(world, ["wrk", "-t2", f"-c{CLIENTS}", f"-d{seconds:g}s", "--latency",
-                          f"http://127.0.0.1:{p}/4k.bin"])
+                          f"http://{HOST_OF.get(p, '127.0.0.1')}:{p}/4k.bin"])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
     ops = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
@@ -352,13 +370,17 @@ def prepare_pg(world: bk.World, variant: str) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
-            limits: str, attribute: list[str]) -> dict[str, Any]:
+            limits: str, attribute: list[str], own_netns: bool = False) -> dict[str, Any]:
     """`attribute`: skip sets ("landlock", "seccomp+landlock", "nft"...), each one more
     contained variant of every server, run in the same rounds."""
     www = world.dir / "www-src"
     www.mkdir()
     (www / "4k.bin").write_bytes(os.urandom(4096))
     extra = [f"corral-{a}" for a in attribute]
+    if own_netns:
+        extra.append("corral-own")
+        subprocess.run(world.enter() + ["ip", "addr", "add", f"{OWN_ADDR}/32", "dev", "lo"],
+                       check=True)
     env_skip = os.environ.get("CORRAL_BENCH_SKIP", "")
     for server in servers:
         VARIANTS_OF[server] = [*VARIANTS, *extra]
@@ -442,10 +464,14 @@ def main() -> None:
                              "landlock, seccomp, seccomp-main, overlay, cpu, memory, pids (as "
                              "CORRAL_BENCH_SKIP, docs/sandbox.md) and nft (the table flushed); "
                              "join with + to skip several in one variant")
+    parser.add_argument("--own-netns", action="store_true",
+                        help='one more variant, corral-own: network = "own" (nginx only)')
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=bk.RESULTS_DIR / "servers.json")
     args = parser.parse_args()
     servers = [s for s in args.only.split(",") if s]
+    if args.own_netns and servers != ["nginx"]:
+        raise SystemExit("bench: --own-netns needs --only nginx")
     for server in servers:
         if server not in PORTS:
             raise SystemExit(f"bench: unknown server {server!r} (nginx, redis, postgresql)")
@@ -455,7 +481,7 @@ def main() -> None:
     world = bk.World("corral-bsrv-", "bs")
     with bk.throwaway(world):
         report["result"] = measure(world, servers, args.rounds, args.seconds, args.limits,
-                                   [a for a in args.attribute.split(",") if a])
+                                   [a for a in args.attribute.split(",") if a], args.own_netns)
     bk.end_run(report, started, args.out, args.json, table)
 
 

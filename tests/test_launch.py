@@ -13,7 +13,9 @@ def names(steps):
 
 
 def test_the_order_of_a_start():
-    assert names(pipeline.HOLDER) == ["pdeathsig", "cgroup", "namespaces"]
+    # network = "own": into the service's network namespace while still root, before the
+    # other unshares (a no-op with the host's network)
+    assert names(pipeline.HOLDER) == ["pdeathsig", "cgroup", "network", "namespaces"]
     # seccomp last but the listener's hand-up: its filter would refuse what comes after it;
     # the parent-death signal again after the uid change, which clears it.
     assert names(pipeline.INIT + pipeline.CONFINE) == [

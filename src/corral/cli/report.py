@@ -58,13 +58,19 @@ def plan_text(plan: ServicePlan) -> str:
         listen = ", ".join(str(p) for p in _flows(plan, sandbox.process, "listen")) or "none"
         connect = ", ".join(str(c) for c in _flows(plan, sandbox.process, "connect")) or "none"
         out.append(f"  {sandbox.process:<8} in: {listen}; out: {connect}; all else dropped, logged")
+    own = plan.network.get("mode") == "own"
+    if own:
+        out.append(f"  network own: its namespace, a /30 of {plan.network['pool']} on a veth; "
+                   "listen ports DNAT'ed from the host's addresses, connects masqueraded; "
+                   "the table applies inside it")
+    network = "own, behind a veth" if own else "host, filtered per user"
     out += ["", "sandbox"]
     for s in plan.sandbox:
         limits = s.limits
         out += [
             f"  {s.process}  as {s.user}: {' '.join(s.command)}",
             f"    capabilities  {', '.join(s.capabilities) or 'none'}; no_new_privs",
-            f"    namespaces    {' '.join(s.namespaces)} (network: host, filtered per user)",
+            f"    namespaces    {' '.join(s.namespaces)} (network: {network})",
             f"    executables   {', '.join(s.executables)}",
             f"    seccomp       {s.seccomp.mode}, {len(s.seccomp.syscalls)} system calls",
             f"    writable      {', '.join(s.landlock.read_write)}",
@@ -115,6 +121,10 @@ def status_text(services: list[dict]) -> str:
             out.append("  ISOLATED: network cut and processes frozen (corral revert to recover)")
         if svc.get("landlock"):
             out.append(f"  {svc['landlock']}")
+        network = svc.get("network") or {}
+        if network.get("addr"):
+            out.append(f"  network: its own namespace, {network['addr']} behind veth "
+                       f"{network['host_if']} ({network['host_addr']})")
         for warning in svc.get("warnings") or ():
             out.append(f"  warning: {warning}")
         sensors = svc.get("sensors") or {}

@@ -80,8 +80,17 @@ def _flows(manifest_file: str, manifest: Any) -> ServiceFlows:
     listen = sorted({p for proc in manifest.process.values() for p in proc.listen})
     connect = sorted({e for proc in manifest.process.values() for e in proc.connect},
                      key=lambda e: (e.network or "", e.proto, e.first, e.last))
+    if manifest.network != "own":
+        return ServiceFlows(manifest.name, os.path.abspath(manifest_file), tuple(listen),
+                            tuple(connect))
+    from corral.core.names import veth_name
+    from corral.plan.etc import dns_endpoints
+
+    # its resolvers too: behind a veth they cross this table (on the host network, via lo)
+    connect = sorted(set(connect) | set(dns_endpoints(list(manifest.resolvers))),
+                     key=lambda e: (e.network or "", e.proto, e.first, e.last))
     return ServiceFlows(manifest.name, os.path.abspath(manifest_file), tuple(listen),
-                        tuple(connect))
+                        tuple(connect), veth_name(manifest.name))
 
 
 def installed_services() -> list[ServiceFlows]:

@@ -165,7 +165,8 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
                  for v in plan.volumes],
         watch=dict(plan.watch),
         exec_paths={s.process: list(s.executables) for s in plan.sandbox},
-        log=dict(plan.log))
+        log=dict(plan.log),
+        network=dict(plan.network) if plan.network.get("mode") == "own" else {})
 
 
 def _runtime_changes(state: Path, spec: runtime.ServiceSpec) -> list[str]:
@@ -190,7 +191,7 @@ def _runtime_changes(state: Path, spec: runtime.ServiceSpec) -> list[str]:
             out.append(f"process {proc['name']}: " + " ".join(fields))
     out += [f"process {name}: removed" for name in olds]
     out += [key for key in sorted(set(new) - {"processes", "base_version"})
-            if new.get(key) != old.get(key)]
+            if new.get(key) != old.get(key) and (new.get(key) or old.get(key))]
     return out
 
 
@@ -338,6 +339,11 @@ def uninstall(service: str, purge: bool = False) -> Report:
     state = lib_dir(service)
     if nft.delete_table(service):
         report.changes.append(f"deleted nftables table inet {nftables.table_name(service)}")
+    from corral.host import netns
+
+    # network = "own": what a supervisor killed before its teardown left (a stopped one left
+    # nothing)
+    report.changes += [f"removed {what}" for what in netns.remove(service)]
     for entry in record.get("users", []):
         if users.remove(UserSpec(entry["name"], service, entry["process"])):
             report.changes.append(f"removed user {entry['name']}")

@@ -20,7 +20,14 @@ class NftError(Exception):
 
 
 def run(args: list[str], netns: str | None, stdin: str | None = None) -> str:
-    cmd = ([] if netns is None else ["ip", "netns", "exec", netns]) + [NFT, *args]
+    """nft in our network namespace, in a named one (`ip netns`), or in the one pinned at a path
+    (a service's own, host.netns)."""
+    if netns is None:
+        cmd = [NFT, *args]
+    elif netns.startswith("/"):
+        cmd = ["nsenter", f"--net={netns}", NFT, *args]
+    else:
+        cmd = ["ip", "netns", "exec", netns, NFT, *args]
     try:
         proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -54,6 +54,16 @@ class ServiceSpec:
     watch: dict[str, Any] = dataclasses.field(default_factory=dict)  # react, tripwires, ...
     exec_paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     log: dict[str, Any] = dataclasses.field(default_factory=dict)  # size, files, rate
+    network: dict[str, Any] = dataclasses.field(default_factory=dict)  # mode, pool; {}: host
+
+    @property
+    def own_network(self) -> bool:
+        return self.network.get("mode") == "own"
+
+    @property
+    def netns(self) -> Path:
+        """Where its own network namespace is pinned (network = "own", host.netns)."""
+        return self.run / "netns"
 
     @property
     def state(self) -> Path:

@@ -1,6 +1,7 @@
 """Start one contained process, or run a command inside a running one's containment.
 
-    supervisor ──fork──> holder: joins the cgroup, unshares mount, PID, IPC, UTS and cgroup
+    supervisor ──fork──> holder: joins the cgroup (and the service's own network namespace,
+                          network = "own"), unshares mount, PID, IPC, UTS and cgroup
                           namespaces, forks, waits and passes the exit status on
                           └──fork──> init (PID 1 of its namespace): /proc, pivot_root,
                                      hostname, rlimits, new session, user and capabilities,
@@ -124,6 +125,17 @@ def _join_cgroup(jail: Jail) -> None:
     jail.cgroup.add(os.getpid())  # before unsharing, so the cgroup namespace is rooted here
 
 
+def _join_network(jail: Jail) -> None:
+    """network = "own": into the service's namespace (host.netns made it) while still root,
+    before the other unshares; the supervisor stays in the host's."""
+    if jail.service is not None and jail.service.own_network:
+        fd = os.open(jail.service.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            kernel.setns(fd, kernel.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+
+
 def _unshare(jail: Jail) -> None:
     kernel.unshare(NAMESPACES)
 
@@ -218,7 +230,7 @@ def _hand_up_listener(jail: Jail) -> None:
 
 # The holder: in the service's cgroup, then in new namespaces (it forks the init there).
 HOLDER: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("cgroup", _join_cgroup),
-                            ("namespaces", _unshare))
+                            ("network", _join_network), ("namespaces", _unshare))
 # The init, PID 1 of the new namespaces: its own root.
 INIT: tuple[Step, ...] = (("pdeathsig", _die_with_parent), ("root", _enter_root),
                           ("hostname", _hostname), ("memfd", _memfd_noexec))
@@ -376,6 +388,7 @@ def _wait_and_exit(pid: int) -> None:
 
 NS_ORDER = (("cgroup", kernel.CLONE_NEWCGROUP), ("ipc", kernel.CLONE_NEWIPC),
             ("uts", kernel.CLONE_NEWUTS), ("pid", kernel.CLONE_NEWPID),
+            ("net", kernel.CLONE_NEWNET),  # the host's, or the service's own (network = "own")
             ("mnt", kernel.CLONE_NEWNS))
 
 

@@ -105,6 +105,21 @@ def _resolver(raw: object) -> str:
         raise ValueError(f'"{raw}": not an IP address (a resolver is never a host name)') from None
 
 
+def _pool(raw: object) -> str:
+    """network_pool: an IPv4 prefix with room for /30 links (one per service)."""
+    import ipaddress
+
+    if not isinstance(raw, str):
+        raise ValueError('expected an IPv4 prefix like "10.213.0.0/16"')
+    try:
+        net = ipaddress.IPv4Network(raw, strict=True)
+    except ValueError:
+        raise ValueError(f'"{raw}": not an IPv4 prefix without host bits') from None
+    if net.prefixlen > 30:
+        raise ValueError(f'"{raw}": too small: each service takes a /30 of it')
+    return str(net)
+
+
 def _dir_mode(raw: object) -> int:
     return _octal_mode(raw, "0755", "a directory of the service")
 
@@ -292,6 +307,10 @@ class Manifest(Strict):
     # every process. None: the service resolves names from /etc/hosts only.
     resolvers: Annotated[list[Annotated[str, BeforeValidator(_resolver)]],
                          Field(max_length=3)] = []
+    # "own": a network namespace of its own behind a veth pair (docs/sandbox.md); its /30 comes
+    # from network_pool. "host": the host's namespace, as before.
+    network: Literal["host", "own"] = "host"
+    network_pool: Annotated[str, BeforeValidator(_pool)] = "10.213.0.0/16"
 
     def directory_volumes(self) -> list[tuple[tuple[str | int, ...], Volume]]:
         """The volumes the processes' state/cache/logs directories stand for, with the key

@@ -144,6 +144,7 @@ class ServiceFlows:
     manifest: str                  # where they were read from (for people; not in the ruleset)
     listen: tuple[PortSpec, ...]
     connect: tuple[Endpoint, ...]
+    veth: str = ""  # network = "own": the host side of its veth (its flows cross it)
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,10 @@ def host_ruleset(spec: HostSpec) -> dict:
     router = spec.role == "router"
     doc = _Doc()
     listen, connect = _union(spec.installed)
-    lan_names = {"set": sorted(lan.interface for lan in spec.lans)}
+    own = [s for s in spec.installed if s.veth]  # network = "own": behind a veth each
+    # The veths are no upstream: their sources are the services' leased addresses (the pool is
+    # private, a bogon), checked by the service table inside and by rpf here.
+    lan_names = {"set": sorted([lan.interface for lan in spec.lans] + [s.veth for s in own])}
 
     # ---- sets
     for version, _ in FAMILIES:
@@ -333,6 +337,12 @@ def host_ruleset(spec: HostSpec) -> dict:
                            for prefix in lan.prefixes for p in lan_listen]
                 doc.flow_set(f"lan{i}-in{version}", inbound, version)
                 doc.flow_set(f"lan{i}-out{version}", _not_loopback(lan_connect), version)
+
+    for i, svc in enumerate(own):
+        doc.set(f"own{i}-listen", ["inet_proto", "inet_service"],
+                [{"concat": [proto, _port(first, last)]}
+                 for proto, first, last in listen_boxes(svc.listen)])
+        doc.flow_set(f"own{i}-out4", svc.connect, 4)  # loopback too: carried over the veth
 
     # ---- chains (hook = name)
     doc.chain("prerouting", -300, "accept")   # priority raw: before conntrack
@@ -380,6 +390,10 @@ def host_ruleset(spec: HostSpec) -> dict:
                            _ACCEPT], "ping")
     doc.rule("input", [_match({"concat": [_meta("l4proto"), _th("dport")]}, "@listen"), _ACCEPT],
              "services' listen")
+    for i, svc in enumerate(own):  # its connects to this host (a loopback one after the DNAT)
+        doc.rule("input", [_match(_meta("iifname"), svc.veth),
+                           _flow("ip", "daddr", "dport", f"own{i}-out4"), _ACCEPT],
+                 f"{svc.name}'s connect to this host")
     doc.deny("input", [], "undeclared")
 
     # ---- output
@@ -396,6 +410,11 @@ def host_ruleset(spec: HostSpec) -> dict:
     for version, family in FAMILIES:
         doc.rule("output", [_flow(family, "daddr", "dport", f"egress{version}"), _ACCEPT],
                  "allow_out and services' connect")
+    for i, svc in enumerate(own):  # this host's clients, DNAT'ed to the service
+        doc.rule("output", [_match(_meta("oifname"), svc.veth),
+                            _match({"concat": [_meta("l4proto"), _th("dport")]},
+                                   f"@own{i}-listen"), _ACCEPT],
+                 f"{svc.name}'s listen, from this host")
     doc.deny("output", [], "undeclared")
 
     # ---- mld-out: only the reports neighbour discovery needs (see MLD_RECORDS)
@@ -417,7 +436,7 @@ def host_ruleset(spec: HostSpec) -> dict:
     doc.deny("mld-out", [], "mld")
 
     # ---- forward
-    if router:
+    if router or own:
         for i, lan in enumerate(spec.lans):
             oif = _match(_meta("oifname"), lan.interface)
             for version, family in FAMILIES:
@@ -426,6 +445,13 @@ def host_ruleset(spec: HostSpec) -> dict:
                          f"management into {lan.interface}")
         doc.deny("forward", [_ct("invalid")], "invalid")
         doc.rule("forward", [_ct("established", "related"), _ACCEPT])
+        for i, svc in enumerate(own):  # clients of other hosts in; its connects beyond out
+            doc.rule("forward", [_match(_meta("oifname"), svc.veth),
+                                 _match({"concat": [_meta("l4proto"), _th("dport")]},
+                                        f"@own{i}-listen"), _ACCEPT], f"{svc.name}'s listen")
+            doc.rule("forward", [_match(_meta("iifname"), svc.veth),
+                                 _flow("ip", "daddr", "dport", f"own{i}-out4"), _ACCEPT],
+                     f"{svc.name}'s connect")
         for i, lan in enumerate(spec.lans):
             oif = _match(_meta("oifname"), lan.interface)
             iif = _match(_meta("iifname"), lan.interface)

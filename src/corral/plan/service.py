@@ -98,6 +98,7 @@ class ServicePlan:
     delta_size: int = 64 << 20
     watch: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: dict[str, Any] = dataclasses.field(default_factory=dict)
+    network: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "host"})
 
     @property
     def table(self) -> str:
@@ -122,6 +123,7 @@ class ServicePlan:
             "delta": {"kind": self.delta, "size": self.delta_size},
             "watch": self.watch,
             "log": self.log,
+            "network": self.network,
         }
 
 
@@ -275,4 +277,5 @@ def plan_service(file: str, m: Manifest) -> ServicePlan:
         delta_size=m.image.delta_size,
         watch=m.watch.model_dump(),
         log=m.log.model_dump(),
+        network={"mode": m.network} | ({"pool": m.network_pool} if m.network == "own" else {}),
     )

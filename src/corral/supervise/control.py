@@ -180,7 +180,9 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
-    listening = listening_sockets()
+    # network = "own": the sockets are in the service's namespace, /proc/PID/net shows it
+    pids = [p.get("pid") for p in state["processes"].values() if p.get("pid")]
+    listening = listening_sockets(pids[0] if spec.own_network and pids else "self")
     for proc in spec.processes:
         pstate = state["processes"].get(proc.name, {})
         if pstate.get("state") != "running":
@@ -193,11 +195,12 @@ def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
     return True
 
 
-def listening_sockets() -> set[tuple[str, int, int]]:
-    """(proto, port, uid) of every listening TCP socket and bound UDP socket on the host."""
+def listening_sockets(net_pid: int | str = "self") -> set[tuple[str, int, int]]:
+    """(proto, port, uid) of every listening TCP socket and bound UDP socket in the network
+    namespace of `net_pid` (ours: the host's)."""
     from corral.kernel import procnet
 
-    return {(s.proto, s.port, s.uid) for s in procnet.listening()}
+    return {(s.proto, s.port, s.uid) for s in procnet.listening(net_pid)}
 
 
 def down(service: str, timeout: float | None = None) -> dict[str, Any]:
@@ -226,6 +229,10 @@ def _cleanup(spec: ServiceSpec) -> None:
 
     cgroup.remove_service(spec.service)
     mnt.unmount_delta(str(spec.delta_dir), spec.delta)
+    if spec.own_network or (spec.run / "network.json").exists():  # its namespace, veth, NAT
+        from corral.host import netns
+
+        netns.remove(spec.service)
     for name in ("state.json", "supervisor.lock"):
         (spec.run / name).unlink(missing_ok=True)
 
@@ -261,6 +268,8 @@ def _status_of(service: str) -> dict[str, Any]:
         "delta": {"kind": spec.delta, "bytes": _delta_bytes(spec) if alive else 0},
         "landlock": (state or {}).get("landlock") if alive else None,
         "warnings": (state or {}).get("warnings", []) if alive else [],
+        "network": ((state or {}).get("network") if alive else None)
+        or {"mode": "own" if spec.own_network else "host"},
         "processes": processes,
         "incidents": len(all_incidents := incidents.read(spec.state)),
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),

@@ -50,18 +50,36 @@ def restart_needed(running: ProcessSpec, installed: ProcessSpec) -> list[str]:
     return [key for key in FIXED_AT_START if getattr(running, key) != getattr(installed, key)]
 
 
-def refill_firewall(spec: ServiceSpec) -> str:
-    """The installed connect and listen sets, applied atomically; "" or why not."""
+def service_flows(spec: ServiceSpec) -> list[Any]:
+    """The per-process flows (plan.nft_rules.ProcessFlows) as runtime.json has them."""
     from corral.core.netspec import parse_endpoint, parse_ports
+    from corral.plan import nft_rules
+
+    return [nft_rules.ProcessFlows(p.name, p.user, tuple(parse_ports(x) for x in p.listen),
+                                   tuple(parse_endpoint(x) for x in p.connect))
+            for p in spec.processes]
+
+
+def refill_firewall(spec: ServiceSpec) -> str:
+    """The installed connect and listen sets, applied atomically (in the service's own
+    namespace too, network = "own"); "" or why not."""
     from corral.host import nft
     from corral.plan import nft_rules
 
     try:
-        flows = [nft_rules.ProcessFlows(p.name, p.user, tuple(parse_ports(x) for x in p.listen),
-                                        tuple(parse_endpoint(x) for x in p.connect))
-                 for p in spec.processes]
-        nft.apply(nft_rules.sets_refill(spec.service, flows))
-    except (ValueError, nft.NftError) as exc:
+        refill = nft_rules.sets_refill(spec.service, service_flows(spec))
+        nft.apply(refill)
+        if spec.own_network and spec.netns.exists():
+            from corral.host import netns
+
+            link = netns.leased(spec.service)  # the NAT: the new listen ports and connects
+            if link is not None:
+                flows = service_flows(spec)
+                nft.apply(nft_rules.sets_refill(spec.service, netns.inside_flows(flows, link)),
+                          netns=str(spec.netns))
+                netns.configure(link, [p for flow in flows for p in flow.listen],
+                                [c for flow in flows for c in flow.connect])
+    except (OSError, ValueError, nft.NftError) as exc:
         return f"firewall sets not refilled: {exc}"
     return ""
 

@@ -38,7 +38,7 @@ class Sensing:
         try:
             from corral.plan.nft_rules import nflog_group
 
-            self.add(sensors.PacketSensor(nflog_group(self.spec.service)))
+            self.add(sensors.PacketSensor(nflog_group(self.spec.service), self._netns_fd()))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.states["network"] = f"off: {exc}"
         self.add(self._base_write_sensor())
@@ -46,6 +46,13 @@ class Sensing:
 
         self.add(floods.FloodSensor(floods.watched_of(self.spec)))
         self.states["exec"] = "on (seccomp user notification)"
+
+    def _netns_fd(self) -> int | None:
+        """network = "own": the service's drops are logged in its namespace, so the NFLOG
+        socket is made there (the reader keeps its own reference to the namespace)."""
+        if not self.spec.own_network:
+            return None
+        return os.open(self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
 
     def _base_write_sensor(self) -> Any:
         """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the

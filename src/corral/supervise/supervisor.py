@@ -84,6 +84,8 @@ class Supervisor:
         self.sensing = Sensing(spec, self.selector)
         self.warnings: list[str] = []  # degradations to show in status (a bind-mounted volume)
         self.bind_warnings: list[str] = []  # UDP binds unguarded: kept across reverts
+        self.net_warnings: list[str] = []  # network = "own" without forwarding: likewise
+        self.link: Any = None  # host.netns.Link of network = "own"
         self.watcher: Any = None
         self.isolated = False
         self.journals = Journals(spec, hold=lambda: self.isolated)
@@ -107,6 +109,8 @@ class Supervisor:
             "last_archive": self.last_archive,
             "reload": self.reloads.record if self.reloads else None,
             "cgroup": cgroup.describe(),
+            "network": {"mode": "own", **dataclasses.asdict(self.link)} if self.link
+            else {"mode": "host"},
             "processes": {name: {
                 "state": c.state, "pid": c.init or None, "user": c.spec.user,
                 "started_at": iso(c.started_at) if c.started_at else None,
@@ -118,6 +122,8 @@ class Supervisor:
     # -- set-up and tear-down ---------------------------------------------------------------
     def prepare(self) -> None:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        if self.spec.own_network:  # still in the host's mount namespace: the pin is seen there
+            self._own_network()
         delta = str(self.spec.delta_dir)
         mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
         self._mount_sized_volumes()
@@ -129,6 +135,7 @@ class Supervisor:
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
             self._noexec_paths(), bench_bind_root="overlay" in skip)
+        self.warnings += self.net_warnings
         if skip:
             self.warnings.append(f"{benchskip.VARIABLE}={','.join(sorted(skip))}: containment "
                                  "weakened for a benchmark; never use it in production")
@@ -159,6 +166,34 @@ class Supervisor:
                 for path in loopfs.mount_volume(loopfs.sized(self.spec.state, vol.store)):
                     log.warning(f"volume {vol.path}: {path} was not mounted (a reboot?): "
                                 "mounted it")
+
+    def _own_network(self) -> None:
+        """network = "own": the namespace, its veth and NAT (host.netns), and the service's
+        table applied inside it too: its sockets are there, so its per-process rules are."""
+        from corral.host import netns, nft
+        from corral.supervise.reload import service_flows
+
+        flows = service_flows(self.spec)
+        self.link = netns.create(self.spec.service,
+                                 self.spec.network.get("pool", netns.DEFAULT_POOL),
+                                 [p for flow in flows for p in flow.listen],
+                                 [c for flow in flows for c in flow.connect])
+        try:
+            from corral.plan import nft_rules
+
+            nft.apply(nft_rules.service_ruleset(self.spec.service,
+                                                netns.inside_flows(flows, self.link)),
+                      netns=str(self.spec.netns))
+        except nft.NftError as exc:
+            raise netns.NetnsError(f"the service's table in its namespace: {exc}") from exc
+        if not netns.forwarding():
+            self.net_warnings.append(
+                "network = \"own\": net.ipv4.ip_forward is 0, so connects beyond this host and "
+                "clients on other hosts cannot pass (it is host-wide; corral does not set it)")
+
+    def _netns_arg(self) -> str | None:
+        """Where the service's table is: in its own namespace, or in the host's."""
+        return str(self.spec.netns) if self.spec.own_network else None
 
     def _guard_udp(self, group: cgroup.Cgroup, listen: list[str]) -> None:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
@@ -219,7 +254,7 @@ class Supervisor:
     def isolate(self) -> None:
         from corral.host import nft
 
-        nft.isolate(self.spec.service, [p.uid for p in self.spec.processes])
+        nft.isolate(self.spec.service, [p.uid for p in self.spec.processes], self._netns_arg())
         for child in self.children.values():
             child.group.freeze()
         self.isolated = True
@@ -232,7 +267,7 @@ class Supervisor:
         if self.isolated:
             for child in self.children.values():
                 child.group.thaw()
-            nft.release(self.spec.service)
+            nft.release(self.spec.service, self._netns_arg())
             self.isolated = False
 
     def kill_all(self) -> None:
@@ -283,6 +318,10 @@ class Supervisor:
 
             kernel.setns(self.host_mnt, kernel.CLONE_NEWNS)  # our private mounts die with us
             mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
+        if self.spec.own_network:  # in the host's mount namespace again, where the pin is
+            from corral.host import netns
+
+            netns.remove(self.spec.service)
 
     # -- processes --------------------------------------------------------------------------
     def spawn(self, child: Child) -> launch.Spawned | None:
@@ -424,7 +463,8 @@ class Supervisor:
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
             launch.volumes_of(self.spec), self._noexec_paths(),
-            bench_bind_root="overlay" in benchskip.skipped()) + self.bind_warnings
+            bench_bind_root="overlay" in benchskip.skipped()) + self.bind_warnings \
+            + self.net_warnings
         self.reverts += 1
         self.sensing.fresh_delta()
         self.exec_guard.index(self.spec)

@@ -209,11 +209,17 @@ class PacketSensor:
     name = "network"
     interval = 0.0
 
-    def __init__(self, group: int):
+    def __init__(self, group: int, netns_fd: int | None = None):
+        """netns_fd: the service's own network namespace (network = "own"), closed here."""
         from corral.watch import nflog
 
-        self.reader = nflog.EventReader(group)
-        self.state = f"on (NFLOG group {group})"
+        try:
+            self.reader = nflog.EventReader(group, netns_fd)
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
+        where = " in the service's network namespace" if netns_fd is not None else ""
+        self.state = f"on (NFLOG group {group}{where})"
 
     def fileno(self) -> int:
         return self.reader.fileno()
