@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +88,8 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     (run_path / "state.json").unlink(missing_ok=True)
     with open(run_path / "supervisor.log", "ab") as log:
+        import subprocess  # `up` only: the launch path (`run`) has no use for it
+
         proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -214,9 +214,9 @@ class Supervisor:
         self.write_state()
 
     def release(self) -> None:
-        from corral.host import nft
-
         if self.isolated:
+            from corral.host import nft  # a reaction's undo: not every stop's (nft, subprocess)
+
             for child in self.children.values():
                 child.group.thaw()
             nft.release(self.spec.service)
@@ -248,6 +248,9 @@ class Supervisor:
         return self.last_archive
 
     def teardown(self) -> None:
+        # First, so that the kernel releases the fanotify mark while the rest is undone: the
+        # sensors' close, last, then need not wait for it (~5-13 ms of every `corral run`).
+        self.sensing.stop()
         self.resume_logs(everything=True)  # the last words of every process
         for child in self.children.values():
             child.output.end()
@@ -258,7 +261,6 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - the table may be gone already (uninstall)
             log.warning(f"releasing isolation: {exc}")
         self.exec_guard.close()
-        self.sensing.close()
         for child in self.children.values():
             try:
                 child.group.remove()
@@ -270,6 +272,7 @@ class Supervisor:
 
             kernel.setns(self.host_mnt, kernel.CLONE_NEWNS)  # our private mounts die with us
             mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
+        self.sensing.close()
 
     # -- processes --------------------------------------------------------------------------
     def spawn(self, child: Child) -> launch.Spawned | None:
