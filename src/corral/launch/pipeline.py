@@ -123,7 +123,21 @@ def _join_cgroup(jail: Jail) -> None:
 
 
 def _unshare(jail: Jail) -> None:
-    kernel.unshare(NAMESPACES)
+    kernel.unshare(namespaces(benchskip.skipped()))
+
+
+SKIPPABLE_NAMESPACES = {"pidns": kernel.CLONE_NEWPID, "ipcns": kernel.CLONE_NEWIPC,
+                        "utsns": kernel.CLONE_NEWUTS, "cgroupns": kernel.CLONE_NEWCGROUP}
+
+
+def namespaces(skipped: frozenset[str]) -> int:
+    """NAMESPACES, less those a benchmark's attribution run skips (benchskip; never the
+    mount namespace)."""
+    flags = NAMESPACES
+    for name, flag in SKIPPABLE_NAMESPACES.items():
+        if name in skipped:
+            flags &= ~flag
+    return flags
 
 
 def _join_namespaces(jail: Jail) -> None:
@@ -139,12 +153,16 @@ def _enter_root(jail: Jail) -> None:
 
 def _hostname(jail: Jail) -> None:
     assert jail.service is not None
+    if benchskip.skips("utsns"):  # bench-only: it would be the host's name
+        return
     socket.sethostname(jail.service.service)
 
 
 def _memfd_noexec(jail: Jail) -> None:
     """vm.memfd_noexec=2 (per PID namespace, kernel 6.3+): memfds can never be executed, so
     nothing the process writes into memory can be run as a program."""
+    if benchskip.skips("pidns"):  # bench-only: it would be the host's setting
+        return
     try:
         with open("/proc/sys/vm/memfd_noexec", "w") as handle:
             handle.write("2")
