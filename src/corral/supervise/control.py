@@ -71,7 +71,12 @@ def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 def run(service: str) -> int:
     """Foreground: this process is the supervisor; its exit code is the service's."""
+    from corral.launch import cgroup
+
+    primed = cgroup.prime_migration()  # while the supervisor imports (cgroup.prime_migration)
     from corral.supervise import supervisor
+
+    primed()  # one thread again before the supervisor unshares its mount namespace
 
     spec_of(service)
     if supervisor_alive(read_state(service)):
