@@ -84,10 +84,11 @@ def test_reading_commands_stay_off_the_manifest_model():
 
 # A whole `corral run`, reporting the modules it imported where it ends: at os._exit, which
 # it calls after the supervisor's tear-down instead of returning to the interpreter.
-RUN_REPORTING_MODULES = """import json, os, sys
+RUN_REPORTING_MODULES = """import gc, json, os, sys
 me, real_exit = os.getpid(), os._exit
 def exit_now(code):
     if os.getpid() == me:
+        print("GC", gc.isenabled(), file=sys.stderr)  # off for the imports only
         print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr)
     real_exit(code)
 os._exit = exit_now
@@ -120,6 +121,7 @@ command = ["/usr/bin/true"]
             assert result.returncode == 0, result.stderr
             line = [ln for ln in result.stderr.splitlines() if ln.startswith("MODULES ")]
             assert len(line) == 1, result.stderr  # it ended through os._exit, once
+            assert "GC True" in result.stderr.splitlines()
             seen.append(set(json.loads(line[0].split(" ", 1)[1])))
         assert "pyseccomp" in seen[0]  # compiled, and kept
         assert (corral_root / "var/lib/corral" / service_name / "seccomp/main.bpf").is_file()

@@ -77,6 +77,10 @@ def run(service: str) -> int:
     from corral.supervise import supervisor
 
     primed()  # one thread again before the supervisor unshares its mount namespace
+    import gc
+
+    gc.freeze()  # what the imports made lives as long as the supervisor: never collected
+    gc.enable()  # off since cli.entry, for the imports only
 
     spec_of(service)
     if supervisor_alive(read_state(service)):
