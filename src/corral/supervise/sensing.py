@@ -27,14 +27,29 @@ class Sensing:
         self.states: dict[str, str] = {}  # sensors not running (why), and the exec wire's
         self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
+        self.audit_status: Any = None  # kernel.audit.StatusQuery, asked ahead of start
+
+    def ask_audit(self) -> None:
+        """Ask the kernel whether audit is on now; `start` reads the answer (see
+        kernel.audit.StatusQuery: the reply takes a kernel thread's start)."""
+        from corral.kernel import audit
+
+        try:
+            self.audit_status = audit.StatusQuery()
+        except OSError:
+            self.audit_status = None  # start asks again, and says what is wrong
 
     def start(self) -> None:
         from corral.watch import sensors
 
+        status, self.audit_status = self.audit_status, None
         try:
-            self.add(sensors.AuditReader())
+            self.add(sensors.AuditReader(status))
         except OSError as exc:
             self.states["audit"] = f"off: {exc.strerror}"
+        finally:
+            if status is not None:
+                status.close()  # read by the reader, or unread if it failed before
         try:
             from corral.plan.nft_rules import nflog_group
 
@@ -115,5 +130,7 @@ class Sensing:
                 sensor.stop()
 
     def close(self) -> None:
+        if self.audit_status is not None:  # asked, and the start never came
+            self.audit_status.close()
         for sensor in self.live.values():
             sensor.close()

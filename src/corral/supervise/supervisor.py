@@ -540,6 +540,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
+            self.sensing.ask_audit()  # answered while the service is prepared
             self.prepare()
             # The processes set themselves up (cgroup, namespaces, root, sandbox) while the
             # journals and sensors start; none runs its program before `start` lets it.

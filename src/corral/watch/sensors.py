@@ -97,7 +97,8 @@ class AuditReader:
     name = "audit"
     interval = 0.0
 
-    def __init__(self) -> None:
+    def __init__(self, status: Any = None) -> None:
+        """`status`: a kernel.audit.StatusQuery asked earlier (else asked here)."""
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                  NETLINK_AUDIT)
@@ -109,13 +110,13 @@ class AuditReader:
         self._names: dict[int, str] = {}
         self.landlock = LandlockRecords()
         self.state = "on"  # or "off: why" once reading failed for good
-        self._enable_audit()
+        self._enable_audit(status)
 
-    def _enable_audit(self) -> None:
+    def _enable_audit(self, status: Any) -> None:
         from corral.kernel import audit
 
         try:
-            if audit.enabled() == 0:
+            if (status or audit.StatusQuery()).enabled() == 0:
                 audit.enable()
                 self.state = "on (audit enabled by corral for Landlock's refusals)"
         except OSError as exc:  # seccomp's records still come; Landlock's do not
