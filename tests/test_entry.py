@@ -98,10 +98,12 @@ main()
 """
 # Never on the launch path: the CLI's and the manifest model's libraries, libseccomp's binding
 # (the filters come from the service's cache, launch.bpf) and what it drags in, subprocess
-# (no helper program is started), hashlib (OpenSSL for one hash).
+# (no helper program is started), hashlib (OpenSSL for one hash), the nftables planner and
+# runner (the watcher's NFLOG group comes from core.nflog).
 NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", "ctypes.util",
                           "corral.launch.seccomp", "subprocess", "hashlib", "tempfile",
-                          "shutil", "corral.manifest.model", "corral.cli.main")
+                          "shutil", "corral.manifest.model", "corral.cli.main",
+                          "corral.plan.nft_rules", "corral.host.nft")
 
 
 def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, service_name):

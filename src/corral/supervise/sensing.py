@@ -51,7 +51,7 @@ class Sensing:
             if status is not None:
                 status.close()  # read by the reader, or unread if it failed before
         try:
-            from corral.plan.nft_rules import nflog_group
+            from corral.core.nflog import nflog_group
 
             self.add(sensors.PacketSensor(nflog_group(self.spec.service)))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
