@@ -97,8 +97,12 @@ def prime_migration() -> Callable[[], None]:
             return
         for line in _read("/proc/self/cgroup").splitlines():
             if line.startswith("0::/"):
+                procs = f"{lay.v2.mount}{line[3:].rstrip('/')}/cgroup.procs"
                 with contextlib.suppress(OSError):
-                    _write(f"{lay.v2.mount}{line[3:].rstrip('/')}/cgroup.procs", str(os.getpid()))
+                    # Only where this process is listed already: under a cgroup namespace the
+                    # path is the namespace's, and the mount may show another root.
+                    if str(os.getpid()) in _read(procs).split():
+                        _write(procs, str(os.getpid()))
                 return
 
     thread = threading.Thread(target=write, name="corral-cgroup-prime", daemon=True)
