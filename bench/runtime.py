@@ -46,12 +46,23 @@ GOAL_PCT = 3.0
 # corral's Python start-up, measured on its own: `corral run` is run once with a hook that
 # records every module it imported (RECORD_IMPORTS), then the context row imports exactly those
 # modules and exits (IMPORT_ALL), which also includes the interpreter's start and finalization.
-RECORD_IMPORTS = """import atexit, json, sys
+RECORD_IMPORTS = """import json, os, sys
 out, manifest = sys.argv[1:3]
-atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+def record():
+    with open(out, "w") as handle:
+        handle.write(json.dumps(sorted(sys.modules)))
+me, real_exit = os.getpid(), os._exit
+def exit_now(code):  # `corral run` ends with os._exit (cli.base.exit_now): no atexit hook runs
+    if os.getpid() == me:
+        record()
+    real_exit(code)
+os._exit = exit_now
 sys.argv = ["corral", "run", manifest]
 from corral.cli.entry import main
-main()
+try:
+    main()
+finally:
+    record()
 """
 IMPORT_ALL = """import importlib, json, sys
 for name in json.load(open(sys.argv[1])):
@@ -137,6 +148,7 @@ class Launcher:
     label: str
     argv: list[str]
     context: bool = False  # a reference row, not one of the compared tools
+    env: dict[str, str] | None = None  # extra environment (the baseline's PYTHONPATH)
 
 
 RETRIES: list[dict[str, str]] = []  # runs that failed once and passed when run again
@@ -167,6 +179,10 @@ def timed_spawn(argv: list[str], env: dict[str, str], log_fd: int) -> float:
 def record_imports(world: World, true_toml: Path) -> Path:
     """The modules one `corral run` of the true service imports, as a JSON list in a file."""
     out = world.dir / "run-imports.json"
+    # The first start after an install compiles the service's seccomp filters into its cache
+    # (launch.bpf), importing libseccomp's binding; every later start, like those measured,
+    # reads them. Record a later one.
+    world.corral("run", str(true_toml))
     result = subprocess.run(world.enter() + [str(VENV_PY), "-c", RECORD_IMPORTS, str(out),
                                              str(true_toml)],
                             capture_output=True, text=True, env=world.env(), timeout=120)
@@ -176,7 +192,8 @@ def record_imports(world: World, true_toml: Path) -> Path:
     return out
 
 
-def launchers(world: World, true_toml: Path) -> list[Launcher]:
+def launchers(world: World, true_toml: Path, baseline: Path | None = None,
+              attribute: tuple[str, ...] = ()) -> list[Launcher]:
     ns = world.enter()
     imports = record_imports(world, true_toml)
     w = "ip netns exec NS" if world.wrapper == "ip" else "nsenter --net NS"
@@ -189,7 +206,24 @@ def launchers(world: World, true_toml: Path) -> list[Launcher]:
                           str(UNPRIVILEGED)]
     firejail = [tool("firejail"), *FIREJAIL_POLICY]
     true = "/usr/bin/true"
-    return [
+    extra = []
+    # Bytecode written first for corral's sources (and the baseline's): under
+    # PYTHONDONTWRITEBYTECODE, or with sources newer than their .pyc, every start would
+    # compile them anew (~30 ms, measured as launch time by mistake before).
+    sources = [bk.REPO / "src" / "corral"] + ([baseline] if baseline is not None else [])
+    subprocess.run([str(VENV_PY), "-m", "compileall", "-q", *map(str, sources)], check=True)
+    if baseline is not None:
+        # Another checkout's corral (its src/ first on the path, same venv and service): the
+        # before of a change, measured in the same rounds as the after.
+        extra.append(Launcher("corral-baseline", f"{w} corral run (baseline {baseline})",
+                              ns + [str(CORRAL), "run", str(true_toml)], context=True,
+                              env={"PYTHONPATH": str(baseline)}))
+    for skip in attribute:
+        # Attribution (launch.benchskip, bench-only): the same start without these mechanisms.
+        extra.append(Launcher(f"corral-skip-{skip}", f"{w} corral run, without {skip}",
+                              ns + [str(CORRAL), "run", str(true_toml)], context=True,
+                              env={"CORRAL_BENCH_SKIP": skip.replace("+", ",")}))
+    return extra + [
         Launcher("true", "/usr/bin/true (bare)", [true], context=True),
         Launcher("python", "python3 -c pass", ["/usr/bin/python3", "-c", "pass"], context=True),
         Launcher("corral-python", "corral's Python start-up: the imports of run, no launch",
@@ -219,7 +253,8 @@ def measure_startup(world: World, rows: list[Launcher], repeats: int,
             rng.shuffle(order)
             for row in order:
                 try:
-                    elapsed = once_more(row.label, timed_spawn, row.argv, env, log_fd)
+                    elapsed = once_more(row.label, timed_spawn, row.argv,
+                                        env | (row.env or {}), log_fd)
                 except RuntimeError as exc:
                     tail = (world.dir / "startup.log").read_text()[-800:]
                     raise RuntimeError(f"{row.label}: {exc}\n{tail}") from None
@@ -380,6 +415,25 @@ def build_report(args, rows, startup, runtime, places) -> dict:
                "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
                "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
                "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "config": {"netns_wrapper": args.netns_wrapper, "repeats": args.repeats,
+                   "warmup": args.warmup, "syscalls": args.syscalls, "files": args.files,
+                   "loop_rounds": args.loop_rounds, "loop_reps": args.loop_reps,
+                   "inside_tmp": "overlay, upper on tmpfs delta",
+                   "startup_only": args.startup_only},
+        "startup_ms": st,
+        "ratios": ratios,
+        "derived_ms": derived,
+        "retries": RETRIES,
+    }
+    if runtime is not None:
+        report.update(runtime_report(args, runtime, places))
+    return report
+
+
+def runtime_report(args, runtime, places) -> dict:
     run = {}
     for work, label, outside_kinds in (
             ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail")),
@@ -425,18 +479,8 @@ def build_report(args, rows, startup, runtime, places) -> dict:
     judged_cpu = {"syscall": out_of["syscall"]["tmpfs"]["overhead_cpu_pct"],
                   "files": out_of["files"]["overlay"]["overhead_cpu_pct"]}
     return {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
-        "config": {"netns_wrapper": args.netns_wrapper, "repeats": args.repeats,
-                   "warmup": args.warmup, "syscalls": args.syscalls, "files": args.files,
-                   "loop_rounds": args.loop_rounds, "loop_reps": args.loop_reps,
-                   "inside_tmp": "overlay, upper on tmpfs delta"},
-        "startup_ms": st,
-        "ratios": ratios,
-        "derived_ms": derived,
         "runtime_ms": run,
         "attribution_pct": attribution,
-        "retries": RETRIES,
         "goal": {"overhead_pct_max": GOAL_PCT, "overhead_pct": judged,
                  "overhead_cpu_pct": judged_cpu,
                  "met": all(v < GOAL_PCT for v in judged.values())},
@@ -466,7 +510,21 @@ def table(report: dict) -> str:
                f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
                f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
                f"{d['firejail_minus_wrapper_ms']:.1f} ms")
-    out.append("")
+    if "runtime_ms" in report:
+        out += runtime_table(report)
+    for retry in report["retries"]:
+        out.append(f"  note: {retry['what']} failed once and was run again: "
+                   f"{retry['error'][-200:]}")
+    load = m.get("loadavg_before"), m.get("loadavg_after")
+    out.append(f"  load average (1 min) before/after: {load[0]} / {load[1]} "
+               f"(other work on the machine makes the numbers noisier)")
+    return "\n".join(out)
+
+
+def runtime_table(report: dict) -> list[str]:
+    """Part (b) of the table."""
+    cfg = report["config"]
+    out = [""]
     out.append(f"(b) run time inside corral vs the same static binary outside: the program's own "
                f"timing, ms ({cfg['loop_rounds']} x {cfg['loop_reps']} runs each)")
     where_of = {"tmpfs": "outside", "overlay": "outside, /tmp-like overlay on tmpfs",
@@ -517,13 +575,7 @@ def table(report: dict) -> str:
     out.append(f"    the peer, firejail, costs the syscall loop "
                f"{pair('firejail_on_syscall_loop_pct')} and the files loop "
                f"{pair('firejail_on_files_loop_pct')} (vs the same overlay)")
-    for retry in report["retries"]:
-        out.append(f"  note: {retry['what']} failed once and was run again: "
-                   f"{retry['error'][-200:]}")
-    load = m.get("loadavg_before"), m.get("loadavg_after")
-    out.append(f"  load average (1 min) before/after: {load[0]} / {load[1]} "
-               f"(other work on the machine makes the numbers noisier)")
-    return "\n".join(out)
+    return out
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -548,6 +600,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="rounds of requests per server in part (c) (8)")
     parser.add_argument("--requests", type=int, default=500,
                         help="sequential requests per round and server in part (c) (500)")
+    parser.add_argument("--startup-only", action="store_true",
+                        help="part (a) only: start-to-exit, without the run-time loops and "
+                        "the service (about a minute)")
+    parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                        help="add a row: `corral run` with DIR (another checkout's src/, e.g. "
+                        "from `git archive`) first on PYTHONPATH, in the same rounds")
+    parser.add_argument("--attribute", default="", metavar="A,B+C",
+                        help="add rows to (a): `corral run` with CORRAL_BENCH_SKIP=A, then B,C "
+                        "(docs/sandbox.md), e.g. pidns,ipcns,utsns,cgroupns,seccomp,landlock")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
@@ -569,21 +630,25 @@ def main(argv: list[str]) -> int:
         true_toml, loop_toml = write_manifests(world, loop_bin, args)
         bk.progress("installing the benchmark services")
         world.install(true_toml, world.service("t"))
-        rows = launchers(world, true_toml)
+        rows = launchers(world, true_toml, args.baseline_src,
+                         tuple(filter(None, args.attribute.split(","))))
         bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
         startup = measure_startup(world, rows, args.repeats, args.warmup)
-        places = prepare_places(world)
-        runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
-        service = measure_service(world, args.service_rounds, args.requests,
-                                  [tool("firejail"), *FIREJAIL_POLICY])
-        report = build_report(args, rows, startup, runtime, places)
-        report["service"] = service
+        if args.startup_only:
+            report = build_report(args, rows, startup, None, None)
+        else:
+            places = prepare_places(world)
+            runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
+            service = measure_service(world, args.service_rounds, args.requests,
+                                      [tool("firejail"), *FIREJAIL_POLICY])
+            report = build_report(args, rows, startup, runtime, places)
+            report["service"] = service
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
     bk.note_load(report)
+    service = "\n".join(service_lines(report["service"])) + "\n\n" if "service" in report else ""
     bk.publish(report, args.out, args.json, lambda: (
-        f"{table(report)}\n\n" + "\n".join(service_lines(report["service"]))
-        + f"\n\n{report['elapsed_s']:.0f} s; results in {args.out}"))
+        f"{table(report)}\n\n{service}{report['elapsed_s']:.0f} s; results in {args.out}"))
     return 0
 
 

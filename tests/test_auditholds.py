@@ -48,7 +48,8 @@ def start_state():
 
 
 def holders(registry: Path) -> list[str]:
-    return sorted(n for n in os.listdir(registry) if n != auditholds.LOCK)
+    return sorted(n for n in os.listdir(registry)
+                  if n not in (auditholds.LOCK, auditholds.DISABLES))
 
 
 def test_the_last_holder_out_turns_off_what_corral_turned_on(registry, start_state):
@@ -66,6 +67,27 @@ def test_the_last_holder_out_turns_off_what_corral_turned_on(registry, start_sta
     assert auditholds.unregister(second) == "audit disabled again (corral had enabled it)"
     assert audit.enabled() == 0
     assert holders(registry) == []  # marker and holder files gone
+
+
+def test_a_status_asked_ahead_is_not_trusted_across_a_disable(registry, start_state):
+    """The supervisor asks the status before it prepares the service (the kernel's reply is
+    slow) and registers later: if the last holder turned audit off in between, the early
+    "on" is stale and register must ask again, or the service runs with audit off."""
+    audit.disable()
+    first = auditholds.register()
+    early = auditholds.ask()  # "on", while first holds it
+    assert auditholds.unregister(first) == "audit disabled again (corral had enabled it)"
+    assert audit.enabled() == 0
+    second = auditholds.register(early)
+    assert second.note == "audit enabled by corral for Landlock's refusals"
+    assert audit.enabled() == 1
+    assert auditholds.unregister(second) == "audit disabled again (corral had enabled it)"
+    # With no disable in between, the early answer is used (its socket is then closed).
+    third_early = auditholds.ask()
+    third = auditholds.register(third_early)
+    assert third.note == "audit enabled by corral for Landlock's refusals"
+    assert third_early.query.sock is None
+    auditholds.unregister(third)
 
 
 def test_audit_the_admin_turned_on_is_left_on(registry, start_state):

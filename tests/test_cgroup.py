@@ -9,6 +9,8 @@ import secrets
 import select
 import signal
 import struct
+import subprocess
+import sys
 import time
 from contextlib import suppress
 
@@ -502,3 +504,22 @@ def test_bind_program_is_pure():
     assert len(bindguard.program([])) == 8 * 10  # protocol and port checks, deny, allow
     with pytest.raises(ValueError):
         bindguard.program([(10, 70000)])
+
+
+PRIME = """import os, sys, threading
+from corral.launch import cgroup
+before = open("/proc/self/cgroup").read()
+done = cgroup.prime_migration()
+done()
+after = open("/proc/self/cgroup").read()
+print(before == after, threading.active_count())
+"""
+
+
+def test_priming_the_migration_lock_moves_nothing():
+    """cgroup.prime_migration (`corral run`, before its holder's migration) writes this
+    process into the cgroup it is in: afterwards it is in the same cgroups, with no thread
+    left running (the supervisor unshares its mount namespace next)."""
+    result = subprocess.run([sys.executable, "-c", PRIME], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout == "True 1\n", result.stderr

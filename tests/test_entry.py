@@ -1,14 +1,16 @@
 """The `corral` executable's entry point: `corral run FILE` skips click, and behaves exactly as
-the click command does; pyseccomp loads without running ldconfig."""
+the click command does; pyseccomp loads without running ldconfig; a whole `corral run` imports
+only what the launch needs and skips the interpreter's finalization."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CORRAL, corral, write_manifest
+from conftest import CORRAL, corral, in_netns, write_manifest
 
 RUN_WITHOUT_CLICK = """import atexit, sys
 atexit.register(lambda: print("click" in sys.modules, file=sys.stderr))
@@ -78,3 +80,54 @@ def test_reading_commands_stay_off_the_manifest_model():
             "or m in ('corral.manifest.model', 'corral.plan.service', 'corral.plan.closure')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout == "[]\n", result.stderr
+
+
+# A whole `corral run`, reporting the modules it imported where it ends: at os._exit, which
+# it calls after the supervisor's tear-down instead of returning to the interpreter.
+RUN_REPORTING_MODULES = """import gc, json, os, sys
+me, real_exit = os.getpid(), os._exit
+def exit_now(code):
+    if os.getpid() == me:
+        print("GC", gc.isenabled(), file=sys.stderr)  # off for the imports only
+        print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr)
+    real_exit(code)
+os._exit = exit_now
+sys.argv = ["corral", "run", sys.argv[1]]
+from corral.cli.entry import main
+main()
+"""
+# Never on the launch path: the CLI's and the manifest model's libraries, libseccomp's binding
+# (the filters come from the service's cache, launch.bpf) and what it drags in, subprocess
+# (no helper program is started), hashlib (OpenSSL for one hash), the nftables planner and
+# runner (the watcher's NFLOG group comes from core.nflog).
+NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", "ctypes.util",
+                          "corral.launch.seccomp", "subprocess", "hashlib", "tempfile",
+                          "shutil", "corral.manifest.model", "corral.cli.main",
+                          "corral.plan.nft_rules", "corral.host.nft")
+
+
+def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, service_name):
+    manifest = write_manifest(tmp_path, service_name, """
+[image]
+include = ["/usr/bin/true"]
+[process.main]
+command = ["/usr/bin/true"]
+""")
+    corral("install", str(manifest), netns=netns, check=True)
+    try:
+        seen = []
+        for _ in range(2):  # the first start compiles the seccomp filters, the second reads them
+            result = subprocess.run(in_netns(netns) + [sys.executable, "-c",
+                                                      RUN_REPORTING_MODULES, str(manifest)],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            line = [ln for ln in result.stderr.splitlines() if ln.startswith("MODULES ")]
+            assert len(line) == 1, result.stderr  # it ended through os._exit, once
+            assert "GC True" in result.stderr.splitlines()
+            seen.append(set(json.loads(line[0].split(" ", 1)[1])))
+        assert "pyseccomp" in seen[0]  # compiled, and kept
+        assert (corral_root / "var/lib/corral" / service_name / "seccomp/main.bpf").is_file()
+        assert sorted(set(NOT_ON_THE_LAUNCH_PATH) & seen[1]) == []
+        assert "corral.launch.bpf" in seen[1] and "corral.supervise.supervisor" in seen[1]
+    finally:
+        corral("uninstall", service_name, "--purge", netns=netns)

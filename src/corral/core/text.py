@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 
 def show(path: bytes) -> str:
@@ -30,5 +29,7 @@ def iso(ts: float) -> str:
 
 
 def parse_iso(text: str) -> float:
+    from datetime import UTC, datetime  # readers of records only, not the launch path
+
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=UTC).timestamp()

@@ -15,7 +15,6 @@ CORRAL_ROOT/etc/systemd/system when CORRAL_ROOT is set.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -41,6 +40,8 @@ def corral_command() -> list[str]:
 
 
 def render(service: str, stop_timeout: float) -> str:
+    import shlex  # writing a unit (install), not reading one on the launch path
+
     corral = " ".join(shlex.quote(part) for part in corral_command())
     env = ""
     if os.environ.get("CORRAL_ROOT"):

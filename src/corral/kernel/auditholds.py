@@ -11,7 +11,10 @@ that is not root's or is open to others, is refused, and audit is then left as i
   drops a flock when its holder dies, so a holder file whose flock can be taken is stale (a
   supervisor killed by SIGKILL, which never unregistered): the next unregister removes it;
 - `enabled-by-corral`: the marker that corral, not the admin, turned audit on. Without it
-  corral never turns audit off. /run is emptied at boot, as the kernel's audit state is.
+  corral never turns audit off. /run is emptied at boot, as the kernel's audit state is;
+- `disables`: a byte appended each time corral turned audit off, after it did: a status asked
+  ahead of the lock (`ask`, to overlap the kernel's slow reply with the service's set-up) is
+  trusted by `register` only if this count has not moved since it was asked.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from corral.kernel import audit
 
 REGISTRY = "/run/corral-audit"
-LOCK, MARKER = "lock", "enabled-by-corral"
+LOCK, MARKER, DISABLES = "lock", "enabled-by-corral", "disables"
 LOCK_WAIT = 10.0  # seconds; the lock is held only for a netlink round trip and a few files
 _HOLDER = re.compile(r"[0-9]+\.[0-9]+")
 _serial = itertools.count()  # two sensors of one process hold two files
@@ -48,8 +51,32 @@ class Hold:
     note: str = ""
 
 
+@dataclass
+class Early:
+    """The audit status asked ahead of `register` (kernel.audit.StatusQuery), and the count of
+    corral's disables when it was asked."""
+
+    disables: int
+    query: audit.StatusQuery
+
+    def close(self) -> None:
+        self.query.close()
+
+
 class _Refused(Exception):
     pass
+
+
+def _disables(name: str, dir_fd: int | None = None) -> int:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+    except OSError:
+        return -1  # never equal to a count read later: the status is asked again
+
+
+def ask() -> Early:
+    """Ask the audit status now, for a `register` a little later."""
+    return Early(_disables(os.path.join(registry(), DISABLES)), audit.StatusQuery())
 
 
 def registry() -> str:
@@ -102,13 +129,15 @@ def _has_marker(dir_fd: int) -> bool:
         return False
 
 
-def register() -> Hold:
+def register(early: Early | None = None) -> Hold:
     """Register the calling sensor, and turn audit on if it is off (writing the marker).
     Raises OSError only for a registry that is sound but cannot be written."""
     path = registry()
     try:
         dir_fd = _open_registry(path)
     except _Refused as exc:
+        if early is not None:
+            early.close()
         try:
             was = "audit left on" if audit.enabled() else \
                 "without Landlock's refusals: audit left off"
@@ -127,7 +156,7 @@ def register() -> Hold:
             hold = Hold(dir_fd, name, fd)
             had_marker = _has_marker(dir_fd)
             try:
-                if audit.enabled() == 0:
+                if _status(dir_fd, early) == 0:
                     # the marker first: a crash between the two leaves a marker and audit off,
                     # which the last unregister sets right, never audit on and unclaimed
                     os.close(os.open(MARKER, os.O_WRONLY | os.O_CREAT | _FLAGS, 0o600,
@@ -143,6 +172,19 @@ def register() -> Hold:
     except BaseException:
         os.close(dir_fd)
         raise
+
+
+def _status(dir_fd: int, early: Early | None) -> int:
+    """Under the lock: the status asked early if no supervisor turned audit off since (the
+    count moves after the disable, so an unmoved count means the question came after it or
+    no disable happened), else asked now."""
+    state = None
+    if early is not None:
+        if _disables(DISABLES, dir_fd) == early.disables:
+            with contextlib.suppress(OSError):
+                state = early.query.enabled()
+        early.close()
+    return audit.enabled() if state is None else state
 
 
 def _live_holders(dir_fd: int) -> int:
@@ -189,6 +231,12 @@ def unregister(hold: Hold) -> str:
                 done = f"audit left on: an audit daemon (pid {daemon}) registered since"
             elif state == 1:
                 audit.disable()
+                fd = os.open(DISABLES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _FLAGS, 0o600,
+                             dir_fd=dir_fd)
+                try:
+                    os.write(fd, b"x")
+                finally:
+                    os.close(fd)
                 done = "audit disabled again (corral had enabled it)"
             else:
                 done = "audit was already disabled"

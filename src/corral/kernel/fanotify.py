@@ -19,7 +19,7 @@ FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
 FAN_CLASS_NOTIF = 0x0
 FAN_REPORT_DIR_FID, FAN_REPORT_NAME = 0x400, 0x800
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
-FAN_MARK_ADD, FAN_MARK_FILESYSTEM = 0x1, 0x100
+FAN_MARK_ADD, FAN_MARK_FLUSH, FAN_MARK_FILESYSTEM = 0x1, 0x80, 0x100
 
 FAN_MODIFY, FAN_ATTRIB, FAN_CLOSE_WRITE = 0x2, 0x4, 0x8
 FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -53,6 +53,14 @@ def init(flags: int) -> int:
 def mark(fd: int, flags: int, mask: int, path: str) -> None:
     check(libc.fanotify_mark(fd, FAN_MARK_ADD | flags, mask, -1, os.fsencode(path)),
           f"fanotify_mark {path}")
+
+
+def unmark_all(fd: int, flags: int) -> None:
+    """Remove every mark of the kind `flags` names (FAN_MARK_FILESYSTEM, ...) from the group.
+    The kernel frees removed marks after an SRCU grace period, on a worker of its own; closing
+    the group waits for that (~5-13 ms measured), so a group whose marks went a few ms earlier
+    closes at once."""
+    check(libc.fanotify_mark(fd, FAN_MARK_FLUSH | flags, 0, -1, None), "fanotify_mark flush")
 
 
 def parse(data: bytes) -> Iterator[Event]:

@@ -12,7 +12,11 @@ inherits it). Names:
 - `overlay`: the root is a read-only bind mount of the base instead of the overlay of base and
   delta, with an empty tmpfs on /tmp and on each writable path (what the service writes there
   is not in the delta; `corral delta` sees nothing);
-- `cpu`, `memory`, `pids`: no such cgroup limit (the cgroup itself stays).
+- `cpu`, `memory`, `pids`: no such cgroup limit (the cgroup itself stays);
+- `pidns`, `ipcns`, `utsns`, `cgroupns`: the process stays in the host's namespace of that
+  kind (one by one, for their cost at launch and at run time). What would then act on the
+  host's namespace is skipped with it: the hostname (utsns) and vm.memfd_noexec, which is per
+  PID namespace (pidns). The mount namespace has no switch: the service's root is built in it.
 
 An unknown name is an error, so that a typo does not measure the full containment under the
 name of a lighter one. The per-service nftables table is not a launch mechanism: the benchmark
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import os
 
-KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "cpu", "memory", "pids"})
+NAMESPACES = ("pidns", "ipcns", "utsns", "cgroupns")
+KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "cpu", "memory", "pids",
+                   *NAMESPACES})
 VARIABLE = "CORRAL_BENCH_SKIP"
 
 

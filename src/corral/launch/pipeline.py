@@ -15,6 +15,7 @@ outlives the supervisor.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import notify
 from corral.kernel import syscalls as kernel
-from corral.launch import benchskip, creds, landlock, mnt, seccomp
+from corral.launch import benchskip, bpf, creds, landlock, mnt
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
@@ -76,6 +77,12 @@ def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
     return SeccompPlan(**fields)
 
 
+def seccomp_cache(spec: ServiceSpec, proc: ProcessSpec) -> str:
+    """Where the process's compiled filters are kept (launch.bpf): the service's state
+    directory, root's, removed with the service by `uninstall --purge`."""
+    return str(spec.state / "seccomp" / f"{proc.name}.bpf")
+
+
 def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
     """A sized volume's overlay takes its data and work directories through the loop mount:
     an overlay's upper and work directories must be on one mount (host.loopfs)."""
@@ -104,7 +111,7 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
 class Jail:
     """What the steps of one contained process act on (minijail's struct minijail)."""
     proc: ProcessSpec
-    filt: seccomp.Filters
+    filt: bpf.Programs  # compiled in the supervisor (or its cache), loaded by the child
     cgroup: Cgroup
     keep_fds: tuple[int, ...]  # descriptors that survive the close of all others
     notify_sock: socket.socket | None  # where the seccomp listener is handed up
@@ -112,6 +119,7 @@ class Jail:
     service: ServiceSpec | None = None  # start only: the service's root and name
     volumes: tuple[mnt.VolumeMount, ...] = ()  # start only
     ns_fds: tuple[tuple[int, int], ...] = ()  # exec only: the running process's namespaces
+    listener: int = -1  # set by the seccomp step: the exec notifications' descriptor
 
 
 Step = tuple[str, Callable[[Jail], None]]
@@ -137,7 +145,21 @@ def _join_network(jail: Jail) -> None:
 
 
 def _unshare(jail: Jail) -> None:
-    kernel.unshare(NAMESPACES)
+    kernel.unshare(namespaces(benchskip.skipped()))
+
+
+SKIPPABLE_NAMESPACES = {"pidns": kernel.CLONE_NEWPID, "ipcns": kernel.CLONE_NEWIPC,
+                        "utsns": kernel.CLONE_NEWUTS, "cgroupns": kernel.CLONE_NEWCGROUP}
+
+
+def namespaces(skipped: frozenset[str]) -> int:
+    """NAMESPACES, less those a benchmark's attribution run skips (benchskip; never the
+    mount namespace)."""
+    flags = NAMESPACES
+    for name, flag in SKIPPABLE_NAMESPACES.items():
+        if name in skipped:
+            flags &= ~flag
+    return flags
 
 
 def _join_namespaces(jail: Jail) -> None:
@@ -153,12 +175,16 @@ def _enter_root(jail: Jail) -> None:
 
 def _hostname(jail: Jail) -> None:
     assert jail.service is not None
+    if benchskip.skips("utsns"):  # bench-only: it would be the host's name
+        return
     socket.sethostname(jail.service.service)
 
 
 def _memfd_noexec(jail: Jail) -> None:
     """vm.memfd_noexec=2 (per PID namespace, kernel 6.3+): memfds can never be executed, so
     nothing the process writes into memory can be run as a program."""
+    if benchskip.skips("pidns"):  # bench-only: it would be the host's setting
+        return
     try:
         with open("/proc/sys/vm/memfd_noexec", "w") as handle:
             handle.write("2")
@@ -214,7 +240,7 @@ def _landlock(jail: Jail) -> None:
 def _seccomp(jail: Jail) -> None:
     if benchskip.skips("seccomp"):  # bench-only: neither filter, so no listener either
         return
-    seccomp.load(jail.filt, main=not benchskip.skips("seccomp-main"))
+    jail.listener = bpf.load_all(jail.filt, main=not benchskip.skips("seccomp-main"))
 
 
 def _hand_up_listener(jail: Jail) -> None:
@@ -222,9 +248,10 @@ def _hand_up_listener(jail: Jail) -> None:
     if jail.notify_sock is not None and benchskip.skips("seccomp"):
         jail.notify_sock.close()  # the supervisor reads "no listener" and lets it run
     elif jail.notify_sock is not None:
-        fd = seccomp.notify_fd(jail.filt)
-        notify.send_fd(jail.notify_sock, fd)
-        os.close(fd)
+        if jail.listener < 0:
+            raise OSError(errno.ENOENT, "seccomp: no listener for the exec notifications")
+        notify.send_fd(jail.notify_sock, jail.listener)
+        os.close(jail.listener)
         jail.notify_sock.close()
 
 
@@ -268,10 +295,12 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
 
 def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> Spawned:
     """Fork the contained process and return at once; `finish` completes the start. It joins
-    its cgroup (the kernel's first cgroup migration waits for an RCU grace period, ~10 ms),
-    namespaces, root and sandbox while the caller goes on (the supervisor starts its sensors
-    meanwhile); nothing of the program runs before `finish` answers its execve."""
-    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)  # compiled here, loaded there
+    its cgroup (a first cgroup migration after a quiet while waits for an RCU grace period,
+    ~10 ms, unless primed: launch.cgroup.prime_migration), namespaces, root and sandbox while
+    the caller goes on (the supervisor starts its sensors meanwhile); nothing of the program
+    runs before `finish` answers its execve."""
+    # Compiled here (or read from the service's cache: launch.bpf), loaded there.
+    filt = bpf.programs(seccomp_plan(proc), seccomp_cache(spec, proc), notify=EXEC_CALLS)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     env = dict(proc.environment)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -398,7 +427,7 @@ def run_inside(proc: ProcessSpec, target: int, argv: list[str], cgroup: Cgroup,
     running process `target` (host pid of its init), in its cgroup. Its exec notifications go
     to `forward_notify(fd)` (the service's supervisor, whose watcher answers them). Returns the
     exit code."""
-    filt = seccomp.build(seccomp_plan(proc), notify=EXEC_CALLS)
+    filt = bpf.compile_plan(seccomp_plan(proc), notify=EXEC_CALLS)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ns_fds = [(os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
               for name, flag in NS_ORDER]

@@ -75,6 +75,11 @@ def _number(name: str) -> int | None:
     return nr if nr >= 0 else None  # -1: unknown; below: a pseudo number for another arch
 
 
+def resolves(name: str) -> bool:
+    """Whether the call is known on this arch (a rule for it is in the program)."""
+    return _number(name) is not None
+
+
 def _bits(mask: int) -> list[int]:
     return [1 << i for i in range(mask.bit_length()) if mask >> i & 1]
 

@@ -51,29 +51,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.core.netspec import Endpoint, PortSpec
 
-# NFLOG group that denied packets are copied to; the watcher binds this group. It is an arbitrary
-# fixed 16-bit number (rules and watcher agree without configuration), kept away from the small
-# groups (0, 1, 2) that ulogd and most examples use.
-NFLOG_GROUP = 3079  # the host table's group (corral host events)
-NFLOG_SERVICE_BASE, NFLOG_SERVICE_SPAN = 3100, 20000
+# The groups and snapshot length the rules and the watcher agree on (re-exported here, where
+# the rules' callers look for them).
+from corral.core.nflog import LOG_SNAPLEN as LOG_SNAPLEN
+from corral.core.nflog import NFLOG_GROUP as NFLOG_GROUP
+from corral.core.nflog import nflog_group as nflog_group
 
-
-def nflog_group(service: str) -> int:
-    """Each service logs to its own NFLOG group: the kernel allows one listener per group, and
-    that listener is the service's own watcher. Derived from the name, so the plan stays pure;
-    install refuses two installed services that would share one."""
-    return NFLOG_SERVICE_BASE + zlib.crc32(service.encode()) % NFLOG_SERVICE_SPAN
 # At most this many log messages per second per (process, reason); drops are always counted.
 LOG_RATE = 10
 LOG_BURST = 20
-# Copy only the headers (IPv6 40 + TCP with options 60) to the log, never the payload.
-LOG_SNAPLEN = 128
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _ANY = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,16 @@ def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 def run(service: str) -> int:
     """Foreground: this process is the supervisor; its exit code is the service's."""
+    from corral.launch import cgroup
+
+    primed = cgroup.prime_migration()  # while the supervisor imports (cgroup.prime_migration)
     from corral.supervise import supervisor
+
+    primed()  # one thread again before the supervisor unshares its mount namespace
+    import gc
+
+    gc.freeze()  # what the imports made lives as long as the supervisor: never collected
+    gc.enable()  # off since cli.entry, for the imports only
 
     spec_of(service)
     if supervisor_alive(read_state(service)):
@@ -89,6 +97,8 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     (run_path / "state.json").unlink(missing_ok=True)
     with open(run_path / "supervisor.log", "ab") as log:
+        import subprocess  # `up` only: the launch path (`run`) has no use for it
+
         proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from typing import Any
 from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.kernel import notify
-from corral.watch.sensors import Event
+from corral.watch.event import Event  # not .sensors: the walk and its deps load after the fork
 
 # What the guard reports a refused exec to: the watcher's trip(event, process=...).
 Trip = Callable[[Event, str], Any]

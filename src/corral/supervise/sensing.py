@@ -27,16 +27,31 @@ class Sensing:
         self.states: dict[str, str] = {}  # sensors not running (why), and the exec wire's
         self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
+        self.audit_status: Any = None  # kernel.auditholds.Early, asked ahead of start
+
+    def ask_audit(self) -> None:
+        """Ask the kernel whether audit is on now; `start` reads the answer (see
+        kernel.audit.StatusQuery: the reply takes a kernel thread's start)."""
+        from corral.kernel import auditholds
+
+        try:
+            self.audit_status = auditholds.ask()
+        except OSError:
+            self.audit_status = None  # start asks again, and says what is wrong
 
     def start(self) -> None:
         from corral.watch import sensors
 
+        status, self.audit_status = self.audit_status, None
         try:
-            self.add(sensors.AuditReader())
+            self.add(sensors.AuditReader(status))
         except OSError as exc:
             self.states["audit"] = f"off: {exc.strerror}"
+        finally:
+            if status is not None:
+                status.close()  # read by the reader, or unread if it failed before
         try:
-            from corral.plan.nft_rules import nflog_group
+            from corral.core.nflog import nflog_group
 
             self.add(sensors.PacketSensor(nflog_group(self.spec.service), self._netns_fd()))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
@@ -129,6 +144,15 @@ class Sensing:
     def report(self) -> dict[str, str]:
         return self.states | {name: s.state for name, s in self.live.items()}
 
+    def stop(self) -> None:
+        """The processes are gone: sensors that can stop ahead of their close do (the
+        fanotify sensor drops its mark, whose release the kernel finishes meanwhile)."""
+        for sensor in self.live.values():
+            if hasattr(sensor, "stop"):
+                sensor.stop()
+
     def close(self) -> None:
+        if self.audit_status is not None:  # asked, and the start never came
+            self.audit_status.close()
         for sensor in self.live.values():
             sensor.close()

@@ -262,9 +262,9 @@ class Supervisor:
         self.write_state()
 
     def release(self) -> None:
-        from corral.host import nft
-
         if self.isolated:
+            from corral.host import nft  # a reaction's undo: not every stop's (nft, subprocess)
+
             for child in self.children.values():
                 child.group.thaw()
             nft.release(self.spec.service, self._netns_arg())
@@ -296,6 +296,9 @@ class Supervisor:
         return self.last_archive
 
     def teardown(self) -> None:
+        # First, so that the kernel releases the fanotify mark while the rest is undone: the
+        # sensors' close, last, then need not wait for it (~5-13 ms of every `corral run`).
+        self.sensing.stop()
         self.resume_logs(everything=True)  # the last words of every process
         for child in self.children.values():
             child.output.end()
@@ -306,7 +309,6 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - the table may be gone already (uninstall)
             log.warning(f"releasing isolation: {exc}")
         self.exec_guard.close()
-        self.sensing.close()
         for child in self.children.values():
             try:
                 child.group.remove()
@@ -322,6 +324,7 @@ class Supervisor:
             from corral.host import netns
 
             netns.remove(self.spec.service)
+        self.sensing.close()
 
     # -- processes --------------------------------------------------------------------------
     def spawn(self, child: Child) -> launch.Spawned | None:
@@ -592,6 +595,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", ""))
         try:
+            self.sensing.ask_audit()  # answered while the service is prepared
             self.prepare()
             # The processes set themselves up (cgroup, namespaces, root, sandbox) while the
             # journals and sensors start; none runs its program before `start` lets it.

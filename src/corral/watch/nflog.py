@@ -44,8 +44,8 @@ import time
 from collections.abc import Iterator
 
 from corral.core.errors import RuntimeFailure
+from corral.core.nflog import LOG_SNAPLEN, NFLOG_GROUP
 from corral.core.text import iso
-from corral.plan.nft_rules import LOG_SNAPLEN, NFLOG_GROUP
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4

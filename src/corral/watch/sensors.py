@@ -98,7 +98,9 @@ class AuditReader:
     name = "audit"
     interval = 0.0
 
-    def __init__(self) -> None:
+    def __init__(self, status: Any = None) -> None:
+        """`status`: a kernel.auditholds.Early, the audit status asked ahead (else asked
+        when registering)."""
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                  NETLINK_AUDIT)
@@ -110,14 +112,14 @@ class AuditReader:
         self._names: dict[int, str] = {}
         self.landlock = LandlockRecords()
         self.state = "on"  # or "off: why" once reading failed for good
-        self._enable_audit()
+        self._enable_audit(status)
 
-    def _enable_audit(self) -> None:
+    def _enable_audit(self, early: Any) -> None:
         from corral.kernel import auditholds
 
         self.hold: auditholds.Hold | None = None  # turns audit off again at close, if ours
         try:
-            self.hold = auditholds.register()
+            self.hold = auditholds.register(early)
             if self.hold.note:
                 self.state = f"on ({self.hold.note})"
         except OSError as exc:  # seccomp's records still come; Landlock's may not

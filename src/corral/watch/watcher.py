@@ -11,15 +11,17 @@ that keeps getting reverted backs off and finally stays down, saying why.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.core import log
 from corral.watch import incidents
 from corral.watch.reactions import REACTIONS, Containment, Reaction
 from corral.watch.sensors import Event
+
+if TYPE_CHECKING:  # a type only: subprocess is imported at the first incident, not at launch
+    import subprocess
 
 COALESCE = 2.0  # seconds: repeats of one tripwire by one process join the open incident
 REVERT_LIMIT = 5  # reverts within REVERT_WINDOW before the service stays down
@@ -176,6 +178,8 @@ class Watcher:
         except OSError as exc:
             log.warning(f"incident {record['id']}: system log: {exc}")
         if self.on_incident:
+            import subprocess
+
             try:
                 helper = subprocess.Popen(self.on_incident, stdin=subprocess.PIPE,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
