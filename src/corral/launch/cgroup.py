@@ -154,6 +154,7 @@ class Cgroup:
         self._v1_freezer = f"{d}/freezer.state" if version == 1 else None
         # Tests turn these off to exercise the v1 ways on a machine that has both.
         self._use_cgroup_kill = self._use_v2_freezer = True
+        self._bind_ring: int | None = None  # where the bind program reports refusals
 
     def _dir(self, controller: str) -> tuple[int, str]:
         h = self.layout.home(controller)
@@ -207,16 +208,18 @@ class Cgroup:
         elif version == 2:
             _write(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD}")
 
-    def guard_udp_binds(self, listen: list[str]) -> None:
+    def guard_udp_binds(self, listen: list[str], ring_fd: int | None = None) -> None:
         """Let the processes of this cgroup bind only their own declared UDP ports (and 0):
         kernel.bindguard on the v2 cgroup, so a socket made here, by the program or by `corral
         exec`, can neither take another service's port nor hold it while that one is down.
-        Again at a reload: the new program replaces the old one at once."""
+        Each refusal is reported to the ring buffer `ring_fd` (kernel.bpfring), kept for later
+        calls. Again at a reload: the new program replaces the old one at once."""
         if not self._v2:
             raise OSError(errno.ENOTSUP, "no cgroup v2 hierarchy: UDP binds are not guarded")
         ports = [(spec.first, spec.last) for spec in map(parse_ports, listen)
                  if spec.proto == "udp"]
-        bindguard.attach(self._v2, ports)
+        self._bind_ring = ring_fd if ring_fd is not None else self._bind_ring
+        bindguard.attach(self._v2, ports, self._bind_ring)
 
     def add(self, pid: int) -> None:
         for path in self._procs:

@@ -27,6 +27,20 @@ class Sensing:
         self.states: dict[str, str] = {}  # sensors not running (why), and the exec wire's
         self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
+        self.ring: Any = None  # kernel.bpfring.Ring: the UDP bind program's refusals
+
+    def bind_ring(self) -> int | None:
+        """The fd of the ring buffer the cgroups' bind programs report refusals to (one per
+        service, made at the first call), or None where the kernel has none (the binds are
+        still refused; `corral status` says the refusals are not seen)."""
+        if self.ring is None and "udp-bind" not in self.states:
+            from corral.kernel import bpfring
+
+            try:
+                self.ring = bpfring.Ring()
+            except OSError as exc:
+                self.states["udp-bind"] = f"off: {exc.strerror}"
+        return self.ring.fileno() if self.ring is not None else None
 
     def start(self) -> None:
         from corral.watch import sensors
@@ -41,6 +55,10 @@ class Sensing:
             self.add(sensors.PacketSensor(nflog_group(self.spec.service)))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.states["network"] = f"off: {exc}"
+        if self.ring is not None:
+            from corral.watch.refusals import BindRefusals
+
+            self.add(BindRefusals(self.ring))
         self.add(self._base_write_sensor())
         self.states["exec"] = "on (seccomp user notification)"
 
@@ -110,3 +128,5 @@ class Sensing:
     def close(self) -> None:
         for sensor in self.live.values():
             sensor.close()
+        if self.ring is not None:
+            self.ring.close()

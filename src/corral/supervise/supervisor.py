@@ -151,7 +151,7 @@ class Supervisor:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
         cannot (no cgroup v2, no BPF) the service runs all the same, and status says so."""
         try:
-            group.guard_udp_binds(listen)
+            group.guard_udp_binds(listen, self.sensing.bind_ring())
         except (OSError, ValueError) as exc:
             warning = f"{group.process}: UDP ports not guarded against other services: {exc}"
             log.warning(warning)
