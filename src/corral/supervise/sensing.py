@@ -28,6 +28,8 @@ class Sensing:
         self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
         self.ring: Any = None  # kernel.bpfring.Ring: the UDP bind program's refusals
+        self._counted: dict[str, int] | None = None  # audit counts last shown, and when
+        self._counted_at = 0.0
 
     def bind_ring(self) -> int | None:
         """The fd of the ring buffer the cgroups' bind programs report refusals to (one per
@@ -46,7 +48,7 @@ class Sensing:
         from corral.watch import sensors
 
         try:
-            self.add(sensors.AuditReader())
+            self.add(sensors.AuditReader(p.uid for p in self.spec.processes))
         except OSError as exc:
             self.states["audit"] = f"off: {exc.strerror}"
         try:
@@ -121,6 +123,24 @@ class Sensing:
         """After a revert: the new delta's base writes are reported anew."""
         if "base-write" in self.live:
             self.live["base-write"].reported.clear()
+
+    def audit_counts(self) -> dict[str, int] | None:
+        """The audit reader's record counts (read, foreign, parsed, lost), if it runs."""
+        reader = self.live.get("audit")
+        return dict(reader.counts) if reader is not None else None
+
+    def counts_moved(self, every: float = 1.0) -> bool:
+        """Whether the counts changed since they were last shown, at most once per `every`
+        seconds: a flood of other services' records must not rewrite the state file each
+        time."""
+        now = time.monotonic()
+        if now < self._counted_at + every:
+            return False
+        counts = self.audit_counts()
+        if counts == self._counted:
+            return False
+        self._counted, self._counted_at = counts, now
+        return True
 
     def report(self) -> dict[str, str]:
         return self.states | {name: s.state for name, s in self.live.items()}

@@ -102,6 +102,7 @@ class Supervisor:
             "reverts": self.reverts,
             "isolated": self.isolated,
             "sensors": self.sensing.report(),
+            "audit_records": self.sensing.audit_counts(),
             "journals": self.journals.health,
             "last_archive": self.last_archive,
             "reload": self.reloads.record if self.reloads else None,
@@ -499,6 +500,8 @@ class Supervisor:
         if self.phase == "running" and not self.halting and self.sensing.drain_due(self._trip()):
             self.write_state()
         self.watcher.flush_counts()
+        if self.sensing.counts_moved():
+            self.write_state()
         if self.journals.open and self.phase == "running" and not self.halting \
                 and self.journals.due():
             self.close_epochs("schedule", due_only=True)

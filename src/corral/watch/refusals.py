@@ -60,9 +60,23 @@ def _number(value: str | None) -> int | None:
 
 
 class LandlockRecords:
-    def __init__(self) -> None:
+    """`uids`: the service's users; another user's events are dropped (None: none is)."""
+
+    def __init__(self, uids: frozenset[int] | None = None) -> None:
+        self.uids = uids
         self.domains: dict[str, int] = {}  # domain id -> its creator's uid
         self.pending: dict[int, Event] = {}  # serial -> event waiting for its process
+
+    def foreign_domain(self, raw: bytes) -> bool:
+        """An ACCESS record's raw bytes name a domain another user made (known from its
+        DOMAIN record): the act is not ours, and needs no parsing."""
+        at = raw.find(b" domain=")
+        if at < 0 or self.uids is None:
+            return False
+        end = raw.find(b" ", at + 8)
+        uid = self.domains.get(raw[at + 8:end if end > 0 else len(raw)].decode("ascii",
+                                                                              "replace"))
+        return uid is not None and uid not in self.uids
 
     def feed(self, kind: int, body: str, out: list[Event]) -> None:
         stamp = _STAMP.search(body)
@@ -118,8 +132,8 @@ class LandlockRecords:
         domain = event.detail.pop("_domain", None)
         if event.uid is None:
             event.uid = self.domains.get(domain or "")
-        if event.uid is not None:  # unattributable: no process of any service to blame
-            out.append(event)
+        if event.uid is not None and (self.uids is None or event.uid in self.uids):
+            out.append(event)  # unattributable: no process of any service to blame
 
 
 UDP_PROTOCOLS = {17: "udp", 136: "udplite"}
