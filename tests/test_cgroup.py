@@ -520,3 +520,30 @@ def test_bind_program_is_pure():
     assert len(bindguard.program([])) == 8 * 10  # protocol and port checks, deny, allow
     with pytest.raises(ValueError):
         bindguard.program([(10, 70000)])
+
+
+@pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")
+def test_the_wait_for_an_empty_cgroup_is_woken_by_the_kernel(service, spawn):
+    """wait_empty() sleeps on cgroup.events (POLLPRI) instead of a back-off: it must not
+    return while a task lives (a short timeout returns with the task still there), and
+    returns with the cgroup empty once the last one leaves."""
+    from corral.launch.cgroup import _wait_unpopulated
+
+    cg = Cgroup.create(service, "app", Limits())
+    events = cg._v2_file("cgroup.events")
+    gate_r, gate_w = os.pipe()
+
+    def waits(w):
+        os.write(w, b"up\n")
+        os.read(gate_r, 1)  # exits when the test writes
+
+    pid, r = spawn(cg, waits)
+    assert read_line(r) == "up"
+    _wait_unpopulated(events, 0.05)  # times out: the task is still there
+    assert "populated 1" in open(events).read()
+    os.write(gate_w, b"x")
+    _wait_unpopulated(events, 30)
+    assert "populated 0" in open(events).read()
+    assert cg.pids() == []
+    os.close(gate_r)
+    os.close(gate_w)

@@ -226,10 +226,12 @@ class Supervisor:
     def kill_all(self) -> None:
         """SIGKILL every process of the service now; reaped by the loop."""
         self.halting = True
-        for child in self.children.values():
+        for child in self.children.values():  # every process signalled first, ...
             if child.init:
                 _kill(child.init, signal.SIGKILL)
-            child.group.kill()
+            child.group.start_kill()
+        for child in self.children.values():  # ... then all die at once
+            child.group.wait_empty()
 
     def alive(self) -> bool:
         return any(c.pidfd >= 0 for c in self.children.values())
