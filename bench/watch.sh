@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `bash bench/watch.sh [--json] [--quick] [--samples N] [--f2b-samples N] [--modes revert,log]
-# [--kinds egress,exec,base-write] [--no-f2b] [--out FILE]`: corral's violation-to-containment
+# [--kinds egress,refused-connect,exec,base-write] [--no-f2b] [--out FILE]`: corral's violation-to-containment
 # latency per kind of violation, against fail2ban fed the same event as a log line
 # (see bench/watch_latency.py and bench/watch.md). As root. Installs what it needs (Debian
 # packages only when one is missing, the venv through `make venv`). Results: a table on stdout

@@ -4,7 +4,8 @@ the reaction had taken effect, per kind of violation; and fail2ban fed the same 
 line, from the append to the ban in nftables.
 
     bash bench/watch.sh [--json] [--samples N] [--f2b-samples N] [--modes revert,log]
-                        [--kinds egress,exec,base-write] [--no-f2b] [--quick] [--out FILE]
+                        [--kinds egress,refused-connect,exec,base-write] [--no-f2b]
+                        [--quick] [--out FILE]
 
 The sample "notes" service (same containment as examples/notes) runs in a throwaway
 CORRAL_ROOT and network namespace; the attacker's code runs inside it with
@@ -13,6 +14,8 @@ CORRAL_ROOT and network namespace; the attacker's code runs inside it with
 
 - egress: a UDP sendto to 127.0.0.1:4444, which the manifest does not declare (the service's
   nftables table drops it and logs it to the service's NFLOG group);
+- refused-connect: a TCP connect to 127.0.0.1:4445, not declared: Landlock refuses it (EACCES)
+  before any packet exists; its audit record (LANDLOCK_ACCESS) is the sensor;
 - exec: execv of the dynamic loader /lib64/ld-linux-x86-64.so.2, which is in the image (it is
   python's interpreter) but not in the exec list (seccomp user notification refuses it);
 - base-write: an append to a world-writable base file under a `writable` path (a careless
@@ -72,7 +75,9 @@ import benchkit as bk  # noqa: E402
 PREFIX, TAG = "corral-bwatch-", "cw"
 RESULTS = bk.RESULTS_DIR / "watch.json"
 PY311 = "/usr/bin/python3.11"
-KINDS = ("egress", "exec", "base-write")
+KINDS = ("egress", "refused-connect", "exec", "base-write")
+# The tripwire each kind trips; refused-connect's is told from a packet's egress by its detail.
+TRIPWIRE = {"refused-connect": "egress"}
 CARELESS = "/opt/notes/careless"
 F2B_TABLE = "bench-f2b"
 F2B_JAIL = "corral-bench"
@@ -86,12 +91,18 @@ ACT = r"""
 import os, socket, sys, time
 w = lambda s: os.write(1, s.encode())
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # still unconnected after a refusal
 
 
 def act(kind, path):
     if kind == "egress":
         try:
             s.sendto(b"x", ("127.0.0.1", 4444)); return "sent"
+        except OSError as e:
+            return "errno%d" % e.errno
+    if kind == "refused-connect":
+        try:
+            t.connect(("127.0.0.1", 4445)); return "connected"
         except OSError as e:
             return "errno%d" % e.errno
     if kind == "exec":
@@ -222,6 +233,15 @@ def incident_lines(world: bk.World, name: str) -> list[dict[str, Any]]:
         if record.get("type") is None and "id" in record:
             out.append(record)
     return out
+
+
+def kind_of(record: dict[str, Any]) -> str:
+    """The benchmark's kind of an incident: its tripwire, or refused-connect for an egress
+    Landlock refused (no packet)."""
+    if record.get("tripwire") == "egress" and \
+            (record.get("detail") or {}).get("refused_by") == "landlock":
+        return "refused-connect"
+    return str(record.get("tripwire"))
 
 
 def incidents_cli(world: bk.World, name: str) -> dict[str, dict[str, Any]]:
@@ -402,7 +422,7 @@ def revert_mode(world: bk.World, kinds: list[str], n: int, port: int) -> dict[st
             record, restarted = wait_recovered(world, name, manifest, port, before, count_before)
             restarts += restarted
             sample["incident"] = record["id"]
-            if record.get("tripwire") == kind and record.get("reaction") == "revert":
+            if kind_of(record) == kind and record.get("reaction") == "revert":
                 revert_counts[kind] += 1
             samples.append(sample)
         rounds += 1
@@ -465,7 +485,7 @@ def log_mode(world: bk.World, kinds: list[str], n: int, period: float,
     # Match each act to its incident: per tripwire, in order of time.
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for record in sorted(records.values(), key=lambda r: r["detected_at"]):
-        by_kind.setdefault(record["tripwire"], []).append(record)
+        by_kind.setdefault(kind_of(record), []).append(record)
     for kind in kinds:
         acts = sorted((s for s in samples if s["kind"] == kind), key=lambda s: s["t0"])
         pool = by_kind.get(kind, [])
@@ -496,7 +516,7 @@ def summarise(samples: list[dict[str, Any]], records: dict[str, dict[str, Any]],
         contained = bk.parse_iso(record.get("contained_at"))
         detected = bk.parse_iso(record.get("detected_at"))
         sample.update({
-            "tripwire": record["tripwire"], "reaction": record["reaction"],
+            "tripwire": kind_of(record), "reaction": record["reaction"],
             "count": record.get("count", 1),
             "act_to_detected_ms": round((detected - sample["t0"]) * 1000, 3),
             "act_to_contained_ms": round((contained - sample["t0"]) * 1000, 3),
@@ -699,7 +719,8 @@ def build_report(args: argparse.Namespace, modes: dict[str, Any],
             if not metric:
                 continue
             label = f"{mode['mode']}:{key}"
-            if row["kind"] in ("egress", "exec") and row["reaction"] == mode["mode"]:
+            if row["kind"] in ("egress", "refused-connect", "exec") and \
+                    row["reaction"] == mode["mode"]:
                 report["goals"][label] = {
                     "p50": metric["p50"], "p99": metric["p99"],
                     "met": metric["p50"] < GOAL_P50 and metric["p99"] < GOAL_P99}
@@ -798,6 +819,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.period <= 2.0 + 2 * JITTER:
         parser.error(f"--period must be more than {2.0 + 2 * JITTER} s (corral coalesces "
                      "repeats within 2 s)")
+    if {"egress", "refused-connect"} <= set(args.kinds):
+        # One tripwire (egress) for both: in log mode their acts must be more than 2 s (plus
+        # the jitters) apart as well, so they go opposite each other in the round, and the
+        # round grows until they are.
+        rest = [k for k in args.kinds if k not in ("egress", "refused-connect")]
+        count = len(rest) + 2
+        gap = count // 2
+        args.kinds = ["egress"] + rest[:gap - 1] + ["refused-connect"] + rest[gap - 1:]
+        args.period = max(args.period, (2.0 + 2 * JITTER) * count / min(gap, count - gap) + 0.2)
     return args
 
 

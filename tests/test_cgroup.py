@@ -8,6 +8,7 @@ import os
 import secrets
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -483,17 +484,34 @@ def _binds(w: int) -> None:
 
 @pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")
 def test_udp_binds_only_to_declared_ports(service, spawn):
-    from corral.kernel import bindguard
+    from corral.kernel import bindguard, bpfring
 
-    cg = Cgroup.create(service, "app", Limits())
-    cg.guard_udp_binds(["udp/47001", "udp/47004-47006", "tcp/47020"])
-    _, r = spawn(cg, _binds)
-    # declared v4, declared range v6, undeclared, port 0, UDP-Lite undeclared, TCP (Landlock's)
-    assert read_line(r) == "ok ok EPERM ok EPERM ok"
-    cg.guard_udp_binds(["udp/47011"])  # a reload: the new program replaces the old one
-    assert [bindguard.attached(cg.paths["unified"], t) for t in bindguard.ATTACH_TYPES] == [1, 1]
-    _, r = spawn(cg, _binds)
-    assert read_line(r) == "EPERM EPERM ok ok EPERM ok"
+    ring = bpfring.Ring()
+    try:
+        cg = Cgroup.create(service, "app", Limits())
+        cg.guard_udp_binds(["udp/47001", "udp/47004-47006", "tcp/47020"], ring.fileno())
+        pid, r = spawn(cg, _binds)
+        # declared v4, declared range v6, undeclared, port 0, UDP-Lite undeclared, TCP
+        assert read_line(r) == "ok ok EPERM ok EPERM ok"
+        # each refusal reported, in order: who (the child's pid and uid), which port and
+        # protocol, from which address
+        reports = [bindguard.REPORT.unpack(rec) for rec in ring.read()]
+        assert [(p_t >> 32, u_g & 0xFFFFFFFF, port, proto, fam, addr[:4])
+                for p_t, u_g, _, port, proto, fam, addr, _ in reports] == [
+            (pid, 0, 47011, 17, socket.AF_INET, socket.inet_aton("127.0.0.1")),
+            (pid, 0, 47012, 136, socket.AF_INET, socket.inet_aton("127.0.0.1"))]
+        cg.guard_udp_binds(["udp/47011"])  # a reload: the new program replaces the old one
+        assert [bindguard.attached(cg.paths["unified"], t)
+                for t in bindguard.ATTACH_TYPES] == [1, 1]
+        _, r = spawn(cg, _binds)
+        assert read_line(r) == "EPERM EPERM ok ok EPERM ok"
+        # the reloaded program reports to the same ring; IPv6 with its whole address
+        ports = [(rec[3], rec[5], rec[6]) for rec in map(bindguard.REPORT.unpack, ring.read())]
+        assert ports == [(47001, socket.AF_INET, socket.inet_aton("127.0.0.1") + bytes(12)),
+                         (47005, socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1")),
+                         (47012, socket.AF_INET, socket.inet_aton("127.0.0.1") + bytes(12))]
+    finally:
+        ring.close()
 
 
 def test_bind_program_is_pure():
@@ -523,3 +541,30 @@ def test_priming_the_migration_lock_moves_nothing():
     result = subprocess.run([sys.executable, "-c", PRIME], capture_output=True, text=True,
                             timeout=60)
     assert result.stdout == "True 1\n", result.stderr
+
+
+@pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")
+def test_the_wait_for_an_empty_cgroup_is_woken_by_the_kernel(service, spawn):
+    """wait_empty() sleeps on cgroup.events (POLLPRI) instead of a back-off: it must not
+    return while a task lives (a short timeout returns with the task still there), and
+    returns with the cgroup empty once the last one leaves."""
+    from corral.launch.cgroup import _wait_unpopulated
+
+    cg = Cgroup.create(service, "app", Limits())
+    events = cg._v2_file("cgroup.events")
+    gate_r, gate_w = os.pipe()
+
+    def waits(w):
+        os.write(w, b"up\n")
+        os.read(gate_r, 1)  # exits when the test writes
+
+    pid, r = spawn(cg, waits)
+    assert read_line(r) == "up"
+    _wait_unpopulated(events, 0.05)  # times out: the task is still there
+    assert "populated 1" in open(events).read()
+    os.write(gate_w, b"x")
+    _wait_unpopulated(events, 30)
+    assert "populated 0" in open(events).read()
+    assert cg.pids() == []
+    os.close(gate_r)
+    os.close(gate_w)

@@ -266,8 +266,9 @@ def test_sensors_say_when_they_fail_instead_of_spinning_or_going_blind(tmp_path)
 
     reader = sensors.AuditReader.__new__(sensors.AuditReader)
     reader.sock, spare = socket.socketpair()
-    reader._names, reader.state, reader.lost = {}, "on", 0
-    reader._domains, reader._pending = {}, []
+    reader._names, reader.state, reader.uids = {}, "on", None
+    reader.counts = {"read": 0, "foreign": 0, "parsed": 0, "lost": 0}
+    reader.landlock = sensors.LandlockRecords()
     os.close(reader.sock.fileno())  # EBADF on every recv from now on
     try:
         assert reader.read() == []  # returns at once instead of spinning

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from .attack import blocked, started
+from .attack import blocked, returned, started
 
 pytestmark = pytest.mark.root
 
@@ -218,3 +218,61 @@ def test_multicast_joins_are_refused_and_leave_no_report(refusing, multicast_lan
             break
         time.sleep(0.2)
     assert own or grown, f"no egress incident for the joins: {now}"
+
+
+FLOOD = r'''
+for _ in range(PARAMS["n"]):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", PARAMS["port"]))
+    except OSError:
+        pass
+    s.close()
+    try:
+        syscall(101, 0, 0, 0, 0)  # ptrace(PTRACE_TRACEME): refused by seccomp, logged
+    except OSError:
+        pass
+
+@attempt("flooded")
+def _():
+    return PARAMS["n"]
+'''
+
+
+def test_a_supervisor_skips_other_services_audit_records(svc, refusing):
+    """Issue 16, finding 11: the kernel multicasts every audit record to every supervisor, and
+    each parsed them all. One service (svc) floods refused connects and ptrace calls; the
+    other's supervisor (refusing) records none of them and skips them at their first bytes
+    (its uid or its Landlock domain is another service's), counted in `audit_records`."""
+    flood_port, n = 7736, 300
+
+    def counters() -> dict:
+        return refusing.status().get("audit_records") or {}
+
+    before = counters()
+    assert before, "status has no audit_records counters"
+    results = svc.attack(FLOOD, {"n": n, "port": flood_port}, timeout=120)
+    assert returned(results, "flooded") == n
+    # the flood reached the flooder's own supervisor (so the records were sent)...
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        own = [i for i in incidents_of(svc) if i["detail"].get("dport") == flood_port]
+        if own and sum(i["count"] for i in own) >= n // 2:
+            break
+        time.sleep(0.3)
+    assert own, "the flooding service's own supervisor recorded no refusal"
+    # ... and the other supervisor's counters moved past them (written at least once a second)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        after = counters()
+        if after.get("foreign", 0) - before.get("foreign", 0) >= n:
+            break
+        time.sleep(0.3)
+    skipped = after.get("foreign", 0) - before.get("foreign", 0)
+    parsed = after.get("parsed", 0) - before.get("parsed", 0)
+    # 2n refusals, each an ACCESS or SECCOMP record plus SYSCALL/EOE/PROCTITLE: all foreign
+    assert skipped >= n, f"foreign records skipped: {skipped} ({before} -> {after})"
+    assert parsed < n // 3, f"parsed {parsed} records of another service ({before} -> {after})"
+    assert not [i for i in incidents_of(refusing) if i["detail"].get("dport") == flood_port
+                or i["detail"].get("syscall") == "ptrace"]
+    assert refusing.status()["state"] == "running"

@@ -232,3 +232,32 @@ def test_its_datagrams_reach_only_it(outcome):
 
 def test_udp_clients_still_bind_port_zero(outcome):
     assert returned(outcome["steal"], "bind_port_zero") is True
+
+
+def test_refused_binds_are_listen_incidents(svc, outcome):
+    """Every refused bind leaves a trace (issue 16: the supervisor running, an incident
+    written): the bind program reports each refusal through its ring buffer, and the
+    attacker's supervisor makes it a `listen` incident, its act time the kernel's stamp."""
+    blocked(outcome["squat"], "squat_while_down", "EPERM")  # the act under test happened
+
+    def found() -> list[dict]:
+        run = svc.corral("incidents", svc.name, "--json", check=True)
+        return [i for i in json.loads(run.stdout)["incidents"]
+                if i["tripwire"] == "listen" and i["detail"].get("refused_by") == "bpf"
+                and i["detail"].get("sport") == VPORT]
+
+    deadline = time.time() + 10
+    listen = found()
+    while sum(i["count"] for i in listen) < 6 and time.time() < deadline:
+        time.sleep(0.2)
+        listen = found()
+    assert listen, "no listen incident for the refused UDP binds"
+    first = listen[0]
+    assert first["process"] == "app"
+    assert first["detail"]["proto"] in ("udp", "udplite")
+    assert first["detail"]["src"] in ("0.0.0.0", "127.0.0.1", "::")
+    assert first["pid"] and first["act_clock"] == "bpf"
+    assert first["act_at"] <= first["detected_at"]
+    # squat + five ways to share: six refusals, coalesced into the open incident(s)
+    assert sum(i["count"] for i in listen) >= 6
+    assert svc.status()["state"] == "running"

@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import re
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -160,6 +161,23 @@ def _wait(done: Callable[[], bool], timeout: float, what: str) -> None:
         delay = min(delay * 2, 0.02)
 
 
+def _wait_unpopulated(events: str, timeout: float) -> None:
+    """Until the v2 cgroup.events file says "populated 0" (the cgroup and its descendants hold
+    no live task), or `timeout`. The kernel notifies a change as POLLPRI on an open fd."""
+    fd = os.open(events, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        deadline = time.monotonic() + timeout
+        while b"populated 1" in os.pread(fd, 4096, 0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller.poll(min(left, 0.05) * 1000)  # a missed wake-up costs 50 ms, not forever
+    finally:
+        os.close(fd)
+
+
 def _rmdir(path: str) -> bool:
     """True once `path` is gone; False while it is busy (tasks still exiting) or not empty."""
     try:
@@ -186,6 +204,7 @@ class Cgroup:
         self._v1_freezer = f"{d}/freezer.state" if version == 1 else None
         # Tests turn these off to exercise the v1 ways on a machine that has both.
         self._use_cgroup_kill = self._use_v2_freezer = True
+        self._bind_ring: int | None = None  # where the bind program reports refusals
 
     def _dir(self, controller: str) -> tuple[int, str]:
         h = self.layout.home(controller)
@@ -239,16 +258,18 @@ class Cgroup:
         elif version == 2:
             _write(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD}")
 
-    def guard_udp_binds(self, listen: list[str]) -> None:
+    def guard_udp_binds(self, listen: list[str], ring_fd: int | None = None) -> None:
         """Let the processes of this cgroup bind only their own declared UDP ports (and 0):
         kernel.bindguard on the v2 cgroup, so a socket made here, by the program or by `corral
         exec`, can neither take another service's port nor hold it while that one is down.
-        Again at a reload: the new program replaces the old one at once."""
+        Each refusal is reported to the ring buffer `ring_fd` (kernel.bpfring), kept for later
+        calls. Again at a reload: the new program replaces the old one at once."""
         if not self._v2:
             raise OSError(errno.ENOTSUP, "no cgroup v2 hierarchy: UDP binds are not guarded")
         ports = [(spec.first, spec.last) for spec in map(parse_ports, listen)
                  if spec.proto == "udp"]
-        bindguard.attach(self._v2, ports)
+        self._bind_ring = ring_fd if ring_fd is not None else self._bind_ring
+        bindguard.attach(self._v2, ports, self._bind_ring)
 
     def add(self, pid: int) -> None:
         for path in self._procs:
@@ -284,6 +305,31 @@ class Cgroup:
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL every process; returns once none is left (zombies are no longer listed)."""
+        self.start_kill()
+        self.wait_empty(timeout)
+
+    def start_kill(self) -> None:
+        """Where cgroup.kill exists: SIGKILL every process of the cgroup now (forks in flight
+        too), without waiting; wait_empty() then waits for them to be gone. Elsewhere nothing:
+        wait_empty() does it all."""
+        if kill := self._v2_file("cgroup.kill", self._use_cgroup_kill):
+            _write(kill, "1")
+            self.thaw()  # a task frozen by the v1 freezer cannot even die
+
+    def wait_empty(self, timeout: float = 10.0) -> None:
+        """Wait until start_kill's processes are gone, woken by the kernel: cgroup.events
+        changes (POLLPRI) as the last one leaves, so the wait ends when the cgroup empties, not
+        at the next step of a sleep back-off (which cost up to half the kill: the dying took
+        5-14 ms, and a back-off's steps, listings and a freezer fallback came on top). Then, or
+        without cgroup.kill, the rounds of kill_rounds() make sure (and raise if processes
+        survive)."""
+        events = self._v2_file("cgroup.events")
+        if events and self._v2_file("cgroup.kill", self._use_cgroup_kill):
+            _wait_unpopulated(events, min(timeout, 2.0))
+        self.kill_rounds(timeout)
+
+    def kill_rounds(self, timeout: float = 10.0) -> None:
+        """List, signal, wait a little, until the cgroup is empty (the fallback, and the check)."""
         deadline, rounds = time.monotonic() + timeout, 0
         while left := self.pids():
             if rounds and time.monotonic() > deadline:
@@ -299,7 +345,8 @@ class Cgroup:
 
     def _kill_frozen(self) -> None:
         """Without cgroup.kill: freeze so nothing forks between listing and signalling, SIGKILL
-        the list, thaw so the signals are delivered. kill() repeats it until the cgroup is empty."""
+        the list, thaw so the signals are delivered. kill_rounds() repeats it until the cgroup
+        is empty."""
         frozen = bool(self._v2_file("cgroup.freeze", self._use_v2_freezer) or self._v1_freezer)
         if frozen:
             self.freeze()

@@ -226,10 +226,16 @@ def _mount_dev(dev: str) -> None:
 
 
 # Host-wide facts a service's own /proc would still show (its PID namespace does not cover
-# them): the kernel command line, which host uids hold keys, the host's pressure stalls (a side
-# channel on other services). Masked the way runc masks paths: an empty file, an empty directory.
-MASKED_FILES = ("cmdline", "key-users")
-MASKED_DIRS = ("pressure",)
+# them), masked the way runc masks paths: an empty file, an empty directory. Other services'
+# activity: pressure stalls, interrupt counts (a published timing side channel), block I/O
+# counters, every file lock of the host; the host's identity: the kernel command line, which
+# uids hold keys, its boot id (the same in every service: a correlator), its disks, buses, ACPI
+# and SCSI devices. Also runc's list of root-only files, in case. What programs commonly read
+# (loadavg, stat, meminfo, cpuinfo, uptime) stays: an empty one breaks them (docs/sandbox.md).
+MASKED_FILES = ("cmdline", "key-users", "interrupts", "softirqs", "diskstats", "partitions",
+                "swaps", "locks", "sys/kernel/random/boot_id", "kcore", "timer_list",
+                "sched_debug", "latency_stats", "timer_stats", "vmallocinfo")
+MASKED_DIRS = ("pressure", "acpi", "scsi", "irq", "bus", "driver", "fs")
 
 
 def _mask_proc(proc: str) -> None:

@@ -285,6 +285,7 @@ def _status_of(service: str) -> dict[str, Any]:
         "open_incidents": sum(1 for i in all_incidents if not i.get("closed_at")),
         "isolated": bool((state or {}).get("isolated")) if alive else False,
         "sensors": (state or {}).get("sensors") if alive else None,
+        "audit_records": (state or {}).get("audit_records") if alive else None,
         "journals": (state or {}).get("journals") if alive else None,
         "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,

@@ -27,6 +27,9 @@ class Sensing:
         self.states: dict[str, str] = {}  # sensors not running (why), and the exec wire's
         self.live: dict[str, Any] = {}  # name -> a running watch.sensors.Sensor
         self.due: dict[str, float] = {}  # sensor drained on a timer -> its next drain
+        self.ring: Any = None  # kernel.bpfring.Ring: the UDP bind program's refusals
+        self._counted: dict[str, int] | None = None  # audit counts last shown, and when
+        self._counted_at = 0.0
         self.audit_status: Any = None  # kernel.auditholds.Early, asked ahead of start
 
     def ask_audit(self) -> None:
@@ -39,12 +42,25 @@ class Sensing:
         except OSError:
             self.audit_status = None  # start asks again, and says what is wrong
 
+    def bind_ring(self) -> int | None:
+        """The fd of the ring buffer the cgroups' bind programs report refusals to (one per
+        service, made at the first call), or None where the kernel has none (the binds are
+        still refused; `corral status` says the refusals are not seen)."""
+        if self.ring is None and "udp-bind" not in self.states:
+            from corral.kernel import bpfring
+
+            try:
+                self.ring = bpfring.Ring()
+            except OSError as exc:
+                self.states["udp-bind"] = f"off: {exc.strerror}"
+        return self.ring.fileno() if self.ring is not None else None
+
     def start(self) -> None:
         from corral.watch import sensors
 
         status, self.audit_status = self.audit_status, None
         try:
-            self.add(sensors.AuditReader(status))
+            self.add(sensors.AuditReader(status, (p.uid for p in self.spec.processes)))
         except OSError as exc:
             self.states["audit"] = f"off: {exc.strerror}"
         finally:
@@ -56,6 +72,10 @@ class Sensing:
             self.add(sensors.PacketSensor(nflog_group(self.spec.service), self._netns_fd()))
         except Exception as exc:  # noqa: BLE001 - a busy group: say so, keep running
             self.states["network"] = f"off: {exc}"
+        if self.ring is not None:
+            from corral.watch.refusals import BindRefusals
+
+            self.add(BindRefusals(self.ring))
         self.add(self._base_write_sensor())
         from corral.watch import floods
 
@@ -141,6 +161,24 @@ class Sensing:
         if "base-write" in self.live:
             self.live["base-write"].reported.clear()
 
+    def audit_counts(self) -> dict[str, int] | None:
+        """The audit reader's record counts (read, foreign, parsed, lost), if it runs."""
+        reader = self.live.get("audit")
+        return dict(reader.counts) if reader is not None else None
+
+    def counts_moved(self, every: float = 1.0) -> bool:
+        """Whether the counts changed since they were last shown, at most once per `every`
+        seconds: a flood of other services' records must not rewrite the state file each
+        time."""
+        now = time.monotonic()
+        if now < self._counted_at + every:
+            return False
+        counts = self.audit_counts()
+        if counts == self._counted:
+            return False
+        self._counted, self._counted_at = counts, now
+        return True
+
     def report(self) -> dict[str, str]:
         return self.states | {name: s.state for name, s in self.live.items()}
 
@@ -156,3 +194,5 @@ class Sensing:
             self.audit_status.close()
         for sensor in self.live.values():
             sensor.close()
+        if self.ring is not None:
+            self.ring.close()

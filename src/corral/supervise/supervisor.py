@@ -105,6 +105,7 @@ class Supervisor:
             "reverts": self.reverts,
             "isolated": self.isolated,
             "sensors": self.sensing.report(),
+            "audit_records": self.sensing.audit_counts(),
             "journals": self.journals.health,
             "last_archive": self.last_archive,
             "reload": self.reloads.record if self.reloads else None,
@@ -199,7 +200,7 @@ class Supervisor:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
         cannot (no cgroup v2, no BPF) the service runs all the same, and status says so."""
         try:
-            group.guard_udp_binds(listen)
+            group.guard_udp_binds(listen, self.sensing.bind_ring())
         except (OSError, ValueError) as exc:
             warning = f"{group.process}: UDP ports not guarded against other services: {exc}"
             log.warning(warning)
@@ -273,10 +274,12 @@ class Supervisor:
     def kill_all(self) -> None:
         """SIGKILL every process of the service now; reaped by the loop."""
         self.halting = True
-        for child in self.children.values():
+        for child in self.children.values():  # every process signalled first, ...
             if child.init:
                 _kill(child.init, signal.SIGKILL)
-            child.group.kill()
+            child.group.start_kill()
+        for child in self.children.values():  # ... then all die at once
+            child.group.wait_empty()
 
     def alive(self) -> bool:
         return any(c.pidfd >= 0 for c in self.children.values())
@@ -557,6 +560,8 @@ class Supervisor:
         if self.phase == "running" and not self.halting and self.sensing.drain_due(self._trip()):
             self.write_state()
         self.watcher.flush_counts()
+        if self.sensing.counts_moved():
+            self.write_state()
         if self.journals.open and self.phase == "running" and not self.halting \
                 and self.journals.due():
             self.close_epochs("schedule", due_only=True)

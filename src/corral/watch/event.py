@@ -16,5 +16,6 @@ class Event:
     detail: dict[str, Any] = field(default_factory=dict)
     # Which clock `at` is (the incident's `act_clock`): "audit" (the kernel's audit record),
     # "notification" (the exec notification read), "received" (an NFLOG or fanotify message
-    # read: the kernel stamps no packet at the output hook), "mtime" (a delta file's), "walk".
+    # read: the kernel stamps no packet at the output hook), "bpf" (a BPF program's
+    # CLOCK_MONOTONIC stamp, as wall time), "mtime" (a delta file's), "walk".
     clock: str = "walk"

@@ -1,4 +1,5 @@
-"""Landlock's refusals as tripwire events, from its audit records (kernel 6.15+).
+"""Refusals as tripwire events: Landlock's, from its audit records (kernel 6.15+), and the UDP
+bind program's, from its ring buffer (BindRefusals, at the end).
 
 Landlock refuses a TCP connect() or bind() before any packet exists, so the service's nft
 table never sees it; its audit records are the only trace. Parsed by hand: they are text
@@ -27,9 +28,12 @@ count.
 from __future__ import annotations
 
 import re
+import socket
+import time
 from dataclasses import replace
 from typing import Any
 
+from corral.core import text
 from corral.watch.event import Event
 
 AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320
@@ -56,9 +60,23 @@ def _number(value: str | None) -> int | None:
 
 
 class LandlockRecords:
-    def __init__(self) -> None:
+    """`uids`: the service's users; another user's events are dropped (None: none is)."""
+
+    def __init__(self, uids: frozenset[int] | None = None) -> None:
+        self.uids = uids
         self.domains: dict[str, int] = {}  # domain id -> its creator's uid
         self.pending: dict[int, Event] = {}  # serial -> event waiting for its process
+
+    def foreign_domain(self, raw: bytes) -> bool:
+        """An ACCESS record's raw bytes name a domain another user made (known from its
+        DOMAIN record): the act is not ours, and needs no parsing."""
+        at = raw.find(b" domain=")
+        if at < 0 or self.uids is None:
+            return False
+        end = raw.find(b" ", at + 8)
+        uid = self.domains.get(raw[at + 8:end if end > 0 else len(raw)].decode("ascii",
+                                                                              "replace"))
+        return uid is not None and uid not in self.uids
 
     def feed(self, kind: int, body: str, out: list[Event]) -> None:
         stamp = _STAMP.search(body)
@@ -114,5 +132,47 @@ class LandlockRecords:
         domain = event.detail.pop("_domain", None)
         if event.uid is None:
             event.uid = self.domains.get(domain or "")
-        if event.uid is not None:  # unattributable: no process of any service to blame
-            out.append(event)
+        if event.uid is not None and (self.uids is None or event.uid in self.uids):
+            out.append(event)  # unattributable: no process of any service to blame
+
+
+UDP_PROTOCOLS = {17: "udp", 136: "udplite"}
+
+
+class BindRefusals:
+    """The `listen` tripwire for UDP: every bind the cgroup's program (kernel.bindguard)
+    refused is a report in the service's ring buffer (kernel.bpfring), readable at once. The
+    kernel stamps it with CLOCK_MONOTONIC; as wall time that is the act's own time."""
+
+    name = "udp-bind"
+    interval = 0.0
+    state = "on (the cgroup bind program's reports)"
+
+    def __init__(self, ring: Any):
+        self.ring = ring
+
+    def fileno(self) -> int:
+        return int(self.ring.fileno())
+
+    def close(self) -> None:
+        pass  # the supervisor's ring: the programs may still write to it
+
+    def drain(self, now: float) -> list[Event]:
+        from corral.kernel.bindguard import REPORT
+
+        offset = time.time() - time.monotonic()  # CLOCK_MONOTONIC -> wall clock
+        out = []
+        for record in self.ring.read():
+            if len(record) < REPORT.size:
+                continue
+            pid_tgid, uid_gid, ns, port, proto, family, addr, comm = \
+                REPORT.unpack_from(record)
+            if family == socket.AF_INET6:
+                src = socket.inet_ntop(family, addr)
+            else:
+                src = socket.inet_ntop(socket.AF_INET, addr[:4])
+            detail = {"proto": UDP_PROTOCOLS.get(proto, str(proto)), "src": src, "sport": port,
+                      "refused_by": "bpf", "comm": text.show(comm.split(b"\0", 1)[0])}
+            out.append(Event("listen", uid_gid & 0xFFFFFFFF, pid_tgid >> 32,
+                             offset + ns / 1e9, detail, "bpf"))
+        return out

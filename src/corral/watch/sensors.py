@@ -24,14 +24,14 @@ import re
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from corral.core import log, text, tree
 from corral.recover import delta
 from corral.watch.event import Event
+from corral.watch.refusals import AUDIT_EOE, AUDIT_LANDLOCK_ACCESS, AUDIT_SYSCALL, LandlockRecords
 from corral.watch.refusals import KINDS as LANDLOCK_KINDS
-from corral.watch.refusals import LandlockRecords
 
 __all__ = ["Event", "Sensor", "AuditReader", "PacketSensor", "DeltaPoller"]
 
@@ -94,13 +94,38 @@ def _in_initial_netns(make: Callable[[], socket.socket]) -> socket.socket:
         os.close(initial)
 
 
+def _number_after(raw: bytes, key: bytes) -> int | None:
+    """The decimal value of `key` (b" uid=") in a record's raw bytes, without decoding it."""
+    at = raw.find(key)
+    if at < 0:
+        return None
+    start = at + len(key)
+    end = start
+    while end < len(raw) and 48 <= raw[end] <= 57:
+        end += 1
+    return int(raw[start:end]) if end > start else None
+
+
+def _serial(raw: bytes) -> int | None:
+    """The event serial of `audit(SEC.MS:SERIAL)`, the record's first bytes."""
+    colon, close = raw.find(b":", 6, 40), raw.find(b")", 6, 48)
+    return int(raw[colon + 1:close]) if 0 < colon < close and raw[colon + 1:close].isdigit() \
+        else None
+
+
 class AuditReader:
+    """`uids`: the service's own users. The kernel multicasts every record of the host to every
+    listener, so each supervisor would parse every other service's flood; a record that names
+    another user (seccomp's), another user's Landlock domain, or an event nobody here waits
+    for is skipped at its first bytes, before it is decoded (`counts`: `read`, `foreign`,
+    `parsed`, `lost`; `corral status --json` shows them as `audit_records`)."""
+
     name = "audit"
     interval = 0.0
 
-    def __init__(self, status: Any = None) -> None:
+    def __init__(self, status: Any = None, uids: Iterable[int] | None = None) -> None:
         """`status`: a kernel.auditholds.Early, the audit status asked ahead (else asked
-        when registering)."""
+        when registering); `uids`: the service's users (None: every user's records)."""
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                  NETLINK_AUDIT)
@@ -110,7 +135,9 @@ class AuditReader:
         self.sock = _in_initial_netns(make)
         self.sock.setblocking(False)
         self._names: dict[int, str] = {}
-        self.landlock = LandlockRecords()
+        self.uids = frozenset(uids) if uids is not None else None  # None: every user's
+        self.landlock = LandlockRecords(self.uids)
+        self.counts = {"read": 0, "foreign": 0, "parsed": 0, "lost": 0}
         self.state = "on"  # or "off: why" once reading failed for good
         self._enable_audit(status)
 
@@ -124,7 +151,10 @@ class AuditReader:
                 self.state = f"on ({self.hold.note})"
         except OSError as exc:  # seccomp's records still come; Landlock's may not
             self.state = f"on (audit left as is: holder registry: {exc.strerror or exc})"
-        self.lost = 0  # ENOBUFS overruns: records the kernel dropped
+
+    @property
+    def lost(self) -> int:  # ENOBUFS overruns: records the kernel dropped
+        return self.counts["lost"]
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -158,6 +188,7 @@ class AuditReader:
 
     def read(self) -> list[Event]:
         out: list[Event] = []
+        counts = self.counts
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -166,7 +197,7 @@ class AuditReader:
                 return out
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # after a burst: records were lost; read on
-                    self.lost += 1
+                    counts["lost"] += 1
                     continue
                 # Anything else (EBADF, ...) would fail again at once: retrying spun the
                 # supervisor at 100% CPU. Stop and say so; the supervisor drops the sensor.
@@ -174,14 +205,36 @@ class AuditReader:
                 return out
             while len(data) >= 16:
                 length, kind = struct.unpack_from("=IH", data)
-                body = data[16:length].decode(errors="replace")
+                raw = data[16:length]
                 data = data[(length + 3) & ~3:]
-                if kind == AUDIT_SECCOMP and (event := self.parse(body)) is not None:
-                    out.append(event)
-                elif kind in LANDLOCK_KINDS:
-                    self.landlock.feed(kind, body, out)
+                counts["read"] += 1
+                if kind == AUDIT_SECCOMP or kind in LANDLOCK_KINDS:
+                    if self._foreign(kind, raw):
+                        counts["foreign"] += 1
+                    else:
+                        counts["parsed"] += 1
+                        body = raw.decode(errors="replace")
+                        if kind == AUDIT_SECCOMP:
+                            if (event := self.parse(body)) is not None:
+                                out.append(event)
+                        else:
+                            self.landlock.feed(kind, body, out)
                 if length < 16:
                     break
+
+    def _foreign(self, kind: int, raw: bytes) -> bool:
+        """Whether the record can be skipped undecoded: another user's act, or an event
+        nobody here waits for."""
+        if kind in (AUDIT_SYSCALL, AUDIT_EOE):  # only to complete a pending Landlock event
+            return not self.landlock.pending or _serial(raw) not in self.landlock.pending
+        if self.uids is None:
+            return False
+        if kind == AUDIT_SECCOMP:
+            uid = _number_after(raw, b" uid=")
+            return uid is not None and uid not in self.uids
+        if kind == AUDIT_LANDLOCK_ACCESS:
+            return self.landlock.foreign_domain(raw)
+        return False  # a domain's record: rare, and it tells whose later records are
 
     def parse(self, body: str) -> Event | None:
         fields = {k: v.strip('"') for k, v in _FIELD.findall(body)}
