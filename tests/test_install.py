@@ -18,8 +18,15 @@ ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 NOTES_PY = EXAMPLES / "notes" / "notes.py"
 
 
-def accounts() -> dict[str, bytes]:
-    return {path: open(path, "rb").read() for path in ACCOUNT_FILES}
+def accounts(mine: str) -> dict[str, bytes]:
+    """The account files, byte for byte, less the lines of other tests' services (another test
+    run on the same machine adds and removes its own `corral-tst...` users meanwhile)."""
+    def others(line: bytes) -> bool:
+        return line.startswith(b"corral-tst") and not line.startswith(f"corral-{mine}".encode())
+
+    return {path: b"".join(ln for ln in open(path, "rb").read().splitlines(keepends=True)
+                           if not others(ln))
+            for path in ACCOUNT_FILES}
 
 
 def tables(netns: str) -> str:
@@ -43,7 +50,7 @@ def state_dir(root, name):
 def test_install_twice_then_purge_leaves_host_byte_identical(tmp_path, corral_root, netns,
                                                                service_name):
     manifest = sample(tmp_path, service_name)
-    before, before_tables = accounts(), tables(netns)
+    before, before_tables = accounts(service_name), tables(netns)
 
     first = corral("install", manifest, netns=netns, check=True)
     assert f"created user corral-{service_name}-app" in first.stdout
@@ -78,7 +85,7 @@ def test_install_twice_then_purge_leaves_host_byte_identical(tmp_path, corral_ro
     assert sorted(p.name for p in (state / "base").iterdir()) == ["1"]
 
     corral("uninstall", manifest, "--purge", netns=netns, check=True)
-    assert accounts() == before
+    assert accounts(service_name) == before
     assert tables(netns) == before_tables
     assert not (corral_root / "var/lib/corral").exists()
     assert not (corral_root / "run/corral").exists()
@@ -98,32 +105,32 @@ def test_the_base_image_really_runs_the_service(tmp_path, corral_root, netns, se
 
 def test_uninstall_without_purge_keeps_volumes(tmp_path, corral_root, netns, service_name):
     manifest = sample(tmp_path, service_name)
-    before = accounts()
+    before = accounts(service_name)
     corral("install", manifest, netns=netns, check=True)
     state = state_dir(corral_root, service_name)
     (state / "volumes/srv-notes/notes.jsonl").write_text('{"text": "keep me"}\n')
     corral("uninstall", service_name, netns=netns, check=True)
-    assert accounts() == before
+    assert accounts(service_name) == before
     assert (state / "volumes/srv-notes/notes.jsonl").read_text() == '{"text": "keep me"}\n'
     assert sorted(p.name for p in state.iterdir()) == ["volumes"]
     # Installing again adopts the kept volume (new users get it chowned to them).
     corral("install", manifest, netns=netns, check=True)
     assert (state / "volumes/srv-notes/notes.jsonl").exists()
     corral("uninstall", service_name, "--purge", netns=netns, check=True)
-    assert accounts() == before and not state.exists()
+    assert accounts(service_name) == before and not state.exists()
 
 
 @pytest.mark.parametrize("step", ["users", "base", "volumes", "table"])
 def test_a_failure_half_way_undoes_its_own_work(tmp_path, corral_root, netns, service_name,
                                                  step):
     manifest = sample(tmp_path, service_name)
-    before, before_tables = accounts(), tables(netns)
+    before, before_tables = accounts(service_name), tables(netns)
     result = corral("install", manifest, netns=netns, env={"CORRAL_TEST_FAIL_AFTER": step})
     assert result.returncode == 1
     assert f"install of {service_name} failed: injected failure after step '{step}'; undone" \
         in result.stderr
     assert "could not undo" not in result.stderr
-    assert accounts() == before
+    assert accounts(service_name) == before
     assert tables(netns) == before_tables
     assert not (corral_root / "var/lib/corral").exists()
 
@@ -159,11 +166,11 @@ def test_a_real_failure_half_way_is_undone(tmp_path, corral_root, netns, service
     group = f"corral-{service_name}-backup"
     subprocess.run(["groupadd", "--system", group], check=True)
     try:
-        before = accounts()
+        before = accounts(service_name)
         result = corral("install", sample(tmp_path, service_name), netns=netns)
         assert result.returncode == 1
         assert f"cannot create user {group}" in result.stderr and "undone" in result.stderr
-        assert accounts() == before
+        assert accounts(service_name) == before
         assert not (corral_root / "var/lib/corral").exists()
     finally:
         subprocess.run(["groupdel", group], capture_output=True)
@@ -174,12 +181,12 @@ def test_refuses_to_adopt_a_foreign_user(tmp_path, corral_root, netns, service_n
     subprocess.run(["useradd", "--system", "--no-create-home", "--comment", "someone else",
                     user], check=True)
     try:
-        before = accounts()
+        before = accounts(service_name)
         result = corral("install", sample(tmp_path, service_name), netns=netns)
         assert result.returncode == 1
         assert f"user {user} exists and was not created by corral; refusing to adopt it" \
             in result.stderr
-        assert accounts() == before
+        assert accounts(service_name) == before
         assert pwd.getpwnam(user).pw_gecos == "someone else"
     finally:
         subprocess.run(["userdel", user], capture_output=True)
@@ -188,10 +195,10 @@ def test_refuses_to_adopt_a_foreign_user(tmp_path, corral_root, netns, service_n
 def test_refuses_to_replace_a_foreign_table(tmp_path, corral_root, netns, service_name):
     subprocess.run(["ip", "netns", "exec", netns, "nft", "add", "table", "inet",
                     f"corral-{service_name}"], check=True)
-    before = accounts()
+    before = accounts(service_name)
     result = corral("install", sample(tmp_path, service_name), netns=netns)
     assert result.returncode == 1 and "was not made by corral" in result.stderr
-    assert accounts() == before
+    assert accounts(service_name) == before
     assert f"table inet corral-{service_name}" in tables(netns)
 
 

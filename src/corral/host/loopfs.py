@@ -27,7 +27,6 @@ its last mount goes.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +98,8 @@ def mounted_at(path: str | Path) -> str | None:
 
 
 def _run(argv: list[str], what: str) -> None:
+    import subprocess  # here: the supervisor loads this module on `corral run`'s path (floods)
+
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
                                 stdin=subprocess.DEVNULL)
@@ -145,6 +146,8 @@ def unmount(path: Path) -> bool:
 
 def attached(image: Path) -> bool:
     """Is a loop device backed by `image` (mounted in some namespace, or being released)?"""
+    import subprocess
+
     result = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True,
                             timeout=60, stdin=subprocess.DEVNULL)
     return bool(result.stdout.strip())

@@ -160,13 +160,15 @@ class Supervisor:
     def _mount_sized_volumes(self) -> None:
         """Their file systems, in the host's namespace, if they are not mounted (after a
         reboot): install mounted them once."""
-        from corral.host import loopfs
+        sized = [vol for vol in self.spec.volumes if vol.size]
+        if not sized:
+            return
+        from corral.host import loopfs  # only then: it needs subprocess (mkfs, e2fsck)
 
-        for vol in self.spec.volumes:
-            if vol.size:
-                for path in loopfs.mount_volume(loopfs.sized(self.spec.state, vol.store)):
-                    log.warning(f"volume {vol.path}: {path} was not mounted (a reboot?): "
-                                "mounted it")
+        for vol in sized:
+            for path in loopfs.mount_volume(loopfs.sized(self.spec.state, vol.store)):
+                log.warning(f"volume {vol.path}: {path} was not mounted (a reboot?): "
+                            "mounted it")
 
     def _own_network(self) -> None:
         """network = "own": the namespace, its veth and NAT (host.netns), and the service's
