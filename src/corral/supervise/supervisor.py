@@ -32,7 +32,7 @@ from corral.kernel import signals
 from corral.launch import benchskip, cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
-from corral.supervise import setup
+from corral.supervise import premises, setup
 from corral.supervise.exec_guard import ExecGuard
 from corral.supervise.journals import Journals
 from corral.supervise.sensing import Sensing
@@ -124,10 +124,10 @@ class Supervisor:
     def prepare(self) -> None:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         if self.spec.own_network:  # still in the host's mount namespace: the pin is seen there
-            self._own_network()
+            self.link, self.net_warnings = premises.own_network(self.spec)
         delta = str(self.spec.delta_dir)
         mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
-        self._mount_sized_volumes()
+        premises.mount_sized_volumes(self.spec)
         if self.spec.delta == "tmpfs":
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -135,7 +135,7 @@ class Supervisor:
         skip = benchskip.skipped()
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
-            self._noexec_paths(), bench_bind_root="overlay" in skip)
+            premises.noexec_paths(self.spec), bench_bind_root="overlay" in skip)
         self.warnings += self.net_warnings
         if skip:
             self.warnings.append(f"{benchskip.VARIABLE}={','.join(sorted(skip))}: containment "
@@ -157,47 +157,6 @@ class Supervisor:
             self.children[proc.name] = Child(proc, group, out)
             self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
 
-    def _mount_sized_volumes(self) -> None:
-        """Their file systems, in the host's namespace, if they are not mounted (after a
-        reboot): install mounted them once."""
-        sized = [vol for vol in self.spec.volumes if vol.size]
-        if not sized:
-            return
-        from corral.host import loopfs  # only then: it needs subprocess (mkfs, e2fsck)
-
-        for vol in sized:
-            for path in loopfs.mount_volume(loopfs.sized(self.spec.state, vol.store)):
-                log.warning(f"volume {vol.path}: {path} was not mounted (a reboot?): "
-                            "mounted it")
-
-    def _own_network(self) -> None:
-        """network = "own": the namespace, its veth and NAT (host.netns), and the service's
-        table applied inside it too: its sockets are there, so its per-process rules are."""
-        from corral.host import netns, nft
-        from corral.supervise.reload import service_flows
-
-        flows = service_flows(self.spec)
-        self.link = netns.create(self.spec.service,
-                                 self.spec.network.get("pool", netns.DEFAULT_POOL),
-                                 [p for flow in flows for p in flow.listen],
-                                 [c for flow in flows for c in flow.connect])
-        try:
-            from corral.plan import nft_rules
-
-            nft.apply(nft_rules.service_ruleset(self.spec.service,
-                                                netns.inside_flows(flows, self.link)),
-                      netns=str(self.spec.netns))
-        except nft.NftError as exc:
-            raise netns.NetnsError(f"the service's table in its namespace: {exc}") from exc
-        if not netns.forwarding():
-            self.net_warnings.append(
-                "network = \"own\": net.ipv4.ip_forward is 0, so connects beyond this host and "
-                "clients on other hosts cannot pass (it is host-wide; corral does not set it)")
-
-    def _netns_arg(self) -> str | None:
-        """Where the service's table is: in its own namespace, or in the host's."""
-        return str(self.spec.netns) if self.spec.own_network else None
-
     def _guard_udp(self, group: cgroup.Cgroup, listen: list[str]) -> None:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
         cannot (no cgroup v2, no BPF) the service runs all the same, and status says so."""
@@ -208,17 +167,6 @@ class Supervisor:
             log.warning(warning)
             self.bind_warnings.append(warning)
             self.warnings.append(warning)
-
-    def _noexec_paths(self) -> tuple[str, ...]:
-        """/tmp and every `writable` path: what the service writes must never run. A path
-        that holds one of the `exec` programs is left executable (it cannot be both)."""
-        volumes = {v.path for v in self.spec.volumes}  # already noexec bind mounts
-        executables = [p for paths in self.spec.exec_paths.values() for p in paths]
-        out = {"/tmp"}
-        for proc in self.spec.processes:
-            out |= set(proc.landlock.get("read_write", ())) - {"/dev"} - volumes
-        return tuple(sorted(p for p in out if not any(
-            e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
 
     def close_epochs(self, reason: str, incidents: tuple[str, ...] = (),
                      due_only: bool = False, inline: bool = False) -> None:
@@ -257,7 +205,8 @@ class Supervisor:
     def isolate(self) -> None:
         from corral.host import nft
 
-        nft.isolate(self.spec.service, [p.uid for p in self.spec.processes], self._netns_arg())
+        nft.isolate(self.spec.service, [p.uid for p in self.spec.processes],
+                    premises.table_netns(self.spec))
         for child in self.children.values():
             child.group.freeze()
         self.isolated = True
@@ -270,7 +219,7 @@ class Supervisor:
 
             for child in self.children.values():
                 child.group.thaw()
-            nft.release(self.spec.service, self._netns_arg())
+            nft.release(self.spec.service, premises.table_netns(self.spec))
             self.isolated = False
 
     def kill_all(self) -> None:
@@ -325,10 +274,7 @@ class Supervisor:
 
             kernel.setns(self.host_mnt, kernel.CLONE_NEWNS)  # our private mounts die with us
             mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
-        if self.spec.own_network:  # in the host's mount namespace again, where the pin is
-            from corral.host import netns
-
-            netns.remove(self.spec.service)
+        premises.remove_own_network(self.spec)  # in the host's mount namespace again
         self.sensing.close()
 
     # -- processes --------------------------------------------------------------------------
@@ -470,7 +416,7 @@ class Supervisor:
         mnt.clear_delta(str(self.spec.delta_dir))
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
-            launch.volumes_of(self.spec), self._noexec_paths(),
+            launch.volumes_of(self.spec), premises.noexec_paths(self.spec),
             bench_bind_root="overlay" in benchskip.skipped()) + self.bind_warnings \
             + self.net_warnings
         self.reverts += 1
