@@ -134,6 +134,22 @@ in_ns "$CORRAL" verify notes
 bold "   and a manual revert, for good measure (the archive keeps the delta for forensics)"
 in_ns "$CORRAL" revert notes --reason "demo"
 
+bold "   A flood: writing until the disk is full ends at the delta's own size (32M), not the host's"
+in_ns "$CORRAL" exec notes app -- /usr/bin/python3.11 -I -c '
+written = 0
+try:
+    with open("/tmp/flood", "wb") as f:
+        while True:
+            f.write(b"x" * (1 << 20))
+            f.flush()
+            written += 1
+except OSError as exc:
+    print(f"  flood: stopped after {written} MiB: {exc.strerror}")
+' || true
+for _ in $(seq 50); do in_ns "$CORRAL" incidents notes | tail -1 | grep -q flood && break; sleep 0.1; done
+in_ns "$CORRAL" incidents notes | tail -1
+for _ in $(seq 50); do in_ns python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:8080/health", timeout=1)' 2>/dev/null && break; sleep 0.1; done
+
 bold "9. The redo log: an attack in the MIDDLE of the volume's history, dug out"
 post() { in_ns python3 -c 'import sys, urllib.request as u; u.urlopen(u.Request("http://127.0.0.1:8080/notes", data=sys.argv[1].encode()), timeout=5).read()' "$1"; }
 post "good note before the attack"
