@@ -6,6 +6,7 @@
 # temporary directory on the file system of /var/tmp (the base's, ext4 here), removed at the end.
 # The overlay is mounted as launch/mnt.py's prepare_service_root does: lowerdir, upperdir and
 # workdir as /proc/self/fd/N, upper and work on a tmpfs (the delta), plus the options under test.
+# The loop devices of the image mounts are freed when the namespace's mounts go (autoclear).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-15}
@@ -30,6 +31,18 @@ VARIANTS=(
   "volatile=volatile"
   "all_off=index=off,xino=off,redirect_dir=off,metacopy=off,uuid=off,volatile"
 )
+# The base as a read-only file system of its own (the plan in servers.md): a squashfs image as
+# `corral host image` builds one, and an erofs image when mkfs.erofs is installed (erofs-utils).
+images=()
+if command -v mksquashfs >/dev/null; then
+  mksquashfs "$work/base" "$work/base.sqfs" -comp zstd -noappend -quiet -no-progress >/dev/null
+  images+=("squashfs=$work/base.sqfs")
+fi
+if command -v mkfs.erofs >/dev/null; then
+  mkfs.erofs "$work/base.erofs" "$work/base" >/dev/null 2>&1
+  images+=("erofs=$work/base.erofs")
+fi
+export IMAGES_STR="${images[*]}"
 export work ROUNDS ITERS
 export VARIANTS_STR="${VARIANTS[*]}"
 unshare -m --propagation private bash -euo pipefail -c '
@@ -39,6 +52,12 @@ unshare -m --propagation private bash -euo pipefail -c '
   mount --bind "$work/base" "$work/mnt/plain"
   mount -o remount,bind,ro "$work/mnt/plain"
   dirs+=("$work/mnt/plain")
+  for im in $IMAGES_STR; do
+    name=${im%%=*}
+    mkdir -p "$work/mnt/$name"
+    mount -o loop,ro,nosuid,nodev -t "$name" "${im#*=}" "$work/mnt/$name"
+    dirs+=("$work/mnt/$name")
+  done
   for v in $VARIANTS_STR; do
     name=${v%%=*}; opts=${v#*=}
     mkdir -p "$work/delta/$name/upper" "$work/delta/$name/work" "$work/mnt/$name"
