@@ -568,3 +568,36 @@ def test_the_wait_for_an_empty_cgroup_is_woken_by_the_kernel(service, spawn):
     assert cg.pids() == []
     os.close(gate_r)
     os.close(gate_w)
+
+
+def test_create_survives_another_service_removing_the_shared_parent(service):
+    """remove_service takes the shared `corral` cgroup away once it is empty; a create of
+    another service running at that moment lost its parent between two mkdirs (ENOENT, seen as
+    a failed start in a bench run). Two services created and removed in a loop, side by side:
+    every create must succeed."""
+    import threading
+
+    other = "tst" + secrets.token_hex(4)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def churn() -> None:  # the other service's own starts and stops, on its own thread
+        while not stop.is_set():
+            try:
+                Cgroup.create(other, "app", Limits())
+                cgroup.remove_service(other)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                errors.append(exc)
+                return
+
+    remover = threading.Thread(target=churn)
+    remover.start()
+    try:
+        for _ in range(300):
+            Cgroup.create(service, "app", Limits())
+            cgroup.remove_service(service)
+    finally:
+        stop.set()
+        remover.join()
+        cgroup.remove_service(other)
+    assert errors == []

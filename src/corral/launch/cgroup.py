@@ -23,6 +23,7 @@ from corral.core.netspec import parse_ports
 from corral.kernel import bindguard
 
 BASE = "corral"
+CREATE_TRIES = 5  # Cgroup.create against concurrent remove_service calls of other services
 CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 CPU_PERIOD = 100_000  # microseconds: the kernel's default period
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -214,17 +215,28 @@ class Cgroup:
     def create(cls, service: str, process: str, limits: Limits) -> Cgroup:
         """Idempotent: an existing cgroup keeps its processes and gets the new limits."""
         cg = cls(service, process)
-        for h in cg.layout.hierarchies:
+        for attempt in range(CREATE_TRIES):
+            try:
+                cg._make_dirs()
+                break
+            except FileNotFoundError:
+                # Another service's remove_service took the shared `corral` parent away
+                # between two of our mkdirs (it removes it once empty): make them again.
+                if attempt == CREATE_TRIES - 1:
+                    raise
+        cg.set_limits(limits)
+        return cg
+
+    def _make_dirs(self) -> None:
+        for h in self.layout.hierarchies:
             # v2 hands a controller only to children of cgroups that enable it in subtree_control
             wanted, d = h.controllers - {"freezer"}, h.mount
-            for child in (BASE, service, process) if h.version == 2 and wanted else ():
+            for child in (BASE, self.service, self.process) if h.version == 2 and wanted else ():
                 if absent := sorted(wanted - set(_read(f"{d}/cgroup.subtree_control").split())):
                     _write(f"{d}/cgroup.subtree_control", " ".join(f"+{c}" for c in absent))
                 d = os.path.join(d, child)
                 os.makedirs(d, exist_ok=True)
-            os.makedirs(cg.paths[h.name], exist_ok=True)
-        cg.set_limits(limits)
-        return cg
+            os.makedirs(self.paths[h.name], exist_ok=True)
 
     def set_limits(self, limits: Limits) -> None:
         # A limit the manifest asks for and no controller can enforce is an error, not a
