@@ -179,10 +179,13 @@ def start_service(corral_root, netns, service_name):
     taken down and uninstalled (--purge) afterwards, even when the test fails."""
     started: list[Service] = []
 
-    def start(manifest) -> Service:
+    def start(manifest, before_up=None) -> Service:
+        """`before_up(svc)`, if given, runs between install and up."""
         corral("install", str(manifest), netns=netns, check=True)
         svc = Service(service_name, netns, corral_root, manifest)
         started.append(svc)
+        if before_up:
+            before_up(svc)
         svc.corral("up", str(manifest), check=True)
         return svc
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORRAL, EXAMPLES, Service, corral, in_netns
+from conftest import CORRAL, EXAMPLES, Service, in_netns
 
 pytestmark = pytest.mark.root
 
@@ -80,10 +80,8 @@ def host_traces(name: str, netns: str) -> dict:
 
 
 @pytest.fixture
-def server(tmp_path, corral_root, netns, service_name):
+def server(tmp_path, service_name, start_service):
     """The example's manifest and files under the test's name, installed and up."""
-    started: list[Service] = []
-
     def start(example: str, before_up=None) -> Service:
         need(example)
         directory = tmp_path / example
@@ -92,18 +90,9 @@ def server(tmp_path, corral_root, netns, service_name):
         text = manifest.read_text()
         manifest.write_text(re.sub(r'^name = ".*"$', f'name = "{service_name}"', text,
                                    count=1, flags=re.M))
-        corral("install", str(manifest), netns=netns, check=True)
-        svc = Service(service_name, netns, corral_root, manifest)
-        started.append(svc)
-        if before_up:
-            before_up(svc)
-        svc.corral("up", str(manifest), check=True)
-        return svc
+        return start_service(manifest, before_up)
 
-    yield start
-    for svc in started:
-        svc.corral("down", svc.name)
-        svc.corral("uninstall", svc.name, "--purge")
+    return start
 
 
 def life(svc: Service, process: str, load, write, read, attack, tripwire: str,
