@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := nftables libseccomp2 python3.11 python3-venv iproute2 util-linux passwd \
-                bubblewrap ca-certificates strace dnsmasq-base squashfs-tools graphviz
+                bubblewrap ca-certificates strace dnsmasq-base squashfs-tools erofs-utils graphviz
 # Only the tests need these: the exports are run for real (systemd-analyze comes with systemd;
 # podman with runc, slirp4netns and catatonit runs the Kubernetes export; sqlite3-tools' sqldiff
 # cross-checks the journal's changesets).

@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from .attack import blocked, diff_trees, file_state, returned, tree_state
+from .attack import blocked, diff_trees, file_state, returned, started, tree_state
 
 pytestmark = pytest.mark.root
 
@@ -444,19 +444,35 @@ def test_mountinfo_reveals_no_host_path(attacked, svc):
         assert host_path not in text
 
 
+def test_the_root_is_the_read_only_image_with_overlays_only_where_it_writes(attacked):
+    """launch.imageroot: "/" is the base's erofs image, read-only; the delta is an overlay only
+    on /tmp (the process's one writable path besides its volume and /dev)."""
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for line in returned(attacked, "mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        kinds.setdefault(left.split()[4], []).append((right.split()[0], left.split()[5]))
+    fstype, options = kinds["/"][0]
+    assert fstype == "erofs" and "ro" in options.split(",")
+    assert [k for k, _ in kinds["/tmp"]][0] == "overlay"
+    overlays = {point for point, mounts in kinds.items() if mounts[0][0] == "overlay"}
+    assert overlays == {"/tmp", "/srv/notes"}  # the volume is an overlay of its own
+
+
 # ---- trojaning the base
+# The read-only image refuses a write to the base before DAC or Landlock look (EROFS); with the
+# whole-root overlay (no image: test_root_without_image below), those refuse it (EACCES).
 
 @pytest.mark.parametrize("name, expected", [
-    ("write_python_binary", "EACCES"),
-    ("write_python_through_proc_self_exe", "EACCES"),
+    ("write_python_binary", "EROFS"),
+    ("write_python_through_proc_self_exe", "EROFS"),
     ("replace_python_by_rename", "EXDEV"),  # /tmp is its own (noexec) mount now
-    ("unlink_python", "EACCES"),
+    ("unlink_python", "EROFS"),
     ("setuid_bit_on_python", "EPERM"),
-    ("backdate_python", "EPERM"),
-    ("trojan_stdlib_module", "EACCES"),
-    ("plant_sitecustomize", "EACCES"),
-    ("plant_ld_so_preload", "EACCES"),
-    ("write_outside_writable_paths", "EACCES"),
+    ("backdate_python", "EROFS"),
+    ("trojan_stdlib_module", "EROFS"),
+    ("plant_sitecustomize", "EROFS"),
+    ("plant_ld_so_preload", "EROFS"),
+    ("write_outside_writable_paths", "EROFS"),
     ("hardlink_python_into_tmp", "EXDEV"),
 ])
 def test_base_cannot_be_trojaned(attacked, name, expected):
@@ -548,3 +564,24 @@ def test_no_new_device_nodes(attacked, name, expected):
 
 def test_no_sys_inside(attacked):
     blocked(attacked, "sys_is_absent", "ENOENT")
+
+
+TROJANS = ("write_python_binary", "unlink_python", "trojan_stdlib_module", "plant_sitecustomize",
+           "plant_ld_so_preload", "write_outside_writable_paths")
+
+
+def test_root_without_image(escape_env, monkeypatch):
+    """Without the image (the kernel cannot mount erofs from a file, no mkfs.erofs; here the
+    bench-only switch), the root is one overlay on the whole base, and Landlock and the file
+    modes refuse the same writes (EACCES) that the image refuses as read-only."""
+    monkeypatch.setenv("CORRAL_BENCH_SKIP", "image")
+    with started(escape_env.tmp, escape_env.root, escape_env.netns, port=8093) as other:
+        results = other.attack(ATTACK, params={"state_dir": str(other.state_dir),
+                                               "token": TOKEN, "sharp": SHARP,
+                                               "devices": DEVICES})
+        root = [line for line in returned(results, "mountinfo").splitlines()
+                if line.split()[4] == "/"]
+        assert root[0].partition(" - ")[2].split()[0] == "overlay"
+        for name in TROJANS:
+            blocked(results, name, "EACCES")
+        blocked(results, "backdate_python", "EPERM")

@@ -61,6 +61,9 @@ def seal(version_dir: Path) -> None:
     data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "hash": "blake3", "entries": entries}
     write_json(version_dir / INTEGRITY, data)
+    from corral.host import baseimage
+
+    baseimage.build(version_dir)  # what the root is read from; without it, a start says why
 
 
 def verify(state: Path, version: int) -> dict[str, Any]:

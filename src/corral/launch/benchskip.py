@@ -12,6 +12,8 @@ inherits it). Names:
 - `overlay`: the root is a read-only bind mount of the base instead of the overlay of base and
   delta, with an empty tmpfs on /tmp and on each writable path (what the service writes there
   is not in the delta; `corral delta` sees nothing);
+- `image`: the root is one overlay of the delta on the whole base, as before the base had a
+  read-only image (launch.imageroot): what reading base files through overlayfs costs;
 - `cpu`, `memory`, `pids`: no such cgroup limit (the cgroup itself stays);
 - `pidns`, `ipcns`, `utsns`, `cgroupns`: the process stays in the host's namespace of that
   kind (one by one, for their cost at launch and at run time). What would then act on the
@@ -28,8 +30,8 @@ from __future__ import annotations
 import os
 
 NAMESPACES = ("pidns", "ipcns", "utsns", "cgroupns")
-KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "cpu", "memory", "pids",
-                   *NAMESPACES})
+KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "image", "cpu", "memory",
+                   "pids", *NAMESPACES})
 VARIABLE = "CORRAL_BENCH_SKIP"
 
 

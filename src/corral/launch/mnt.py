@@ -30,6 +30,7 @@ from corral.kernel.syscalls import (
     MS_REC,
     MS_REMOUNT,
 )
+from corral.launch import imageroot
 
 DEVICES = ("null", "zero", "full", "random", "urandom")
 SAFE = MS_NOSUID | MS_NODEV
@@ -116,16 +117,26 @@ def private_namespace() -> None:
 
 
 def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[VolumeMount],
-                         noexec: tuple[str, ...] = ("/tmp",),
-                         bench_bind_root: bool = False) -> list[str]:
-    """In the supervisor's private mount namespace: overlay, /dev, volumes, and `noexec` for
+                         noexec: tuple[str, ...] = ("/tmp",), writable: tuple[str, ...] = (),
+                         image: str | None = None, bench_bind_root: bool = False) -> list[str]:
+    """In the supervisor's private mount namespace: the root, /dev, volumes, and `noexec` for
     the places the service can write to (so nothing it writes can be mapped executable, not
     even through the dynamic loader, which Landlock must let it execute). Returns warnings
-    for the service's status (a volume that had to be bind-mounted)."""
+    for the service's status (a volume that had to be bind-mounted, a root without its image).
+
+    The root is the base's read-only `image` (host.baseimage) with an overlay of the delta on
+    each of the `writable` paths (every process's Landlock read_write: nothing else can be
+    written, whatever the mounts); without an image, or when the paths do not allow it, one
+    overlay of the delta on the whole base."""
     os.makedirs(root, mode=0o755, exist_ok=True)
+    warnings = []
     if bench_bind_root:
         _bench_bind_root(root, base, noexec)
-    else:
+    elif image is None or (why := imageroot.mount(root, image, delta_dir, writable,
+                                                   tuple(v.path for v in volumes))):
+        if image is not None:
+            warnings.append(f"the root is one overlay on the whole base ({why}): reads of "
+                            "base files take the overlay's slower path")
         upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
         with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
             kernel.mount("corral-root", root, "overlay", SAFE,
@@ -136,7 +147,6 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
             kernel.mount(target, target, None, MS_BIND)
             kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
     _mount_dev(os.path.join(root, "dev"))
-    warnings = []
     for vol in volumes:
         target = os.path.join(root, vol.path.lstrip("/"))
         # The mount point comes from the base (plan adds it); refuse one the delta replaced with

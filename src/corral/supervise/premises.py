@@ -74,3 +74,19 @@ def noexec_paths(spec: ServiceSpec) -> tuple[str, ...]:
         out |= set(proc.landlock.get("read_write", ())) - {"/dev"} - volumes
     return tuple(sorted(p for p in out if not any(
         e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
+
+
+def writable_paths(spec: ServiceSpec) -> tuple[str, ...]:
+    """Every process's Landlock read_write: where the delta is needed (launch.imageroot)."""
+    return tuple(sorted({p for proc in spec.processes
+                         for p in proc.landlock.get("read_write", ())}))
+
+
+def root_image(spec: ServiceSpec) -> tuple[str | None, str | None]:
+    """The base's read-only image (host.baseimage; made now for a base sealed before images
+    existed) and, when there is none, why not."""
+    from corral.host import baseimage
+
+    version_dir = spec.base_root.parent
+    why = baseimage.ensure(version_dir)
+    return (None, why) if why else (str(baseimage.image_of(version_dir)), None)

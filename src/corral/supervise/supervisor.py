@@ -133,10 +133,7 @@ class Supervisor:
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
         skip = benchskip.skipped()
-        self.warnings = mnt.prepare_service_root(
-            str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
-            premises.noexec_paths(self.spec), bench_bind_root="overlay" in skip)
-        self.warnings += self.net_warnings
+        self.warnings = self._mount_root() + self.net_warnings
         if skip:
             self.warnings.append(f"{benchskip.VARIABLE}={','.join(sorted(skip))}: containment "
                                  "weakened for a benchmark; never use it in production")
@@ -156,6 +153,17 @@ class Supervisor:
                                 int(settings.get("rate", logfile.RATE))), self.echo)
             self.children[proc.name] = Child(proc, group, out)
             self.selector.register(out.read_fd, selectors.EVENT_READ, ("log", proc.name))
+
+    def _mount_root(self) -> list[str]:
+        """The service's root in this (private) mount namespace: its warnings."""
+        skip = benchskip.skipped()
+        image, why = (None, None) if "image" in skip else premises.root_image(self.spec)
+        warnings = [f"the root is one overlay on the whole base ({why}): reads of base files "
+                     "take the overlay's slower path"] if why else []
+        return warnings + mnt.prepare_service_root(
+            str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
+            launch.volumes_of(self.spec), premises.noexec_paths(self.spec),
+            premises.writable_paths(self.spec), image, bench_bind_root="overlay" in skip)
 
     def _guard_udp(self, group: cgroup.Cgroup, listen: list[str]) -> None:
         """Before the process starts: it may bind only its own UDP ports. Where the kernel
@@ -414,11 +422,7 @@ class Supervisor:
             self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
         mnt.clear_delta(str(self.spec.delta_dir))
-        self.warnings = mnt.prepare_service_root(
-            str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
-            launch.volumes_of(self.spec), premises.noexec_paths(self.spec),
-            bench_bind_root="overlay" in benchskip.skipped()) + self.bind_warnings \
-            + self.net_warnings
+        self.warnings = self._mount_root() + self.bind_warnings + self.net_warnings
         self.reverts += 1
         self.sensing.fresh_delta()
         self.exec_guard.index(self.spec)

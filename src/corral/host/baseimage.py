@@ -1,0 +1,72 @@
+"""The base as a read-only file system image: what the service's root is read from.
+
+Measured (bench/overlay_opts.sh, bench/servers.md): an open+read+close of a base file through
+the overlay costs nearly twice what it costs on the base's own file system, because overlayfs
+opens a second file on the real inode at every open; no overlay option helps. nginx spends most
+of its containment cost there. So the root is this image, read-only, with an overlay only on the
+paths a process may write (launch.mnt); everything else is read straight from the image.
+
+Why an image rather than a bind mount of the base directory: a bind mount's root shows in the
+service's /proc/self/mountinfo as its path on the host (the state directory's layout); an image
+is a file system of its own, whose root is "/". erofs, because the kernel mounts an erofs image
+straight from a file (CONFIG_EROFS_FS_BACKED_BY_FILE, Linux 6.12): no loop device, nothing
+mounted on the host, and the mount lives and dies with the supervisor's private namespace.
+Without it (an older kernel, no mkfs.erofs), the root is a whole overlay as before.
+
+The image is made from the sealed base directory (`seal`, at install and commit), which stays
+what every reader of the base uses (delta, revert, commit, audit, verify): it is the same tree.
+A base sealed before images existed gets one at its next start (`ensure`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+IMAGE = "root.erofs"
+TOOL = "mkfs.erofs"
+TIMEOUT = 600
+
+
+def image_of(version_dir: Path) -> Path:
+    return version_dir / IMAGE
+
+
+def build(version_dir: Path) -> str | None:
+    """Make `version_dir`/root.erofs from `version_dir`/root; None when made, else why not (no
+    mkfs.erofs, or it failed): the root is then a whole overlay, slower but the same.
+    Written to a temporary name and renamed, so a reader never sees half an image."""
+    tool = shutil.which(TOOL)
+    if tool is None:
+        return f"{TOOL} is not installed (Debian: erofs-utils)"
+    import subprocess  # here: `ensure` is on the start path, which rarely builds
+
+    final = image_of(version_dir)
+    temporary = version_dir / f".{IMAGE}.{os.getpid()}"
+    # --preserve-mtime: a file's mtime is what the service sees (nginx's Last-Modified), not the
+    # build's time. Uncompressed (no -z): reads cost what they cost on the base directory.
+    argv = [tool, "--quiet", "--preserve-mtime", str(temporary), str(version_dir / "root")]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                                stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            said = (result.stderr or result.stdout).strip().splitlines()
+            return f"{TOOL} failed: {said[-1] if said else result.returncode}"
+        os.chmod(temporary, 0o600)
+        os.rename(temporary, final)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{TOOL}: {exc}"
+    finally:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+    return None
+
+
+def ensure(version_dir: Path) -> str | None:
+    """The image of a base sealed before images existed, made now; None if there is one."""
+    if image_of(version_dir).is_file():
+        return None
+    return build(version_dir)

@@ -1,0 +1,143 @@
+"""The service's root as the base's read-only image, with the delta only where it may write.
+
+One overlay over the whole base makes every open of a base file pay overlayfs' second open
+(bench/servers.md: most of nginx's containment cost). Yet a process can write only below its
+Landlock `read_write` paths, whatever the mounts say, so the delta is needed only there. The
+root is the base's erofs image (host.baseimage; read-only, nosuid, nodev), and each writable
+path gets an overlay: the image's directory below, the delta's `upper/PATH` above. The delta's
+layout is exactly the one a whole-root overlay gives (`upper/tmp/x` for /tmp/x), so everything
+that reads the delta (corral delta, revert archives, the base-write tripwire, commit) is
+unchanged; the overlays' work directories are `work/path-NAME`, beside the whole-root overlay's.
+
+What differs from one overlay: a rename or a hard link between two writable paths, or from the
+base into one, is EXDEV (as between any two mounts; programs copy instead), and a write outside
+them is EROFS instead of Landlock's EACCES.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from corral.core import tree
+from corral.kernel import syscalls as kernel
+from corral.kernel.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY
+
+SAFE = MS_NOSUID | MS_NODEV
+
+
+def _under(path: str, tops: set[str] | tuple[str, ...]) -> bool:
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
+
+
+def writable_tops(root_fd: int, writable: tuple[str, ...],
+                  volumes: tuple[str, ...]) -> list[str] | None:
+    """The directories to put an overlay on: each writable path (a file's directory), none
+    inside another or inside a volume (mounted on its own), /dev left out (its own tmpfs).
+    None when only a whole-root overlay will do: "/" is writable, or a path goes through a
+    symlink in the image (/var/run -> /run: the overlay would have to go where the link
+    points, which Landlock resolves in the service's root and the supervisor would not). A
+    path missing from the image is left out: Landlock grants nothing on it either."""
+    tops: set[str] = set()
+    for path in writable:
+        path = os.path.normpath(path)
+        if path == "/dev" or _under(path, volumes):
+            continue
+        if path == "/":
+            return None
+        try:
+            fd = tree.open_beneath(root_fd, path, os.O_PATH)
+        except FileNotFoundError:
+            continue
+        except OSError:  # ELOOP, ENOTDIR: a symlink on the way
+            return None
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        if not is_dir:
+            path = os.path.dirname(path)
+            if path == "/":
+                return None
+        tops.add(path)
+    return sorted(p for p in tops if not any(p.startswith(t + "/") for t in tops))
+
+
+def mount(root: str, image: str, delta_dir: str, writable: tuple[str, ...],
+          volumes: tuple[str, ...]) -> str | None:
+    """Mount the root at `root` as above; None when done, else why not, with nothing left
+    mounted (the caller then makes one overlay on the whole base)."""
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"its image: {exc.strerror}"
+    try:
+        # Named by descriptor: the service's mountinfo shows /proc/self/fd/N as the source,
+        # not the state directory's path.
+        kernel.mount(f"/proc/self/fd/{fd}", root, "erofs", MS_RDONLY | SAFE)
+    except OSError as exc:
+        return f"the kernel cannot mount the erofs image from a file: {exc.strerror}"
+    finally:
+        os.close(fd)
+    try:
+        with tree.directory(root) as root_fd, \
+                tree.directory(os.path.join(delta_dir, "upper")) as upper_fd:
+            tops = writable_tops(root_fd, writable, volumes)
+            if tops is None:
+                kernel.umount2(root, MNT_DETACH)
+                return "a writable path is / or goes through a symlink"
+            for top in tops:
+                _overlay(root_fd, upper_fd, delta_dir, top)
+    except OSError as exc:
+        kernel.umount2(root, MNT_DETACH)  # the image and the overlays made so far
+        return f"an overlay on a writable path: {exc.strerror or exc}"
+    return None
+
+
+def _overlay(root_fd: int, upper_fd: int, delta_dir: str, top: str) -> None:
+    rel = top.lstrip("/")
+    work = os.path.join(delta_dir, "work", "path-" + rel.replace("%", "%25").replace("/", "%2F"))
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    with tree.opened(root_fd, rel, os.O_PATH | os.O_DIRECTORY) as lower, \
+            _upper(root_fd, upper_fd, rel) as upper, tree.directory(work) as work_fd:
+        kernel.mount("corral-root", f"/proc/self/fd/{lower}", "overlay", SAFE,
+                     f"lowerdir=/proc/self/fd/{lower},upperdir=/proc/self/fd/{upper},"
+                     f"workdir=/proc/self/fd/{work_fd}")
+
+
+class _upper:
+    """The delta's directory for `rel`, each missing level made as the image has it (owner
+    and mode: the overlay's root directory shows the upper one's); a level that is there is
+    used as it is (a disk delta keeps what the service did), unless it is no directory."""
+
+    def __init__(self, root_fd: int, upper_fd: int, rel: str):
+        self.fd = os.dup(upper_fd)
+        image_fd = os.dup(root_fd)
+        try:
+            for part in [p for p in rel.split("/") if p]:
+                st = os.stat(part, dir_fd=image_fd, follow_symlinks=False)
+                try:
+                    os.mkdir(part, 0o700, dir_fd=self.fd)
+                    made = True
+                except FileExistsError:
+                    made = False
+                step = os.open(part, tree.DIR_FLAGS, dir_fd=self.fd)
+                os.close(self.fd)
+                self.fd = step
+                if made:
+                    os.fchown(step, st.st_uid, st.st_gid)
+                    os.fchmod(step, stat.S_IMODE(st.st_mode))
+                following = os.open(part, tree.DIR_FLAGS, dir_fd=image_fd)
+                os.close(image_fd)
+                image_fd = following
+        except BaseException:
+            os.close(self.fd)
+            raise
+        finally:
+            os.close(image_fd)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
