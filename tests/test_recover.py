@@ -186,6 +186,27 @@ def test_verify_reports_a_tampered_base(notes):
     assert [p["path"] for p in data["problems"]] == ["/usr/bin/python3.11"]
 
 
+def test_verify_checks_the_read_only_image_and_a_start_remakes_a_missing_one(notes):
+    """The root is mounted from base/1/root.erofs (host.baseimage): its hash is sealed with the
+    tree, so a changed image is a problem; a missing one is made again from the sealed tree."""
+    image = notes.state_dir / "base/1/root.erofs"
+    assert image.is_file()
+    notes.corral("down", notes.name, check=True)
+    with open(image, "r+b") as handle:
+        handle.seek(image.stat().st_size // 2)
+        handle.write(b"trojan")
+    result = notes.corral("verify", notes.name, "--json")
+    assert result.returncode == 3
+    assert [p["path"] for p in json.loads(result.stdout)["problems"]] == ["root.erofs"]
+    image.unlink()
+    assert notes.corral("verify", notes.name).returncode == 3  # gone: said too
+    notes.corral("up", str(notes.manifest), check=True)
+    assert image.is_file()
+    assert notes.corral("verify", notes.name).returncode == 0
+    assert notes.http("/health")
+    assert not any("one overlay" in w for w in notes.status().get("warnings", []))
+
+
 def test_commit_refuses_executables_unless_allowed(notes):
     code = ("import os; open('/tmp/settings', 'w').write('v=2'); "
             "open('/tmp/helper', 'w').write('#!x'); os.chmod('/tmp/helper', 0o755)")

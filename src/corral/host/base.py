@@ -60,19 +60,30 @@ def seal(version_dir: Path) -> None:
     entries = snapshot(version_dir / "root")
     data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "hash": "blake3", "entries": entries}
-    write_json(version_dir / INTEGRITY, data)
     from corral.host import baseimage
 
-    baseimage.build(version_dir)  # what the root is read from; without it, a start says why
+    # What the root is read from (host.baseimage); without it, a start says why. Its hash is
+    # recorded beside the tree's: `verify` checks both.
+    if baseimage.build(version_dir) is None:
+        data["image"] = baseimage.fingerprint(version_dir)
+    write_json(version_dir / INTEGRITY, data)
 
 
 def verify(state: Path, version: int) -> dict[str, Any]:
     version_dir = state / "base" / str(version)
     try:
-        recorded = json.loads((version_dir / INTEGRITY).read_text())["entries"]
-    except (OSError, ValueError, KeyError) as exc:
+        sealed = json.loads((version_dir / INTEGRITY).read_text())
+        recorded = sealed["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RuntimeFailure(f"base {version}: integrity manifest unreadable: {exc}") from None
     problems = compare(recorded, snapshot(version_dir / "root"))
+    if sealed.get("image"):  # the read-only image the service's root is (host.baseimage)
+        from corral.host import baseimage
+
+        now = baseimage.fingerprint(version_dir)
+        if now != sealed["image"]:
+            problems.append({"path": baseimage.IMAGE, "change": "deleted" if now is None
+                             else "modified", "was": sealed["image"], "now": now})
     return {"version": version, "entries": len(recorded), "problems": problems}
 
 

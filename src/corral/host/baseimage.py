@@ -65,8 +65,35 @@ def build(version_dir: Path) -> str | None:
     return None
 
 
+def fingerprint(version_dir: Path) -> dict[str, object] | None:
+    """Size and blake3 of the image, for the base's integrity manifest (`verify`), or None."""
+    from corral.core import tree
+
+    image = image_of(version_dir)
+    if not image.is_file():
+        return None
+    with tree.directory(str(version_dir)) as fd:
+        digest, _ = tree.hash_and_magic(fd, IMAGE.encode())
+    return {"size": image.stat().st_size, "blake3": digest}
+
+
 def ensure(version_dir: Path) -> str | None:
-    """The image of a base sealed before images existed, made now; None if there is one."""
+    """The image of a base sealed before images existed (or whose image was removed), made
+    now from the sealed directory and recorded in its integrity manifest; None if there is
+    one."""
     if image_of(version_dir).is_file():
         return None
-    return build(version_dir)
+    why = build(version_dir)
+    if why is None:
+        import json
+
+        from corral.core.fsio import write_json
+
+        integrity = version_dir / "integrity.json"
+        try:
+            data = json.loads(integrity.read_text())
+        except (OSError, ValueError):
+            return None  # no manifest to add it to: `verify` says so about the base itself
+        data["image"] = fingerprint(version_dir)
+        write_json(integrity, data)
+    return why

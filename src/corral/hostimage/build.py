@@ -28,10 +28,11 @@ from corral.manifest.hostfile import load_host_file
 
 # What corral itself needs on the host, beyond what the host file lists: its interpreter, the
 # kernel interfaces it drives (nft, seccomp, useradd, mount; mkfs.ext4, e2fsck and resize2fs
-# for the file systems of sized volumes and disk deltas) and the boot (systemd, the initramfs
+# for the file systems of sized volumes and disk deltas; mkfs.erofs for the bases' read-only
+# images) and the boot (systemd, the initramfs
 # with busybox for the loop mount).
 REQUIRED = ("python3", "nftables", "libseccomp2", "passwd", "util-linux", "mount", "iproute2",
-            "kmod", "e2fsprogs", "systemd-sysv", "initramfs-tools", "busybox")
+            "kmod", "e2fsprogs", "erofs-utils", "systemd-sysv", "initramfs-tools", "busybox")
 # Documentation is not a tool: leaving it out shrinks the image by a tenth.
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
 TOOLS = {"mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools"}
