@@ -58,8 +58,8 @@ def seal(version_dir: Path) -> None:
     a root-only directory, overlayfs never writes to a lower layer, and `verify` reports any
     change made to it from outside."""
     entries = snapshot(version_dir / "root")
-    data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "hash": "blake3", "entries": entries}
+    data: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "hash": "blake3", "entries": entries}
     from corral.host import baseimage
 
     # What the root is read from (host.baseimage); without it, a start says why. Its hash is
