@@ -1,0 +1,133 @@
+"""launch.imageroot and host.baseimage on the real kernel: the root is the base's erofs image,
+read-only, with an overlay of the delta only on the writable paths; the delta's layout is the
+one a whole-root overlay gives. Mounts are made in a forked child's own mount namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import traceback
+from pathlib import Path
+
+import pytest
+
+from corral.host import baseimage
+from corral.launch import imageroot, mnt
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+
+
+def _base(tmp_path: Path) -> Path:
+    """A sealed-like version directory: root/ with /tmp (1777), /etc, /var/lib/app (owned by
+    uid 4242), a file /etc/app.conf, and /var/run -> /run."""
+    version = tmp_path / "base" / "1"
+    root = version / "root"
+    for d in ("tmp", "etc", "var/lib/app", "run", "srv/vol", "dev", "proc"):
+        (root / d).mkdir(parents=True)
+    os.chmod(root / "tmp", 0o1777)
+    os.chown(root / "var/lib/app", 4242, 4242)
+    os.chmod(root / "var/lib/app", 0o750)
+    (root / "etc/app.conf").write_text("base\n")
+    (root / "var/lib/app/state").write_text("base state\n")
+    os.symlink("/run", root / "var/run")
+    assert baseimage.build(version) is None, "mkfs.erofs (erofs-utils) is needed"
+    return version
+
+
+def _in_namespace(fn) -> dict:
+    """Run fn() in a forked child with a private mount namespace; its JSON result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            mnt.private_namespace()
+            out = {"ok": fn()}
+        except BaseException:
+            out = {"error": traceback.format_exc()}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "error" not in result, result.get("error")
+    return result["ok"]
+
+
+def test_writable_tops(tmp_path):
+    version = _base(tmp_path)
+    fd = os.open(version / "root", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tops = imageroot.writable_tops(
+            fd, ("/tmp", "/tmp/sub", "/dev", "/srv/vol", "/srv/vol/x", "/var/lib/app",
+                 "/etc/app.conf", "/nowhere"), ("/srv/vol",))
+        assert tops == ["/etc", "/tmp", "/var/lib/app"]  # a file: its directory
+        assert imageroot.writable_tops(fd, ("/tmp", "/var/run/x"), ()) is None  # a symlink
+        assert imageroot.writable_tops(fd, ("/",), ()) is None
+    finally:
+        os.close(fd)
+
+
+def test_image_root_writes_land_in_the_delta_and_nowhere_else(tmp_path):
+    version = _base(tmp_path)
+    delta, root = tmp_path / "delta", tmp_path / "mnt"
+    for d in (delta / "upper", delta / "work", root):
+        d.mkdir(parents=True)
+
+    def inside():
+        why = imageroot.mount(str(root), str(baseimage.image_of(version)), str(delta),
+                              ("/tmp", "/var/lib/app"), ())
+        assert why is None, why
+        (root / "tmp/new").write_text("written")
+        (root / "var/lib/app/state").write_text("changed")  # a base file: copied up
+        try:
+            (root / "etc/app.conf").write_text("trojan")
+            etc = "written"
+        except OSError as exc:
+            etc = exc.errno
+        fstypes = {line.split()[4]: line.partition(" - ")[2].split()[0]
+                   for line in open("/proc/self/mountinfo")}
+        return {"etc": etc, "root": fstypes[str(root)], "tmp": fstypes[str(root / "tmp")],
+                "app": fstypes[str(root / "var/lib/app")],
+                "read": (root / "etc/app.conf").read_text()}
+
+    seen = _in_namespace(inside)
+    assert seen == {"etc": 30, "root": "erofs", "tmp": "overlay", "app": "overlay",  # EROFS
+                    "read": "base\n"}
+    upper = delta / "upper"
+    assert (upper / "tmp/new").read_text() == "written"
+    assert (upper / "var/lib/app/state").read_text() == "changed"
+    assert not (upper / "etc").exists()
+    # The delta's directories are the image's (owner, mode): a whole-root overlay's layout.
+    for rel, mode, uid in (("tmp", 0o1777, 0), ("var", 0o755, 0), ("var/lib/app", 0o750, 4242)):
+        st = os.stat(upper / rel)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, uid), rel
+    assert (version / "root/var/lib/app/state").read_text() == "base state\n"  # base intact
+
+
+def test_a_root_that_cannot_use_the_image_is_one_overlay(tmp_path):
+    """A writable path through a symlink of the image: nothing stays mounted, and
+    prepare_service_root falls back to one overlay on the whole base, saying why."""
+    version = _base(tmp_path)
+    delta, root = tmp_path / "delta", tmp_path / "mnt"
+    for d in (delta / "upper", delta / "work"):
+        d.mkdir(parents=True)
+
+    def inside():
+        warnings = mnt.prepare_service_root(
+            str(root), str(version / "root"), str(delta), [], ("/tmp",), ("/tmp", "/var/run/x"),
+            str(baseimage.image_of(version)))
+        mounts = [line.partition(" - ")[2].split()[0] for line in open("/proc/self/mountinfo")
+                  if line.split()[4] == str(root)]
+        (root / "etc/app.conf").write_text("into the delta")  # root may write the overlay
+        return {"warnings": warnings, "mounts": mounts}
+
+    seen = _in_namespace(inside)
+    assert seen["mounts"] == ["overlay"]
+    assert any("symlink" in w for w in seen["warnings"])
+    assert (delta / "upper/etc/app.conf").read_text() == "into the delta"
