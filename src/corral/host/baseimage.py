@@ -21,7 +21,6 @@ A base sealed before images existed gets one at its next start (`ensure`).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 IMAGE = "root.erofs"
@@ -37,10 +36,12 @@ def build(version_dir: Path) -> str | None:
     """Make `version_dir`/root.erofs from `version_dir`/root; None when made, else why not (no
     mkfs.erofs, or it failed): the root is then a whole overlay, slower but the same.
     Written to a temporary name and renamed, so a reader never sees half an image."""
+    import shutil  # here, as subprocess: `ensure` is on the start path, which rarely builds
+    import subprocess
+
     tool = shutil.which(TOOL)
     if tool is None:
         return f"{TOOL} is not installed (Debian: erofs-utils)"
-    import subprocess  # here: `ensure` is on the start path, which rarely builds
 
     final = image_of(version_dir)
     temporary = version_dir / f".{IMAGE}.{os.getpid()}"
