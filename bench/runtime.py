@@ -403,18 +403,21 @@ def build_report(args, rows, startup, runtime, places) -> dict:
     st = {row.key: {"label": row.label, "context": row.context, "argv": row.argv,
                     **summary(startup[row.key]), "samples_ms": startup[row.key]}
           for row in rows}
-    corral = st["corral"]["median"]
-    ratios = {f"corral/{k}": corral / st[k]["median"] for k in ("bwrap", "bwrap-user",
-                                                                 "firejail")}
-    # What `corral run` costs beyond its own Python start-up: the containment work itself.
-    # Like with like: each tool's own work, without the wrapper (and corral's Python start-up).
-    wrapper = st["ip-netns" if args.netns_wrapper == "ip" else "nsenter"]["median"]
-    python = st["corral-python"]["median"]
-    derived = {"corral_minus_python_ms": corral - python,
-               "corral_minus_python_and_wrapper_ms": corral - python - wrapper,
-               "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
-               "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
-               "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
+    ratios: dict[str, float] = {}
+    derived: dict[str, float] = {}
+    if st:  # not with --runtime-only
+        corral = st["corral"]["median"]
+        ratios = {f"corral/{k}": corral / st[k]["median"] for k in ("bwrap", "bwrap-user",
+                                                                     "firejail")}
+        # What `corral run` costs beyond its own Python start-up: the containment work itself.
+        # Like with like: each tool's own work, without the wrapper (and corral's Python start-up).
+        wrapper = st["ip-netns" if args.netns_wrapper == "ip" else "nsenter"]["median"]
+        python = st["corral-python"]["median"]
+        derived = {"corral_minus_python_ms": corral - python,
+                   "corral_minus_python_and_wrapper_ms": corral - python - wrapper,
+                   "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
+                   "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
+                   "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
@@ -422,7 +425,7 @@ def build_report(args, rows, startup, runtime, places) -> dict:
                    "warmup": args.warmup, "syscalls": args.syscalls, "files": args.files,
                    "loop_rounds": args.loop_rounds, "loop_reps": args.loop_reps,
                    "inside_tmp": "overlay, upper on tmpfs delta",
-                   "startup_only": args.startup_only},
+                   "startup_only": args.startup_only, "runtime_only": args.runtime_only},
         "startup_ms": st,
         "ratios": ratios,
         "derived_ms": derived,
@@ -493,23 +496,24 @@ def table(report: dict) -> str:
     out.append(f"corral benchmark - {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; "
                f"host /tmp is {m['tmp_fs']}")
     st = report["startup_ms"]
-    out.append("")
-    out.append(f"(a) start-to-exit of /usr/bin/true, ms ({cfg['repeats']} runs each, after "
-               f"{cfg['warmup']} warm-up rounds)")
-    width = max(len(v["label"]) for v in st.values())
-    out.append(f"  {'':{width}}  {'median':>8}  {'p90':>8}  {'min':>8}")
-    for entry in st.values():
-        out.append(f"  {entry['label']:{width}}  {entry['median']:8.2f}  {entry['p90']:8.2f}  "
-                   f"{entry['min']:8.2f}")
-    r, d = report["ratios"], report["derived_ms"]
-    out.append(f"  corral/bwrap {r['corral/bwrap']:.1f}x, corral/bwrap(userns) "
-               f"{r['corral/bwrap-user']:.1f}x, corral/firejail {r['corral/firejail']:.1f}x "
-               f"(medians)")
-    out.append(f"  without the wrapper (and corral's Python start-up): corral "
-               f"{d['corral_minus_python_and_wrapper_ms']:.1f} ms, bwrap "
-               f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
-               f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
-               f"{d['firejail_minus_wrapper_ms']:.1f} ms")
+    if st:  # not with --runtime-only
+        out.append("")
+        out.append(f"(a) start-to-exit of /usr/bin/true, ms ({cfg['repeats']} runs each, after "
+                   f"{cfg['warmup']} warm-up rounds)")
+        width = max(len(v["label"]) for v in st.values())
+        out.append(f"  {'':{width}}  {'median':>8}  {'p90':>8}  {'min':>8}")
+        for entry in st.values():
+            out.append(f"  {entry['label']:{width}}  {entry['median']:8.2f}  {entry['p90']:8.2f}  "
+                       f"{entry['min']:8.2f}")
+        r, d = report["ratios"], report["derived_ms"]
+        out.append(f"  corral/bwrap {r['corral/bwrap']:.1f}x, corral/bwrap(userns) "
+                   f"{r['corral/bwrap-user']:.1f}x, corral/firejail {r['corral/firejail']:.1f}x "
+                   f"(medians)")
+        out.append(f"  without the wrapper (and corral's Python start-up): corral "
+                   f"{d['corral_minus_python_and_wrapper_ms']:.1f} ms, bwrap "
+                   f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
+                   f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
+                   f"{d['firejail_minus_wrapper_ms']:.1f} ms")
     if "runtime_ms" in report:
         out += runtime_table(report)
     for retry in report["retries"]:
@@ -603,6 +607,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-only", action="store_true",
                         help="part (a) only: start-to-exit, without the run-time loops and "
                         "the service (about a minute)")
+    parser.add_argument("--runtime-only", action="store_true",
+                        help="part (b) only: the run-time loops, without the start-up rows and "
+                        "the service (about 3 minutes)")
     parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                         help="add a row: `corral run` with DIR (another checkout's src/, e.g. "
                         "from `git archive`) first on PYTHONPATH, in the same rounds")
@@ -612,6 +619,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
+    if args.startup_only and args.runtime_only:
+        parser.error("--startup-only and --runtime-only exclude each other")
     if args.quick:
         args.repeats, args.warmup, args.loop_rounds, args.loop_reps = 5, 1, 2, 2
         args.files = min(args.files, 5000)
@@ -628,21 +637,25 @@ def main(argv: list[str]) -> int:
     with bk.throwaway(world):
         loop_bin = compile_loop(world)
         true_toml, loop_toml = write_manifests(world, loop_bin, args)
-        bk.progress("installing the benchmark services")
-        world.install(true_toml, world.service("t"))
-        rows = launchers(world, true_toml, args.baseline_src,
-                         tuple(filter(None, args.attribute.split(","))))
-        bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
-        startup = measure_startup(world, rows, args.repeats, args.warmup)
+        rows: list[Launcher] = []
+        startup: dict[str, list[float]] = {}
+        if not args.runtime_only:
+            bk.progress("installing the benchmark services")
+            world.install(true_toml, world.service("t"))
+            rows = launchers(world, true_toml, args.baseline_src,
+                             tuple(filter(None, args.attribute.split(","))))
+            bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of "
+                        f"{len(rows)} rows")
+            startup = measure_startup(world, rows, args.repeats, args.warmup)
         if args.startup_only:
             report = build_report(args, rows, startup, None, None)
         else:
             places = prepare_places(world)
             runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
-            service = measure_service(world, args.service_rounds, args.requests,
-                                      [tool("firejail"), *FIREJAIL_POLICY])
             report = build_report(args, rows, startup, runtime, places)
-            report["service"] = service
+            if not args.runtime_only:
+                report["service"] = measure_service(world, args.service_rounds, args.requests,
+                                                    [tool("firejail"), *FIREJAIL_POLICY])
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
     bk.note_load(report)
