@@ -324,3 +324,59 @@ def test_fanotify_sees_a_base_write_without_a_walk(tmp_path):
             sensor.close()
     finally:
         subprocess.run(["umount", "-l", str(delta)], check=True)
+
+
+def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
+    """The events the sensor asks for (a copy-up's link or rename, a whiteout, a chmod; not the
+    writes, closes and deletions that made most of its cost) still report every base write
+    made the way a service makes it: through a real overlay of the base and the delta. A
+    copy-up that is not sensitive raises nothing; its later chmod to setuid (an attribute
+    change alone) does; a write to a base executable and the deletion of a base file do."""
+    import os
+    import select
+    import subprocess
+
+    from corral.watch import delta_events
+
+    delta, base, merged = tmp_path / "delta", tmp_path / "base", tmp_path / "merged"
+    for sub in ("usr/bin", "etc", "srv", "tmp"):
+        (base / sub).mkdir(parents=True)
+    (base / "usr/bin/tool").write_text("#!/bin/sh\n")
+    (base / "usr/bin/tool").chmod(0o755)
+    (base / "etc/motd").write_text("hi\n")
+    (base / "srv/data").write_text("plain\n")
+    delta.mkdir()
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
+                   check=True)
+    try:
+        for sub in ("upper", "work"):
+            (delta / sub).mkdir()
+        subprocess.run(["mount", "-t", "overlay", "-o", f"lowerdir={base},upperdir="
+                        f"{delta}/upper,workdir={delta}/work", "corral-test-root", str(merged)],
+                       check=True)
+        sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+
+        def seen(wanted: int) -> dict[str, str]:
+            found: dict[str, str] = {}
+            while len(found) < wanted and select.select([sensor], [], [], 3)[0]:
+                found |= {e.detail["path"]: e.detail["change"] for e in sensor.drain(2.0)}
+            return found
+
+        try:
+            assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
+            with open(merged / "srv/data", "a") as handle:  # a copy-up, not sensitive
+                handle.write("more\n")
+            (merged / "tmp/new").write_text("x")  # no base file
+            assert seen(1) == {}
+            os.chmod(merged / "srv/data", 0o4755)  # already in the delta: an attribute change
+            assert seen(1) == {"/srv/data": "modified"}
+            with open(merged / "usr/bin/tool", "a") as handle:
+                handle.write("evil\n")
+            (merged / "etc/motd").unlink()
+            assert seen(2) == {"/usr/bin/tool": "modified", "/etc/motd": "deleted"}
+        finally:
+            sensor.close()
+            subprocess.run(["umount", str(merged)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(delta)], check=True)
