@@ -185,6 +185,19 @@ def test_base_write_over_a_base_file(service_with, tmp_path):
     assert found[0]["detail"] == {"path": "/opt/notes/settings.py", "change": "modified"}
 
 
+def test_base_write_left_out_of_the_tripwires_starts_no_fanotify(service_with):
+    """A manifest without the base-write tripwire pays nothing for it: no fanotify group in
+    the supervisor (its events would be built in the service's own file system calls), and
+    status says why."""
+    import os
+
+    svc = service_with(watch='[watch]\ntripwires = ["exec", "ptrace"]\n')
+    status = svc.status()
+    assert status["sensors"]["base-write"] == "off (not in watch.tripwires)"
+    fds = f"/proc/{status['supervisor']}/fd"
+    assert "anon_inode:[fanotify]" not in {os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)}
+
+
 def test_on_incident_gets_the_record_on_stdin(service_with, tmp_path):
     out = tmp_path / "pager.json"
     svc = service_with(watch=f'[watch]\nreact = "log"\n'
