@@ -21,6 +21,7 @@ up at the next start. See bench/README.md for how to read the output.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -70,6 +71,23 @@ for name in json.load(open(sys.argv[1])):
         importlib.import_module(name)
     except Exception:
         pass
+"""
+# Attribution of part (b): corral's own Landlock code (launch.landlock.restrict) applies the
+# loop service's real ruleset (its runtime.json: the same rules, handled rights, ABI, scopes),
+# its /tmp grant moved to the outside overlay's directory, then execs the loop (the rules are
+# passed as JSON: the state directory is root's, the shim may run as uid 65534).
+CORRAL_LANDLOCK = """import json, os, sys
+from corral.launch.landlock import restrict
+from corral.plan.sandbox import LandlockPlan
+rules, tmp, loop, *argv = sys.argv[1:]
+spec = json.loads(rules)
+def moved(paths):
+    return tuple(tmp if p == "/tmp" else p for p in paths)
+restrict(LandlockPlan(read_exec=tuple(spec["read_exec"]) + (loop,),
+                      read_only=moved(spec["read_only"]), read_write=moved(spec["read_write"]),
+                      tcp_bind=tuple(spec["tcp_bind"]), tcp_connect=tuple(spec["tcp_connect"]),
+                      scoped=tuple(spec["scoped"])))
+os.execv(loop, [loop, *argv])
 """
 UNPRIVILEGED = 65534  # nobody, for bwrap's --uid/--gid
 # The peer's policy closest to corral's, in (a) and (b): its default seccomp filter, no
@@ -129,6 +147,12 @@ delta_size = "512M"
 command = ["/opt/bench/loop", "{args.syscalls}", "{args.files}", "/tmp", "{args.loop_reps}"]
 limits = {{ memory = "1G" }}
 ''')
+    # The same service with every tripwire but base-write: its sensor (fanotify on the delta)
+    # does not run, for the attribution row "inside, without the base-write tripwire".
+    quiet = loop_toml.read_text().replace(world.service("l"), world.service("q"), 1)
+    (world.dir / "loop-nobw.toml").write_text(
+        quiet + '[watch]\ntripwires = ["egress", "listen", "exec", "setuid", "ptrace", '
+        '"spoof", "flood"]\n')
     return true_toml, loop_toml
 
 
@@ -321,6 +345,9 @@ def prepare_places(world: World) -> dict[str, Path]:
     return {"tmpfs": tmpfs, "overlay": merged / "tmp", "host": host}
 
 
+OVERLAY_KINDS = ("overlay", "landlock", "landlock-corral", "user", "user-landlock", "firejail")
+
+
 def fs_type(path: Path) -> str:
     result = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(path)],
                             capture_output=True, text=True)
@@ -336,6 +363,13 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
     env = world.env()
     loop = str(loop_bin)
     both = {"syscall": reps, "files": reps}
+    files_only = {"files": reps}
+    spec = json.loads((world.state_dir(world.service("l")) / "runtime.json").read_text())
+    rules = json.dumps(spec["processes"][0]["landlock"])
+    corral_landlock = [str(VENV_PY), "-c", CORRAL_LANDLOCK, rules, str(places["overlay"]),
+                       loop, "0", nfiles, str(places["overlay"]), str(reps)]
+    setpriv = [tool("setpriv"), f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
+               "--clear-groups"]
     kinds = {  # argv, results expected
         "inside": (world.enter() + [str(CORRAL), "run", str(loop_toml)], both),
         "tmpfs": ([loop, nsys, nfiles, str(places["tmpfs"]), str(reps)], both),
@@ -355,7 +389,24 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         # on the same overlay as inside
         "firejail": ([tool("firejail"), *FIREJAIL_POLICY, loop, nsys, nfiles,
                       str(places["overlay"]), str(reps)], both),
+        # attribution with corral's real Landlock ruleset (applied by its own code), as root
+        # and as the unprivileged user: the two file-system ingredients together, outside
+        "landlock-corral": (corral_landlock, files_only),
+        "user-landlock": (setpriv + corral_landlock, files_only),
     }
+    envs: dict[str, dict[str, str]] = {}
+    if args.loop_attribute:
+        # inside, without one ingredient at a time (launch.benchskip; "base-write": the
+        # manifest leaves that tripwire out, so its fanotify sensor does not run)
+        nobw = world.dir / "loop-nobw.toml"
+        world.install(nobw, world.service("q"))
+        for skip in args.loop_attribute.split(","):
+            names = skip.split("+")
+            manifest = nobw if "base-write" in names else loop_toml
+            rest = ",".join(n for n in names if n != "base-write")
+            kinds[f"inside-{skip}"] = (world.enter() + [str(CORRAL), "run", str(manifest)],
+                                       both)
+            envs[f"inside-{skip}"] = {"CORRAL_BENCH_SKIP": rest}
     samples = {kind: {k: [] for w in WORKS for k in (w, f"{w}_cpu")} for kind in kinds}
     rng = random.Random(2)
     for rnd in range(args.loop_rounds):
@@ -363,7 +414,7 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         rng.shuffle(order)
         for kind in order:
             argv, expect = kinds[kind]
-            found = once_more(f"loop {kind}", run_loop, argv, env, expect)
+            found = once_more(f"loop {kind}", run_loop, argv, env | envs.get(kind, {}), expect)
             for work in expect:
                 samples[kind][work].extend(found[work])
                 samples[kind][f"{work}_cpu"].extend(found[f"{work}_cpu"])
@@ -438,10 +489,13 @@ def build_report(args, rows, startup, runtime, places) -> dict:
 
 def runtime_report(args, runtime, places) -> dict:
     run = {}
+    inside_kinds = tuple(k for k in runtime if k.startswith("inside-"))
     for work, label, outside_kinds in (
-            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail")),
+            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail",
+                                                          *inside_kinds)),
             ("files", f"{args.files:,} files create/write/read/unlink",
-             ("tmpfs", "overlay", "landlock", "user", "firejail", "host"))):
+             ("tmpfs", "overlay", "landlock", "landlock-corral", "user", "user-landlock",
+              "firejail", "host", *inside_kinds))):
         ins = runtime["inside"]
         inside = {**summary(ins[work]), "cpu_median": statistics.median(ins[f"{work}_cpu"]),
                   "samples_ms": ins[work], "cpu_samples_ms": ins[f"{work}_cpu"]}
@@ -454,10 +508,11 @@ def runtime_report(args, runtime, places) -> dict:
             entry["outside"][kind] = {
                 **out, "samples_ms": got[work], "cpu_samples_ms": got[f"{work}_cpu"],
                 "fs": "-" if work == "syscall" and kind != "tmpfs" else "overlay, upper on tmpfs"
-                if kind in ("overlay", "landlock", "user", "firejail") else fs_type(places[kind]),
+                if kind in OVERLAY_KINDS or kind.startswith("inside-")
+                else fs_type(places[kind]),
                 "overhead_pct": (inside["median"] / out["median"] - 1) * 100,
                 "overhead_cpu_pct": (inside["cpu_median"] / out["cpu_median"] - 1) * 100,
-                "context": kind in ("host", "seccomp", "landlock", "user", "firejail")}
+                "context": kind not in ("tmpfs", "overlay")}
         run[work] = entry
     out_of = {work: run[work]["outside"] for work in run}
 
@@ -469,6 +524,9 @@ def runtime_report(args, runtime, places) -> dict:
     attribution = {  # outside, what one ingredient alone adds
         "any_seccomp_filter_on_syscall_loop_pct": extra("syscall", "seccomp", "tmpfs"),
         "landlock_on_files_loop_pct": extra("files", "landlock", "overlay"),
+        "corral_landlock_on_files_loop_pct": extra("files", "landlock-corral", "overlay"),
+        "user_and_corral_landlock_on_files_loop_pct": extra("files", "user-landlock",
+                                                            "overlay"),
         "unprivileged_user_on_files_loop_pct": extra("files", "user", "overlay"),
         "overlay_vs_tmpfs_on_files_loop_pct": extra("files", "overlay", "tmpfs"),
         # the peer's own run-time cost, measured the same way as corral's
@@ -535,6 +593,8 @@ def runtime_table(report: dict) -> list[str]:
                 "seccomp": "outside + 1-insn allow-all seccomp filter",
                 "landlock": "outside, same overlay + Landlock ruleset",
                 "user": "outside, same overlay, as uid 65534",
+                "landlock-corral": "outside, same overlay + corral's Landlock ruleset",
+                "user-landlock": "outside, same overlay, uid 65534 + corral's ruleset",
                 "firejail": "firejail (peer: seccomp, no caps)",
                 "host": "outside, host /tmp"}
     rows = []
@@ -543,7 +603,7 @@ def runtime_table(report: dict) -> list[str]:
         rows.append((entry["label"], "inside" if work == "syscall"
                      else "inside, /tmp = overlay on tmpfs delta", i, "", ""))
         for kind, o in entry["outside"].items():
-            where = where_of[kind]
+            where = where_of.get(kind) or f"inside, without {kind.removeprefix('inside-')}"
             if kind == "tmpfs" and work == "files":
                 where = "outside, tmpfs"
             if kind == "firejail" and work == "files":
@@ -574,6 +634,8 @@ def runtime_table(report: dict) -> list[str]:
     out.append(f"    files loop vs the same overlay {g['files']:+.1f}% (cpu {gc['files']:+.1f}%);"
                f" outside, Landlock alone: {pair('landlock_on_files_loop_pct')}, an "
                f"unprivileged user alone: {pair('unprivileged_user_on_files_loop_pct')}")
+    out.append(f"    corral's own ruleset: {pair('corral_landlock_on_files_loop_pct')}, with the "
+               f"unprivileged user: {pair('user_and_corral_landlock_on_files_loop_pct')}")
     out.append(f"    (the overlay itself vs plain tmpfs: "
                f"{pair('overlay_vs_tmpfs_on_files_loop_pct')})")
     out.append(f"    the peer, firejail, costs the syscall loop "
@@ -616,6 +678,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attribute", default="", metavar="A,B+C",
                         help="add rows to (a): `corral run` with CORRAL_BENCH_SKIP=A, then B,C "
                         "(docs/sandbox.md), e.g. pidns,ipcns,utsns,cgroupns,seccomp,landlock")
+    parser.add_argument("--loop-attribute", default="", metavar="A,B+C",
+                        help="add rows to (b): the loop service run with CORRAL_BENCH_SKIP=A, "
+                        "then B,C (docs/sandbox.md; `base-write`: without that tripwire's "
+                        "sensor), e.g. landlock,seccomp,base-write")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
