@@ -393,3 +393,59 @@ def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
             subprocess.run(["umount", str(merged)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(delta)], check=True)
+
+
+def test_fanotify_ignores_what_a_new_directory_holds_until_it_is_moved(tmp_path):
+    """Through a real overlay: once the sensor saw a directory made where the base has none,
+    the kernel builds no event for the files made in it (the queue stays empty). Moved over a
+    base directory the service emptied (its file's deletion is reported), it is watched again:
+    a file made in it is an event again. (Every base file below a directory it replaces was
+    deleted first, and reported then: "one path, one incident".)"""
+    import os
+    import select
+    import subprocess
+
+    from corral.watch import delta_events
+
+    delta, base, merged = tmp_path / "delta", tmp_path / "base", tmp_path / "merged"
+    (base / "opt/app").mkdir(parents=True)
+    (base / "tmp").mkdir()
+    (base / "opt/app/run").write_text("#!/bin/sh\n")
+    (base / "opt/app/run").chmod(0o755)
+    delta.mkdir()
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
+                   check=True)
+    try:
+        for sub in ("upper", "work"):
+            (delta / sub).mkdir()
+        subprocess.run(["mount", "-t", "overlay", "-o", f"lowerdir={base},upperdir="
+                        f"{delta}/upper,workdir={delta}/work", "corral-test-root", str(merged)],
+                       check=True)
+        sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+
+        def ready(timeout: float) -> bool:
+            return bool(select.select([sensor], [], [], timeout)[0])
+
+        try:
+            assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
+            (merged / "tmp/scratch").mkdir()
+            assert ready(3) and sensor.drain(2.0) == []  # its creation, no base file
+            for n in range(50):
+                (merged / f"tmp/scratch/f{n}").write_text("x")
+                os.chmod(merged / f"tmp/scratch/f{n}", 0o4755)
+            assert not ready(1)  # no event was built for the files
+            (merged / "opt/app/run").unlink()
+            assert ready(3)
+            assert [(e.detail["path"], e.detail["change"]) for e in sensor.drain(2.0)] == [
+                ("/opt/app/run", "deleted")]
+            os.rename(merged / "tmp/scratch", merged / "opt/app")
+            assert ready(3) and sensor.drain(2.0) == []
+            (merged / "opt/app/new").write_text("x")
+            assert ready(3)  # watched again: the file's creation is an event
+            assert sensor.drain(3.0) == []
+        finally:
+            sensor.close()
+            subprocess.run(["umount", str(merged)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(delta)], check=True)
