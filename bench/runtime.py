@@ -395,6 +395,10 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         "user-landlock": (setpriv + corral_landlock, files_only),
     }
     envs: dict[str, dict[str, str]] = {}
+    if args.baseline_src is not None:
+        # the before of a change, inside, in the same rounds (as in part (a))
+        kinds["inside-baseline"] = (world.enter() + [str(CORRAL), "run", str(loop_toml)], both)
+        envs["inside-baseline"] = {"PYTHONPATH": str(args.baseline_src)}
     if args.loop_attribute:
         # inside, without one ingredient at a time (launch.benchskip; "base-write": the
         # manifest leaves that tripwire out, so its fanotify sensor does not run)
@@ -604,6 +608,8 @@ def runtime_table(report: dict) -> list[str]:
                      else "inside, /tmp = overlay on tmpfs delta", i, "", ""))
         for kind, o in entry["outside"].items():
             where = where_of.get(kind) or f"inside, without {kind.removeprefix('inside-')}"
+            if kind == "inside-baseline":
+                where = "inside, baseline (--baseline-src)"
             if kind == "tmpfs" and work == "files":
                 where = "outside, tmpfs"
             if kind == "firejail" and work == "files":
@@ -674,7 +680,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the service (about 3 minutes)")
     parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                         help="add a row: `corral run` with DIR (another checkout's src/, e.g. "
-                        "from `git archive`) first on PYTHONPATH, in the same rounds")
+                        "from `git archive`) first on PYTHONPATH, in the same rounds (to (a), "
+                        "and to (b) as an inside row)")
     parser.add_argument("--attribute", default="", metavar="A,B+C",
                         help="add rows to (a): `corral run` with CORRAL_BENCH_SKIP=A, then B,C "
                         "(docs/sandbox.md), e.g. pidns,ipcns,utsns,cgroupns,seccomp,landlock")
