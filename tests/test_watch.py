@@ -433,7 +433,7 @@ def test_fanotify_ignores_what_a_new_directory_holds_until_it_is_moved(tmp_path)
             assert ready(3) and sensor.drain(2.0) == []  # its creation, no base file
             for n in range(50):
                 (merged / f"tmp/scratch/f{n}").write_text("x")
-                os.chmod(merged / f"tmp/scratch/f{n}", 0o4755)
+                os.rename(merged / f"tmp/scratch/f{n}", merged / f"tmp/scratch/g{n}")
             assert not ready(1)  # no event was built for the files
             (merged / "opt/app/run").unlink()
             assert ready(3)

@@ -44,8 +44,11 @@ READ_SIZE = 65536
 # built at all (each cost the service's create; a service that writes its scratch files in a
 # directory of its own then pays for one event, the directory's). The base's directories (the
 # upper layer's copies of them, /tmp included) keep reporting.
-IGNORE_CHILDREN = (fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO | fanotify.FAN_ATTRIB
-                   | fanotify.FAN_EVENT_ON_CHILD)
+# Only the directory's own entry events (a create or rename in it is an event on the directory
+# itself): with FAN_EVENT_ON_CHILD for its files' attribute changes too, every operation on a
+# file in it would look its parent's marks up (fsnotify_parent), which costs more than the rare
+# chmod it would spare.
+IGNORE_CHILDREN = fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO
 MAX_IGNORED = 4096  # ignore marks held at once; beyond, they are all dropped and learnt anew
 
 
