@@ -21,6 +21,7 @@ up at the next start. See bench/README.md for how to read the output.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -70,6 +71,23 @@ for name in json.load(open(sys.argv[1])):
         importlib.import_module(name)
     except Exception:
         pass
+"""
+# Attribution of part (b): corral's own Landlock code (launch.landlock.restrict) applies the
+# loop service's real ruleset (its runtime.json: the same rules, handled rights, ABI, scopes),
+# its /tmp grant moved to the outside overlay's directory, then execs the loop (the rules are
+# passed as JSON: the state directory is root's, the shim may run as uid 65534).
+CORRAL_LANDLOCK = """import json, os, sys
+from corral.launch.landlock import restrict
+from corral.plan.sandbox import LandlockPlan
+rules, tmp, loop, *argv = sys.argv[1:]
+spec = json.loads(rules)
+def moved(paths):
+    return tuple(tmp if p == "/tmp" else p for p in paths)
+restrict(LandlockPlan(read_exec=tuple(spec["read_exec"]) + (loop,),
+                      read_only=moved(spec["read_only"]), read_write=moved(spec["read_write"]),
+                      tcp_bind=tuple(spec["tcp_bind"]), tcp_connect=tuple(spec["tcp_connect"]),
+                      scoped=tuple(spec["scoped"])))
+os.execv(loop, [loop, *argv])
 """
 UNPRIVILEGED = 65534  # nobody, for bwrap's --uid/--gid
 # The peer's policy closest to corral's, in (a) and (b): its default seccomp filter, no
@@ -129,6 +147,12 @@ delta_size = "512M"
 command = ["/opt/bench/loop", "{args.syscalls}", "{args.files}", "/tmp", "{args.loop_reps}"]
 limits = {{ memory = "1G" }}
 ''')
+    # The same service with every tripwire but base-write: its sensor (fanotify on the delta)
+    # does not run, for the attribution row "inside, without the base-write tripwire".
+    quiet = loop_toml.read_text().replace(world.service("l"), world.service("q"), 1)
+    (world.dir / "loop-nobw.toml").write_text(
+        quiet + '[watch]\ntripwires = ["egress", "listen", "exec", "setuid", "ptrace", '
+        '"spoof", "flood"]\n')
     return true_toml, loop_toml
 
 
@@ -321,6 +345,9 @@ def prepare_places(world: World) -> dict[str, Path]:
     return {"tmpfs": tmpfs, "overlay": merged / "tmp", "host": host}
 
 
+OVERLAY_KINDS = ("overlay", "landlock", "landlock-corral", "user", "user-landlock", "firejail")
+
+
 def fs_type(path: Path) -> str:
     result = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(path)],
                             capture_output=True, text=True)
@@ -336,6 +363,13 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
     env = world.env()
     loop = str(loop_bin)
     both = {"syscall": reps, "files": reps}
+    files_only = {"files": reps}
+    spec = json.loads((world.state_dir(world.service("l")) / "runtime.json").read_text())
+    rules = json.dumps(spec["processes"][0]["landlock"])
+    corral_landlock = [str(VENV_PY), "-c", CORRAL_LANDLOCK, rules, str(places["overlay"]),
+                       loop, "0", nfiles, str(places["overlay"]), str(reps)]
+    setpriv = [tool("setpriv"), f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
+               "--clear-groups"]
     kinds = {  # argv, results expected
         "inside": (world.enter() + [str(CORRAL), "run", str(loop_toml)], both),
         "tmpfs": ([loop, nsys, nfiles, str(places["tmpfs"]), str(reps)], both),
@@ -355,7 +389,28 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         # on the same overlay as inside
         "firejail": ([tool("firejail"), *FIREJAIL_POLICY, loop, nsys, nfiles,
                       str(places["overlay"]), str(reps)], both),
+        # attribution with corral's real Landlock ruleset (applied by its own code), as root
+        # and as the unprivileged user: the two file-system ingredients together, outside
+        "landlock-corral": (corral_landlock, files_only),
+        "user-landlock": (setpriv + corral_landlock, files_only),
     }
+    envs: dict[str, dict[str, str]] = {}
+    if args.baseline_src is not None:
+        # the before of a change, inside, in the same rounds (as in part (a))
+        kinds["inside-baseline"] = (world.enter() + [str(CORRAL), "run", str(loop_toml)], both)
+        envs["inside-baseline"] = {"PYTHONPATH": str(args.baseline_src)}
+    if args.loop_attribute:
+        # inside, without one ingredient at a time (launch.benchskip; "base-write": the
+        # manifest leaves that tripwire out, so its fanotify sensor does not run)
+        nobw = world.dir / "loop-nobw.toml"
+        world.install(nobw, world.service("q"))
+        for skip in args.loop_attribute.split(","):
+            names = skip.split("+")
+            manifest = nobw if "base-write" in names else loop_toml
+            rest = ",".join(n for n in names if n != "base-write")
+            kinds[f"inside-{skip}"] = (world.enter() + [str(CORRAL), "run", str(manifest)],
+                                       both)
+            envs[f"inside-{skip}"] = {"CORRAL_BENCH_SKIP": rest}
     samples = {kind: {k: [] for w in WORKS for k in (w, f"{w}_cpu")} for kind in kinds}
     rng = random.Random(2)
     for rnd in range(args.loop_rounds):
@@ -363,7 +418,7 @@ def measure_runtime(world: World, loop_bin: Path, loop_toml: Path, places: dict[
         rng.shuffle(order)
         for kind in order:
             argv, expect = kinds[kind]
-            found = once_more(f"loop {kind}", run_loop, argv, env, expect)
+            found = once_more(f"loop {kind}", run_loop, argv, env | envs.get(kind, {}), expect)
             for work in expect:
                 samples[kind][work].extend(found[work])
                 samples[kind][f"{work}_cpu"].extend(found[f"{work}_cpu"])
@@ -403,18 +458,21 @@ def build_report(args, rows, startup, runtime, places) -> dict:
     st = {row.key: {"label": row.label, "context": row.context, "argv": row.argv,
                     **summary(startup[row.key]), "samples_ms": startup[row.key]}
           for row in rows}
-    corral = st["corral"]["median"]
-    ratios = {f"corral/{k}": corral / st[k]["median"] for k in ("bwrap", "bwrap-user",
-                                                                 "firejail")}
-    # What `corral run` costs beyond its own Python start-up: the containment work itself.
-    # Like with like: each tool's own work, without the wrapper (and corral's Python start-up).
-    wrapper = st["ip-netns" if args.netns_wrapper == "ip" else "nsenter"]["median"]
-    python = st["corral-python"]["median"]
-    derived = {"corral_minus_python_ms": corral - python,
-               "corral_minus_python_and_wrapper_ms": corral - python - wrapper,
-               "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
-               "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
-               "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
+    ratios: dict[str, float] = {}
+    derived: dict[str, float] = {}
+    if st:  # not with --runtime-only
+        corral = st["corral"]["median"]
+        ratios = {f"corral/{k}": corral / st[k]["median"] for k in ("bwrap", "bwrap-user",
+                                                                     "firejail")}
+        # What `corral run` costs beyond its own Python start-up: the containment work itself.
+        # Like with like: each tool's own work, without the wrapper (and corral's Python start-up).
+        wrapper = st["ip-netns" if args.netns_wrapper == "ip" else "nsenter"]["median"]
+        python = st["corral-python"]["median"]
+        derived = {"corral_minus_python_ms": corral - python,
+                   "corral_minus_python_and_wrapper_ms": corral - python - wrapper,
+                   "bwrap_minus_wrapper_ms": st["bwrap"]["median"] - wrapper,
+                   "bwrap_userns_minus_wrapper_ms": st["bwrap-user"]["median"] - wrapper,
+                   "firejail_minus_wrapper_ms": st["firejail"]["median"] - wrapper}
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
@@ -422,7 +480,7 @@ def build_report(args, rows, startup, runtime, places) -> dict:
                    "warmup": args.warmup, "syscalls": args.syscalls, "files": args.files,
                    "loop_rounds": args.loop_rounds, "loop_reps": args.loop_reps,
                    "inside_tmp": "overlay, upper on tmpfs delta",
-                   "startup_only": args.startup_only},
+                   "startup_only": args.startup_only, "runtime_only": args.runtime_only},
         "startup_ms": st,
         "ratios": ratios,
         "derived_ms": derived,
@@ -435,10 +493,13 @@ def build_report(args, rows, startup, runtime, places) -> dict:
 
 def runtime_report(args, runtime, places) -> dict:
     run = {}
+    inside_kinds = tuple(k for k in runtime if k.startswith("inside-"))
     for work, label, outside_kinds in (
-            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail")),
+            ("syscall", f"{args.syscalls:,} x getppid", ("tmpfs", "seccomp", "firejail",
+                                                          *inside_kinds)),
             ("files", f"{args.files:,} files create/write/read/unlink",
-             ("tmpfs", "overlay", "landlock", "user", "firejail", "host"))):
+             ("tmpfs", "overlay", "landlock", "landlock-corral", "user", "user-landlock",
+              "firejail", "host", *inside_kinds))):
         ins = runtime["inside"]
         inside = {**summary(ins[work]), "cpu_median": statistics.median(ins[f"{work}_cpu"]),
                   "samples_ms": ins[work], "cpu_samples_ms": ins[f"{work}_cpu"]}
@@ -451,10 +512,11 @@ def runtime_report(args, runtime, places) -> dict:
             entry["outside"][kind] = {
                 **out, "samples_ms": got[work], "cpu_samples_ms": got[f"{work}_cpu"],
                 "fs": "-" if work == "syscall" and kind != "tmpfs" else "overlay, upper on tmpfs"
-                if kind in ("overlay", "landlock", "user", "firejail") else fs_type(places[kind]),
+                if kind in OVERLAY_KINDS or kind.startswith("inside-")
+                else fs_type(places[kind]),
                 "overhead_pct": (inside["median"] / out["median"] - 1) * 100,
                 "overhead_cpu_pct": (inside["cpu_median"] / out["cpu_median"] - 1) * 100,
-                "context": kind in ("host", "seccomp", "landlock", "user", "firejail")}
+                "context": kind not in ("tmpfs", "overlay")}
         run[work] = entry
     out_of = {work: run[work]["outside"] for work in run}
 
@@ -466,6 +528,9 @@ def runtime_report(args, runtime, places) -> dict:
     attribution = {  # outside, what one ingredient alone adds
         "any_seccomp_filter_on_syscall_loop_pct": extra("syscall", "seccomp", "tmpfs"),
         "landlock_on_files_loop_pct": extra("files", "landlock", "overlay"),
+        "corral_landlock_on_files_loop_pct": extra("files", "landlock-corral", "overlay"),
+        "user_and_corral_landlock_on_files_loop_pct": extra("files", "user-landlock",
+                                                            "overlay"),
         "unprivileged_user_on_files_loop_pct": extra("files", "user", "overlay"),
         "overlay_vs_tmpfs_on_files_loop_pct": extra("files", "overlay", "tmpfs"),
         # the peer's own run-time cost, measured the same way as corral's
@@ -493,23 +558,24 @@ def table(report: dict) -> str:
     out.append(f"corral benchmark - {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; "
                f"host /tmp is {m['tmp_fs']}")
     st = report["startup_ms"]
-    out.append("")
-    out.append(f"(a) start-to-exit of /usr/bin/true, ms ({cfg['repeats']} runs each, after "
-               f"{cfg['warmup']} warm-up rounds)")
-    width = max(len(v["label"]) for v in st.values())
-    out.append(f"  {'':{width}}  {'median':>8}  {'p90':>8}  {'min':>8}")
-    for entry in st.values():
-        out.append(f"  {entry['label']:{width}}  {entry['median']:8.2f}  {entry['p90']:8.2f}  "
-                   f"{entry['min']:8.2f}")
-    r, d = report["ratios"], report["derived_ms"]
-    out.append(f"  corral/bwrap {r['corral/bwrap']:.1f}x, corral/bwrap(userns) "
-               f"{r['corral/bwrap-user']:.1f}x, corral/firejail {r['corral/firejail']:.1f}x "
-               f"(medians)")
-    out.append(f"  without the wrapper (and corral's Python start-up): corral "
-               f"{d['corral_minus_python_and_wrapper_ms']:.1f} ms, bwrap "
-               f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
-               f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
-               f"{d['firejail_minus_wrapper_ms']:.1f} ms")
+    if st:  # not with --runtime-only
+        out.append("")
+        out.append(f"(a) start-to-exit of /usr/bin/true, ms ({cfg['repeats']} runs each, after "
+                   f"{cfg['warmup']} warm-up rounds)")
+        width = max(len(v["label"]) for v in st.values())
+        out.append(f"  {'':{width}}  {'median':>8}  {'p90':>8}  {'min':>8}")
+        for entry in st.values():
+            out.append(f"  {entry['label']:{width}}  {entry['median']:8.2f}  {entry['p90']:8.2f}  "
+                       f"{entry['min']:8.2f}")
+        r, d = report["ratios"], report["derived_ms"]
+        out.append(f"  corral/bwrap {r['corral/bwrap']:.1f}x, corral/bwrap(userns) "
+                   f"{r['corral/bwrap-user']:.1f}x, corral/firejail {r['corral/firejail']:.1f}x "
+                   f"(medians)")
+        out.append(f"  without the wrapper (and corral's Python start-up): corral "
+                   f"{d['corral_minus_python_and_wrapper_ms']:.1f} ms, bwrap "
+                   f"{d['bwrap_minus_wrapper_ms']:.1f} ms, bwrap(userns) "
+                   f"{d['bwrap_userns_minus_wrapper_ms']:.1f} ms, firejail "
+                   f"{d['firejail_minus_wrapper_ms']:.1f} ms")
     if "runtime_ms" in report:
         out += runtime_table(report)
     for retry in report["retries"]:
@@ -531,6 +597,8 @@ def runtime_table(report: dict) -> list[str]:
                 "seccomp": "outside + 1-insn allow-all seccomp filter",
                 "landlock": "outside, same overlay + Landlock ruleset",
                 "user": "outside, same overlay, as uid 65534",
+                "landlock-corral": "outside, same overlay + corral's Landlock ruleset",
+                "user-landlock": "outside, same overlay, uid 65534 + corral's ruleset",
                 "firejail": "firejail (peer: seccomp, no caps)",
                 "host": "outside, host /tmp"}
     rows = []
@@ -539,7 +607,9 @@ def runtime_table(report: dict) -> list[str]:
         rows.append((entry["label"], "inside" if work == "syscall"
                      else "inside, /tmp = overlay on tmpfs delta", i, "", ""))
         for kind, o in entry["outside"].items():
-            where = where_of[kind]
+            where = where_of.get(kind) or f"inside, without {kind.removeprefix('inside-')}"
+            if kind == "inside-baseline":
+                where = "inside, baseline (--baseline-src)"
             if kind == "tmpfs" and work == "files":
                 where = "outside, tmpfs"
             if kind == "firejail" and work == "files":
@@ -570,6 +640,8 @@ def runtime_table(report: dict) -> list[str]:
     out.append(f"    files loop vs the same overlay {g['files']:+.1f}% (cpu {gc['files']:+.1f}%);"
                f" outside, Landlock alone: {pair('landlock_on_files_loop_pct')}, an "
                f"unprivileged user alone: {pair('unprivileged_user_on_files_loop_pct')}")
+    out.append(f"    corral's own ruleset: {pair('corral_landlock_on_files_loop_pct')}, with the "
+               f"unprivileged user: {pair('user_and_corral_landlock_on_files_loop_pct')}")
     out.append(f"    (the overlay itself vs plain tmpfs: "
                f"{pair('overlay_vs_tmpfs_on_files_loop_pct')})")
     out.append(f"    the peer, firejail, costs the syscall loop "
@@ -603,15 +675,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-only", action="store_true",
                         help="part (a) only: start-to-exit, without the run-time loops and "
                         "the service (about a minute)")
+    parser.add_argument("--runtime-only", action="store_true",
+                        help="part (b) only: the run-time loops, without the start-up rows and "
+                        "the service (about 3 minutes)")
     parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                         help="add a row: `corral run` with DIR (another checkout's src/, e.g. "
-                        "from `git archive`) first on PYTHONPATH, in the same rounds")
+                        "from `git archive`) first on PYTHONPATH, in the same rounds (to (a), "
+                        "and to (b) as an inside row)")
     parser.add_argument("--attribute", default="", metavar="A,B+C",
                         help="add rows to (a): `corral run` with CORRAL_BENCH_SKIP=A, then B,C "
                         "(docs/sandbox.md), e.g. pidns,ipcns,utsns,cgroupns,seccomp,landlock")
+    parser.add_argument("--loop-attribute", default="", metavar="A,B+C",
+                        help="add rows to (b): the loop service run with CORRAL_BENCH_SKIP=A, "
+                        "then B,C (docs/sandbox.md; `base-write`: without that tripwire's "
+                        "sensor), e.g. landlock,seccomp,base-write")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
+    if args.startup_only and args.runtime_only:
+        parser.error("--startup-only and --runtime-only exclude each other")
     if args.quick:
         args.repeats, args.warmup, args.loop_rounds, args.loop_reps = 5, 1, 2, 2
         args.files = min(args.files, 5000)
@@ -628,21 +710,25 @@ def main(argv: list[str]) -> int:
     with bk.throwaway(world):
         loop_bin = compile_loop(world)
         true_toml, loop_toml = write_manifests(world, loop_bin, args)
-        bk.progress("installing the benchmark services")
-        world.install(true_toml, world.service("t"))
-        rows = launchers(world, true_toml, args.baseline_src,
-                         tuple(filter(None, args.attribute.split(","))))
-        bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of {len(rows)} rows")
-        startup = measure_startup(world, rows, args.repeats, args.warmup)
+        rows: list[Launcher] = []
+        startup: dict[str, list[float]] = {}
+        if not args.runtime_only:
+            bk.progress("installing the benchmark services")
+            world.install(true_toml, world.service("t"))
+            rows = launchers(world, true_toml, args.baseline_src,
+                             tuple(filter(None, args.attribute.split(","))))
+            bk.progress(f"start-up: {args.warmup} warm-up + {args.repeats} rounds of "
+                        f"{len(rows)} rows")
+            startup = measure_startup(world, rows, args.repeats, args.warmup)
         if args.startup_only:
             report = build_report(args, rows, startup, None, None)
         else:
             places = prepare_places(world)
             runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
-            service = measure_service(world, args.service_rounds, args.requests,
-                                      [tool("firejail"), *FIREJAIL_POLICY])
             report = build_report(args, rows, startup, runtime, places)
-            report["service"] = service
+            if not args.runtime_only:
+                report["service"] = measure_service(world, args.service_rounds, args.requests,
+                                                    [tool("firejail"), *FIREJAIL_POLICY])
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
     bk.note_load(report)

@@ -20,6 +20,7 @@ FAN_CLASS_NOTIF = 0x0
 FAN_REPORT_DIR_FID, FAN_REPORT_NAME = 0x400, 0x800
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 FAN_MARK_ADD, FAN_MARK_FLUSH, FAN_MARK_FILESYSTEM = 0x1, 0x80, 0x100
+FAN_MARK_IGNORED_SURV_MODIFY, FAN_MARK_IGNORE = 0x40, 0x400  # FAN_MARK_IGNORE: Linux 6.0
 
 FAN_MODIFY, FAN_ATTRIB, FAN_CLOSE_WRITE = 0x2, 0x4, 0x8
 FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -53,6 +54,14 @@ def init(flags: int) -> int:
 def mark(fd: int, flags: int, mask: int, path: str) -> None:
     check(libc.fanotify_mark(fd, FAN_MARK_ADD | flags, mask, -1, os.fsencode(path)),
           f"fanotify_mark {path}")
+
+
+def ignore(fd: int, directory_fd: int, mask: int) -> None:
+    """Events of `mask` on the open directory `directory_fd` (with FAN_EVENT_ON_CHILD: on its
+    entries too) no longer reach the group, whatever other mark reports them; the ignore mark
+    goes with the directory's inode, or with unmark_all(fd, 0)."""
+    check(libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_IGNORE | FAN_MARK_IGNORED_SURV_MODIFY,
+                             mask, directory_fd, None), "fanotify_mark ignore")
 
 
 def unmark_all(fd: int, flags: int) -> None:

@@ -76,11 +76,22 @@ class Sensing:
             from corral.watch.refusals import BindRefusals
 
             self.add(BindRefusals(self.ring))
-        self.add(self._base_write_sensor())
+        if self._armed("base-write"):
+            self.add(self._base_write_sensor())
+        else:
+            # Its events would be dropped unseen, and each one costs the service's own file
+            # system calls (the kernel builds it there): a manifest that leaves the tripwire
+            # out pays nothing for it.
+            self.states["base-write"] = "off (not in watch.tripwires)"
         from corral.watch import floods
 
         self.add(floods.FloodSensor(floods.watched_of(self.spec)))
         self.states["exec"] = "on (seccomp user notification)"
+
+    def _armed(self, tripwire: str) -> bool:
+        """Whether the manifest's `watch.tripwires` has it (none listed: every one, as the
+        watcher reads it)."""
+        return tripwire in ((self.spec.watch or {}).get("tripwires") or (tripwire,))
 
     def _netns_fd(self) -> int | None:
         """network = "own": the service's drops are logged in its namespace, so the NFLOG

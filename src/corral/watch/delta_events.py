@@ -28,10 +28,28 @@ from corral.watch.sensors import DeltaPoller, base_write
 
 SAFETY_WALK = 5.0  # seconds between two walks while fanotify reports
 TMPFS_MAGIC = 0x01021994
-EVENTS = (fanotify.FAN_MODIFY | fanotify.FAN_ATTRIB | fanotify.FAN_CLOSE_WRITE
-          | fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO | fanotify.FAN_DELETE
+# Only the events that can bring a base file into the delta or change its mode: a copy-up is a
+# link (FAN_CREATE, from an O_TMPFILE) or a rename (FAN_MOVED_TO) into the upper layer, a
+# whiteout a rename or a mknod, a chmod FAN_ATTRIB. A write reaches a base file only after its
+# copy-up, which was reported then (and a write makes nothing sensitive that was not), and a
+# deletion in the upper layer leaves nothing to judge (removing a base file adds a whiteout).
+# Every event costs the writer: the kernel builds and queues it in the system call, so
+# FAN_MODIFY, FAN_CLOSE_WRITE and FAN_DELETE, judged to nothing, made each small file a
+# service wrote cost 4 events instead of 1 (bench/README.md, part (b)).
+EVENTS = (fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO | fanotify.FAN_ATTRIB
           | fanotify.FAN_ONDIR)
 READ_SIZE = 65536
+# A directory the service made where the base has none cannot hold a base file, so what
+# happens in it is never judged: an ignore mark on it keeps its entries' events from being
+# built at all (each cost the service's create; a service that writes its scratch files in a
+# directory of its own then pays for one event, the directory's). The base's directories (the
+# upper layer's copies of them, /tmp included) keep reporting.
+# Only the directory's own entry events (a create or rename in it is an event on the directory
+# itself): with FAN_EVENT_ON_CHILD for its files' attribute changes too, every operation on a
+# file in it would look its parent's marks up (fsnotify_parent), which costs more than the rare
+# chmod it would spare.
+IGNORE_CHILDREN = fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO
+MAX_IGNORED = 4096  # ignore marks held at once; beyond, they are all dropped and learnt anew
 
 
 def own_filesystem(delta_dir: str) -> bool:
@@ -63,6 +81,7 @@ class DeltaEvents:
             os.close(self.fd)
             raise
         self.base = base
+        self.ignoring: set[int] = set()  # inode numbers of directories with an ignore mark
         self.ON = f"on (fanotify; walk every {interval:g}s)"
         self.state = self.ON
         self.last_walk = 0.0
@@ -73,10 +92,11 @@ class DeltaEvents:
     def stop(self) -> None:
         """No more events: the mark goes now, so that `close` a little later need not wait
         for the kernel to free it (fanotify.unmark_all)."""
-        try:
-            fanotify.unmark_all(self.fd, fanotify.FAN_MARK_FILESYSTEM)
-        except OSError:
-            pass  # close removes it all the same, only later
+        for kind in (fanotify.FAN_MARK_FILESYSTEM, 0):  # 0: the directories' ignore marks
+            try:
+                fanotify.unmark_all(self.fd, kind)
+            except OSError:
+                pass  # close removes them all the same, only later
 
     def close(self) -> None:
         for fd in (self.fd, self.mount_fd):
@@ -87,7 +107,7 @@ class DeltaEvents:
 
     def drain(self, now: float) -> list[Event]:
         events: list[Event] = []
-        changed: set[tuple[bytes, bytes]] = set()
+        changed: dict[tuple[bytes, bytes], int] = {}  # entry -> the events' masks
         overflow = False
         while True:
             try:
@@ -103,9 +123,9 @@ class DeltaEvents:
                 if ev.mask & fanotify.FAN_Q_OVERFLOW:
                     overflow = True
                 elif ev.handle is not None and ev.name is not None:
-                    changed.add((ev.handle, ev.name))
-        for handle, name in changed:
-            self._judge(handle, name, now, events)
+                    changed[ev.handle, ev.name] = changed.get((ev.handle, ev.name), 0) | ev.mask
+        for (handle, name), mask in changed.items():
+            self._judge(handle, name, now, events, mask)
         if overflow or now - self.last_walk >= self.interval:
             self.last_walk = now
             events += self.walk.poll(now)
@@ -116,7 +136,8 @@ class DeltaEvents:
                 self.state = self.ON
         return events
 
-    def _judge(self, handle: bytes, name: bytes, now: float, events: list[Event]) -> None:
+    def _judge(self, handle: bytes, name: bytes, now: float, events: list[Event],
+               mask: int = 0) -> None:
         try:
             fd = fanotify.open_by_handle(self.mount_fd, handle)
         except OSError:  # ESTALE: the directory is gone since; nothing left to judge
@@ -128,6 +149,8 @@ class DeltaEvents:
                 return  # overlayfs' work directory, or the delta's root
             relative = where[len(top):]
             path = relative + b"/" + name if name != b"." else relative or b"/"
+            if mask & fanotify.FAN_ONDIR and name != b".":
+                self._directory(fd, name, path, mask)
             if path in self.reported:
                 return
             try:
@@ -143,6 +166,30 @@ class DeltaEvents:
             if event is not None:
                 self.reported.add(path)
                 events.append(event)
+        finally:
+            os.close(fd)
+
+    def _directory(self, parent_fd: int, name: bytes, path: bytes, mask: int) -> None:
+        """A directory made or moved in: its entries' events are ignored from now on if the
+        base has no directory there. One that had such a mark and was moved (perhaps to where
+        the base has one, whose files it would then shadow) drops every mark first: they are
+        learnt again from the directories made next."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent_fd)
+        except OSError:
+            return  # gone since, or no directory now: nothing to ignore
+        try:
+            ino = os.fstat(fd).st_ino
+            if ino in self.ignoring and mask & fanotify.FAN_MOVED_TO \
+                    or len(self.ignoring) >= MAX_IGNORED:
+                fanotify.unmark_all(self.fd, 0)
+                self.ignoring.clear()
+            if ino not in self.ignoring and self._base_stat(path) is None:
+                fanotify.ignore(self.fd, fd, IGNORE_CHILDREN)
+                self.ignoring.add(ino)
+        except OSError:
+            pass  # no ignore mark (an older kernel, a full mark quota): the events still come
         finally:
             os.close(fd)
 
