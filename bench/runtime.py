@@ -43,7 +43,7 @@ CORRAL, VENV_PY, TMP = bk.CORRAL, bk.VENV_PY, bk.TMP
 # temp dir /tmp/corral-bench-PID, netns corral-bench-PID, services cbPIDt, cbPIDl and cbPIDs
 PREFIX, TAG = "corral-bench-", "cb"
 RESULTS = bk.RESULTS_DIR / "latest.json"
-GOAL_PCT = 3.0
+GOAL_PCT = 5.0  # issue 13, item 5: the run-time loops under +5% over like with like
 # corral's Python start-up, measured on its own: `corral run` is run once with a hook that
 # records every module it imported (RECORD_IMPORTS), then the context row imports exactly those
 # modules and exits (IMPORT_ALL), which also includes the interpreter's start and finalization.
