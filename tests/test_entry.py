@@ -99,11 +99,13 @@ main()
 # Never on the launch path: the CLI's and the manifest model's libraries, libseccomp's binding
 # (the filters come from the service's cache, launch.bpf) and what it drags in, subprocess
 # (no helper program is started), hashlib (OpenSSL for one hash), the nftables planner and
-# runner (the watcher's NFLOG group comes from core.nflog).
+# runner (the watcher's NFLOG group comes from core.nflog), dataclasses and what it imports
+# (the launch path's classes are core.record's: ~14 ms less).
 NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", "ctypes.util",
                           "corral.launch.seccomp", "subprocess", "hashlib", "tempfile",
                           "shutil", "corral.manifest.model", "corral.cli.main",
-                          "corral.plan.nft_rules", "corral.host.nft")
+                          "corral.plan.nft_rules", "corral.host.nft", "dataclasses", "inspect",
+                          "ast", "dis", "tokenize")
 
 
 def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, service_name):

@@ -8,7 +8,6 @@ leaves a record of what exists, which the next install or uninstall picks up.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -32,6 +31,7 @@ from corral.core.paths import (
     run_dir,
     run_root,
 )
+from corral.core.record import asdict
 from corral.core.text import iso
 from corral.host import image, loopfs, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
@@ -151,8 +151,8 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
             name=sandbox.process, user=sandbox.user, uid=uid, gid=gid,
             command=list(sandbox.command), environment=dict(sandbox.environment),
             capabilities=list(sandbox.capabilities), limits=dict(sandbox.limits),
-            seccomp=dataclasses.asdict(sandbox.seccomp),
-            landlock=dataclasses.asdict(sandbox.landlock),
+            seccomp=asdict(sandbox.seccomp),
+            landlock=asdict(sandbox.landlock),
             listen=[str(p) for p in flow.listen],
             stop_signal=sandbox.stop_signal, stop_timeout=sandbox.stop_timeout,
             reload=sandbox.reload if isinstance(sandbox.reload, str) else list(sandbox.reload),

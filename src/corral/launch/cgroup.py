@@ -17,9 +17,9 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from corral.core.netspec import parse_ports
+from corral.core.record import record
 from corral.kernel import bindguard
 
 BASE = "corral"
@@ -30,14 +30,14 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _RESERVED = {"tasks", "notify_on_release", "release_agent"}  # v1 files whose names have no dot
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     memory: int | None = None  # bytes
     pids: int | None = None
     cpu: float | None = None  # CPUs: 0.5 -> 50000 of every 100000 us
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Hierarchy:
     name: str  # v1: its mount point's name, "memory", "cpu,cpuacct"...; v2: "unified"
     mount: str
@@ -45,7 +45,7 @@ class Hierarchy:
     controllers: frozenset[str]  # those of CONTROLLERS that corral takes from here
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layout:
     hierarchies: tuple[Hierarchy, ...]
     v2: Hierarchy | None

@@ -23,9 +23,9 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from corral.core.record import record
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import notify
 from corral.kernel import syscalls as kernel
@@ -40,7 +40,7 @@ NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-@dataclass
+@record
 class Spawned:
     """A process forked and setting itself up; its program's execve waits for `finish`."""
     name: str
@@ -50,7 +50,7 @@ class Spawned:
     pid_r: int  # the init's host pid, from the holder
 
 
-@dataclass
+@record
 class Started:
     holder: int  # the holder's pid: its exit status is the process's
     init: int  # host pid of the contained program (PID 1 inside)
@@ -107,7 +107,7 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
 # instead of repeating it. Each step acts on a `Jail`, the one value both paths build.
 
 
-@dataclass
+@record
 class Jail:
     """What the steps of one contained process act on (minijail's struct minijail)."""
     proc: ProcessSpec
