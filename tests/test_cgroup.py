@@ -524,23 +524,24 @@ def test_bind_program_is_pure():
         bindguard.program([(10, 70000)])
 
 
-PRIME = """import os, sys, threading
-from corral.launch import cgroup
+PRIME = """import os, sys, threading, time
+from corral.launch import cgprime
 before = open("/proc/self/cgroup").read()
-done = cgroup.prime_migration()
-done()
+cgprime.start()
+time.sleep(0.05)  # the first write and several refreshes
+cgprime.stop()
 after = open("/proc/self/cgroup").read()
-print(before == after, threading.active_count())
+print(before == after, threading.active_count(), cgprime.own_procs_file() is not None)
 """
 
 
 def test_priming_the_migration_lock_moves_nothing():
-    """cgroup.prime_migration (`corral run`, before its holder's migration) writes this
-    process into the cgroup it is in: afterwards it is in the same cgroups, with no thread
-    left running (the supervisor unshares its mount namespace next)."""
+    """launch.cgprime (`corral run`, before its holder's migration) writes this process into
+    the cgroup it is in, again and again until stopped: afterwards it is in the same cgroups,
+    with no thread left running (the supervisor unshares its mount namespace next)."""
     result = subprocess.run([sys.executable, "-c", PRIME], capture_output=True, text=True,
                             timeout=60)
-    assert result.stdout == "True 1\n", result.stderr
+    assert result.stdout == f"True 1 {cgroup.layout().v2 is not None}\n", result.stderr
 
 
 @pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")

@@ -80,38 +80,6 @@ def layout() -> Layout:
     return parse_layout(_read("/proc/self/mountinfo"), _read)
 
 
-def prime_migration() -> Callable[[], None]:
-    """Start a migration of this process into the v2 cgroup it is already in (the kernel moves
-    nothing) on a thread, and return what waits for it; call that before unsharing anything.
-
-    Why: a migration takes the kernel's global cgroup_threadgroup_rwsem for writing, and the
-    first writer after a quiet while waits for an RCU grace period to take it out of its fast
-    reader mode (10-17 ms measured here); writers within about one grace period after the last
-    one do not wait. A contained process's holder migrates right after its fork, on the
-    launch's critical path: primed while the supervisor still imports and prepares, its write
-    does not wait (bench/README.md). The write changes nothing, so any failure only leaves the
-    holder to wait as before."""
-    import threading
-
-    def write() -> None:
-        lay = layout()
-        if lay.v2 is None:
-            return
-        for line in _read("/proc/self/cgroup").splitlines():
-            if line.startswith("0::/"):
-                procs = f"{lay.v2.mount}{line[3:].rstrip('/')}/cgroup.procs"
-                with contextlib.suppress(OSError):
-                    # Only where this process is listed already: under a cgroup namespace the
-                    # path is the namespace's, and the mount may show another root.
-                    if str(os.getpid()) in _read(procs).split():
-                        _write(procs, str(os.getpid()))
-                return
-
-    thread = threading.Thread(target=write, name="corral-cgroup-prime", daemon=True)
-    thread.start()
-    return thread.join
-
-
 def describe() -> str:
     lay = layout()
     v1 = [c for c in CONTROLLERS if (h := lay.home(c)) and h.version == 1]

@@ -296,7 +296,7 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
 def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> Spawned:
     """Fork the contained process and return at once; `finish` completes the start. It joins
     its cgroup (a first cgroup migration after a quiet while waits for an RCU grace period,
-    ~10 ms, unless primed: launch.cgroup.prime_migration), namespaces, root and sandbox while
+    ~10 ms, unless primed: launch.cgprime), namespaces, root and sandbox while
     the caller goes on (the supervisor starts its sensors meanwhile); nothing of the program
     runs before `finish` answers its execve."""
     # Compiled here (or read from the service's cache: launch.bpf), loaded there.

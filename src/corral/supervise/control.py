@@ -71,12 +71,12 @@ def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 def run(service: str) -> int:
     """Foreground: this process is the supervisor; its exit code is the service's."""
-    from corral.launch import cgroup
+    from corral.launch import cgprime
 
-    primed = cgroup.prime_migration()  # while the supervisor imports (cgroup.prime_migration)
+    cgprime.start()  # started by cli.entry already, before any other import: see there
     from corral.supervise import supervisor
 
-    primed()  # one thread again before the supervisor unshares its mount namespace
+    cgprime.stop()  # one thread again before the supervisor unshares its mount namespace
     import gc
 
     gc.freeze()  # what the imports made lives as long as the supervisor: never collected
