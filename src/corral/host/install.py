@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.errors import InputError, RuntimeFailure, UsageError
 from corral.core.fsio import write_json
 from corral.core.paths import (
     RECORD,
@@ -35,6 +35,7 @@ from corral.core.record import asdict
 from corral.core.text import iso
 from corral.host import image, loopfs, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
+from corral.manifest import tomlfile
 from corral.plan import nft_rules as nftables
 from corral.plan.service import ServicePlan, UserSpec
 
@@ -129,6 +130,7 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
             report.changes.append("updated the run-time settings: " + ", ".join(settings))
         _remove_dropped_users(plan, record, report)
         record["installed_at"] = record.get("installed_at") or iso(time.time())
+        _record_digest(record, manifest_file, plan.service)
         _save(state, record)
     except BaseException as exc:
         left = undo.run()
@@ -139,6 +141,20 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
             raise
         raise RuntimeFailure(message) from exc
     return report
+
+
+def _record_digest(record: dict[str, Any], manifest_file: str, service: str) -> None:
+    """The SHA-256 of the manifest's bytes, if they name this service: `corral run` of the same
+    bytes then knows the service without parsing them (cli.base.installed_as). Read and parsed
+    again here, so the digest and the name always come from the same bytes, whatever happened
+    to the file since the plan read it."""
+    record.pop("manifest_sha256", None)
+    try:
+        raw = tomlfile.read(manifest_file)
+        if tomlfile.parse(manifest_file, raw).get("name") == service:
+            record["manifest_sha256"] = tomlfile.digest(raw)
+    except InputError:
+        pass  # changed into something else meanwhile: run parses it
 
 
 def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSpec:
