@@ -29,7 +29,7 @@ from corral.core.record import record
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import notify
 from corral.kernel import syscalls as kernel
-from corral.launch import benchskip, bpf, creds, landlock, mnt
+from corral.launch import benchskip, bpf, cgprime, creds, landlock, mnt
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
@@ -307,6 +307,7 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> 
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     jail = Jail(proc, filt, cgroup, (err_w, child_sock.fileno()), child_sock, out_fd,
                 service=spec, volumes=tuple(volumes_of(spec)))
+    cgprime.stop()  # the supervisor's priming thread, if any: fork with one thread
     holder = os.fork()
     if holder == 0:
         at = ["fork"]

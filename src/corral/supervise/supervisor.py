@@ -28,7 +28,7 @@ from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import signals
-from corral.launch import benchskip, cgroup, landlock, logfile, mnt, output
+from corral.launch import benchskip, cgprime, cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
 from corral.supervise import premises, setup
@@ -131,6 +131,9 @@ class Supervisor:
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
+        # Primed again while the root is prepared, up to the holder's fork (launch.spawn stops
+        # it): the holder's own migration then comes within ~1 ms of the last priming write
+        cgprime.start()
         skip = benchskip.skipped()
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
