@@ -52,13 +52,13 @@ def supervisor_alive(state: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     pid = state.get("supervisor")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"corral" in handle.read()  # `corral run` or `-m corral.supervise.supervisor`
+            return b"corral" in handle.read()  # `corral run` or `-m corral.supervise.daemon`
     except (OSError, TypeError):
         return False
 
 
 def _supervisor_argv(service: str) -> list[str]:
-    return [sys.executable, "-m", "corral.supervise.supervisor", service]
+    return [sys.executable, "-m", "corral.supervise.daemon", service]
 
 
 def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
