@@ -2,31 +2,32 @@
 
 A migration (a write to cgroup.procs) takes the kernel's global cgroup_threadgroup_rwsem for
 writing, and the first writer after a quiet while waits for an RCU grace period to take it out
-of its fast reader mode (10-17 ms measured here); writers within about one grace period after
-the last one do not wait. A contained process's holder migrates right after its fork, on the
-launch's critical path. `start` writes this process into the v2 cgroup it is already in (the
-kernel moves nothing) on a thread, while the supervisor imports and prepares, and then again
-every REFRESH seconds, so that the lock is still in its slow mode when the holder writes: its
-first write then takes ~30 us (bench/README.md, "Launch time").
+of its fast reader mode (10-17 ms on a quiet machine here, up to ~50 ms under load); writers
+within about one grace period after the last one do not wait, and one that comes while the
+first still waits waits only for the rest of that grace period. A contained process's holder
+migrates right after its fork, on the launch's critical path.
 
-`start` comes first thing in `corral run` (cli.entry), before the imports it overlaps, which
-is why this module needs nothing but the standard library's os and threading. `stop` ends the
-thread and waits for it: the supervisor calls it before it unshares its mount namespace (a
-process with other threads cannot). The writes change nothing, so any failure only leaves the
-holder to wait as before.
+`start` forks a small primer process that writes itself into the v2 cgroup it is already in
+(the kernel moves nothing) every REFRESH seconds, while the supervisor imports and prepares;
+`stop`, right before the holder's fork, kills it. The holder's first write then takes ~30 us
+(bench/README.md, "Launch time"). A process, not a thread: the primer's first write may wait
+longer than the imports take, and nobody has to wait for it (a thread would have to be
+joined before the supervisor unshares its mount namespace, which a process with other
+threads cannot). `start` comes first thing in `corral run` (cli.entry) and in `up`'s
+supervisor (supervise.daemon), before the imports it overlaps, which is why this module
+needs nothing but the standard library's os and time. The writes change nothing, so any
+failure only leaves the holder to wait as before.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
+import time
 
-REFRESH = 0.002  # well inside a grace period (~10 ms): the holder writes ~5 ms after `stop`
-# While the thread runs, the importing main thread hands it the GIL within this (Python's
-# default, 5 ms, let refreshes slip past a grace period: a refresh then waited one again)
-SWITCH = 0.0005
-_running: tuple[threading.Thread, threading.Event, float] | None = None
+REFRESH = 0.002  # well inside a grace period (~10 ms): the holder writes ~1 ms after `stop`
+LIFETIME = 5.0  # seconds: a launch takes ~50 ms; a primer never outlives a stuck one by much
+_primer: int | None = None  # the running primer's pid (this process's child)
+_unreaped: list[int] = []  # killed primers not reaped yet (one may be in a grace period)
 
 
 def own_procs_file() -> str | None:
@@ -49,45 +50,53 @@ def own_procs_file() -> str | None:
         return None
 
 
-def _prime(stop: threading.Event) -> None:
-    procs = own_procs_file()
-    if procs is None:
-        return
-    pid = str(os.getpid()).encode()
-    while True:
-        try:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        except OSError:
-            return
-        if stop.wait(REFRESH):
-            return
+def _prime(procs: str, parent: int) -> None:
+    """The primer's life: write itself into its cgroup until killed, orphaned or too old."""
+    try:
+        me = str(os.getpid()).encode()
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        end = time.monotonic() + LIFETIME
+        while os.getppid() == parent and time.monotonic() < end:
+            os.write(fd, me)
+            time.sleep(REFRESH)
+    finally:
+        os._exit(0)  # a fork of the caller: none of its exit handlers or buffers are ours
 
 
 def start() -> None:
-    """Start priming, once per process (a second call does nothing)."""
-    global _running
-    if _running is not None:
+    """Start priming, once per process (a second call while a primer runs does nothing)."""
+    global _primer
+    if _primer is not None:
         return
-    stop_event = threading.Event()
-    thread = threading.Thread(target=_prime, args=(stop_event,), name="corral-cgroup-prime",
-                              daemon=True)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH)
-    thread.start()
-    _running = (thread, stop_event, switch)
+    procs = own_procs_file()
+    if procs is None:
+        return
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _prime(procs, parent)
+    _primer = pid
 
 
 def stop() -> None:
-    """End the priming thread and wait for it; nothing when none was started."""
-    global _running
-    if _running is None:
+    """Kill the primer (its last write is done: the caller forks the holder next) without
+    waiting for it: it may still be in its first write's grace period. Nothing when none
+    runs; `reap` collects it later."""
+    global _primer
+    if _primer is None:
         return
-    thread, stop_event, switch = _running
-    stop_event.set()
-    thread.join()
-    sys.setswitchinterval(switch)
-    _running = None
+    os.kill(_primer, 9)  # our own unreaped child: its pid cannot have been reused
+    _unreaped.append(_primer)
+    _primer = None
+    reap()
+
+
+def reap() -> None:
+    """Collect killed primers that have ended, without waiting for those that have not."""
+    for pid in list(_unreaped):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _unreaped.remove(pid)

@@ -307,7 +307,7 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> 
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     jail = Jail(proc, filt, cgroup, (err_w, child_sock.fileno()), child_sock, out_fd,
                 service=spec, volumes=tuple(volumes_of(spec)))
-    cgprime.stop()  # the supervisor's priming thread, if any: fork with one thread
+    cgprime.stop()  # the holder migrates next: priming has done its work (launch.cgprime)
     holder = os.fork()
     if holder == 0:
         at = ["fork"]

@@ -74,10 +74,9 @@ def run(service: str) -> int:
     from corral.launch import cgprime
 
     cgprime.start()  # started by cli.entry already, before any other import: see there
-    from corral.supervise import supervisor
-
-    cgprime.stop()  # one thread again before the supervisor unshares its mount namespace
     import gc
+
+    from corral.supervise import supervisor
 
     gc.freeze()  # what the imports made lives as long as the supervisor: never collected
     gc.enable()  # off since cli.entry, for the imports only

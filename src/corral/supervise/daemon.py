@@ -14,10 +14,9 @@ def main(argv: list[str]) -> int:
     gc.disable()  # the imports' objects all live on: collections during them free nothing
     from corral.launch import cgprime
 
-    cgprime.start()
+    cgprime.start()  # runs until the holder's fork (launch.pipeline.spawn)
     from corral.supervise import supervisor
 
-    cgprime.stop()  # one thread again before the supervisor unshares its mount namespace
     gc.freeze()
     gc.enable()
     return supervisor.main(argv)

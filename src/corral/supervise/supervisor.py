@@ -131,9 +131,6 @@ class Supervisor:
             mnt.clear_delta(delta)  # a fresh delta at every start, even after a crash
         self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mnt.private_namespace()
-        # Primed again while the root is prepared, up to the holder's fork (launch.spawn stops
-        # it): the holder's own migration then comes within ~1 ms of the last priming write
-        cgprime.start()
         skip = benchskip.skipped()
         self.warnings = mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), delta, launch.volumes_of(self.spec),
@@ -524,6 +521,7 @@ class Supervisor:
             self.reload()
         if self.reloads and self.reloads.poll():
             self.write_state()
+        cgprime.reap()  # the launch's primer, killed at the fork, once it has ended
         if self.stopping:
             return None
         now = time.monotonic()
