@@ -53,6 +53,9 @@ def own_procs_file() -> str | None:
 def _prime(procs: str, parent: int) -> None:
     """The primer's life: write itself into its cgroup until killed, orphaned or too old."""
     try:
+        # Nothing of the caller's: a caller reading its output to the end (a pipe) must not
+        # wait for the primer too
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
         me = str(os.getpid()).encode()
         fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
         end = time.monotonic() + LIFETIME
