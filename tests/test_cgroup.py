@@ -524,23 +524,32 @@ def test_bind_program_is_pure():
         bindguard.program([(10, 70000)])
 
 
-PRIME = """import os, sys, threading
-from corral.launch import cgroup
+PRIME = """import os, sys, time
+from corral.launch import cgprime
+def children():
+    return open(f"/proc/self/task/{os.getpid()}/children").read().split()
 before = open("/proc/self/cgroup").read()
-done = cgroup.prime_migration()
-done()
+cgprime.start()
+primer = children()
+time.sleep(0.05)  # its first write and several refreshes
+cgprime.stop()
+deadline = time.monotonic() + 30
+while cgprime._unreaped and time.monotonic() < deadline:
+    time.sleep(0.01)
+    cgprime.reap()
 after = open("/proc/self/cgroup").read()
-print(before == after, threading.active_count())
+print(before == after, len(primer), children(), cgprime.own_procs_file() is not None)
 """
 
 
 def test_priming_the_migration_lock_moves_nothing():
-    """cgroup.prime_migration (`corral run`, before its holder's migration) writes this
-    process into the cgroup it is in: afterwards it is in the same cgroups, with no thread
-    left running (the supervisor unshares its mount namespace next)."""
+    """launch.cgprime (`corral run` and `up`, before the holder's migration) runs a primer
+    process that writes itself into this process's cgroup until stopped: this process stays
+    in the same cgroups, and once stopped and reaped no child is left."""
     result = subprocess.run([sys.executable, "-c", PRIME], capture_output=True, text=True,
                             timeout=60)
-    assert result.stdout == "True 1\n", result.stderr
+    v2 = cgroup.layout().v2 is not None
+    assert result.stdout == f"True {int(v2)} [] {v2}\n", result.stderr
 
 
 @pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")

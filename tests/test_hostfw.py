@@ -249,9 +249,11 @@ def test_cli_imports_only_click():
     code = ("import sys; import corral.cli.host; "
             "print(sorted(m for m in sys.modules if m.startswith(('corral.', 'pydantic'))))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
-    # The shared error contract (cli_common, errors) is plain Python: no pydantic, no netlink.
+    # The shared error contract (cli_common, errors, and core.record for errors' Problem) is
+    # plain Python: no pydantic, no netlink.
     assert out.strip() == ("['corral.cli', 'corral.cli.base', 'corral.cli.common', "
-                           "'corral.cli.host', 'corral.core', 'corral.core.errors']")
+                           "'corral.cli.host', 'corral.core', 'corral.core.errors', "
+                           "'corral.core.record']")
 
 
 # ---------------------------------------------------------------- kernel helpers

@@ -23,12 +23,13 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corral.core.record import replace
 from corral.launch import seccomp
 from corral.plan.sandbox import CLONE_NAMESPACE_FLAGS, DEFAULT_DENY, SeccompPlan, default_deny
 

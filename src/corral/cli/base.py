@@ -78,10 +78,55 @@ def service_name(target: str) -> str:
         return target
     from corral.manifest import tomlfile
 
-    name = tomlfile.load(target).get("name")
+    raw = tomlfile.read(target)
+    name = installed_as(raw)
+    if name is None:
+        name = tomlfile.parse(target, raw).get("name")
     if not isinstance(name, str) or not SERVICE_NAME.match(name):
         raise UsageError(f"{target}: name: missing or invalid, cannot tell which service")
     return name
+
+
+def installed_as(raw: bytes) -> str | None:
+    """The service whose install read exactly these manifest bytes (install.json records their
+    SHA-256, host.install), or None: then the caller parses them. Parsing costs `corral run`
+    ~3 ms of imports (tomllib, datetime, string) that the same bytes always answer alike."""
+    import json
+
+    from corral.core.names import SERVICE_NAME
+    from corral.core.paths import RECORD, lib_dir
+    from corral.manifest import tomlfile
+
+    name = _name_line(raw)
+    if name is None or not SERVICE_NAME.match(name):
+        return None
+    try:
+        fd = os.open(lib_dir(name) / RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        record = json.loads(os.read(fd, 1 << 20))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if isinstance(record, dict) and record.get("manifest_sha256") == tomlfile.digest(raw):
+        return name
+    return None
+
+
+def _name_line(raw: bytes) -> str | None:
+    """A candidate only: the value of the first line that reads `name = "..."` (it may be in a
+    multi-line string, or the file invalid): installed_as accepts it only if install recorded
+    these very bytes under it. (No regular expression: compiling one is ~0.2 ms of a start.)"""
+    for line in raw.splitlines():
+        key, eq, value = line.partition(b"=")
+        if eq and key.strip() == b"name":
+            value = value.split(b"#", 1)[0].strip()
+            if len(value) > 2 and value[:1] == value[-1:] == b'"':
+                return value[1:-1].decode("utf-8", "replace")
+            return None
+    return None
 
 
 def run_foreground(file: str) -> None:

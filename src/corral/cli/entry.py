@@ -16,6 +16,10 @@ def main() -> None:
         # The launch path's imports make ~20,000 objects that all live on: the collections
         # they set off (~2 ms) free nothing. supervise.control.run turns it back on.
         gc.disable()
+        # First of all, so that the kernel's wait it sets off overlaps the imports (launch.cgprime)
+        from corral.launch import cgprime
+
+        cgprime.start()
         from corral.cli.base import call_handled, run_foreground
 
         call_handled(run_foreground, args[1])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from corral.core.record import record
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1  # failed at run time; the message says what and what was left as it was
@@ -42,7 +43,7 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Problem:
     """One thing wrong with one input file; `loc` is empty for file-level problems."""
 

@@ -10,12 +10,13 @@ that quotes the input, so the manifest layer can print `key.path: "value": what 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+
+from corral.core.record import record
 
 PROTOCOLS = ("tcp", "udp")
 
 
-@dataclass(frozen=True, order=True)
+@record(frozen=True, order=True)
 class PortSpec:
     """A protocol and an inclusive port range (first == last for one port)."""
 
@@ -28,7 +29,7 @@ class PortSpec:
         return f"{self.proto}/{ports}"
 
 
-@dataclass(frozen=True, order=True)
+@record(frozen=True, order=True)
 class Endpoint:
     """A destination: protocol, port range and network (None = any address, both families)."""
 

@@ -12,10 +12,10 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from corral.core.errors import RuntimeFailure
+from corral.core.record import record
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -225,7 +225,7 @@ class TooDeep(WalkError):
                                "not walked")
 
 
-@dataclass(eq=False, slots=True)
+@record(eq=False, slots=True)
 class Entry:
     """One entry of a walk. The descriptors belong to the walk: valid until the next one."""
 
@@ -239,8 +239,15 @@ class Entry:
     opaque: bool = False  # a directory hiding the base's one (overlayfs' opaque xattr)
     enter: bool = True  # the caller clears it to keep the walk out of this directory
 
+    # One per entry of every walk: written out, ~7x faster than record's generic __init__.
+    def __init__(self, path: bytes, name: bytes, st: os.stat_result, dir_fd: int, depth: int,
+                 base_st: os.stat_result | None = None, base_fd: int | None = None,
+                 opaque: bool = False, enter: bool = True) -> None:
+        self.path, self.name, self.st, self.dir_fd, self.depth = path, name, st, dir_fd, depth
+        self.base_st, self.base_fd, self.opaque, self.enter = base_st, base_fd, opaque, enter
 
-@dataclass(eq=False, slots=True)
+
+@record(eq=False, slots=True)
 class _Frame:
     path: bytes
     name: bytes  # in the parent frame, to open this directory again
@@ -248,6 +255,11 @@ class _Frame:
     names: list[bytes]  # still to visit, last first
     fds: list[int | None]  # [tree, base]: open, or None (closed, or no such base directory)
     ids: list[tuple[int, int] | None]  # [tree, base]: (st_dev, st_ino), None: no such dir
+
+    def __init__(self, path: bytes, name: bytes, depth: int, names: list[bytes],
+                 fds: list[int | None], ids: list[tuple[int, int] | None]) -> None:
+        self.path, self.name, self.depth, self.names, self.fds, self.ids = \
+            path, name, depth, names, fds, ids
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:

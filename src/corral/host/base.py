@@ -8,7 +8,6 @@ directory descriptors and O_NOFOLLOW all the way.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ from corral.core import tree
 from corral.core.errors import EXIT_CHECK, CorralError, RuntimeFailure, UsageError
 from corral.core.fsio import write_json
 from corral.core.paths import RECORD
+from corral.core.record import replace
 from corral.core.text import show
 from corral.core.tree import KINDS, hash_and_magic
 from corral.host import runtime
@@ -149,7 +149,7 @@ def use(spec: runtime.ServiceSpec, version: int) -> runtime.ServiceSpec:
     if version not in versions(spec.state):
         raise UsageError(f"{spec.service}: no base version {version} "
                          f"(have {', '.join(map(str, versions(spec.state))) or 'none'})")
-    updated = dataclasses.replace(spec, base_version=version)
+    updated = replace(spec, base_version=version)
     runtime.write(updated)
     record_version(spec.state, version, current=True)
     return updated

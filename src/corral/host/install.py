@@ -8,7 +8,6 @@ leaves a record of what exists, which the next install or uninstall picks up.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import RuntimeFailure, UsageError
+from corral.core.errors import InputError, RuntimeFailure, UsageError
 from corral.core.fsio import write_json
 from corral.core.paths import (
     RECORD,
@@ -32,9 +31,11 @@ from corral.core.paths import (
     run_dir,
     run_root,
 )
+from corral.core.record import asdict
 from corral.core.text import iso
 from corral.host import image, loopfs, nft, runtime, users
 from corral.host.base import next_version, record_version, versions
+from corral.manifest import tomlfile
 from corral.plan import nft_rules as nftables
 from corral.plan.service import ServicePlan, UserSpec
 
@@ -129,6 +130,7 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
             report.changes.append("updated the run-time settings: " + ", ".join(settings))
         _remove_dropped_users(plan, record, report)
         record["installed_at"] = record.get("installed_at") or iso(time.time())
+        _record_digest(record, manifest_file, plan.service)
         _save(state, record)
     except BaseException as exc:
         left = undo.run()
@@ -141,6 +143,20 @@ def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) 
     return report
 
 
+def _record_digest(record: dict[str, Any], manifest_file: str, service: str) -> None:
+    """The SHA-256 of the manifest's bytes, if they name this service: `corral run` of the same
+    bytes then knows the service without parsing them (cli.base.installed_as). Read and parsed
+    again here, so the digest and the name always come from the same bytes, whatever happened
+    to the file since the plan read it."""
+    record.pop("manifest_sha256", None)
+    try:
+        raw = tomlfile.read(manifest_file)
+        if tomlfile.parse(manifest_file, raw).get("name") == service:
+            record["manifest_sha256"] = tomlfile.digest(raw)
+    except InputError:
+        pass  # changed into something else meanwhile: run parses it
+
+
 def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSpec:
     """What `run` needs, with the uids install just made or found."""
     ids = {u["name"]: (u["uid"], u["gid"]) for u in record["users"]}
@@ -151,8 +167,8 @@ def runtime_spec(plan: ServicePlan, record: dict[str, Any]) -> runtime.ServiceSp
             name=sandbox.process, user=sandbox.user, uid=uid, gid=gid,
             command=list(sandbox.command), environment=dict(sandbox.environment),
             capabilities=list(sandbox.capabilities), limits=dict(sandbox.limits),
-            seccomp=dataclasses.asdict(sandbox.seccomp),
-            landlock=dataclasses.asdict(sandbox.landlock),
+            seccomp=asdict(sandbox.seccomp),
+            landlock=asdict(sandbox.landlock),
             listen=[str(p) for p in flow.listen],
             stop_signal=sandbox.stop_signal, stop_timeout=sandbox.stop_timeout,
             reload=sandbox.reload if isinstance(sandbox.reload, str) else list(sandbox.reload),

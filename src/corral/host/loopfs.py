@@ -29,11 +29,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.core.errors import RuntimeFailure
+from corral.core.record import record
 from corral.kernel import syscalls as kernel
 
 IMAGES = "volume-images"
@@ -45,7 +45,7 @@ DELTA_OPTIONS = "loop,nosuid,nodev"
 TIMEOUT = 300  # mkfs of a large sparse image writes only its metadata: seconds, not minutes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SizedVolume:
     image: Path
     top: Path  # the loop mount's mount point

@@ -3,16 +3,15 @@ one JSON file instead of re-planning (no manifest model, no ELF parsing at start
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.core.paths import RUNTIME, lib_dir, log_dir, run_dir
+from corral.core.record import asdict, field, record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProcessSpec:
     name: str
     user: str
@@ -30,10 +29,10 @@ class ProcessSpec:
     stop_timeout: float = 10.0
     reload: str | list[str] = "SIGHUP"
     setup: dict[str, Any] | None = None
-    connect: list[str] = dataclasses.field(default_factory=list)
+    connect: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VolumeSpec:
     path: str
     store: str
@@ -43,7 +42,7 @@ class VolumeSpec:
     size: int | None = None  # bytes of its own file system (host.loopfs); None: unbounded
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ServiceSpec:
     service: str
     base_version: int
@@ -51,10 +50,10 @@ class ServiceSpec:
     delta_size: int
     processes: list[ProcessSpec]
     volumes: list[VolumeSpec]
-    watch: dict[str, Any] = dataclasses.field(default_factory=dict)  # react, tripwires, ...
-    exec_paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    log: dict[str, Any] = dataclasses.field(default_factory=dict)  # size, files, rate
-    network: dict[str, Any] = dataclasses.field(default_factory=dict)  # mode, pool; {}: host
+    watch: dict[str, Any] = field(default_factory=dict)  # react, tripwires, ...
+    exec_paths: dict[str, list[str]] = field(default_factory=dict)
+    log: dict[str, Any] = field(default_factory=dict)  # size, files, rate
+    network: dict[str, Any] = field(default_factory=dict)  # mode, pool; {}: host
 
     @property
     def own_network(self) -> bool:
@@ -93,7 +92,7 @@ class ServiceSpec:
         return next((p for p in self.processes if p.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def write(spec: ServiceSpec) -> None:

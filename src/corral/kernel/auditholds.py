@@ -28,8 +28,8 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from corral.core.record import record
 from corral.kernel import audit
 
 REGISTRY = "/run/corral-audit"
@@ -40,7 +40,7 @@ _serial = itertools.count()  # two sensors of one process hold two files
 _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
+@record
 class Hold:
     """One sensor's registration. `dir_fd` is None when the registry was refused (nothing is
     held, audit was left as it was); `note` says what register found or did, for `status`."""
@@ -51,7 +51,7 @@ class Hold:
     note: str = ""
 
 
-@dataclass
+@record
 class Early:
     """The audit status asked ahead of `register` (kernel.audit.StatusQuery), and the count of
     corral's disables when it was asked."""

@@ -11,8 +11,8 @@ import ctypes
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from corral.core.record import record
 from corral.kernel.syscalls import check, libc
 
 FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
@@ -38,7 +38,7 @@ libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, cty
 libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Event:
     mask: int
     pid: int

@@ -19,8 +19,8 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 
+from corral.core.record import record
 from corral.core.text import show
 from corral.kernel import resolve
 from corral.kernel.syscalls import check, libc
@@ -73,7 +73,7 @@ def identity(root_fd: int, path: str) -> tuple[int, int] | None:
         os.close(fd)
 
 
-@dataclass
+@record
 class Request:
     id: int
     pid: int
@@ -129,7 +129,7 @@ def _read_string(pid: int, address: int, limit: int = 4096) -> bytes:
     return data.split(b"\0", 1)[0]
 
 
-@dataclass
+@record
 class Target:
     """What an exec asks for: `path` as text for the record (None if it could not be read),
     and what it names: an identity, UNRESOLVED (refused, with `error` saying why), or nothing

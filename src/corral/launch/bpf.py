@@ -21,8 +21,8 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from dataclasses import dataclass
 
+from corral.core.record import record
 from corral.kernel import syscalls as kernel
 from corral.plan.sandbox import SeccompPlan
 
@@ -44,14 +44,14 @@ COMPILER = (os.path.join(os.path.dirname(__file__), "seccomp.py"), __file__,
             os.path.join(os.path.dirname(os.path.dirname(__file__)), "plan", "sandbox.py"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Program:
     """One filter: its instructions (struct sock_filter array) and the flags of its load."""
     bpf: bytes
     flags: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Programs:
     """A plan's filters: `quiet` (unlogged ENOSYS and user notifications; None when there are
     none) is loaded first, then `main` (see launch.seccomp.Filters)."""

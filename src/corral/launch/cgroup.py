@@ -17,9 +17,9 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from corral.core.netspec import parse_ports
+from corral.core.record import record
 from corral.kernel import bindguard
 
 BASE = "corral"
@@ -30,14 +30,14 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _RESERVED = {"tasks", "notify_on_release", "release_agent"}  # v1 files whose names have no dot
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     memory: int | None = None  # bytes
     pids: int | None = None
     cpu: float | None = None  # CPUs: 0.5 -> 50000 of every 100000 us
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Hierarchy:
     name: str  # v1: its mount point's name, "memory", "cpu,cpuacct"...; v2: "unified"
     mount: str
@@ -45,7 +45,7 @@ class Hierarchy:
     controllers: frozenset[str]  # those of CONTROLLERS that corral takes from here
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layout:
     hierarchies: tuple[Hierarchy, ...]
     v2: Hierarchy | None
@@ -78,38 +78,6 @@ def parse_layout(mountinfo: str, read: Callable[[str], str]) -> Layout:
 @functools.cache
 def layout() -> Layout:
     return parse_layout(_read("/proc/self/mountinfo"), _read)
-
-
-def prime_migration() -> Callable[[], None]:
-    """Start a migration of this process into the v2 cgroup it is already in (the kernel moves
-    nothing) on a thread, and return what waits for it; call that before unsharing anything.
-
-    Why: a migration takes the kernel's global cgroup_threadgroup_rwsem for writing, and the
-    first writer after a quiet while waits for an RCU grace period to take it out of its fast
-    reader mode (10-17 ms measured here); writers within about one grace period after the last
-    one do not wait. A contained process's holder migrates right after its fork, on the
-    launch's critical path: primed while the supervisor still imports and prepares, its write
-    does not wait (bench/README.md). The write changes nothing, so any failure only leaves the
-    holder to wait as before."""
-    import threading
-
-    def write() -> None:
-        lay = layout()
-        if lay.v2 is None:
-            return
-        for line in _read("/proc/self/cgroup").splitlines():
-            if line.startswith("0::/"):
-                procs = f"{lay.v2.mount}{line[3:].rstrip('/')}/cgroup.procs"
-                with contextlib.suppress(OSError):
-                    # Only where this process is listed already: under a cgroup namespace the
-                    # path is the namespace's, and the mount may show another root.
-                    if str(os.getpid()) in _read(procs).split():
-                        _write(procs, str(os.getpid()))
-                return
-
-    thread = threading.Thread(target=write, name="corral-cgroup-prime", daemon=True)
-    thread.start()
-    return thread.join
 
 
 def describe() -> str:

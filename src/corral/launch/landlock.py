@@ -19,8 +19,9 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from corral.core.record import record
 
 if TYPE_CHECKING:  # sandbox imports the manifest model (pydantic): not at import time
     from corral.plan.sandbox import LandlockPlan
@@ -68,7 +69,7 @@ READ_EXEC = EXECUTE | READ_FILE | READ_DIR
 READ_ONLY = READ_FILE | READ_DIR
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LandlockStatus:
     abi: int
     enforced: bool  # False when abi == 0

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from corral.core import tree
+from corral.core.record import record
 from corral.kernel import syscalls as kernel
 from corral.kernel.syscalls import (
     MNT_DETACH,
@@ -36,7 +36,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 SAFE = MS_NOSUID | MS_NODEV
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VolumeMount:
     path: str  # inside the root
     source: str  # host directory under the state directory

@@ -23,13 +23,13 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from corral.core.record import record
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import notify
 from corral.kernel import syscalls as kernel
-from corral.launch import benchskip, bpf, creds, landlock, mnt
+from corral.launch import benchskip, bpf, cgprime, creds, landlock, mnt
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
@@ -40,7 +40,7 @@ NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-@dataclass
+@record
 class Spawned:
     """A process forked and setting itself up; its program's execve waits for `finish`."""
     name: str
@@ -50,7 +50,7 @@ class Spawned:
     pid_r: int  # the init's host pid, from the holder
 
 
-@dataclass
+@record
 class Started:
     holder: int  # the holder's pid: its exit status is the process's
     init: int  # host pid of the contained program (PID 1 inside)
@@ -107,7 +107,7 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
 # instead of repeating it. Each step acts on a `Jail`, the one value both paths build.
 
 
-@dataclass
+@record
 class Jail:
     """What the steps of one contained process act on (minijail's struct minijail)."""
     proc: ProcessSpec
@@ -296,7 +296,7 @@ def _report(err_w: int, stage: str, exc: BaseException) -> None:
 def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> Spawned:
     """Fork the contained process and return at once; `finish` completes the start. It joins
     its cgroup (a first cgroup migration after a quiet while waits for an RCU grace period,
-    ~10 ms, unless primed: launch.cgroup.prime_migration), namespaces, root and sandbox while
+    ~10 ms, unless primed: launch.cgprime), namespaces, root and sandbox while
     the caller goes on (the supervisor starts its sensors meanwhile); nothing of the program
     runs before `finish` answers its execve."""
     # Compiled here (or read from the service's cache: launch.bpf), loaded there.
@@ -307,6 +307,7 @@ def spawn(spec: ServiceSpec, proc: ProcessSpec, out_fd: int, cgroup: Cgroup) -> 
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     jail = Jail(proc, filt, cgroup, (err_w, child_sock.fileno()), child_sock, out_fd,
                 service=spec, volumes=tuple(volumes_of(spec)))
+    cgprime.stop()  # the holder migrates next: priming has done its work (launch.cgprime)
     holder = os.fork()
     if holder == 0:
         at = ["fork"]

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PlainValidator,
     ValidationError,
 )
 
@@ -174,8 +175,10 @@ def _no_nul(raw: str) -> str:
 AbsPath = Annotated[str, BeforeValidator(_absolute_path)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[int, BeforeValidator(parse_duration)]
-Ports = Annotated[PortSpec, BeforeValidator(parse_ports), PlainSerializer(str)]
-Connect = Annotated[Endpoint, BeforeValidator(parse_endpoint), PlainSerializer(str)]
+# Plain validators: the parsers make the values, so pydantic needs no schema of its own for
+# these classes (core.record's, not dataclasses: it could not generate one)
+Ports = Annotated[PortSpec, PlainValidator(parse_ports), PlainSerializer(str)]
+Connect = Annotated[Endpoint, PlainValidator(parse_endpoint), PlainSerializer(str)]
 Capability = Annotated[str, BeforeValidator(normalize_capability)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Signal = Annotated[str, BeforeValidator(_signal_name)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from typing import Any
 
 from corral.core.errors import InputError, Problem
@@ -18,6 +17,11 @@ def _fail(file: str, message: str) -> InputError:
 
 
 def load(file: str) -> dict[str, Any]:
+    return parse(file, read(file))
+
+
+def read(file: str) -> bytes:
+    """The file's bytes, or an InputError saying why it cannot be a manifest."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -39,6 +43,13 @@ def load(file: str) -> dict[str, Any]:
         os.close(fd)
     if len(raw) > MAX_BYTES:
         raise _fail(file, f"larger than {MAX_BYTES} bytes; not a manifest")
+    return raw
+
+
+def parse(file: str, raw: bytes) -> dict[str, Any]:
+    """The TOML document in `raw` (read from `file`), or an InputError naming the line."""
+    import tomllib  # not on `corral run`'s path when the manifest is the installed one (digest)
+
     if not raw.strip():
         raise _fail(file, "empty file")
     try:
@@ -63,3 +74,14 @@ def _syntax_message(text: str) -> str:
     if match:
         return f"end of file: TOML syntax: {match.group(1)[0].lower()}{match.group(1)[1:]}"
     return f"TOML syntax: {text}"
+
+
+def digest(raw: bytes) -> str:
+    """The SHA-256 of a manifest's bytes: install records it (install.json, `manifest_sha256`)
+    with the name those bytes have, so `corral run` of the same bytes knows the name without
+    parsing them (cli.base.service_name)."""
+    try:  # Python's builtin (no stub in typeshed): hashlib loads OpenSSL, ~2 ms, for one hash
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - Python 3.12 renamed it
+        from hashlib import sha256
+    return str(sha256(raw).hexdigest())

@@ -7,9 +7,9 @@ error, and the watcher's log records it) and kills the process for calls of anot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from corral.core.record import field, record
 from corral.plan.etc import dns_endpoints
 
 if TYPE_CHECKING:  # the launch path imports this module: no pydantic at run time
@@ -51,7 +51,7 @@ def default_deny() -> list[str]:
     return sorted({name for names in DEFAULT_DENY.values() for name in names})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SeccompPlan:
     mode: str  # "deny-list" (the default policy) or "allow-list" (the manifest's own list)
     syscalls: tuple[str, ...]
@@ -63,7 +63,7 @@ class SeccompPlan:
     multicast: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LandlockPlan:
     """Paths are inside the service's root. Ports are what the ABI >= 4 network rules allow."""
 
@@ -75,7 +75,7 @@ class LandlockPlan:
     scoped: tuple[str, ...] = ("abstract-unix-socket", "signal")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SandboxPlan:
     process: str
     user: str

@@ -13,6 +13,7 @@ from typing import Any
 from corral.core.errors import InputError, Problem
 from corral.core.imagepath import resolve_in
 from corral.core.paths import escape_path
+from corral.core.record import asdict  # the sandbox plans are records
 from corral.manifest.model import Manifest
 from corral.plan import etc
 from corral.plan import nft_rules as nftables
@@ -117,9 +118,9 @@ class ServicePlan:
                 "generated": dict(self.image.generated),
                 "owners": dict(self.image.owners),
             },
-            "volumes": [dataclasses.asdict(v) | {"mode": f"{v.mode:04o}"} for v in self.volumes],
+            "volumes": [asdict(v) | {"mode": f"{v.mode:04o}"} for v in self.volumes],
             "nftables": self.ruleset,
-            "sandbox": [dataclasses.asdict(s) for s in self.sandbox],
+            "sandbox": [asdict(s) for s in self.sandbox],
             "delta": {"kind": self.delta, "size": self.delta_size},
             "watch": self.watch,
             "log": self.log,

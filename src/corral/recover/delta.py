@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any, BinaryIO, TypedDict
 
 from corral.core import tree
+from corral.core.record import record
 from corral.core.text import show
 from corral.core.tree import KINDS, hash_and_magic, is_whiteout
 
@@ -27,7 +27,7 @@ SENSITIVE_PREFIXES = (b"/bin/", b"/sbin/", b"/usr/bin/", b"/usr/sbin/", b"/lib/"
                       b"/usr/local/")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Change:
     path: bytes  # inside the root, absolute
     change: str  # "added" | "modified" | "deleted"
@@ -76,7 +76,7 @@ class _Common(TypedDict):
     setid: bool
 
 
-@dataclass
+@record
 class _Entry:
     st: os.stat_result
     blake3: str | None = None

@@ -52,13 +52,13 @@ def supervisor_alive(state: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     pid = state.get("supervisor")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"corral" in handle.read()  # `corral run` or `-m corral.supervise.supervisor`
+            return b"corral" in handle.read()  # `corral run` or `-m corral.supervise.daemon`
     except (OSError, TypeError):
         return False
 
 
 def _supervisor_argv(service: str) -> list[str]:
-    return [sys.executable, "-m", "corral.supervise.supervisor", service]
+    return [sys.executable, "-m", "corral.supervise.daemon", service]
 
 
 def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
@@ -71,13 +71,12 @@ def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
 
 def run(service: str) -> int:
     """Foreground: this process is the supervisor; its exit code is the service's."""
-    from corral.launch import cgroup
+    from corral.launch import cgprime
 
-    primed = cgroup.prime_migration()  # while the supervisor imports (cgroup.prime_migration)
-    from corral.supervise import supervisor
-
-    primed()  # one thread again before the supervisor unshares its mount namespace
+    cgprime.start()  # started by cli.entry already, before any other import: see there
     import gc
+
+    from corral.supervise import supervisor
 
     gc.freeze()  # what the imports made lives as long as the supervisor: never collected
     gc.enable()  # off since cli.entry, for the imports only

@@ -13,7 +13,6 @@ named in `restart_needed`: `corral revert NAME` applies it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ import time
 from typing import Any
 
 from corral.core import log
+from corral.core.record import replace
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
@@ -115,7 +115,7 @@ class Reloads:
                     child.group.guard_udp_binds(new.listen)
                 except (OSError, ValueError) as exc:
                     log.warning(f"reload of {name}: {exc}")
-            child.spec = dataclasses.replace(child.spec, **{k: getattr(new, k) for k in ADOPTED})
+            child.spec = replace(child.spec, **{k: getattr(new, k) for k in ADOPTED})
             record["processes"][name] = entry
             if not child.init:
                 entry["action"] = "not running"

@@ -15,10 +15,10 @@ them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from corral.core import tree
+from corral.core.record import replace
 from corral.host.runtime import ProcessSpec, ServiceSpec
 
 TIMEOUT = 600.0
@@ -31,7 +31,7 @@ def program(proc: ProcessSpec) -> ProcessSpec:
     landlock = dict(proc.landlock)
     if "read_exec" in proc.setup:
         landlock["read_exec"] = list(proc.setup["read_exec"])
-    return dataclasses.replace(proc, command=list(proc.setup["command"]), landlock=landlock)
+    return replace(proc, command=list(proc.setup["command"]), landlock=landlock)
 
 
 def _marker(spec: ServiceSpec, proc: ProcessSpec) -> str:

@@ -9,7 +9,6 @@ foreground
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -19,17 +18,17 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from corral.core import log, tree
 from corral.core.errors import CorralError
 from corral.core.fsio import ReserveRefused, write_json
+from corral.core.record import asdict, field, record, replace
 from corral.core.text import iso
 from corral.host import runtime
 from corral.host.runtime import ProcessSpec, ServiceSpec
 from corral.kernel import signals
-from corral.launch import benchskip, cgroup, landlock, logfile, mnt, output
+from corral.launch import benchskip, cgprime, cgroup, landlock, logfile, mnt, output
 from corral.launch import pipeline as launch
 from corral.launch.output import Output
 from corral.supervise import premises, setup
@@ -43,7 +42,7 @@ BACKOFF_MAX = 30.0
 TICK = 0.25  # seconds the loop waits for an event before its timed work (polled sensors, ...)
 
 
-@dataclass
+@record
 class Child:
     spec: ProcessSpec
     group: Any
@@ -110,7 +109,7 @@ class Supervisor:
             "last_archive": self.last_archive,
             "reload": self.reloads.record if self.reloads else None,
             "cgroup": cgroup.describe(),
-            "network": {"mode": "own", **dataclasses.asdict(self.link)} if self.link
+            "network": {"mode": "own", **asdict(self.link)} if self.link
             else {"mode": "host"},
             "processes": {name: {
                 "state": c.state, "pid": c.init or None, "user": c.spec.user,
@@ -419,7 +418,7 @@ class Supervisor:
             if isinstance(exc, ReserveRefused):  # corral's reserve: a `flood` incident
                 self.sensing.refused(exc.detail)
         if fresh is not None and fresh.base_version != self.spec.base_version:
-            self.spec = dataclasses.replace(self.spec, base_version=fresh.base_version)
+            self.spec = replace(self.spec, base_version=fresh.base_version)
         kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
         mnt.clear_delta(str(self.spec.delta_dir))
         self.warnings = self._mount_root() + self.bind_warnings + self.net_warnings
@@ -526,6 +525,7 @@ class Supervisor:
             self.reload()
         if self.reloads and self.reloads.poll():
             self.write_state()
+        cgprime.reap()  # the launch's primer, killed at the fork, once it has ended
         if self.stopping:
             return None
         now = time.monotonic()

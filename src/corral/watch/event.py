@@ -3,11 +3,12 @@ sensors' helper modules share it without importing `sensors`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from corral.core.record import field, record
 
-@dataclass
+
+@record
 class Event:
     tripwire: str
     uid: int | None

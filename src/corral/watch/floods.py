@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import collections
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from corral.core.fsio import reserve_of
+from corral.core.record import record
 from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
 
@@ -31,7 +31,7 @@ INTERVAL = 0.25  # seconds: the supervisor loop's tick
 LOW_MIN, LOW_MAX = 2 << 20, 16 << 20
 
 
-@dataclass
+@record
 class Watched:
     filesystem: str  # "volume", "delta" or "state"
     path: str  # what statvfs is called on

@@ -30,10 +30,10 @@ from __future__ import annotations
 import re
 import socket
 import time
-from dataclasses import replace
 from typing import Any
 
 from corral.core import text
+from corral.core.record import replace
 from corral.watch.event import Event
 
 AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320

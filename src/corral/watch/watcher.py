@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral.core import log
+from corral.core import record as rec
 from corral.watch import incidents
 from corral.watch.reactions import REACTIONS, Containment, Reaction
 from corral.watch.sensors import Event
@@ -31,18 +31,18 @@ REVERT_WINDOW = 300.0
 SWITCH = {"syscall": "ptrace"}
 
 
-@dataclass
+@rec.record
 class Watcher:
     sup: Containment
     react: str = "revert"
     tripwires: tuple[str, ...] = ()
     on_incident: list[str] | None = None
-    recent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    reverts: list[float] = field(default_factory=list)
+    recent: dict[tuple[str, str], dict[str, Any]] = rec.field(default_factory=dict)
+    reverts: list[float] = rec.field(default_factory=list)
     incarnation: float = 0.0  # when the last kill or revert took effect
-    helpers: list[subprocess.Popen] = field(default_factory=list)
+    helpers: list[subprocess.Popen] = rec.field(default_factory=list)
     # Reactions that wait for the processes to die, with their records: settle() finishes them.
-    pending: list[tuple[Reaction, dict[str, Any]]] = field(default_factory=list)
+    pending: list[tuple[Reaction, dict[str, Any]]] = rec.field(default_factory=list)
 
     @classmethod
     def for_supervisor(cls, sup: Containment) -> Watcher:
