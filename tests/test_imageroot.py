@@ -131,3 +131,30 @@ def test_a_root_that_cannot_use_the_image_is_one_overlay(tmp_path):
     assert seen["mounts"] == ["overlay"]
     assert any("symlink" in w for w in seen["warnings"])
     assert (delta / "upper/etc/app.conf").read_text() == "into the delta"
+
+
+def test_a_kernel_without_file_backed_erofs_mounts_the_image_through_a_loop_device(tmp_path):
+    """Debian 12's 6.1 has no file-backed erofs: mount(8)'s loop device, read-only, detached by
+    itself once the namespace that mounted it is gone."""
+    import subprocess
+    import time
+
+    version = _base(tmp_path)
+    root = tmp_path / "mnt"
+    root.mkdir()
+    image = str(baseimage.image_of(version))
+
+    def inside():
+        assert imageroot.mount_image(image, str(root), from_file=False) is None
+        line = [ln for ln in open("/proc/self/mountinfo") if ln.split()[4] == str(root)][0]
+        fstype, source, options = line.partition(" - ")[2].split()[:3]
+        return {"fstype": fstype, "loop": source.startswith("/dev/loop"),
+                "ro": "ro" in options.split(","), "read": (root / "etc/app.conf").read_text()}
+
+    assert _in_namespace(inside) == {"fstype": "erofs", "loop": True, "ro": True,
+                                     "read": "base\n"}
+    deadline = time.monotonic() + 30
+    while subprocess.run(["losetup", "-j", image], capture_output=True,
+                         text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the loop device stayed attached"
+        time.sleep(0.1)

@@ -10,8 +10,9 @@ Why an image rather than a bind mount of the base directory: a bind mount's root
 service's /proc/self/mountinfo as its path on the host (the state directory's layout); an image
 is a file system of its own, whose root is "/". erofs, because the kernel mounts an erofs image
 straight from a file (CONFIG_EROFS_FS_BACKED_BY_FILE, Linux 6.12): no loop device, nothing
-mounted on the host, and the mount lives and dies with the supervisor's private namespace.
-Without it (an older kernel, no mkfs.erofs), the root is a whole overlay as before.
+mounted on the host, and the mount lives and dies with the supervisor's private namespace
+(older kernels: a loop device that detaches itself with it, launch.imageroot). Without an
+image (no mkfs.erofs), the root is a whole overlay as before.
 
 The image is made from the sealed base directory (`seal`, at install and commit), which stays
 what every reader of the base uses (delta, revert, commit, audit, verify): it is the same tree.

@@ -63,10 +63,10 @@ def writable_tops(root_fd: int, writable: tuple[str, ...],
     return sorted(p for p in tops if not any(p.startswith(t + "/") for t in tops))
 
 
-def mount(root: str, image: str, delta_dir: str, writable: tuple[str, ...],
-          volumes: tuple[str, ...]) -> str | None:
-    """Mount the root at `root` as above; None when done, else why not, with nothing left
-    mounted (the caller then makes one overlay on the whole base)."""
+def mount_image(image: str, root: str, from_file: bool = True) -> str | None:
+    """The image, read-only, at `root`: straight from its file (Linux 6.12+), else through a
+    loop device (Debian 12's 6.1, or an image on a file system erofs cannot read from, such as
+    an overlay); None when mounted, else why not."""
     try:
         fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -74,11 +74,41 @@ def mount(root: str, image: str, delta_dir: str, writable: tuple[str, ...],
     try:
         # Named by descriptor: the service's mountinfo shows /proc/self/fd/N as the source,
         # not the state directory's path.
-        kernel.mount(f"/proc/self/fd/{fd}", root, "erofs", MS_RDONLY | SAFE)
-    except OSError as exc:
-        return f"the kernel cannot mount the erofs image from a file: {exc.strerror}"
+        if from_file:
+            kernel.mount(f"/proc/self/fd/{fd}", root, "erofs", MS_RDONLY | SAFE)
+            return None
+    except OSError:
+        pass
     finally:
         os.close(fd)
+    return _mount_by_loop(image, root)
+
+
+def _mount_by_loop(image: str, root: str) -> str | None:
+    """mount(8)'s loop: it finds a free device, attaches the image read-only and sets the device
+    to detach itself with its last mount (here: when the supervisor's namespace goes). The
+    service's mountinfo shows /dev/loopN. A helper program, so only on kernels without the
+    file-backed mount (subprocess stays off the launch path otherwise)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro,nosuid,nodev", image, root],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"mounting its image: {exc}"
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        return f"mounting its image: {said[-1] if said else done.returncode}"
+    return None
+
+
+def mount(root: str, image: str, delta_dir: str, writable: tuple[str, ...],
+          volumes: tuple[str, ...]) -> str | None:
+    """Mount the root at `root` as above; None when done, else why not, with nothing left
+    mounted (the caller then makes one overlay on the whole base)."""
+    if why := mount_image(image, root):
+        return why
     try:
         with tree.directory(root) as root_fd, \
                 tree.directory(os.path.join(delta_dir, "upper")) as upper_fd:
