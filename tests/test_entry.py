@@ -109,13 +109,16 @@ NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", 
                           "ast", "dis", "tokenize", "tomllib")
 
 
-def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, service_name):
-    manifest = write_manifest(tmp_path, service_name, """
+TRUE_SERVICE = """
 [image]
 include = ["/usr/bin/true"]
 [process.main]
 command = ["/usr/bin/true"]
-""")
+"""
+
+
+def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, service_name):
+    manifest = write_manifest(tmp_path, service_name, TRUE_SERVICE)
     corral("install", str(manifest), netns=netns, check=True)
     try:
         seen = []
@@ -140,12 +143,7 @@ def test_run_parses_a_manifest_that_is_not_the_installed_one(tmp_path, corral_ro
                                                               service_name):
     """`corral run FILE` skips parsing only for the very bytes install read: the same name line
     followed by something else (here a TOML error) is parsed, and refused as before."""
-    manifest = write_manifest(tmp_path, service_name, """
-[image]
-include = ["/usr/bin/true"]
-[process.main]
-command = ["/usr/bin/true"]
-""")
+    manifest = write_manifest(tmp_path, service_name, TRUE_SERVICE)
     corral("install", str(manifest), netns=netns, check=True)
     try:
         record = json.loads((corral_root / "var/lib/corral" / service_name /

@@ -3,8 +3,13 @@ takes effect, the incident is recorded; floods coalesce; normal work raises noth
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -339,25 +344,12 @@ def test_fanotify_sees_a_base_write_without_a_walk(tmp_path):
         subprocess.run(["umount", "-l", str(delta)], check=True)
 
 
-def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
-    """The events the sensor asks for (a copy-up's link or rename, a whiteout, a chmod; not the
-    writes, closes and deletions that made most of its cost) still report every base write
-    made the way a service makes it: through a real overlay of the base and the delta. A
-    copy-up that is not sensitive raises nothing; its later chmod to setuid (an attribute
-    change alone) does; a write to a base executable and the deletion of a base file do."""
-    import os
-    import select
-    import subprocess
-
+@contextlib.contextmanager
+def _sensor_over_overlay(delta: Path, base: Path, merged: Path) -> Iterator[Any]:
+    """A real overlay at `merged` of `base` and a tmpfs delta, and the fanotify base-write
+    sensor on that delta; all unmounted afterwards."""
     from corral.watch import delta_events
 
-    delta, base, merged = tmp_path / "delta", tmp_path / "base", tmp_path / "merged"
-    for sub in ("usr/bin", "etc", "srv", "tmp"):
-        (base / sub).mkdir(parents=True)
-    (base / "usr/bin/tool").write_text("#!/bin/sh\n")
-    (base / "usr/bin/tool").chmod(0o755)
-    (base / "etc/motd").write_text("hi\n")
-    (base / "srv/data").write_text("plain\n")
     delta.mkdir()
     merged.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
@@ -369,6 +361,32 @@ def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
                         f"{delta}/upper,workdir={delta}/work", "corral-test-root", str(merged)],
                        check=True)
         sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+        try:
+            yield sensor
+        finally:
+            sensor.close()
+            subprocess.run(["umount", str(merged)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(delta)], check=True)
+
+
+def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
+    """The events the sensor asks for (a copy-up's link or rename, a whiteout, a chmod; not the
+    writes, closes and deletions that made most of its cost) still report every base write
+    made the way a service makes it: through a real overlay of the base and the delta. A
+    copy-up that is not sensitive raises nothing; its later chmod to setuid (an attribute
+    change alone) does; a write to a base executable and the deletion of a base file do."""
+    import os
+    import select
+
+    delta, base, merged = tmp_path / "delta", tmp_path / "base", tmp_path / "merged"
+    for sub in ("usr/bin", "etc", "srv", "tmp"):
+        (base / sub).mkdir(parents=True)
+    (base / "usr/bin/tool").write_text("#!/bin/sh\n")
+    (base / "usr/bin/tool").chmod(0o755)
+    (base / "etc/motd").write_text("hi\n")
+    (base / "srv/data").write_text("plain\n")
+    with _sensor_over_overlay(delta, base, merged) as sensor:
 
         def seen(wanted: int) -> dict[str, str]:
             found: dict[str, str] = {}
@@ -376,23 +394,17 @@ def test_fanotify_sees_base_writes_made_through_an_overlay(tmp_path):
                 found |= {e.detail["path"]: e.detail["change"] for e in sensor.drain(2.0)}
             return found
 
-        try:
-            assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
-            with open(merged / "srv/data", "a") as handle:  # a copy-up, not sensitive
-                handle.write("more\n")
-            (merged / "tmp/new").write_text("x")  # no base file
-            assert seen(1) == {}
-            os.chmod(merged / "srv/data", 0o4755)  # already in the delta: an attribute change
-            assert seen(1) == {"/srv/data": "modified"}
-            with open(merged / "usr/bin/tool", "a") as handle:
-                handle.write("evil\n")
-            (merged / "etc/motd").unlink()
-            assert seen(2) == {"/usr/bin/tool": "modified", "/etc/motd": "deleted"}
-        finally:
-            sensor.close()
-            subprocess.run(["umount", str(merged)], check=True)
-    finally:
-        subprocess.run(["umount", "-l", str(delta)], check=True)
+        assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
+        with open(merged / "srv/data", "a") as handle:  # a copy-up, not sensitive
+            handle.write("more\n")
+        (merged / "tmp/new").write_text("x")  # no base file
+        assert seen(1) == {}
+        os.chmod(merged / "srv/data", 0o4755)  # already in the delta: an attribute change
+        assert seen(1) == {"/srv/data": "modified"}
+        with open(merged / "usr/bin/tool", "a") as handle:
+            handle.write("evil\n")
+        (merged / "etc/motd").unlink()
+        assert seen(2) == {"/usr/bin/tool": "modified", "/etc/motd": "deleted"}
 
 
 def test_fanotify_ignores_what_a_new_directory_holds_until_it_is_moved(tmp_path):
@@ -403,49 +415,30 @@ def test_fanotify_ignores_what_a_new_directory_holds_until_it_is_moved(tmp_path)
     deleted first, and reported then: "one path, one incident".)"""
     import os
     import select
-    import subprocess
-
-    from corral.watch import delta_events
 
     delta, base, merged = tmp_path / "delta", tmp_path / "base", tmp_path / "merged"
     (base / "opt/app").mkdir(parents=True)
     (base / "tmp").mkdir()
     (base / "opt/app/run").write_text("#!/bin/sh\n")
     (base / "opt/app/run").chmod(0o755)
-    delta.mkdir()
-    merged.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
-                   check=True)
-    try:
-        for sub in ("upper", "work"):
-            (delta / sub).mkdir()
-        subprocess.run(["mount", "-t", "overlay", "-o", f"lowerdir={base},upperdir="
-                        f"{delta}/upper,workdir={delta}/work", "corral-test-root", str(merged)],
-                       check=True)
-        sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+    with _sensor_over_overlay(delta, base, merged) as sensor:
 
         def ready(timeout: float) -> bool:
             return bool(select.select([sensor], [], [], timeout)[0])
 
-        try:
-            assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
-            (merged / "tmp/scratch").mkdir()
-            assert ready(3) and sensor.drain(2.0) == []  # its creation, no base file
-            for n in range(50):
-                (merged / f"tmp/scratch/f{n}").write_text("x")
-                os.rename(merged / f"tmp/scratch/f{n}", merged / f"tmp/scratch/g{n}")
-            assert not ready(1)  # no event was built for the files
-            (merged / "opt/app/run").unlink()
-            assert ready(3)
-            assert [(e.detail["path"], e.detail["change"]) for e in sensor.drain(2.0)] == [
-                ("/opt/app/run", "deleted")]
-            os.rename(merged / "tmp/scratch", merged / "opt/app")
-            assert ready(3) and sensor.drain(2.0) == []
-            (merged / "opt/app/new").write_text("x")
-            assert ready(3)  # watched again: the file's creation is an event
-            assert sensor.drain(3.0) == []
-        finally:
-            sensor.close()
-            subprocess.run(["umount", str(merged)], check=True)
-    finally:
-        subprocess.run(["umount", "-l", str(delta)], check=True)
+        assert sensor.drain(1.0) == []  # the first drain walks once: an empty delta
+        (merged / "tmp/scratch").mkdir()
+        assert ready(3) and sensor.drain(2.0) == []  # its creation, no base file
+        for n in range(50):
+            (merged / f"tmp/scratch/f{n}").write_text("x")
+            os.rename(merged / f"tmp/scratch/f{n}", merged / f"tmp/scratch/g{n}")
+        assert not ready(1)  # no event was built for the files
+        (merged / "opt/app/run").unlink()
+        assert ready(3)
+        assert [(e.detail["path"], e.detail["change"]) for e in sensor.drain(2.0)] == [
+            ("/opt/app/run", "deleted")]
+        os.rename(merged / "tmp/scratch", merged / "opt/app")
+        assert ready(3) and sensor.drain(2.0) == []
+        (merged / "opt/app/new").write_text("x")
+        assert ready(3)  # watched again: the file's creation is an event
+        assert sensor.drain(3.0) == []

@@ -153,8 +153,8 @@ def build(plan: SeccompPlan, *, log: bool = True, notify: tuple[str, ...] = ()) 
     if log:
         filt.set_attr(pyseccomp.Attr.CTL_LOG, 1)
     # A linear program, not libseccomp's binary tree (CTL_OPTIMIZE=2): the tree measured 10-30
-    # ns less per uncached call, inside the noise (bench/seccomp_open.py), and made the program
-    # 211 instructions instead of 193 (tests/test_seccomp.py keeps it under 200).
+    # ns less per uncached call, inside the noise (bench/seccomp_open.py at 6b98806), and made
+    # the program 211 instructions instead of 193 (tests/test_seccomp.py keeps it under 200).
 
     def add(act: int, name: str, *args: Any) -> None:  # args: pyseccomp.Arg (no type info)
         if (nr := _number(name)) is not None:
