@@ -116,6 +116,12 @@ def private_namespace() -> None:
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
+def whole_overlay(why: str | None) -> str:
+    """The status warning of a root that is not the base's image (launch.imageroot)."""
+    return (f"the root is one overlay on the whole base ({why}): reads of base files take the "
+            "overlay's slower path")
+
+
 def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[VolumeMount],
                          noexec: tuple[str, ...] = ("/tmp",), writable: tuple[str, ...] = (),
                          image: str | None = None, bench_bind_root: bool = False) -> list[str]:
@@ -135,8 +141,7 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
     elif image is None or (why := imageroot.mount(root, image, delta_dir, writable,
                                                    tuple(v.path for v in volumes))):
         if image is not None:
-            warnings.append(f"the root is one overlay on the whole base ({why}): reads of "
-                            "base files take the overlay's slower path")
+            warnings.append(whole_overlay(why))
         upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
         with _by_descriptor(base, upper, work) as (lower_fd, upper_fd, work_fd):
             kernel.mount("corral-root", root, "overlay", SAFE,

@@ -157,8 +157,7 @@ class Supervisor:
         """The service's root in this (private) mount namespace: its warnings."""
         skip = benchskip.skipped()
         image, why = (None, None) if "image" in skip else premises.root_image(self.spec)
-        warnings = [f"the root is one overlay on the whole base ({why}): reads of base files "
-                     "take the overlay's slower path"] if why else []
+        warnings = [mnt.whole_overlay(why)] if why else []
         return warnings + mnt.prepare_service_root(
             str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
             launch.volumes_of(self.spec), premises.noexec_paths(self.spec),
