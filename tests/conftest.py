@@ -4,6 +4,7 @@ everything they create is removed even when they fail."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -159,18 +160,41 @@ class Service:
         return json.loads(result.stdout)["services"][0]
 
 
+@contextlib.contextmanager
+def installed_and_up(svc):
+    """Install and start `svc` (anything with `name`, `manifest` and a `corral(*args, check)`
+    that runs in its namespace); down and uninstall --purge on the way out, even on failure."""
+    try:
+        svc.corral("install", str(svc.manifest), check=True)
+        svc.corral("up", str(svc.manifest), check=True)
+        yield svc
+    finally:
+        svc.corral("down", svc.name)
+        svc.corral("uninstall", svc.name, "--purge")
+
+
+@contextlib.contextmanager
+def throwaway_root(tmp_path_factory, label: str):
+    """For a module's or package's shared service: (a temp dir, a CORRAL_ROOT in it), that root
+    in the environment (CORRAL_DEBUG out of it) until the end."""
+    tmp = tmp_path_factory.mktemp(label)
+    root = tmp / "corral-root"
+    root.mkdir()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CORRAL_ROOT", str(root))
+    patch.delenv("CORRAL_DEBUG", raising=False)
+    try:
+        yield tmp, root
+    finally:
+        patch.undo()
+
+
 @pytest.fixture
 def notes(tmp_path, corral_root, netns, service_name):
     """The sample service installed and up, contained, in a throwaway namespace and root."""
     manifest = notes_manifest(tmp_path, service_name)
-    corral("install", str(manifest), netns=netns, check=True)
-    svc = Service(service_name, netns, corral_root, manifest)
-    try:
-        svc.corral("up", str(manifest), check=True)
+    with installed_and_up(Service(service_name, netns, corral_root, manifest)) as svc:
         yield svc
-    finally:
-        svc.corral("down", service_name)
-        svc.corral("uninstall", service_name, "--purge")
 
 
 @pytest.fixture

@@ -17,11 +17,20 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import CORRAL, corral, in_netns, notes_manifest, remove_test_users
+from conftest import (
+    CORRAL,
+    corral,
+    in_netns,
+    installed_and_up,
+    notes_manifest,
+    remove_test_users,
+    throwaway_root,
+)
 
 pytestmark = pytest.mark.root
 
@@ -104,14 +113,16 @@ def http_get(ns: str, url: str) -> str:
 def own(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    tmp = tmp_path_factory.mktemp("netns-own")
-    root = tmp / "corral-root"
-    root.mkdir()
+    with throwaway_root(tmp_path_factory, "netns-own") as (tmp, root):
+        yield from _own_service(tmp, root)
+
+
+def _own_service(tmp: Path, root: Path) -> Iterator[Own]:
+    """The test's host and world namespaces joined by a veth, and the sample with
+    network = "own" in the host one; all removed afterwards."""
     tag = secrets.token_hex(4)
     host, world = f"corral-t-{tag}", f"corral-t-{tag}-w"
     name = "tst" + secrets.token_hex(3)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("CORRAL_ROOT", str(root))
     made: list[str] = []
     try:
         for ns in (host, world):
@@ -134,17 +145,13 @@ def own(tmp_path_factory):
                                          "\n\n[image]", 1))
         svc = Own(name, host, world, root, manifest)
         try:
-            svc.corral("install", str(manifest), check=True)
-            svc.corral("up", str(manifest), check=True)
-            yield svc
+            with installed_and_up(svc):
+                yield svc
         finally:
-            svc.corral("down", name)
-            svc.corral("uninstall", name, "--purge")
             remove_test_users(name)
     finally:
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        patch.undo()
 
 
 def test_the_namespace_and_its_link(own):

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import CORRAL, notes_manifest  # tests/conftest.py
+from conftest import CORRAL, installed_and_up, notes_manifest  # tests/conftest.py
 
 try:
     from conftest import in_netns
@@ -276,12 +276,9 @@ def started(directory: Path, root: Path, netns: str, name: str | None = None, po
     manifest.write_text(edit(manifest.read_text()))
     svc = Contained(name, netns, root, manifest, port, launcher)
     try:
-        svc.corral("install", str(manifest), check=True)
-        svc.corral("up", str(manifest), check=True)
-        yield svc
+        with installed_and_up(svc):
+            yield svc
     finally:
-        svc.corral("down", name)
-        svc.corral("uninstall", name, "--purge")
         # only this service's user: other tests may be running their own corral-tst* services
         subprocess.run(["userdel", svc.user], capture_output=True)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import throwaway_root
+
 from .attack import Contained, file_state, started, tree_state
 
 
@@ -26,20 +28,14 @@ class Env:
 def escape_env(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the escape corpus needs root (real users, nftables, mounts)")
-    tmp = tmp_path_factory.mktemp("escapes")
-    root = tmp / "corral-root"
-    root.mkdir()
     netns = "corral-t-" + secrets.token_hex(4)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("CORRAL_ROOT", str(root))
-    patch.delenv("CORRAL_DEBUG", raising=False)
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        yield Env(root, netns, tmp)
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        patch.undo()
+    with throwaway_root(tmp_path_factory, "escapes") as (tmp, root):
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        try:
+            subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+            yield Env(root, netns, tmp)
+        finally:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
 @dataclass
