@@ -69,9 +69,7 @@ def noexec_paths(spec: ServiceSpec) -> tuple[str, ...]:
     holds one of the `exec` programs is left executable (it cannot be both)."""
     volumes = {v.path for v in spec.volumes}  # already noexec mounts
     executables = [p for paths in spec.exec_paths.values() for p in paths]
-    out = {"/tmp"}
-    for proc in spec.processes:
-        out |= set(proc.landlock.get("read_write", ())) - {"/dev"} - volumes
+    out = {"/tmp"} | (set(writable_paths(spec)) - {"/dev"} - volumes)
     return tuple(sorted(p for p in out if not any(
         e == p or e.startswith(p.rstrip("/") + "/") for e in executables)))
 
