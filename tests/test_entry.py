@@ -106,7 +106,7 @@ NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", 
                           "corral.launch.seccomp", "subprocess", "hashlib", "tempfile",
                           "shutil", "corral.manifest.model", "corral.cli.main",
                           "corral.plan.nft_rules", "corral.host.nft", "dataclasses", "inspect",
-                          "ast", "dis", "tokenize", "tomllib")
+                          "ast", "dis", "tokenize", "tomllib", "typing")
 
 
 TRUE_SERVICE = """

@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from corral.core.errors import EXIT_RUNTIME, CorralError, InputError
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def say(message: str) -> None:

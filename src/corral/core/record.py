@@ -16,9 +16,20 @@ hundred nanoseconds more per instance. A hot class may define its own `__init__`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform, overload
 
-T = TypeVar("T")
+# typing costs `corral run` ~2.5 ms to import (bench/README.md, "Launch time"): the launch path's
+# modules import it under a TYPE_CHECKING of their own (mypy honours the name; at run time it is
+# False) and use types in annotations only, which `from __future__ import annotations` leaves
+# unevaluated. Here the decorators that only inform the type checker are no-ops at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, dataclass_transform
+
+    T = TypeVar("T")
+else:
+    def dataclass_transform(**_):
+        return lambda func: func
+
 _MISSING: Any = object()
 _FIELDS = "__record_fields__"
 
@@ -39,13 +50,6 @@ def field(*, default: Any = _MISSING, default_factory: Callable[[], Any] = _MISS
     if default is not _MISSING and default_factory is not _MISSING:
         raise ValueError("cannot specify both default and default_factory")
     return _Field(default, default_factory)
-
-
-@overload
-def record(cls: type[T], /) -> type[T]: ...
-@overload
-def record(*, frozen: bool = False, eq: bool = True, order: bool = False,
-           slots: bool = False) -> Callable[[type[T]], type[T]]: ...
 
 
 @dataclass_transform(field_specifiers=(field,))

@@ -30,11 +30,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from corral.core.errors import RuntimeFailure
 from corral.core.record import record
 from corral.kernel import syscalls as kernel
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 IMAGES = "volume-images"
 FILESYSTEMS = "volume-fs"

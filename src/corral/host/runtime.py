@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from corral.core.paths import RUNTIME, lib_dir, log_dir, run_dir
 from corral.core.record import asdict, field, record
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @record(frozen=True)

@@ -19,10 +19,10 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from corral.core.record import record
 
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:  # sandbox imports the manifest model (pydantic): not at import time
     from corral.plan.sandbox import LandlockPlan
 

@@ -16,9 +16,12 @@ import fcntl
 import os
 import time
 from collections import deque
-from typing import TextIO
 
 from corral.launch.logfile import MAX_LINE, Forward, LogFile
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import TextIO
 
 BATCH = 0.025  # seconds
 PIPE_SIZE = 1 << 20

@@ -23,7 +23,6 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from corral.core.record import record
 from corral.host.runtime import ProcessSpec, ServiceSpec
@@ -32,7 +31,10 @@ from corral.kernel import syscalls as kernel
 from corral.launch import benchskip, bpf, cgprime, creds, landlock, mnt
 from corral.plan.sandbox import LandlockPlan, SeccompPlan
 
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:  # a type only: the caller creates the cgroup and hands it in
+    from typing import Any
+
     from corral.launch.cgroup import Cgroup
 
 NAMESPACES = (kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-from typing import Any
 
 from corral.core.errors import InputError, Problem
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_BYTES = 1 << 20  # a manifest is a page of text; refuse to slurp a disk image by mistake
 

@@ -7,11 +7,10 @@ error, and the watcher's log records it) and kills the process for calls of anot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from corral.core.record import field, record
 from corral.plan.etc import dns_endpoints
 
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:  # the launch path imports this module: no pydantic at run time
     from corral.manifest.model import Manifest, Process
 

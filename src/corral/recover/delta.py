@@ -13,12 +13,28 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, BinaryIO, TypedDict
 
 from corral.core import tree
 from corral.core.record import record
 from corral.core.text import show
 from corral.core.tree import KINDS, hash_and_magic, is_whiteout
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, TypedDict
+
+    class _Common(TypedDict):
+        """The fields of a Change that an added and a modified entry share."""
+
+        kind: str
+        mode: int
+        uid: int
+        gid: int
+        size: int | None
+        blake3: str | None
+        target: bytes | None
+        executable: bool
+        setid: bool
 
 # Paths whose change in the delta shadows what the service runs or trusts: base-write tripwire.
 READ_BUDGET = 1 << 30  # bytes of file data one pass over a delta reads (tree.Budget)
@@ -62,20 +78,6 @@ class Change:
         return self.path.startswith(SENSITIVE_PREFIXES) or self.executable or self.setid
 
 
-class _Common(TypedDict):
-    """The fields of a Change that an added and a modified entry share."""
-
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    size: int | None
-    blake3: str | None
-    target: bytes | None
-    executable: bool
-    setid: bool
-
-
 @record
 class _Entry:
     st: os.stat_result
@@ -99,10 +101,10 @@ def _change(path: bytes, kind_of: str, entry: _Entry, base: _Entry | None) -> Ch
     st = entry.st
     mode = stat.S_IMODE(st.st_mode)
     executable = entry.elf or (stat.S_ISREG(st.st_mode) and bool(mode & 0o111))
-    common = _Common(kind=kind_of, mode=mode, uid=st.st_uid, gid=st.st_gid,
-                     size=st.st_size if stat.S_ISREG(st.st_mode) else None,
-                     blake3=entry.blake3, target=entry.target, executable=executable,
-                     setid=bool(mode & 0o6000))
+    common: _Common = {"kind": kind_of, "mode": mode, "uid": st.st_uid, "gid": st.st_gid,
+                       "size": st.st_size if stat.S_ISREG(st.st_mode) else None,
+                       "blake3": entry.blake3, "target": entry.target,
+                       "executable": executable, "setid": bool(mode & 0o6000)}
     if base is None:
         return Change(path, "added", **common)
     details = []

@@ -10,7 +10,6 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypeGuard
 
 from corral.core.errors import (
     EXIT_CANNOT_EXECUTE,
@@ -24,6 +23,10 @@ from corral.core.paths import lib_root, run_dir
 from corral.host import runtime, unit
 from corral.host.runtime import ServiceSpec
 from corral.watch import incidents
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any, TypeGuard
 
 READY_TIMEOUT = 30.0
 # After every process runs and listens, `up` watches this long before it says "started": a

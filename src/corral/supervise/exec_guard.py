@@ -15,15 +15,18 @@ import selectors
 import socket
 import time
 from collections.abc import Callable, Container
-from typing import Any
 
 from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.kernel import notify
 from corral.watch.event import Event  # not .sensors: the walk and its deps load after the fork
 
-# What the guard reports a refused exec to: the watcher's trip(event, process=...).
-Trip = Callable[[Event, str], Any]
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
+
+    # What the guard reports a refused exec to: the watcher's trip(event, process=...).
+    Trip = Callable[[Event, str], Any]
 
 
 class ExecGuard:

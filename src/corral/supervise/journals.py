@@ -15,11 +15,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from corral.core import log
 from corral.core.fsio import ReserveRefused
 from corral.host.runtime import ServiceSpec
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_EPOCH = 600.0  # seconds, when the volume sets none
 

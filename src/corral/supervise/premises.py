@@ -6,10 +6,12 @@ stays about processes and incidents."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from corral.core import log
 from corral.host.runtime import ServiceSpec
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def mount_sized_volumes(spec: ServiceSpec) -> None:

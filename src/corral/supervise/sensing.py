@@ -10,15 +10,18 @@ import os
 import selectors
 import time
 from collections.abc import Callable
-from typing import Any
 
 from corral.core import log
 from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
 
-DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (no fs of its own)
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
-Trip = Callable[[Event], Any]
+    Trip = Callable[[Event], Any]
+
+DELTA_POLL = 0.25  # seconds between walks of a delta fanotify cannot watch (no fs of its own)
 
 
 class Sensing:

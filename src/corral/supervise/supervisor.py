@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
 
 from corral.core import log, tree
 from corral.core.errors import CorralError
@@ -35,6 +34,10 @@ from corral.supervise import premises, setup
 from corral.supervise.exec_guard import ExecGuard
 from corral.supervise.journals import Journals
 from corral.supervise.sensing import Sensing
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 RESTART_LIMIT = 5  # crashes within RESTART_WINDOW before a process stays down
 RESTART_WINDOW = 60.0

@@ -3,9 +3,11 @@ sensors' helper modules share it without importing `sensors`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from corral.core.record import field, record
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @record

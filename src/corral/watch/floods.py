@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any
 
 from corral.core.fsio import reserve_of
 from corral.core.record import record
 from corral.host.runtime import ServiceSpec
 from corral.watch.event import Event
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 INTERVAL = 0.25  # seconds: the supervisor loop's tick
 # A limited file system is full under 1% free, within these: a writer meets ENOSPC with up to

@@ -8,9 +8,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from corral.core import text
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 FILE = "incidents.jsonl"
 

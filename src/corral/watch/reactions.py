@@ -10,27 +10,28 @@ event read meanwhile would be handled in the middle of another.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 from corral.host.runtime import ServiceSpec
 
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:  # a protocol is for the type checker only
+    from typing import Any, Protocol
 
-class Containment(Protocol):
-    """What the reactions act on: the supervisor, seen through only what they need (so the
-    watcher does not depend on it, and a test can hold a smaller one)."""
+    class Containment(Protocol):
+        """What the reactions act on: the supervisor, seen through only what they need (so the
+        watcher does not depend on it, and a test can hold a smaller one)."""
 
-    spec: ServiceSpec
-    halting: bool  # a reaction is under way: the service's processes are being stopped
+        spec: ServiceSpec
+        halting: bool  # a reaction is under way: the service's processes are being stopped
 
-    def close_epochs(self, reason: str, incidents: tuple[str, ...] = ()) -> None: ...
+        def close_epochs(self, reason: str, incidents: tuple[str, ...] = ()) -> None: ...
 
-    def isolate(self) -> None: ...
+        def isolate(self) -> None: ...
 
-    def kill_all(self) -> None: ...
+        def kill_all(self) -> None: ...
 
-    def stay_down(self, reason: str) -> None: ...
+        def stay_down(self, reason: str) -> None: ...
 
-    def revert_for(self, record: dict[str, Any]) -> str | None: ...
+        def revert_for(self, record: dict[str, Any]) -> str | None: ...
 
 
 class Reaction:

@@ -30,11 +30,14 @@ from __future__ import annotations
 import re
 import socket
 import time
-from typing import Any
 
 from corral.core import text
 from corral.core.record import replace
 from corral.watch.event import Event
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from typing import Any
 
 AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320
 AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN = 1423, 1424

@@ -25,7 +25,6 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
 
 from corral.core import log, text, tree
 from corral.recover import delta
@@ -33,7 +32,23 @@ from corral.watch.event import Event
 from corral.watch.refusals import AUDIT_EOE, AUDIT_LANDLOCK_ACCESS, AUDIT_SYSCALL, LandlockRecords
 from corral.watch.refusals import KINDS as LANDLOCK_KINDS
 
-__all__ = ["Event", "Sensor", "AuditReader", "PacketSensor", "DeltaPoller"]
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:  # a protocol is for the type checker only
+    from typing import Any, Protocol
+
+    class Sensor(Protocol):
+        name: str
+        state: str  # "on ..." while it sees; "off: why" once it cannot (shown by `corral status`)
+        interval: float  # seconds between drains of a sensor without a descriptor
+
+        def fileno(self) -> int | None: ...
+
+        def drain(self, now: float) -> list[Event]: ...
+
+        def close(self) -> None: ...
+
+
+__all__ = ["Event", "AuditReader", "PacketSensor", "DeltaPoller"]
 
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
@@ -49,18 +64,6 @@ SETID_CALLS = {"chmod", "fchmod", "fchmodat", "fchmodat2", "creat", "open", "ope
 IGNORED_CALLS = {"execve", "execveat", "clone3", "openat2"}
 # setsockopt is refused only for multicast joins (launch.seccomp), a covert way out: egress.
 EGRESS_CALLS = {"setsockopt"}
-
-
-class Sensor(Protocol):
-    name: str
-    state: str  # "on ..." while it sees; "off: why" once it cannot (shown by `corral status`)
-    interval: float  # seconds between drains of a sensor without a descriptor
-
-    def fileno(self) -> int | None: ...
-
-    def drain(self, now: float) -> list[Event]: ...
-
-    def close(self) -> None: ...
 
 
 def _in_initial_netns(make: Callable[[], socket.socket]) -> socket.socket:

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
 
 from corral.core import log
 from corral.core import record as rec
 from corral.watch import incidents
-from corral.watch.reactions import REACTIONS, Containment, Reaction
+from corral.watch.reactions import REACTIONS, Reaction
 from corral.watch.sensors import Event
 
-if TYPE_CHECKING:  # a type only: subprocess is imported at the first incident, not at launch
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:  # types only: subprocess is imported at the first incident, not at launch
     import subprocess
+    from typing import Any
+
+    from corral.watch.reactions import Containment
 
 COALESCE = 2.0  # seconds: repeats of one tripwire by one process join the open incident
 REVERT_LIMIT = 5  # reverts within REVERT_WINDOW before the service stays down
