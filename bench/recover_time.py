@@ -297,7 +297,8 @@ def measure_floor(world: bk.World, name: str, rounds: int) -> dict[str, Any]:
     code = ("import time, json, os; t0 = time.perf_counter()\n"
             "from corral.host.base import verify; from corral.host.runtime import read\n"
             "t1 = time.perf_counter(); spec = read(os.environ['SVC'])\n"
-            "r = verify(spec.state, spec.base_version); t2 = time.perf_counter()\n"
+            "from pathlib import Path\n"
+            "r = verify(Path(spec.state), spec.base_version); t2 = time.perf_counter()\n"
             "print(json.dumps({'import_ms': (t1 - t0) * 1000, 'verify_ms': (t2 - t1) * 1000}))")
     inproc: dict[str, list[float]] = {"import_ms": [], "verify_ms": []}
     for _ in range(rounds):

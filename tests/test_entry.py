@@ -100,13 +100,15 @@ main()
 # (the filters come from the service's cache, launch.bpf) and what it drags in, subprocess
 # (no helper program is started), hashlib (OpenSSL for one hash), the nftables planner and
 # runner (the watcher's NFLOG group comes from core.nflog), dataclasses and what it imports
-# (the launch path's classes are core.record's: ~14 ms less), and tomllib (the installed
-# manifest's bytes are known by their digest, cli.base.installed_as).
+# (the launch path's classes are core.record's: ~14 ms less), tomllib (the installed
+# manifest's bytes are known by their digest, cli.base.installed_as), typing (annotations
+# only, core.record) and pathlib with what it imports (paths are strings, core.paths).
 NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", "ctypes.util",
                           "corral.launch.seccomp", "subprocess", "hashlib", "tempfile",
                           "shutil", "corral.manifest.model", "corral.cli.main",
                           "corral.plan.nft_rules", "corral.host.nft", "dataclasses", "inspect",
-                          "ast", "dis", "tokenize", "tomllib", "typing")
+                          "ast", "dis", "tokenize", "tomllib", "typing", "pathlib",
+                          "ipaddress", "urllib.parse")
 
 
 TRUE_SERVICE = """

@@ -692,11 +692,11 @@ def installed(corral_root, tmp_path):
                                processes=[proc],
                                volumes=[runtime.VolumeSpec("/srv/data", "srv-data", "app"),
                                         runtime.VolumeSpec("/srv/cache", "srv-cache", "app")])
-    (spec.state / "volumes/srv-data").mkdir(parents=True)
-    (spec.state / "volumes/srv-cache").mkdir(parents=True)
+    Path(spec.state, "volumes/srv-data").mkdir(parents=True)
+    Path(spec.state, "volumes/srv-cache").mkdir(parents=True)
     runtime.write(spec)
-    (spec.state / "install.json").write_text(json.dumps({"service": name,
-                                                         "manifest": str(manifest)}))
+    Path(spec.state, "install.json").write_text(json.dumps({"service": name,
+                                                           "manifest": str(manifest)}))
     return spec
 
 
@@ -711,7 +711,7 @@ def test_journaled_volumes_come_from_the_manifest(installed):
 
 
 def test_cli_mark_log_diff_excise_commit_check(installed):
-    vol = installed.state / "volumes/srv-data"
+    vol = Path(installed.state, "volumes/srv-data")
     put(vol, "page.html", b"good")
     assert invoke("mark", "tstjournal", "--note", "start").output == "1\n"
     put(vol, "page.html", b"defaced")
@@ -746,7 +746,7 @@ def test_cli_mark_log_diff_excise_commit_check(installed):
     result = invoke("commit", "tstjournal", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["volumes"][0]["folded"] == []
     assert invoke("check", "tstjournal").exit_code == 0
-    obj = next(p for p in (installed.state / "journal/srv-data/objects").rglob("*")
+    obj = next(p for p in Path(installed.state, "journal/srv-data/objects").rglob("*")
                if p.is_file() and ".staging" not in str(p))
     obj.write_bytes(b"not zstd")
     result = invoke("check", "tstjournal", "--json")
@@ -756,7 +756,7 @@ def test_cli_mark_log_diff_excise_commit_check(installed):
 def test_cli_excises_from_a_running_service_and_dry_runs(installed):
     from corral.core.paths import run_dir
 
-    vol = installed.state / "volumes/srv-data"
+    vol = Path(installed.state, "volumes/srv-data")
     put(vol, "log", b"good 1\n")
     invoke("mark", "tstjournal")
     put(vol, "log", b"good 1\nJUNK\n")
@@ -767,8 +767,8 @@ def test_cli_excises_from_a_running_service_and_dry_runs(installed):
     fake = subprocess.Popen(["bash", "-c", "exec -a corral-fake-supervisor sleep 30"])
     try:
         time.sleep(0.1)
-        run_dir("tstjournal").mkdir(parents=True, exist_ok=True)
-        (run_dir("tstjournal") / "state.json").write_text(json.dumps(
+        Path(run_dir("tstjournal")).mkdir(parents=True, exist_ok=True)
+        Path(run_dir("tstjournal"), "state.json").write_text(json.dumps(
             {"phase": "running", "supervisor": fake.pid, "processes": {}}))
         plan = invoke("excise", "tstjournal", "--from", "2", "--to", "2", "--dry-run")
         assert plan.exit_code == 0 and "would excise epochs 2..2" in plan.output

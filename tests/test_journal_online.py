@@ -122,7 +122,7 @@ def test_online_excision_freezes_excises_and_restarts(tmp_path):
         assert [m["path"] for m in result["merged"]] == ["notes"]
         assert svc.writer.wait(5) == -9  # killed while frozen, for the supervisor to restart
         assert not svc.group.stats()["frozen"]
-        assert not (svc.spec.run / "excise-frozen.json").exists()
+        assert not Path(svc.spec.run, "excise-frozen.json").exists()
         assert_nothing_lost(svc, j, excised=True)
         assert j.check()["problems"] == [] and j.close_epoch("schedule") is None
     finally:
@@ -181,7 +181,7 @@ def test_online_excision_survives_a_kill_anywhere(tmp_path):
                 # the writer's timing varies the count a little: the last runs may finish
                 assert killed or (report and report["ok"]), report
                 settle(j, rsvc.spec)  # what `corral state check` does first
-                assert not (rsvc.spec.run / "excise-frozen.json").exists()
+                assert not Path(rsvc.spec.run, "excise-frozen.json").exists()
                 assert not rsvc.group.stats()["frozen"]  # never left frozen
                 assert j.check()["problems"] == []
                 excised = j.info()["epoch"] > 3 and j.diff(j.info()["epoch"])["reason"] == \

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
 from corral.audit.checks import CHECKS, HostFacts, ProcView, ServiceView, VolView
@@ -104,7 +105,7 @@ def view_from_installed(name: str) -> ServiceView:
 
     spec = spec_of(name)
     try:
-        record = json.loads((spec.state / RECORD).read_text())
+        record = json.loads(Path(spec.state, RECORD).read_text())
     except (OSError, ValueError):
         record = {}
     m = _installed_manifest(name, record)
@@ -129,7 +130,8 @@ def view_from_installed(name: str) -> ServiceView:
     volumes = []
     for v in spec.volumes:
         try:
-            mode: int | None = stat.S_IMODE(os.lstat(spec.state / "volumes" / v.store).st_mode)
+            mode: int | None = stat.S_IMODE(
+                os.lstat(os.path.join(spec.state, "volumes", v.store)).st_mode)
         except OSError:
             mode = None
         volumes.append(VolView(v.path, mode, journals.get(v.path), v.size))
@@ -147,7 +149,7 @@ def installed_services() -> list[str]:
     from corral.core.paths import RUNTIME, lib_root
 
     try:
-        return sorted(d.name for d in lib_root().iterdir() if (d / RUNTIME).is_file())
+        return sorted(d.name for d in Path(lib_root()).iterdir() if (d / RUNTIME).is_file())
     except OSError:
         return []
 

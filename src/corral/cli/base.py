@@ -104,7 +104,8 @@ def installed_as(raw: bytes) -> str | None:
     if name is None or not SERVICE_NAME.match(name):
         return None
     try:
-        fd = os.open(lib_dir(name) / RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(lib_dir(name), RECORD),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -59,7 +60,7 @@ def _groups(services: tuple[str, ...]) -> list[int]:
     from corral.plan import nft_rules as nftables
 
     if not services:
-        root = lib_root()
+        root = Path(lib_root())
         services = tuple(["host"] + sorted(p.name for p in root.iterdir()
                                            if (p / RUNTIME).exists())
                          if root.is_dir() else ["host"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -313,7 +314,7 @@ def verify(name: str, as_json: bool) -> None:
 
     need_root()
     spec = spec_of(service_name(name))
-    found = do_verify(spec.state, spec.base_version)
+    found = do_verify(Path(spec.state), spec.base_version)
     result = {"service": spec.service, "base_version": found["version"],
               "ok": not found["problems"], "entries": found["entries"],
               "problems": found["problems"]}

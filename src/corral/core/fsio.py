@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:
     from typing import Any
+
+    StrPath = str | os.PathLike[str]  # paths are strings on the launch path (core.paths)
 
 
 def _no_step() -> None:
@@ -31,7 +32,7 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def fsync_dir(path: str | Path, step: Callable[[], None] = _no_step) -> None:
+def fsync_dir(path: StrPath, step: Callable[[], None] = _no_step) -> None:
     """Make a rename or unlink in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -41,14 +42,14 @@ def fsync_dir(path: str | Path, step: Callable[[], None] = _no_step) -> None:
     step()
 
 
-def write_durable(path: str | Path, data: bytes, mode: int = 0o600,
+def write_durable(path: StrPath, data: bytes, mode: int = 0o600,
                   step: Callable[[], None] = _no_step) -> None:
     """Replace `path` atomically: readers (and a crash) see the old file or the new one.
     `mode` is passed to open(2), so the umask applies. The temporary file sits next to `path`
     (same file system, so the rename is atomic) and is removed on any failure (ENOSPC and the
     like leave no half-written tmp)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                      mode)
@@ -60,32 +61,35 @@ def write_durable(path: str | Path, data: bytes, mode: int = 0o600,
         step()
         os.rename(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
     step()
-    fsync_dir(path.parent, step)
+    fsync_dir(folder or ".", step)
 
 
-def unlink_durable(paths: Iterable[Path], step: Callable[[], None] = _no_step) -> None:
+def unlink_durable(paths: Iterable[StrPath], step: Callable[[], None] = _no_step) -> None:
     """Remove files (missing ones are fine), then make each removal durable."""
     dirs = set()
     for path in paths:
         try:
-            path.unlink()
+            os.unlink(path)
         except FileNotFoundError:
             continue
         step()
-        dirs.add(path.parent)
+        dirs.add(os.path.dirname(os.fspath(path)) or ".")
     for d in dirs:
         fsync_dir(d, step)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: StrPath, text: str) -> None:
     # 0o666 less the umask: the mode open(path, "w") gave these files before.
     write_durable(path, text.encode(), mode=0o666)
 
 
-def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
+def write_json(path: StrPath, data: Any, sort_keys: bool = True) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
@@ -120,7 +124,7 @@ class ReserveRefused(OSError):
         return self.strerror or ""
 
 
-def keep_reserve(path: str | Path, need: int, what: str) -> None:
+def keep_reserve(path: StrPath, need: int, what: str) -> None:
     """Raise ReserveRefused unless writing `need` more bytes to the file system of `path`
     leaves corral's reserve free (max(64 MiB, 1%))."""
     st = os.statvfs(path)

@@ -9,9 +9,10 @@ that quotes the input, so the manifest layer can print `key.path: "value": what 
 
 from __future__ import annotations
 
-import ipaddress
-
 from corral.core.record import record
+
+# ipaddress is imported where an address is parsed: `corral run` reads only port ranges here
+# (the UDP bind guard), and ipaddress costs it ~0.9 ms (bench/README.md, "Launch time").
 
 PROTOCOLS = ("tcp", "udp")
 
@@ -42,6 +43,8 @@ class Endpoint:
     def family(self) -> int | None:
         if self.network is None:
             return None
+        import ipaddress
+
         return ipaddress.ip_network(self.network).version
 
     @property
@@ -82,6 +85,8 @@ def parse_ports(text: str, raw: str | None = None) -> PortSpec:
 
 def parse_network(text: str, raw: str) -> str:
     """A literal address or prefix; host names are refused (rules must not depend on DNS)."""
+    import ipaddress
+
     try:
         net = ipaddress.ip_network(text.strip("[]"), strict=True)
     except ValueError as exc:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from corral.core.errors import RuntimeFailure
 from corral.core.netspec import Endpoint, PortSpec
@@ -274,7 +275,7 @@ def installed_names() -> list[str]:
     from corral.core.paths import RECORD, lib_root
     from corral.host.firewall_guard import STATE
 
-    return sorted(p.parent.name for p in lib_root().glob(f"*/{RECORD}")
+    return sorted(p.parent.name for p in Path(lib_root()).glob(f"*/{RECORD}")
                   if p.parent.name != STATE)
 
 

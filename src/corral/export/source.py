@@ -31,15 +31,15 @@ class Source:
 
     @property
     def base_root(self) -> Path:
-        return lib_dir(self.manifest.name) / "base" / str(self.base_version) / "root"
+        return Path(lib_dir(self.manifest.name), "base", str(self.base_version), "root")
 
     def volume_dir(self, store: str) -> Path:
-        return lib_dir(self.manifest.name) / "volumes" / store
+        return Path(lib_dir(self.manifest.name), "volumes", store)
 
 
 def _record(name: str) -> dict | None:
     try:
-        data = json.loads((lib_dir(name) / RECORD).read_text())
+        data = json.loads(Path(lib_dir(name), RECORD).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

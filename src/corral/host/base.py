@@ -134,9 +134,10 @@ def record_version(state: Path, version: int, current: bool = False) -> None:
 
 def list_versions(spec: runtime.ServiceSpec) -> list[dict[str, Any]]:
     out = []
-    for version in versions(spec.state):
+    state = Path(spec.state)
+    for version in versions(state):
         try:
-            meta = json.loads((spec.state / "base" / str(version) / "image.json").read_text())
+            meta = json.loads((state / "base" / str(version) / "image.json").read_text())
         except (OSError, ValueError):
             meta = {}
         out.append({"version": version, "current": version == spec.base_version,
@@ -146,10 +147,11 @@ def list_versions(spec: runtime.ServiceSpec) -> list[dict[str, Any]]:
 
 
 def use(spec: runtime.ServiceSpec, version: int) -> runtime.ServiceSpec:
-    if version not in versions(spec.state):
+    state = Path(spec.state)
+    if version not in versions(state):
         raise UsageError(f"{spec.service}: no base version {version} "
-                         f"(have {', '.join(map(str, versions(spec.state))) or 'none'})")
+                         f"(have {', '.join(map(str, versions(state))) or 'none'})")
     updated = replace(spec, base_version=version)
     runtime.write(updated)
-    record_version(spec.state, version, current=True)
+    record_version(state, version, current=True)
     return updated

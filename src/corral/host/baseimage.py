@@ -22,18 +22,21 @@ A base sealed before images existed gets one at its next start (`ensure`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
+if TYPE_CHECKING:
+    from corral.core.fsio import StrPath
 
 IMAGE = "root.erofs"
 TOOL = "mkfs.erofs"
 TIMEOUT = 600
 
 
-def image_of(version_dir: Path) -> Path:
-    return version_dir / IMAGE
+def image_of(version_dir: StrPath) -> str:
+    return os.path.join(version_dir, IMAGE)
 
 
-def build(version_dir: Path) -> str | None:
+def build(version_dir: StrPath) -> str | None:
     """Make `version_dir`/root.erofs from `version_dir`/root; None when made, else why not (no
     mkfs.erofs, or it failed): the root is then a whole overlay, slower but the same.
     Written to a temporary name and renamed, so a reader never sees half an image."""
@@ -45,10 +48,10 @@ def build(version_dir: Path) -> str | None:
         return f"{TOOL} is not installed (Debian: erofs-utils)"
 
     final = image_of(version_dir)
-    temporary = version_dir / f".{IMAGE}.{os.getpid()}"
+    temporary = os.path.join(version_dir, f".{IMAGE}.{os.getpid()}")
     # --preserve-mtime: a file's mtime is what the service sees (nginx's Last-Modified), not the
     # build's time. Uncompressed (no -z): reads cost what they cost on the base directory.
-    argv = [tool, "--quiet", "--preserve-mtime", str(temporary), str(version_dir / "root")]
+    argv = [tool, "--quiet", "--preserve-mtime", temporary, os.path.join(version_dir, "root")]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
                                 stdin=subprocess.DEVNULL)
@@ -67,23 +70,23 @@ def build(version_dir: Path) -> str | None:
     return None
 
 
-def fingerprint(version_dir: Path) -> dict[str, object] | None:
+def fingerprint(version_dir: StrPath) -> dict[str, object] | None:
     """Size and blake3 of the image, for the base's integrity manifest (`verify`), or None."""
     from corral.core import tree
 
     image = image_of(version_dir)
-    if not image.is_file():
+    if not os.path.isfile(image):
         return None
-    with tree.directory(str(version_dir)) as fd:
+    with tree.directory(os.fspath(version_dir)) as fd:
         digest, _ = tree.hash_and_magic(fd, IMAGE.encode())
-    return {"size": image.stat().st_size, "blake3": digest}
+    return {"size": os.stat(image).st_size, "blake3": digest}
 
 
-def ensure(version_dir: Path) -> str | None:
+def ensure(version_dir: StrPath) -> str | None:
     """The image of a base sealed before images existed (or whose image was removed), made
     now from the sealed directory and recorded in its integrity manifest; None if there is
     one."""
-    if image_of(version_dir).is_file():
+    if os.path.isfile(image_of(version_dir)):
         return None
     why = build(version_dir)
     if why is None:
@@ -91,9 +94,10 @@ def ensure(version_dir: Path) -> str | None:
 
         from corral.core.fsio import write_json
 
-        integrity = version_dir / "integrity.json"
+        integrity = os.path.join(version_dir, "integrity.json")
         try:
-            data = json.loads(integrity.read_text())
+            with open(integrity, "rb") as handle:
+                data = json.loads(handle.read())
         except (OSError, ValueError):
             return None  # no manifest to add it to: `verify` says so about the base itself
         data["image"] = fingerprint(version_dir)

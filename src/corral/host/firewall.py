@@ -35,6 +35,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corral.core.errors import InputError, Problem, RuntimeFailure, UsageError
@@ -101,7 +102,7 @@ def installed_services() -> list[ServiceFlows]:
     from corral.manifest.model import load_manifest
 
     out = []
-    for record_file in sorted(lib_root().glob("*/install.json")):
+    for record_file in sorted(Path(lib_root()).glob("*/install.json")):
         name = record_file.parent.name
         if name == STATE:
             raise UsageError(f'an installed service is named "{STATE}": its table inet '

@@ -46,7 +46,7 @@ _TABLE = {"table": {"family": "inet", "name": TABLE}}
 
 
 def state_dir() -> Path:
-    return lib_root() / STATE
+    return Path(lib_root(), STATE)
 
 
 def now() -> str:

@@ -46,7 +46,7 @@ def digest(data: Any) -> str:
 
 def read_record(service: str) -> dict[str, Any] | None:
     try:
-        return json.loads((lib_dir(service) / RECORD).read_text())
+        return json.loads(Path(lib_dir(service), RECORD).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -95,7 +95,7 @@ def _fault(step: str) -> None:
 
 
 def install(plan: ServicePlan, manifest_file: str, show_progress: bool = False) -> Report:
-    state = lib_dir(plan.service)
+    state = Path(lib_dir(plan.service))
     record = read_record(plan.service) or {}
     original = json.loads(json.dumps(record))
     report = Report(plan.service)
@@ -328,7 +328,7 @@ def _install_volumes(plan: ServicePlan, state: Path, record: dict[str, Any], rep
 def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
                    undo: _Undo) -> None:
     group = nftables.nflog_group(plan.service)
-    for other in lib_root().iterdir():
+    for other in Path(lib_root()).iterdir():
         if other.name != plan.service and (other / RECORD).exists() \
                 and nftables.nflog_group(other.name) == group:
             raise RuntimeFailure(f"services {plan.service} and {other.name} would share NFLOG "
@@ -352,7 +352,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
     if record is None:
         raise UsageError(f"{service}: not installed")
     report = Report(service)
-    state = lib_dir(service)
+    state = Path(lib_dir(service))
     if nft.delete_table(service):
         report.changes.append(f"deleted nftables table inet {nftables.table_name(service)}")
     from corral.host import netns
@@ -372,7 +372,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
     if purge:
         shutil.rmtree(state)
         report.changes.append(f"removed {state} (volumes included)")
-        if log_dir(service).exists():
+        if os.path.exists(log_dir(service)):
             shutil.rmtree(log_dir(service))
             report.changes.append(f"removed the logs in {log_dir(service)}")
     else:
@@ -385,7 +385,7 @@ def uninstall(service: str, purge: bool = False) -> Report:
         report.changes.append(f"removed base images; volumes kept in {state / 'volumes'}")
     for parent in (run_root(), lib_root(), log_root()):
         try:
-            parent.rmdir()  # only if no other service is left
+            os.rmdir(parent)  # only if no other service is left
         except OSError:
             pass
     return report
@@ -405,7 +405,7 @@ def build_next_base(service: str, show_progress: bool = False) -> int:
     accounts = [(comment, account) for comment, account in found if account is not None]
     if len(accounts) < len(found):
         raise RuntimeFailure(f"{service}: a user is missing; run corral install again")
-    state = lib_dir(service)
+    state = Path(lib_dir(service))
     version = next_version(state)
     image.build_base(plan, state, version, accounts, show_progress)
     record_version(state, version)

@@ -63,12 +63,13 @@ class SizedVolume:
         return self.top / "work"
 
 
-def sized(state: Path, store: str) -> SizedVolume:
+def sized(state: str | Path, store: str) -> SizedVolume:
+    state = Path(state)
     return SizedVolume(state / IMAGES / f"{store}.img", state / FILESYSTEMS / store,
                        state / "volumes" / store)
 
 
-def has_image(state: Path, store: str) -> bool:
+def has_image(state: str | Path, store: str) -> bool:
     return sized(state, store).image.exists()
 
 

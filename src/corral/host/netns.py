@@ -68,14 +68,14 @@ def nat_table(service: str) -> str:
 
 
 def pin_path(service: str) -> Path:
-    return run_dir(service) / "netns"  # = ServiceSpec.netns, which the launch path reads
+    return Path(run_dir(service), "netns")  # = ServiceSpec.netns, which the launch path reads
 
 
 # ---------------------------------------------------------------- address leases
 
 def _leased(except_service: str) -> list[ipaddress.IPv4Network]:
     out = []
-    for lease in run_root().glob(f"*/{LEASE}"):
+    for lease in Path(run_root()).glob(f"*/{LEASE}"):
         if lease.parent.name == except_service:
             continue
         try:
@@ -116,17 +116,17 @@ def choose(service: str, pool: str, taken: Iterable[ipaddress.IPv4Network]) -> L
 def leased(service: str) -> Link | None:
     """The link a running service leased (None: none, or an unreadable lease)."""
     try:
-        return Link(**json.loads((run_dir(service) / LEASE).read_text()))
+        return Link(**json.loads(Path(run_dir(service), LEASE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
 def lease(service: str, pool: str) -> Link:
     os.makedirs(run_dir(service), mode=0o700, exist_ok=True)
-    with open(run_root() / "network.lock", "w") as lock:
+    with open(os.path.join(run_root(), "network.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two supervisors starting at once get two blocks
         link = choose(service, pool, _leased(service) + _host_networks())
-        write_json(run_dir(service) / LEASE, asdict(link))
+        write_json(os.path.join(run_dir(service), LEASE), asdict(link))
     return link
 
 
@@ -365,7 +365,7 @@ def remove(service: str) -> list[str]:
         done.append(f"network namespace {path}")
     except OSError:
         pass  # not mounted
-    for leftover in (path, run_dir(service) / LEASE):
+    for leftover in (path, Path(run_dir(service), LEASE)):
         try:
             leftover.unlink()
         except FileNotFoundError:

@@ -4,7 +4,7 @@ one JSON file instead of re-planning (no manifest model, no ELF parsing at start
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 from corral.core.paths import RUNTIME, lib_dir, log_dir, run_dir
 from corral.core.record import asdict, field, record
@@ -62,34 +62,35 @@ class ServiceSpec:
     def own_network(self) -> bool:
         return self.network.get("mode") == "own"
 
+    # Paths are strings (core.paths says why).
     @property
-    def netns(self) -> Path:
+    def netns(self) -> str:
         """Where its own network namespace is pinned (network = "own", host.netns)."""
-        return self.run / "netns"
+        return os.path.join(self.run, "netns")
 
     @property
-    def state(self) -> Path:
+    def state(self) -> str:
         return lib_dir(self.service)
 
     @property
-    def run(self) -> Path:
+    def run(self) -> str:
         return run_dir(self.service)
 
     @property
-    def logs(self) -> Path:
+    def logs(self) -> str:
         return log_dir(self.service)
 
     @property
-    def base_root(self) -> Path:
-        return self.state / "base" / str(self.base_version) / "root"
+    def base_root(self) -> str:
+        return os.path.join(self.state, "base", str(self.base_version), "root")
 
     @property
-    def delta_dir(self) -> Path:
-        return self.run / "delta" if self.delta == "tmpfs" else self.state / "delta"
+    def delta_dir(self) -> str:
+        return os.path.join(self.run if self.delta == "tmpfs" else self.state, "delta")
 
     @property
-    def root(self) -> Path:
-        return self.run / "root"
+    def root(self) -> str:
+        return os.path.join(self.run, "root")
 
     def process(self, name: str) -> ProcessSpec | None:
         return next((p for p in self.processes if p.name == name), None)
@@ -101,12 +102,13 @@ class ServiceSpec:
 def write(spec: ServiceSpec) -> None:
     from corral.core.fsio import write_json
 
-    write_json(spec.state / RUNTIME, spec.to_json())
+    write_json(os.path.join(spec.state, RUNTIME), spec.to_json())
 
 
 def read(service: str) -> ServiceSpec | None:
     try:
-        data = json.loads((lib_dir(service) / RUNTIME).read_text())
+        with open(os.path.join(lib_dir(service), RUNTIME), "rb") as handle:
+            data = json.loads(handle.read())
     except FileNotFoundError:
         return None
     data["processes"] = [ProcessSpec(**p) for p in data["processes"]]

@@ -26,7 +26,7 @@ STOP_MARGIN = 30  # seconds beyond the slowest process's stop_timeout for `corra
 
 
 def unit_dir() -> Path:
-    return Path(os.environ.get("CORRAL_SYSTEMD_DIR") or corral_root() / "etc/systemd/system")
+    return Path(os.environ.get("CORRAL_SYSTEMD_DIR") or Path(corral_root(), "etc/systemd/system"))
 
 
 def unit_name(service: str) -> str:

@@ -30,12 +30,12 @@ CHUNK = 1 << 20
 
 def host_run() -> Path:
     """Where the initramfs leaves the booted image's mounts (moved by CORRAL_ROOT for tests)."""
-    return corral_root() / "run/corral-host"
+    return Path(corral_root(), "run/corral-host")
 
 
 def default_store() -> Path:
     booted = host_run() / "persist/images"
-    return booted if booted.is_dir() else corral_root() / "var/lib/corral-host/images"
+    return booted if booted.is_dir() else Path(corral_root(), "var/lib/corral-host/images")
 
 
 def versions(store: Path) -> list[int]:

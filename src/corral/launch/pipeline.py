@@ -82,7 +82,7 @@ def seccomp_plan(proc: ProcessSpec) -> SeccompPlan:
 def seccomp_cache(spec: ServiceSpec, proc: ProcessSpec) -> str:
     """Where the process's compiled filters are kept (launch.bpf): the service's state
     directory, root's, removed with the service by `uninstall --purge`."""
-    return str(spec.state / "seccomp" / f"{proc.name}.bpf")
+    return os.path.join(spec.state, "seccomp", f"{proc.name}.bpf")
 
 
 def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
@@ -96,8 +96,8 @@ def volumes_of(spec: ServiceSpec) -> list[mnt.VolumeMount]:
             fs = loopfs.sized(spec.state, v.store)
             out.append(mnt.VolumeMount(v.path, str(fs.data), v.owner, str(fs.work)))
         else:
-            out.append(mnt.VolumeMount(v.path, str(spec.state / "volumes" / v.store), v.owner,
-                                       str(spec.state / "volume-work" / v.store)))
+            out.append(mnt.VolumeMount(v.path, os.path.join(spec.state, "volumes", v.store),
+                                       v.owner, os.path.join(spec.state, "volume-work", v.store)))
     return out
 
 

@@ -121,9 +121,10 @@ class _Reserved:
         self.raw.flush()
 
 
-def archive_delta(upper_fd: int, base_fd: int, archives: Path, meta: dict[str, Any],
+def archive_delta(upper_fd: int, base_fd: int, archives: str | Path, meta: dict[str, Any],
                   keep: int = DEFAULT_KEEP) -> Path:
     """Write archives/<time>-<reason>/{delta.tar.zst,meta.json}; returns the directory."""
+    archives = Path(archives)
     import zstandard
 
     too_deep: list[bytes] = []
@@ -175,7 +176,8 @@ def prune(archives: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def list_archives(archives: Path) -> list[dict[str, Any]]:
+def list_archives(archives: str | Path) -> list[dict[str, Any]]:
+    archives = Path(archives)
     out: list[dict[str, Any]] = []
     if not archives.is_dir():
         return out

@@ -101,9 +101,10 @@ def _remove(path: Path) -> None:
 def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
            allow: list[str]) -> dict[str, Any]:
     """Fold the delta into base version max+1 and make it the current one."""
-    version = next_version(spec.state)
-    final = spec.state / "base" / str(version)
-    work = spec.state / "base" / f".building-{version}"
+    state = Path(spec.state)
+    version = next_version(state)
+    final = state / "base" / str(version)
+    work = state / "base" / f".building-{version}"
     if work.exists():
         _remove(work)
     work.mkdir()
@@ -122,7 +123,7 @@ def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
         if refused:
             raise CheckFailed(f"{spec.service}: commit refused; these changes need --allow "
                               "PATH:\n  " + "\n  ".join(refused))
-        previous = json.loads((spec.base_root.parent / "image.json").read_text())
+        previous = json.loads(Path(spec.base_root).parent.joinpath("image.json").read_text())
         (work / "image.json").write_text(json.dumps(
             dict(previous, version=version, note=f"commit of the delta on base "
                  f"{spec.base_version}", changes=len(found)), indent=2) + "\n")

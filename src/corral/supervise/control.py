@@ -9,7 +9,6 @@ import signal
 import stat
 import sys
 import time
-from pathlib import Path
 
 from corral.core.errors import (
     EXIT_CANNOT_EXECUTE,
@@ -20,7 +19,7 @@ from corral.core.errors import (
     UsageError,
 )
 from corral.core.paths import lib_root, run_dir
-from corral.host import runtime, unit
+from corral.host import runtime
 from corral.host.runtime import ServiceSpec
 from corral.watch import incidents
 
@@ -44,7 +43,8 @@ def spec_of(service: str) -> ServiceSpec:
 
 def read_state(service: str) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir(service) / "state.json").read_text())
+        with open(os.path.join(run_dir(service), "state.json"), "rb") as handle:
+            return json.loads(handle.read())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -69,7 +69,7 @@ def _archives(spec: ServiceSpec) -> list[dict[str, Any]]:
         list_archives,  # tarfile: only status needs it, not the launch path
     )
 
-    return list_archives(spec.state / "archives")
+    return list_archives(os.path.join(spec.state, "archives"))
 
 
 def run(service: str) -> int:
@@ -95,10 +95,10 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     spec = spec_of(service)
     if supervisor_alive(read_state(service)):
         return {"service": service, "changed": False, "state": read_state(service)}
-    run_path = spec.run
-    run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (run_path / "state.json").unlink(missing_ok=True)
-    with open(run_path / "supervisor.log", "ab") as log:
+    os.makedirs(spec.run, mode=0o700, exist_ok=True)
+    _unlink(os.path.join(spec.run, "state.json"))
+    supervisor_log = os.path.join(spec.run, "supervisor.log")
+    with open(supervisor_log, "ab") as log:
         import subprocess  # `up` only: the launch path (`run`) has no use for it
 
         proc = subprocess.Popen(_supervisor_argv(service), stdin=subprocess.DEVNULL,
@@ -107,7 +107,7 @@ def up(service: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     while time.monotonic() < deadline:
         state = read_state(service)
         if proc.poll() is not None and (not state or state.get("phase") != "running"):
-            detail = (state or {}).get("error") or _tail(run_path / "supervisor.log")
+            detail = (state or {}).get("error") or _tail(supervisor_log)
             raise RuntimeFailure(f"{service}: did not start: {detail}")
         trouble = _start_trouble(spec, state)
         if trouble:
@@ -184,11 +184,19 @@ def _crashed_during_start(spec: ServiceSpec, state: dict[str, Any] | None) -> st
     return ""
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def _tail(path: str, lines: int = 3) -> str:
     try:
-        return " | ".join(path.read_text().strip().splitlines()[-lines:])
+        with open(path) as handle:
+            return " | ".join(handle.read().strip().splitlines()[-lines:])
     except OSError:
         return "no log"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _all_listening(spec: ServiceSpec, state: dict[str, Any]) -> bool:
@@ -241,18 +249,20 @@ def _cleanup(spec: ServiceSpec) -> None:
 
     cgroup.remove_service(spec.service)
     mnt.unmount_delta(str(spec.delta_dir), spec.delta)
-    if spec.own_network or (spec.run / "network.json").exists():  # its namespace, veth, NAT
+    if spec.own_network or os.path.exists(os.path.join(spec.run, "network.json")):  # netns, NAT
         from corral.host import netns
 
         netns.remove(spec.service)
     for name in ("state.json", "supervisor.lock"):
-        (spec.run / name).unlink(missing_ok=True)
+        _unlink(os.path.join(spec.run, name))
 
 
 def status(service: str | None) -> list[dict[str, Any]]:
-    names = [service] if service else sorted(p.name for p in lib_root().iterdir()
-                                             if (p / runtime.RUNTIME).exists()) \
-        if lib_root().exists() else []
+    root = lib_root()
+    names = [service] if service else sorted(
+        name for name in os.listdir(root)
+        if os.path.exists(os.path.join(root, name, runtime.RUNTIME))) \
+        if os.path.isdir(root) else []
     return [_status_of(name) for name in names]
 
 
@@ -292,8 +302,14 @@ def _status_of(service: str) -> dict[str, Any]:
         "journal_epochs": _journal_epochs(spec),
         "reverts": (state or {}).get("reverts", 0) if alive else 0,
         "archives": _archives(spec),
-        "enabled": unit.is_enabled(service),
+        "enabled": _enabled(service),
     }
+
+
+def _enabled(service: str) -> bool:
+    from corral.host import unit  # pathlib: status only, not the launch path
+
+    return unit.is_enabled(service)
 
 
 def _delta_bytes(spec: ServiceSpec) -> int:
@@ -303,7 +319,7 @@ def _delta_bytes(spec: ServiceSpec) -> int:
 
     total = 0
     try:
-        with tree.directory(str(spec.delta_dir / "upper")) as upper:
+        with tree.directory(os.path.join(spec.delta_dir, "upper")) as upper:
             for entry in tree.walk(upper, on_error=lambda *_: None,
                                    on_too_deep=lambda _: None):
                 if not stat.S_ISDIR(entry.st.st_mode):
@@ -337,7 +353,7 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
             sock.settimeout(10)
-            short, dir_fd = unix_path(str(spec.run / "control.sock"))
+            short, dir_fd = unix_path(os.path.join(spec.run, "control.sock"))
             try:
                 sock.connect(short)
             finally:
@@ -361,7 +377,7 @@ def exec_in(service: str, process: str, argv: list[str]) -> int:
 def _upper_path(spec: ServiceSpec, state: dict[str, Any] | None) -> str:
     """The delta's upper layer, seen through the supervisor's mount namespace when it runs
     (the tmpfs may be mounted in a namespace other than ours, e.g. under `ip netns exec`)."""
-    upper = str(spec.delta_dir / "upper")
+    upper = os.path.join(spec.delta_dir, "upper")
     if supervisor_alive(state):
         return f"/proc/{state['supervisor']}/root{upper}"
     if spec.delta == "disk" and os.path.isdir(upper):
@@ -401,8 +417,8 @@ def revert(service: str, reason: str = "revert", incident: str | None = None,
     if not supervisor_alive(state):
         raise RuntimeFailure(f"{service}: not running (start it with corral up)")
     before = state.get("reverts", 0)
-    request = spec.run / "revert-request.json"
-    request.write_text(json.dumps({"reason": reason, "incident": incident}))
+    with open(os.path.join(spec.run, "revert-request.json"), "w") as request:
+        request.write(json.dumps({"reason": reason, "incident": incident}))
     os.kill(state["supervisor"], signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -48,13 +48,15 @@ class Journals:
         volumes = [v for v in self.spec.volumes if getattr(v, "journal", False)]
         if not volumes:
             return
+        from pathlib import Path  # journaled volumes only: not on every launch (core.paths)
+
         from corral.recover.journal.journal import Journal
 
         for vol in volumes:
             journal = Journal(self.spec, vol.store)
-            mount = self.spec.root / vol.path.lstrip("/")  # the service's view of it
+            mount = os.path.join(self.spec.root, vol.path.lstrip("/"))  # the service's view
             if os.path.ismount(mount):  # an excision finished here writes through it
-                journal.write_root = mount
+                journal.write_root = Path(mount)
             journal.recover()
             journal.ensure()
             self.open.append([journal, vol, time.monotonic() + (vol.epoch or DEFAULT_EPOCH)])

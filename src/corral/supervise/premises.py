@@ -6,6 +6,8 @@ stays about processes and incidents."""
 
 from __future__ import annotations
 
+import os
+
 from corral.core import log
 from corral.host.runtime import ServiceSpec
 
@@ -87,6 +89,6 @@ def root_image(spec: ServiceSpec) -> tuple[str | None, str | None]:
     existed) and, when there is none, why not."""
     from corral.host import baseimage
 
-    version_dir = spec.base_root.parent
+    version_dir = os.path.dirname(spec.base_root)
     why = baseimage.ensure(version_dir)
     return (None, why) if why else (str(baseimage.image_of(version_dir)), None)

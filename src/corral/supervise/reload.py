@@ -69,7 +69,7 @@ def refill_firewall(spec: ServiceSpec) -> str:
     try:
         refill = nft_rules.sets_refill(spec.service, service_flows(spec))
         nft.apply(refill)
-        if spec.own_network and spec.netns.exists():
+        if spec.own_network and os.path.exists(spec.netns):
             from corral.host import netns
 
             link = netns.leased(spec.service)  # the NAT: the new listen ports and connects

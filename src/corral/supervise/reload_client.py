@@ -26,7 +26,7 @@ def request(service: str, process: str | None = None, timeout: float = 60.0) -> 
     ident = f"{os.getpid()}-{time.monotonic_ns()}"
     from corral.core.fsio import write_json
 
-    write_json(spec.run / REQUEST, {"id": ident, "process": process})
+    write_json(os.path.join(spec.run, REQUEST), {"id": ident, "process": process})
     os.kill(state["supervisor"], signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

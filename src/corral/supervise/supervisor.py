@@ -410,7 +410,8 @@ class Supervisor:
         upper = os.path.join(str(self.spec.delta_dir), "upper")
         try:
             with open_dirs(upper, str(self.spec.base_root)) as (upper_fd, base_fd):
-                path = archive.archive_delta(upper_fd, base_fd, self.spec.state / "archives", {
+                archives = os.path.join(self.spec.state, "archives")
+                path = archive.archive_delta(upper_fd, base_fd, archives, {
                     "service": self.spec.service, "reason": request.get("reason", "revert"),
                     "incident": request.get("incident"), "base_version": self.spec.base_version})
             self.last_archive = str(path / archive.ARCHIVE)

@@ -45,11 +45,13 @@ class Watched:
 
 
 def watched_of(spec: ServiceSpec) -> list[Watched]:
-    from corral.host import loopfs
+    out = []
+    for v in spec.volumes:
+        if v.size:
+            from corral.host import loopfs  # only then: it imports pathlib (core.paths)
 
-    out = [Watched("volume", str(loopfs.sized(spec.state, v.store).top),
-                   {"volume": v.path}, v.owner, v.size)
-           for v in spec.volumes if v.size]
+            out.append(Watched("volume", str(loopfs.sized(spec.state, v.store).top),
+                               {"volume": v.path}, v.owner, v.size))
     out.append(Watched("delta", str(spec.delta_dir), {"delta": spec.delta}, None,
                        spec.delta_size))
     out.append(Watched("state", str(spec.state), {"path": str(spec.state)}))

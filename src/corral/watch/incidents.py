@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from corral.core import text
 
 TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:
     from typing import Any
+
+    from corral.core.fsio import StrPath
 
 FILE = "incidents.jsonl"
 
@@ -27,10 +28,11 @@ def new_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
-def append(state: Path, record: dict[str, Any]) -> None:
+def append(state: StrPath, record: dict[str, Any]) -> None:
     """One line, written with a single write() on an O_APPEND descriptor, then fsynced."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(state / FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(state, FILE),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, line)
         os.fsync(fd)
@@ -45,11 +47,11 @@ def to_syslog(record: dict[str, Any]) -> None:
     syslog.syslog(syslog.LOG_ALERT, "incident " + json.dumps(record, sort_keys=True))
 
 
-def read(state: Path) -> list[dict[str, Any]]:
+def read(state: StrPath) -> list[dict[str, Any]]:
     """Every incident, oldest first, with its close merged in."""
     incidents: dict[str, dict[str, Any]] = {}
     try:
-        with open(state / FILE) as handle:
+        with open(os.path.join(state, FILE)) as handle:
             for line in handle:
                 try:
                     record = json.loads(line)
@@ -72,11 +74,11 @@ def read(state: Path) -> list[dict[str, Any]]:
     return list(incidents.values())
 
 
-def open_ones(state: Path) -> list[dict[str, Any]]:
+def open_ones(state: StrPath) -> list[dict[str, Any]]:
     return [i for i in read(state) if not i.get("closed_at")]
 
 
-def close(state: Path, which: str) -> list[str]:
+def close(state: StrPath, which: str) -> list[str]:
     """Close one incident by id, or "all" open ones; returns the ids closed."""
     targets = [i["id"] for i in open_ones(state) if which in ("all", i["id"])]
     now = iso(time.time())

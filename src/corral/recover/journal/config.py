@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corral.core.errors import UsageError
@@ -41,7 +42,7 @@ def journal_config(service: str) -> tuple[Any, list[JournaledVolume], int]:
                  for v in spec.volumes if v.journal]
         return spec, found, int(spec.watch["quiet"])
     try:
-        record = json.loads((spec.state / RECORD).read_text())
+        record = json.loads(Path(spec.state, RECORD).read_text())
         from corral.manifest.model import load_manifest
 
         manifest = load_manifest(record["manifest"])
@@ -54,7 +55,7 @@ def journal_config(service: str) -> tuple[Any, list[JournaledVolume], int]:
         if journaled is None and vol.path in declared:
             journaled, epoch = declared[vol.path].journal, declared[vol.path].epoch
         if journaled is None:
-            journaled = (spec.state / "journal" / vol.store / HEAD).exists()
+            journaled = Path(spec.state, "journal", vol.store, HEAD).exists()
         if journaled:
             found.append(JournaledVolume(vol.store, vol.path, int(epoch or 600), vol.owner))
     return spec, found, manifest.watch.quiet if manifest else 86400
