@@ -11,12 +11,13 @@ unchanged; the overlays' work directories are `work/path-NAME`, beside the whole
 
 A writable path whose directory in the image is empty (/tmp, /var/tmp, a runtime directory) is
 no overlay but a bind mount of the delta's `upper/PATH`: with no lower entry there is nothing to
-show, copy up or white out, and the overlay's second permission check at every access (with
-its mounter's credentials) was most of what an unprivileged service's /tmp paid (bench/README.md,
-"The files loop"). The image is read-only, so the emptiness cannot change under the mount. The
-bind's root is that directory of the delta's file system: the service's mountinfo shows
-`/upper/PATH` of "corral-delta" (a disk delta: its loop device), the delta's own names, no host
-path, and nothing above it is reachable (`..` of a mount's root is its mount point's parent).
+show, copy up or white out, yet every access would go through two file systems and a second
+permission check with the overlay's mounter's credentials (the files loop in /tmp took 43-44%
+less CPU bound than overlaid, bench/README.md "third round"). The image is read-only, so the
+emptiness cannot change under the mount. The bind's root is that directory of the delta's file
+system: the service's mountinfo shows `/upper/PATH` of "corral-delta" (a disk delta: its loop
+device), the delta's own names, no host path, and nothing above it is reachable (`..` of a
+mount's root is its mount point's parent).
 
 What differs from one overlay: a rename or a hard link between two writable paths, or from the
 base into one, is EXDEV (as between any two mounts; programs copy instead), and a write outside
