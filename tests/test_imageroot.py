@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.host import baseimage
+from corral.kernel import syscalls as kernel
 from corral.launch import imageroot, mnt
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
@@ -178,6 +179,46 @@ def test_an_empty_writable_directory_of_the_image_is_a_bind_of_the_delta(tmp_pat
     assert seen["work"] == ["path-var%2Flib%2Fapp"]  # the overlay's only: a bind needs none
     assert seen["rename"] == 18  # EXDEV: two mounts, as between two overlays
     assert seen["leaks"] == []
+
+
+def test_a_disk_delta_is_bound_too_and_keeps_what_was_written(tmp_path):
+    """delta = "disk" (an ext4 image on a loop device, host.loopfs): /tmp is a bind of its
+    upper/tmp, named in mountinfo by the loop device and /upper/tmp only; what was written
+    there is still there when the root is mounted again (a restart keeps a disk delta). The
+    loop device goes with the namespace that mounted it."""
+    import subprocess
+    import time
+
+    version = _base(tmp_path)
+    delta, root = tmp_path / "delta", tmp_path / "mnt"
+    root.mkdir()
+    image = str(baseimage.image_of(version))
+
+    def inside():
+        mnt.mount_delta(str(delta), "disk", 32 << 20)
+        mnt.prepare_service_root(str(root), str(version / "root"), str(delta), [], ("/tmp",),
+                                 ("/tmp",), image)
+        (root / "tmp/kept").write_text("kept")
+        first = _mountinfo(root / "tmp")
+        # A disk delta stays mounted across a restart; the root is made again over it.
+        kernel.umount2(str(root), kernel.MNT_DETACH)
+        mnt.prepare_service_root(str(root), str(version / "root"), str(delta), [], ("/tmp",),
+                                 ("/tmp",), image)
+        return {"first": first, "again": (root / "tmp/kept").read_text(),
+                "upper": (delta / "upper/tmp/kept").read_text()}
+
+    seen = _in_namespace(inside)
+    [mount] = seen["first"]
+    assert (mount["fstype"], mount["root"]) == ("ext4", "/upper/tmp")
+    assert str(mount["source"]).startswith("/dev/loop")
+    assert {"nosuid", "nodev", "noexec"} <= set(mount["options"])
+    assert seen["again"] == seen["upper"] == "kept"
+    backing = str(delta) + ".img"
+    deadline = time.monotonic() + 30
+    while subprocess.run(["losetup", "-j", backing], capture_output=True,
+                         text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the delta's loop device stayed attached"
+        time.sleep(0.1)
 
 
 def test_a_writable_path_with_base_files_or_not_empty_stays_an_overlay(tmp_path):
