@@ -6,7 +6,9 @@
  *   - SYSCALLS x getppid(2) (the raw system call, never cached by libc), and
  *   - FILES small files in a fresh directory under DIR: create+write 64 bytes+close each, then
  *     open+read+close each, then unlink each (and the directory),
- * and prints one line per measurement, "syscall WALL CPU" and "files WALL CPU": nanoseconds of
+ * and prints first "fs KIND" (when FILES: DIR's file system, tmpfs, overlay or its magic number
+ * in hex, so that the inside is compared like with like), then one line per measurement,
+ * "syscall WALL CPU" and "files WALL CPU": nanoseconds of
  * CLOCK_MONOTONIC and of the process's CPU time (CLOCK_PROCESS_CPUTIME_ID, which other work on
  * the machine disturbs much less) around the loop only (start-up and exit are not included). A count of 0
  * skips that loop. "seccomp" first loads a one-instruction seccomp filter that allows
@@ -28,6 +30,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -158,6 +161,17 @@ int main(int argc, char **argv) {
             fprintf(stderr, "loop: unknown option %s\n", argv[i]);
             return 2;
         }
+    }
+    if (nfiles) {
+        struct statfs fs;
+        if (statfs(dir, &fs) != 0)
+            die("statfs", dir);
+        if (fs.f_type == 0x01021994) /* TMPFS_MAGIC */
+            printf("fs tmpfs\n");
+        else if (fs.f_type == 0x794c7630) /* OVERLAYFS_SUPER_MAGIC */
+            printf("fs overlay\n");
+        else
+            printf("fs 0x%lx\n", (unsigned long)fs.f_type);
     }
     if (warm) { /* page in, settle caches and the CPU's frequency */
         if (nsys)

@@ -442,3 +442,59 @@ def test_fanotify_ignores_what_a_new_directory_holds_until_it_is_moved(tmp_path)
         (merged / "opt/app/new").write_text("x")
         assert ready(3)  # watched again: the file's creation is an event
         assert sensor.drain(3.0) == []
+
+
+def test_fanotify_ignores_a_bound_empty_directory_of_the_base_from_the_start(tmp_path):
+    """The image root binds the delta's upper/tmp on the base's empty /tmp (launch.imageroot)
+    before the sensor starts: the sensor marks it at once, so the files a service makes
+    there, through the bind, build no event; a directory made there still reports (and is
+    then ignored in turn). An empty base directory whose delta copy appears later (a revert
+    makes the delta anew) is marked from its creation's event. A base file elsewhere is still
+    reported."""
+    import os
+    import select
+
+    from corral.watch import delta_events
+
+    delta, base, bound = tmp_path / "delta", tmp_path / "base", tmp_path / "bound"
+    for sub in ("tmp", "var/tmp", "etc"):
+        (base / sub).mkdir(parents=True)
+    (base / "etc/motd").write_text("hi\n")
+    delta.mkdir()
+    bound.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
+                   check=True)
+    try:
+        for sub in ("upper/tmp", "upper/etc", "work"):
+            (delta / sub).mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(delta / "upper/tmp"), str(bound)], check=True)
+        sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)
+        try:
+            def ready(timeout: float) -> bool:
+                return bool(select.select([sensor], [], [], timeout)[0])
+
+            assert sensor.drain(1.0) == []  # the first drain walks once
+            for n in range(20):
+                (bound / f"f{n}").write_text("x")
+                os.rename(bound / f"f{n}", bound / f"g{n}")
+            assert not ready(1)  # marked from the start: no event was built
+            (bound / "sub").mkdir()
+            assert ready(3) and sensor.drain(2.0) == []  # a directory still reports
+            (bound / "sub/file").write_text("x")
+            assert not ready(1)
+            (delta / "upper/var/tmp").mkdir(parents=True)  # as a revert makes it anew
+            while ready(1):
+                assert sensor.drain(2.0) == []
+            (delta / "upper/var/tmp/file").write_text("x")
+            assert not ready(1)
+            (delta / "upper/etc/motd").write_text("evil\n")  # over a base file: reported
+            found: list[Any] = []
+            while not found and ready(3):
+                found += sensor.drain(3.0)
+            assert [(e.detail["path"], e.detail["change"]) for e in found] == [
+                ("/etc/motd", "modified")]
+        finally:
+            sensor.close()
+            subprocess.run(["umount", str(bound)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(delta)], check=True)

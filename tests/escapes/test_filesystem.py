@@ -67,6 +67,18 @@ def _():
         return "climbed above the root"
     return open("/tmp/../../../etc/shadow").read()
 
+@attempt("tmp_parent_is_the_root")
+def _():
+    # /tmp is a bind mount of a directory of the delta's file system (empty in the image):
+    # its ".." is the root's, by path and by descriptor, never the delta's upper directory.
+    fd = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = [os.stat("/tmp/.."), os.stat("..", dir_fd=fd), os.stat("/")]
+    finally:
+        os.close(fd)
+    return len({(st.st_dev, st.st_ino) for st in seen}) == 1 and os.stat("/tmp").st_dev != \
+        seen[0].st_dev  # and /tmp a mount of its own (else this proved nothing)
+
 @attempt("fchdir_to_inherited_directory_fds")
 def _():
     found = {}
@@ -403,6 +415,10 @@ def test_dotdot_does_not_climb_above_the_root(attacked):
     blocked(attacked, "climb_dotdot_above_root", "ENOENT")
 
 
+def test_the_parent_of_tmp_is_the_root(attacked):
+    assert returned(attacked, "tmp_parent_is_the_root") is True
+
+
 def test_no_inherited_directory_fd_to_fchdir_to(attacked):
     assert returned(attacked, "fchdir_to_inherited_directory_fds") == {}
 
@@ -444,18 +460,23 @@ def test_mountinfo_reveals_no_host_path(attacked, svc):
         assert host_path not in text
 
 
-def test_the_root_is_the_read_only_image_with_overlays_only_where_it_writes(attacked):
-    """launch.imageroot: "/" is the base's erofs image, read-only; the delta is an overlay only
-    on /tmp (the process's one writable path besides its volume and /dev)."""
-    kinds: dict[str, list[tuple[str, str]]] = {}
+def test_the_root_is_the_read_only_image_with_the_delta_only_where_it_writes(attacked):
+    """launch.imageroot: "/" is the base's erofs image, read-only; the delta is only on /tmp
+    (the process's one writable path besides its volume and /dev), which is empty in the
+    image: a bind mount of the delta's own upper/tmp, one mount, nosuid, nodev, noexec."""
+    kinds: dict[str, list[tuple[str, str, str]]] = {}
     for line in returned(attacked, "mountinfo").splitlines():
         left, _, right = line.partition(" - ")
-        kinds.setdefault(left.split()[4], []).append((right.split()[0], left.split()[5]))
-    fstype, options = kinds["/"][0]
+        fields = left.split()
+        kinds.setdefault(fields[4], []).append((right.split()[0], fields[5], fields[3]))
+    fstype, options, _ = kinds["/"][0]
     assert fstype == "erofs" and "ro" in options.split(",")
-    assert [k for k, _ in kinds["/tmp"]][0] == "overlay"
+    assert len(kinds["/tmp"]) == 1
+    fstype, options, root = kinds["/tmp"][0]
+    assert (fstype, root) == ("tmpfs", "/upper/tmp")  # the delta's name of it, no host path
+    assert {"rw", "nosuid", "nodev", "noexec"} <= set(options.split(","))
     overlays = {point for point, mounts in kinds.items() if mounts[0][0] == "overlay"}
-    assert overlays == {"/tmp", "/srv/notes"}  # the volume is an overlay of its own
+    assert overlays == {"/srv/notes"}  # the volume is an overlay of its own
 
 
 # ---- trojaning the base

@@ -132,14 +132,15 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
 
     The root is the base's read-only `image` (host.baseimage) with an overlay of the delta on
     each of the `writable` paths (every process's Landlock read_write: nothing else can be
-    written, whatever the mounts); without an image, or when the paths do not allow it, one
-    overlay of the delta on the whole base."""
+    written, whatever the mounts), a bind mount of the delta's directory where the image's is
+    empty; without an image, or when the paths do not allow it, one overlay of the delta on
+    the whole base."""
     os.makedirs(root, mode=0o755, exist_ok=True)
     warnings = []
     if bench_bind_root:
         _bench_bind_root(root, base, noexec)
     elif image is None or (why := imageroot.mount(root, image, delta_dir, writable,
-                                                   tuple(v.path for v in volumes))):
+                                                   tuple(v.path for v in volumes), noexec)):
         if image is not None:
             warnings.append(whole_overlay(why))
         upper, work = os.path.join(delta_dir, "upper"), os.path.join(delta_dir, "work")
@@ -148,7 +149,10 @@ def prepare_service_root(root: str, base: str, delta_dir: str, volumes: list[Vol
                          f"lowerdir={lower_fd},upperdir={upper_fd},workdir={work_fd}")
     for path in noexec:
         target = os.path.join(root, path.lstrip("/"))
-        if os.path.isdir(target) and not os.path.islink(target):
+        # A writable path of the image root is mounted noexec already (launch.imageroot): a
+        # second mount on it would only lengthen every lookup through it.
+        if os.path.isdir(target) and not os.path.islink(target) \
+                and not os.statvfs(target).f_flag & os.ST_NOEXEC:
             kernel.mount(target, target, None, MS_BIND)
             kernel.mount(None, target, None, MS_BIND | MS_REMOUNT | SAFE | MS_NOEXEC)
     _mount_dev(os.path.join(root, "dev"))

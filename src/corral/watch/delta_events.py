@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from corral.core import tree
 from corral.kernel import fanotify
@@ -42,8 +43,10 @@ READ_SIZE = 65536
 # A directory the service made where the base has none cannot hold a base file, so what
 # happens in it is never judged: an ignore mark on it keeps its entries' events from being
 # built at all (each cost the service's create; a service that writes its scratch files in a
-# directory of its own then pays for one event, the directory's). The base's directories (the
-# upper layer's copies of them, /tmp included) keep reporting.
+# directory of its own then pays for one event, the directory's). Nor can one where the base
+# has an empty directory (the base is sealed): /tmp, /var/tmp, which the image root binds from
+# the delta (launch.imageroot), get the same mark, from the start. The base's other
+# directories (the upper layer's copies of them) keep reporting.
 # Only the directory's own entry events (a create or rename in it is an event on the directory
 # itself): with FAN_EVENT_ON_CHILD for its files' attribute changes too, every operation on a
 # file in it would look its parent's marks up (fsnotify_parent), which costs more than the rare
@@ -85,6 +88,46 @@ class DeltaEvents:
         self.ON = f"on (fanotify; walk every {interval:g}s)"
         self.state = self.ON
         self.last_walk = 0.0
+        self._learn()
+
+    def _learn(self) -> None:
+        """The directories the delta holds before the mark (the image root made upper/PATH for
+        each writable path before the sensor starts), judged as those made later: those where
+        the base has nothing get their ignore mark. Down the base's non-empty directories
+        only, at most MAX_IGNORED of them: what it misses still reports, as before."""
+        try:
+            upper_fd = os.open(self.upper, tree.DIR_FLAGS)
+        except OSError:
+            return  # no upper layer yet: the walk says so
+        todo, visited = [(upper_fd, b"")], 0
+        try:
+            while todo and visited < MAX_IGNORED:
+                fd, where = todo.pop()
+                visited += 1
+                try:
+                    with os.scandir(fd) as entries:
+                        names = [os.fsencode(e.name) for e in entries
+                                 if e.is_dir(follow_symlinks=False)]
+                    for name in names:
+                        try:
+                            child = os.open(name, tree.DIR_FLAGS, dir_fd=fd)
+                        except OSError:
+                            continue  # gone, or no directory now
+                        path = where + b"/" + name
+                        if self._holds_no_base_file(path):
+                            try:
+                                fanotify.ignore(self.fd, child, IGNORE_CHILDREN)
+                                self.ignoring.add(os.fstat(child).st_ino)
+                            except OSError:
+                                pass  # as in _directory: the events still come
+                            os.close(child)
+                        else:
+                            todo.append((child, path))
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _ in todo:
+                os.close(fd)
 
     def fileno(self) -> int:
         return self.fd
@@ -185,13 +228,28 @@ class DeltaEvents:
                     or len(self.ignoring) >= MAX_IGNORED:
                 fanotify.unmark_all(self.fd, 0)
                 self.ignoring.clear()
-            if ino not in self.ignoring and self._base_stat(path) is None:
+            if ino not in self.ignoring and self._holds_no_base_file(path):
                 fanotify.ignore(self.fd, fd, IGNORE_CHILDREN)
                 self.ignoring.add(ino)
         except OSError:
             pass  # no ignore mark (an older kernel, a full mark quota): the events still come
         finally:
             os.close(fd)
+
+    def _holds_no_base_file(self, path: bytes) -> bool:
+        """Whether the base has nothing below `path`: no entry, or an empty directory."""
+        base_st = self._base_stat(path)
+        if base_st is None:
+            return True
+        if not stat.S_ISDIR(base_st.st_mode):
+            return False
+        try:
+            with tree.directory(self.base) as base_fd, \
+                    tree.opened(base_fd, os.fsdecode(path), tree.DIR_FLAGS) as fd:
+                with os.scandir(fd) as entries:
+                    return next(entries, None) is None
+        except OSError:
+            return False
 
     def _base_stat(self, path: bytes) -> os.stat_result | None:
         """The base's entry at `path`, refusing symlinks on the way (a base symlink such as
