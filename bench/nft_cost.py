@@ -31,6 +31,10 @@ in a rotated order; the median of the rounds is reported, with its difference to
               matches; `ct state` before `ct direction`
   hash-no-isolated
               `hash` without the isolated rule (to show its share only; corral keeps it)
+  hash-isolated-in-proc
+              `hash` with the isolated check moved from the output chain to the head of the
+              process chain: only the service's own packets pay it (equivalent as long as
+              only the service's users are ever isolated, which is what the supervisor does)
   ct-only, lookup-hash, lookup-interval
               `dispatch` whose process chain holds one rule: the fast path's ct matches alone;
               its set lookup alone, with a hash or an interval set (parts, not equivalents)
@@ -69,9 +73,10 @@ MARK = "corral nft bench"         # GECOS of our user: only those are ever delet
 PORT, CLOSED_PORT = 9000, 9001
 CT_TABLE = "nftc-conntrack"       # in our own namespace only
 VARIANTS = ("none", "conntrack", "dispatch", "corral", "interval", "hash", "hash-lookup-first",
-            "hash-state-first", "hash-no-isolated", "ct-only", "lookup-hash", "lookup-interval")
+            "hash-state-first", "hash-no-isolated", "hash-isolated-in-proc", "ct-only",
+            "lookup-hash", "lookup-interval")
 FILTERED = ("corral", "interval", "hash", "hash-lookup-first", "hash-state-first",
-            "hash-no-isolated", "baseline")
+            "hash-no-isolated", "hash-isolated-in-proc", "baseline")
 
 
 def progress(message: str) -> None:
@@ -181,6 +186,14 @@ def variant_ruleset(variant: str, service: str, user: str) -> dict | None:
     elif variant == "hash-no-isolated":
         ruleset["nftables"] = [c for c in ruleset["nftables"]
                                if c.get("add", {}).get("rule", {}).get("comment") != "isolated"]
+    elif variant == "hash-isolated-in-proc":
+        cmds = ruleset["nftables"]
+        index, rule = next((i, c) for i, c in enumerate(cmds)
+                           if c.get("add", {}).get("rule", {}).get("comment") == "isolated")
+        del cmds[index]
+        first = next(i for i, c in enumerate(cmds)
+                     if c.get("add", {}).get("rule", {}).get("chain") == "proc-app")
+        cmds.insert(first, {"add": {"rule": {**rule["add"]["rule"], "chain": "proc-app"}}})
     elif variant not in ("interval", "hash"):
         raise ValueError(f"unknown variant {variant}")
     return ruleset
