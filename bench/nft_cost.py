@@ -22,7 +22,8 @@ in a rotated order; the median of the rounds is reported, with its difference to
   conntrack   no service table; conntrack on (as in every variant below: a table whose only
               chain has no hook holds a `ct state` rule, so no rule is on any packet's path):
               the baseline of the differences
-  dispatch    corral's output chain (isolated check, vmap) into a process chain that only accepts
+  hook-only   corral's table with an empty output chain (policy accept): the base chain alone
+  dispatch    corral's output chain (the vmap) into a process chain that only accepts
   corral      the table service_ruleset() generates now (whatever this checkout's plan does)
   interval    corral's table with `flags interval` on every connect and listen set (pipapo)
   hash        corral's table with no interval flag on them (hash; valid: exact elements only)
@@ -31,10 +32,10 @@ in a rotated order; the median of the rounds is reported, with its difference to
               matches; `ct state` before `ct direction`
   hash-no-isolated
               `hash` without the isolated rule (to show its share only; corral keeps it)
-  hash-isolated-in-proc
-              `hash` with the isolated check moved from the output chain to the head of the
-              process chain: only the service's own packets pay it (equivalent as long as
-              only the service's users are ever isolated, which is what the supervisor does)
+  hash-isolated-in-output
+              `hash` with the isolated check in the output chain, before the vmap (where it was
+              until corral moved it to the head of each process chain): every user's packets
+              pay the lookup, not only the service's
   ct-only, lookup-hash, lookup-interval
               `dispatch` whose process chain holds one rule: the fast path's ct matches alone;
               its set lookup alone, with a hash or an interval set (parts, not equivalents)
@@ -72,11 +73,11 @@ PREFIX = "corral-nftc"            # netns corral-nftc-PID, temp dir, user corral
 MARK = "corral nft bench"         # GECOS of our user: only those are ever deleted
 PORT, CLOSED_PORT = 9000, 9001
 CT_TABLE = "nftc-conntrack"       # in our own namespace only
-VARIANTS = ("none", "conntrack", "dispatch", "corral", "interval", "hash", "hash-lookup-first",
-            "hash-state-first", "hash-no-isolated", "hash-isolated-in-proc", "ct-only",
-            "lookup-hash", "lookup-interval")
+VARIANTS = ("none", "conntrack", "hook-only", "dispatch", "corral", "interval", "hash",
+            "hash-lookup-first", "hash-state-first", "hash-no-isolated", "hash-isolated-in-output",
+            "ct-only", "lookup-hash", "lookup-interval")
 FILTERED = ("corral", "interval", "hash", "hash-lookup-first", "hash-state-first",
-            "hash-no-isolated", "hash-isolated-in-proc", "baseline")
+            "hash-no-isolated", "hash-isolated-in-output", "baseline")
 
 
 def progress(message: str) -> None:
@@ -133,8 +134,10 @@ def _rules(ruleset: dict, chain: str):
 
 
 def _fast_path(ruleset: dict) -> list:
-    """The expressions of the reply fast path: the process chain's first rule."""
-    return next(_rules(ruleset, "proc-app"))[1]["expr"]
+    """The expressions of the reply fast path: the process chain's first rule with `ct state`
+    (the first after the isolated check)."""
+    return next(obj["expr"] for _, obj in _rules(ruleset, "proc-app")
+                if any(_is_ct(e, "state") for e in obj["expr"]))
 
 
 def _is_ct(expr: dict, key: str) -> bool:
@@ -147,6 +150,9 @@ def variant_ruleset(variant: str, service: str, user: str) -> dict | None:
     if variant == "conntrack":
         return {"nftables": []}
     ruleset = copy.deepcopy(service_ruleset(service, flows(user)))
+    if variant == "hook-only":
+        ruleset["nftables"] = [c for c in ruleset["nftables"] if "rule" not in c.get("add", {})]
+        return ruleset
     if variant in ("dispatch", "ct-only", "lookup-hash", "lookup-interval"):
         fast = _fast_path(ruleset)
         keep = {"dispatch": [], "ct-only": [e for e in fast if "ct" in e.get("match", {}).get(
@@ -186,14 +192,14 @@ def variant_ruleset(variant: str, service: str, user: str) -> dict | None:
     elif variant == "hash-no-isolated":
         ruleset["nftables"] = [c for c in ruleset["nftables"]
                                if c.get("add", {}).get("rule", {}).get("comment") != "isolated"]
-    elif variant == "hash-isolated-in-proc":
+    elif variant == "hash-isolated-in-output":
         cmds = ruleset["nftables"]
         index, rule = next((i, c) for i, c in enumerate(cmds)
                            if c.get("add", {}).get("rule", {}).get("comment") == "isolated")
         del cmds[index]
         first = next(i for i, c in enumerate(cmds)
-                     if c.get("add", {}).get("rule", {}).get("chain") == "proc-app")
-        cmds.insert(first, {"add": {"rule": {**rule["add"]["rule"], "chain": "proc-app"}}})
+                     if c.get("add", {}).get("rule", {}).get("chain") == "output")
+        cmds.insert(first, {"add": {"rule": {**rule["add"]["rule"], "chain": "output"}}})
     elif variant not in ("interval", "hash"):
         raise ValueError(f"unknown variant {variant}")
     return ruleset
@@ -395,6 +401,9 @@ def main() -> int:
                              "paired_diff_ns": round(statistics.median(diffs), 1),
                              "paired_diff_iqr_ns": [round(q[0], 1), round(q[2], 1)],
                              "samples": [round(v, 1) for v in values]}
+            if "baseline" in samples[proto] and variant != "baseline":
+                rows[variant]["paired_vs_baseline_ns"] = round(statistics.median(
+                    [v - b for v, b in zip(values, samples[proto]["baseline"], strict=True)]), 1)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -405,11 +414,13 @@ def main() -> int:
           f"{report['method']['tcp_segments_per_round_trip']}")
     for proto in protos:
         print(f"{proto}: CPU ns per round trip (median), and per-round difference to conntrack"
-              " (median, IQR)")
+              " (median, IQR)" + ("; to baseline (median)" if "baseline" in variants else ""))
         for variant, row in report["results"][proto].items():
             iqr = row["paired_diff_iqr_ns"]
             print(f"  {variant:<20} {row['ns_per_round_trip']:>8.1f}  "
-                  f"{row['paired_diff_ns']:>+7.1f}  [{iqr[0]:+.1f}, {iqr[1]:+.1f}]")
+                  f"{row['paired_diff_ns']:>+7.1f}  [{iqr[0]:+.1f}, {iqr[1]:+.1f}]"
+                  + (f"  {row['paired_vs_baseline_ns']:+.1f}" if "paired_vs_baseline_ns" in row
+                     else ""))
     print(f"wall time {report['wall_s']} s")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -420,6 +421,29 @@ def test_denied_packet_reaches_nflog(lab):
         assert wanted in finish(listener).splitlines()
     finally:
         stop(listener)
+
+
+@need_root
+def test_isolate_cuts_the_service_users_only_and_release_restores(lab):
+    """The isolated set, checked at the head of each process chain: an isolated user can
+    neither start a declared connection nor answer on its declared port; root and the other
+    process's user are untouched; release lets everything through again."""
+    app, worker = lab.users["app"], lab.users["worker"]
+    uid = pwd.getpwnam(app).pw_uid
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+    nft.isolate(lab.service, [uid], netns=lab.ns)
+    try:
+        assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") in BLOCKED
+        server = spawn(lab.ns, app, LISTENER, "8080")
+        try:
+            assert run(lab.peer, None, CLIENT, "10.77.0.1", "8080") in BLOCKED
+        finally:
+            stop(server)
+        assert run(lab.ns, worker, CLIENT, "10.77.0.2", "9000") == "ok"
+        assert run(lab.ns, None, CLIENT, "10.77.0.2", "9000") == "ok"
+    finally:
+        nft.release(lab.service, netns=lab.ns)
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
 
 
 @need_root
