@@ -135,6 +135,23 @@ def test_golden(files, kind):
     assert golden_text(ruleset) == golden.read_text()  # byte for byte: deterministic
 
 
+def test_interval_sets_only_for_prefixes_and_ranges(files):
+    """A set is an interval set (pipapo for a concatenation: dearer per lookup) exactly when one
+    of its elements is a prefix or a range; single addresses and ports go to hash sets."""
+    def ranged(elem) -> bool:
+        parts = elem["concat"] if isinstance(elem, dict) and "concat" in elem else [elem]
+        return any(isinstance(part, dict) for part in parts)
+
+    kinds = set()
+    for cmd in plan_of(files / "router.toml").ruleset["nftables"]:
+        obj = cmd.get("add", {}).get("set")
+        if obj is not None:
+            interval = "interval" in obj.get("flags", [])
+            assert interval == any(ranged(e) for e in obj.get("elem", [])), obj["name"]
+            kinds.add(interval)
+    assert kinds == {True, False}  # the router's plan has both kinds
+
+
 def test_only_our_table(files):
     cmds = plan_of(files / "router.toml").ruleset["nftables"]
     table = {"table": {"family": "inet", "name": "corral-host"}}

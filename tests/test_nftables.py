@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -152,6 +153,46 @@ def test_connect_boxes_are_disjoint_and_exact(entries):
                 assert got == want
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(1, 12), st.integers(0, 5),
+                          st.sampled_from(_NETS)), max_size=8))
+def test_exact_entries_go_to_the_hash_set_the_rest_to_the_interval_set(entries):
+    """The two sets of an allow-list split its boxes: one address and one port in the hash
+    set (no interval flag: no pipapo lookup), prefixes and port ranges in the interval set,
+    nothing in both, nothing lost."""
+    eps = [Endpoint(proto, first, first + width, net) for proto, first, width, net in entries]
+    exact, ranges = nftables.connect_elements(eps, 4)
+    assert all(not isinstance(part, dict) for e in exact for part in e["concat"])
+    assert all(any(isinstance(part, dict) for part in e["concat"]) for e in ranges)
+    boxes = [{"concat": [nftables.addr(n), p, nftables.port(f, la)]}
+             for n, p, f, la in nftables.connect_boxes(eps, 4)]
+    assert sorted(map(json.dumps, exact + ranges)) == sorted(map(json.dumps, boxes))
+    specs = [PortSpec(proto, first, first + width) for proto, first, width, _ in entries]
+    exact, ranges = nftables.listen_elements(specs)
+    assert [e["concat"] for e in exact + ranges] == sorted(
+        ([p, nftables.port(f, la)] for p, f, la in nftables.listen_boxes(specs)),
+        key=lambda c: isinstance(c[1], dict))
+    assert all(isinstance(e["concat"][1], int) for e in exact)
+    assert all(isinstance(e["concat"][1], dict) for e in ranges)
+
+
+def test_set_types_do_not_depend_on_the_content():
+    """Every process has the same six sets whatever it declares (a reload refills them without
+    touching the chains): the exact ones without the interval flag, the -ranges ones with it."""
+    def sets(flows_):
+        return {(c["add"]["set"]["name"], tuple(c["add"]["set"].get("flags", ())))
+                for c in service_ruleset("web", flows_)["nftables"] if "set" in c.get("add", {})}
+
+    assert sets(SAMPLE) == sets(flows("web", ["udp/1000-2000"], ["tcp/1@10.0.0.0/8"], []))
+    assert {name: flags for name, flags in sets(SAMPLE) if name.startswith("app-")} == {
+        "app-connect4": (), "app-connect4-ranges": ("interval",),
+        "app-connect6": (), "app-connect6-ranges": ("interval",),
+        "app-listen": (), "app-listen-ranges": ("interval",)}
+    refilled = {c.get("flush", c.get("add", {})).get("set", {}).get("name")
+                for c in nftables.sets_refill("web", SAMPLE)["nftables"]} - {None}
+    assert refilled == {name for name, _ in sets(SAMPLE)} - {"isolated"}
+
+
 # ---------------------------------------------------------------- kernel helpers
 
 def listing(ns: str, service: str) -> tuple[str, list]:
@@ -163,6 +204,13 @@ def listing(ns: str, service: str) -> tuple[str, list]:
         for obj in item.values():
             obj.pop("handle", None)
     return text, items
+
+
+def _rules(items: list) -> list:
+    """The rules of a listing, their counters' values left out."""
+    return [(i["rule"]["chain"], i["rule"].get("comment"),
+             ["counter" if "counter" in e else e for e in i["rule"]["expr"]])
+            for i in items if "rule" in i]
 
 
 # TCP server for one connection on 0.0.0.0:PORT, run as a contained user.
@@ -376,6 +424,29 @@ def test_denied_packet_reaches_nflog(lab):
 
 
 @need_root
+def test_isolate_cuts_the_service_users_only_and_release_restores(lab):
+    """The isolated set, checked at the head of each process chain: an isolated user can
+    neither start a declared connection nor answer on its declared port; root and the other
+    process's user are untouched; release lets everything through again."""
+    app, worker = lab.users["app"], lab.users["worker"]
+    uid = pwd.getpwnam(app).pw_uid
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+    nft.isolate(lab.service, [uid], netns=lab.ns)
+    try:
+        assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") in BLOCKED
+        server = spawn(lab.ns, app, LISTENER, "8080")
+        try:
+            assert run(lab.peer, None, CLIENT, "10.77.0.1", "8080") in BLOCKED
+        finally:
+            stop(server)
+        assert run(lab.ns, worker, CLIENT, "10.77.0.2", "9000") == "ok"
+        assert run(lab.ns, None, CLIENT, "10.77.0.2", "9000") == "ok"
+    finally:
+        nft.release(lab.service, netns=lab.ns)
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+
+
+@need_root
 def test_apply_twice_same_state_and_atomic_failure(users):
     service, names = users
     wanted = service_ruleset(service, flows(service, LAB_APP_LISTEN, LAB_APP_CONNECT,
@@ -413,3 +484,49 @@ def test_delete_table_only_ours(users):
         assert not nft.table_exists(service, netns=ns)
         assert not nft.delete_table(service, netns=ns)
         assert nft_in(ns, "list", "table", "inet", "othertable") == other
+
+
+@need_root
+def test_reload_moves_entries_between_the_exact_and_the_range_sets(users):
+    """sets_refill (corral reload) turns a single declared port into a range and back, for
+    listen and connect: what the new declaration allows passes, what it no longer allows is
+    dropped, with the chains left as they were."""
+    service, names = users
+    app = names["app"]
+    with netns(f"corral-t-{secrets.token_hex(3)}") as ns:
+        servers = spawn(ns, None, TCP_SERVERS, "127.0.0.1:9000", "127.0.0.1:9001")
+        try:
+            nft.apply(service_ruleset(service, flows(service, ["tcp/8080"],
+                                                     ["tcp/9001@127.0.0.1"], [])), netns=ns)
+            chains = listing(ns, service)[1]
+
+            def reachable(port: str) -> bool:
+                server = spawn(ns, app, LISTENER, port)
+                try:
+                    answer = run(ns, None, CLIENT, "127.0.0.1", port)
+                finally:
+                    stop(server)
+                assert answer == "ok" or answer in BLOCKED
+                return answer == "ok"
+
+            def may_connect(port: str) -> bool:
+                answer = run(ns, app, CLIENT, "127.0.0.1", port)
+                assert answer == "ok" or answer in BLOCKED
+                return answer == "ok"
+
+            assert reachable("8080") and not reachable("8085")
+            assert may_connect("9001") and not may_connect("9000")
+            nft.apply(nftables.sets_refill(service, flows(
+                service, ["tcp/8080-8090"], ["tcp/9000-9001@127.0.0.0/8"], [])), netns=ns)
+            assert "8080-8090" in nft_in(ns, "list", "set", "inet", f"corral-{service}",
+                                         "app-listen-ranges")
+            assert reachable("8085") and reachable("8080") and not reachable("8091")
+            assert may_connect("9000") and may_connect("9001")
+            nft.apply(nftables.sets_refill(service, flows(
+                service, ["tcp/8080"], ["tcp/9001@127.0.0.1"], [])), netns=ns)
+            assert reachable("8080") and not reachable("8085")
+            assert may_connect("9001") and not may_connect("9000")
+            # The rules are the ones the table was made with (counter values aside).
+            assert _rules(listing(ns, service)[1]) == _rules(chains)
+        finally:
+            stop(servers)

@@ -55,7 +55,9 @@ def table_exists(service: str, netns: str | None = None) -> bool:
 
 
 def isolate(service: str, uids: Sequence[int], netns: str | None = None) -> None:
-    """Cut every packet of these users now (the watcher's `isolate` reaction)."""
+    """Cut every packet of these users now (the watcher's `isolate` reaction). They must be
+    the service's own users: the table checks the set at the head of each process chain, so a
+    user the table does not dispatch is not affected."""
     elems = sorted(set(uids))
     apply({"nftables": [{"add": {"element": {"family": "inet", "table": table_name(service),
                                              "name": "isolated", "elem": elems}}}]}, netns)

@@ -4,14 +4,19 @@ Every process of a service runs as its own user (corral-SERVICE-PROCESS) in the 
 namespace, so the kernel can only tell processes apart by the socket owner (`meta skuid`).
 For each service we install one table, `inet corral-SERVICE`:
 
-    set P-connect4 / P-connect6   ipv4_addr|ipv6_addr . inet_proto . inet_service, flags interval
-    set P-listen                  inet_proto . inet_service, flags interval
+    set P-connect4 / P-connect6   ipv4_addr|ipv6_addr . inet_proto . inet_service: exact entries
+    set P-connect4-ranges / ...6-ranges   the same with flags interval: prefixes, port ranges
+    set P-listen                  inet_proto . inet_service: single ports
+    set P-listen-ranges           the same with flags interval: port ranges
     chain output   hook output, policy accept    meta skuid vmap { USER : goto proc-P, ... }
-    chain proc-P   ct direction reply, ct state established, (l4proto . sport) in P-listen
+    chain proc-P   meta skuid in isolated        -> drop     (the watcher's isolate reaction)
+                   ct direction reply, ct state established, (l4proto . sport) in P-listen
                                                  -> accept   (a server's replies: the fast path)
+                   the same with P-listen-ranges -> accept
                    fib saddr type != local       -> goto deny-P-spoof
-                   ct direction original, (daddr . l4proto . dport) in P-connect4/6 -> accept
-                   ct direction reply, (l4proto . sport) in P-listen              -> accept
+                   ct direction original, (daddr . l4proto . dport) in P-connect4/6(-ranges)
+                                                 -> accept
+                   ct direction reply, (l4proto . sport) in P-listen(-ranges)     -> accept
                    ct direction original -> goto deny-P-egress
                    ct direction reply    -> goto deny-P-listen   (serving an undeclared port)
                    anything else         -> goto deny-P-untracked
@@ -36,10 +41,16 @@ Why this shape:
   the listener). A socket created by another user and handed in (socket activation, SCM_RIGHTS) is
   attributed to its creator, so the launcher must not pass root-created sockets to a process.
 - Sets keep the per-packet cost nearly flat however long the allow-list (measured, bench/nft.md:
-  0.92 of the 10-entry rate at 100,000 entries, where a linear iptables chain keeps 0.007). Not
-  quite constant: concatenated interval sets use the kernel's pipapo backend, whose lookup grows
-  slowly with the element count; exact host+port entries in a hash set would stay flat (to do).
-  Interval sets refuse partially overlapping elements, so entries are split into disjoint boxes.
+  0.92 of the 10-entry rate at 100,000 entries, where a linear iptables chain keeps 0.007).
+  Each allow-list is two sets: exact entries (one address, one port) in a hash set, prefixes
+  and port ranges in an interval set. A concatenated interval set uses the kernel's pipapo
+  backend, whose lookup grows with the element count and, with AVX2, saves the task's FPU state:
+  ~0.4 us per packet on the test machine even with a single element, where a hash lookup costs
+  ~0.05 (bench/nft_cost.py). The exact set is looked up first, so a server's replies from a
+  single declared port never reach pipapo. Both sets always exist, whatever the manifest
+  declares, so `sets_refill` (a reload) can move entries between them without changing the
+  chains. Interval sets refuse partially overlapping elements, so entries are split into
+  disjoint boxes (and a box is either exact or not: no element is in both sets).
 - User names, not uids, go into the JSON (nft resolves them when the ruleset is applied, also in
   check mode; an unknown user is an error). The plan is computable before the users exist and the
   golden file holds no uids. Pass `uids` to embed numbers instead. The kernel stores the uid, so
@@ -142,6 +153,40 @@ def listen_boxes(listen: Iterable[PortSpec]) -> list[tuple[str, int, int]]:
             for proto in sorted(by_proto) for first, last in merge(by_proto[proto])]
 
 
+def listen_elements(listen: Iterable[PortSpec]) -> tuple[list[dict], list[dict]]:
+    """(exact, ranges): the elements of P-listen and P-listen-ranges."""
+    exact: list[dict] = []
+    ranges: list[dict] = []
+    for proto, first, last in listen_boxes(listen):
+        (exact if first == last else ranges).append({"concat": [proto, port(first, last)]})
+    return exact, ranges
+
+
+def connect_elements(connect: Iterable[Endpoint], version: int) -> tuple[list[dict], list[dict]]:
+    """(exact, ranges): the elements of P-connectV and P-connectV-ranges. Exact: one address
+    and one port; anything else (a prefix, a port range) needs the interval set."""
+    exact: list[dict] = []
+    ranges: list[dict] = []
+    for net, proto, first, last in connect_boxes(connect, version):
+        single = first == last and net.prefixlen == net.max_prefixlen
+        (exact if single else ranges).append({"concat": [addr(net), proto, port(first, last)]})
+    return exact, ranges
+
+
+def flow_sets(flow: ProcessFlows) -> list[tuple[str, list[str], bool, list[dict]]]:
+    """(name, type, interval, elements) of each of a process's allow-list sets, in order."""
+    sets: list[tuple[str, list[str], bool, list[dict]]] = []
+    for version, addr_type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        exact, ranges = connect_elements(flow.connect, version)
+        type_ = [addr_type, "inet_proto", "inet_service"]
+        sets += [(f"{flow.process}-connect{version}", type_, False, exact),
+                 (f"{flow.process}-connect{version}-ranges", type_, True, ranges)]
+    exact, ranges = listen_elements(flow.listen)
+    sets += [(f"{flow.process}-listen", ["inet_proto", "inet_service"], False, exact),
+             (f"{flow.process}-listen-ranges", ["inet_proto", "inet_service"], True, ranges)]
+    return sets
+
+
 def port(first: int, last: int) -> int | dict:
     return first if first == last else {"range": [first, last]}
 
@@ -207,26 +252,32 @@ def _deny_chain_rules(service: str, process: str, reason: str) -> list[list]:
 
 
 def _process_rules(service: str, process: str) -> list[tuple[list, str | None]]:
-    """(expressions, comment) of the rules in chain proc-PROCESS, in order."""
-    listen = match({"concat": [_L4PROTO, th("sport")]}, f"@{process}-listen")
+    """(expressions, comment) of the rules in chain proc-PROCESS, in order. Each allow-list is
+    an exact set then its -ranges set: two rules, the first decisive for exact entries."""
+    sport = {"concat": [_L4PROTO, th("sport")]}
+    listens = [match(sport, f"@{process}-listen"), match(sport, f"@{process}-listen-ranges")]
+    reply, established = match(_DIRECTION, "reply"), match({"ct": {"key": "state"}}, "established")
     # First, the common case of a server: a reply on a flow the peer opened to a declared
     # port. Its source address is the one the peer's packet was delivered to, so it is the
     # host's own (conntrack matches the reply to that tuple; only TPROXY, which needs
     # CAP_NET_ADMIN, could deliver a foreign address): the FIB anti-spoof lookup below would
-    # only repeat what conntrack already established.
-    rules: list[tuple[list, str | None]] = [
-        ([match(_DIRECTION, "reply"), match({"ct": {"key": "state"}}, "established"), listen,
-          {"accept": None}], None)]
+    # only repeat what conntrack already established. The ct matches come before the lookup:
+    # they are cheaper, and they end the rule at once for a client's (original) packets.
+    isolated = match({"meta": {"key": "skuid"}}, "@isolated")
+    rules: list[tuple[list, str | None]] = [([isolated, {"counter": None}, {"drop": None}],
+                                             "isolated")]
+    rules += [([reply, established, listen, {"accept": None}], None) for listen in listens]
     rules.append(_deny(process, [_SPOOFED], "spoof"))  # before every other allow rule
     for version, family in ((4, "ip"), (6, "ip6")):
-        daddr = {"payload": {"protocol": family, "field": "daddr"}}
-        rules.append(([match(_DIRECTION, "original"),
-                       match({"concat": [daddr, _L4PROTO, th("dport")]},
-                             f"@{process}-connect{version}"),
-                       {"accept": None}], None))
-    rules.append(([match(_DIRECTION, "reply"), listen, {"accept": None}], None))
+        dport = {"concat": [{"payload": {"protocol": family, "field": "daddr"}}, _L4PROTO,
+                            th("dport")]}
+        for suffix in ("", "-ranges"):
+            rules.append(([match(_DIRECTION, "original"),
+                           match(dport, f"@{process}-connect{version}{suffix}"),
+                           {"accept": None}], None))
+    rules += [([reply, listen, {"accept": None}], None) for listen in listens]
     rules.append(_deny(process, [match(_DIRECTION, "original")], "egress"))
-    rules.append(_deny(process, [match(_DIRECTION, "reply")], "listen"))
+    rules.append(_deny(process, [reply], "listen"))
     rules.append(_deny(process, [], "untracked"))
     return rules
 
@@ -256,29 +307,21 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
 
     for f in flows:
         _check_name("process", f.process)
-        for version, addr_type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            elems = [{"concat": [addr(net), proto, port(first, last)]}
-                     for net, proto, first, last in connect_boxes(f.connect, version)]
-            add("set", name=f"{f.process}-connect{version}",
-                type=[addr_type, "inet_proto", "inet_service"],
-                flags=["interval"], **({"elem": elems} if elems else {}))
-        elems = [{"concat": [proto, port(first, last)]}
-                 for proto, first, last in listen_boxes(f.listen)]
-        add("set", name=f"{f.process}-listen", type=["inet_proto", "inet_service"],
-            flags=["interval"], **({"elem": elems} if elems else {}))
+        for name, type_, interval, elems in flow_sets(f):
+            add("set", name=name, type=type_, **({"flags": ["interval"]} if interval else {}),
+                **({"elem": elems} if elems else {}))
 
     # The watcher's `isolate` reaction adds the service's uids here: all their packets stop at
-    # once (replies too, so nothing reaches them either), with one set-element update.
+    # once (replies too, so nothing reaches them either), with one set-element update. Checked
+    # at the head of each process chain, not in `output`: only the service's own (dispatched)
+    # users are ever isolated, and every other user's packet on the host, which crosses this
+    # table too, is spared the lookup (~0.1-0.2 us per packet, bench/nft_cost.py).
     add("set", name="isolated", type="uid")
     add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
     for f in flows:
         add("chain", name=f"proc-{f.process}")
         for reason in REASONS:
             add("chain", name=deny_chain(f.process, reason))
-    add("rule", chain="output", comment="isolated",
-        expr=[{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": "@isolated"}},
-              {"counter": None}, {"drop": None}])
-
     if flows:  # an anonymous vmap cannot be empty
         try:
             keys = [f.user if uids is None else uids[f.user] for f in flows]
@@ -308,14 +351,7 @@ def sets_refill(service: str, flows: Sequence[ProcessFlows]) -> dict:
     cmds: list[dict] = []
     for f in sorted(flows, key=lambda f: f.process):
         _check_name("process", f.process)
-        sets: list[tuple[str, list]] = [
-            (f"{f.process}-connect{version}",
-             [{"concat": [addr(net), proto, port(first, last)]}
-              for net, proto, first, last in connect_boxes(f.connect, version)])
-            for version in (4, 6)]
-        sets.append((f"{f.process}-listen", [{"concat": [proto, port(first, last)]}
-                                             for proto, first, last in listen_boxes(f.listen)]))
-        for name, elems in sets:
+        for name, _type, _interval, elems in flow_sets(f):
             cmds.append({"flush": {"set": {**base, "name": name}}})
             if elems:
                 cmds.append({"add": {"element": {**base, "name": name, "elem": elems}}})
