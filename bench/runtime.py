@@ -253,10 +253,16 @@ def launchers(world: World, true_toml: Path, baseline: Path | None = None,
     sources = [bk.REPO / "src" / "corral"] + ([baseline] if baseline is not None else [])
     subprocess.run([str(VENV_PY), "-m", "compileall", "-q", *map(str, sources)], check=True)
     if baseline is not None:
-        # Another checkout's corral (its src/ first on the path, same venv and service): the
-        # before of a change, measured in the same rounds as the after.
+        # Another checkout's corral (its src/ first on the path, same venv): the before of a
+        # change, measured in the same rounds as the after. Its own copy of the service: two
+        # versions whose seccomp cache keys differ would recompile the service's cached
+        # filters (launch.bpf) at every start, each for the other (~10 ms and libseccomp's
+        # imports added to both rows, as every --baseline-src run before 2026-12-05 08:00).
+        twin = world.dir / "true-baseline.toml"
+        twin.write_text(true_toml.read_text().replace(world.service("t"), world.service("b"), 1))
+        world.install(twin, world.service("b"))
         extra.append(Launcher("corral-baseline", f"{w} corral run (baseline {baseline})",
-                              ns + [str(CORRAL), "run", str(true_toml)], context=True,
+                              ns + [str(CORRAL), "run", str(twin)], context=True,
                               env={"PYTHONPATH": str(baseline)}))
     for skip in attribute:
         # Attribution (launch.benchskip, bench-only): the same start without these mechanisms.
