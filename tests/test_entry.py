@@ -108,7 +108,7 @@ NOT_ON_THE_LAUNCH_PATH = ("click", "rich", "pydantic", "elftools", "pyseccomp", 
                           "shutil", "corral.manifest.model", "corral.cli.main",
                           "corral.plan.nft_rules", "corral.host.nft", "dataclasses", "inspect",
                           "ast", "dis", "tokenize", "tomllib", "typing", "pathlib",
-                          "ipaddress", "urllib.parse")
+                          "ipaddress", "urllib.parse", "threading")
 
 
 TRUE_SERVICE = """

@@ -11,8 +11,8 @@ not write into the epoch being closed."""
 
 from __future__ import annotations
 
+import _thread
 import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -22,6 +22,7 @@ from corral.host.runtime import ServiceSpec
 
 TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
 if TYPE_CHECKING:
+    import threading
     from typing import Any
 
 DEFAULT_EPOCH = 600.0  # seconds, when the volume sets none
@@ -37,7 +38,9 @@ class Journals:
         self.health: dict[str, str] = {}  # volume path -> "ok" or the last error
         self.changed = False  # a health changed on the worker: the loop rewrites its state
         self._queue: list[Request] = []
-        self._lock = threading.Lock()
+        # _thread's lock, and threading imported for the first worker only: journaled volumes
+        # are rare, and threading costs every `corral run` ~0.5 ms (bench/README.md).
+        self._lock = _thread.allocate_lock()
         self._worker: threading.Thread | None = None
         self._writer_pid: Callable[[str], int | None] = lambda _: None
         # Told of each close refused to keep corral's reserve (from the worker thread too).
@@ -83,6 +86,8 @@ class Journals:
             self._queue.append((reason, incidents, due_only, running))
             if self.busy:
                 return
+            import threading
+
             self._worker = threading.Thread(target=self._work, name="journal", daemon=True)
             self._worker.start()
 
