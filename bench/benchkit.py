@@ -41,6 +41,14 @@ def progress(message: str) -> None:
         print(f"bench: {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+def sh(*cmd: str, input: str | None = None, check: bool = True, timeout: float = 300) -> str:
+    """Run a command and return its output; a failure raises with the end of what it said."""
+    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:8])}: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
 def warn(message: str) -> None:
     print(f"bench: warning: {message}", file=sys.stderr, flush=True)
 

@@ -65,6 +65,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from benchkit import progress, sh  # noqa: E402  (bench/: the script's own directory)
 from corral.core.netspec import Endpoint, parse_ports  # noqa: E402
 from corral.host import nft  # noqa: E402
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
@@ -78,17 +79,6 @@ VARIANTS = ("none", "conntrack", "hook-only", "dispatch", "corral", "interval", 
             "ct-only", "lookup-hash", "lookup-interval")
 FILTERED = ("corral", "interval", "hash", "hash-lookup-first", "hash-state-first",
             "hash-no-isolated", "hash-isolated-in-output", "baseline")
-
-
-def progress(message: str) -> None:
-    print(f"bench: {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def sh(*cmd: str, input: str | None = None, check: bool = True, timeout: float = 300) -> str:
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:8])}: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
 
 
 # ---------------------------------------------------------------- the tables

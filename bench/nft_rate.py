@@ -50,6 +50,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from benchkit import progress, sh  # noqa: E402  (bench/: the script's own directory)
 from corral.core.netspec import Endpoint  # noqa: E402
 from corral.host import nft  # noqa: E402
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
@@ -58,17 +59,6 @@ PREFIX = "corral-nftb"            # netns corral-nftb-PID[-p], temp dir, users c
 MARK = "corral nft bench"         # GECOS of our users: only those are ever deleted
 MAIN_ADDR, PEER_ADDR, PORT, CLOSED_PORT = "10.78.0.1", "10.78.0.2", 9000, 9001
 WARMUP = 0.3
-
-
-def progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def sh(*cmd: str, input: str | None = None, check: bool = True, timeout: float = 300) -> str:
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}...: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
 
 
 # ---------------------------------------------------------------- allow-lists
