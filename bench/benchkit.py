@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -400,6 +401,35 @@ def clean_stale(prefix: str, tag: str, extra: Any = None) -> None:
             extra(stale)
         for problem in stale.destroy():
             warn(problem)
+
+
+def sweep_stale(prefix: str, script: str, user: str, mark: str) -> None:
+    """What earlier runs of a bench script left whose process is gone (a pid whose command line
+    no longer names `script`): network namespaces PREFIX-PID[-p] (first killing what still runs
+    in them: the run's own servers), users matching `user` (a pattern whose group 1 is the pid)
+    that bear `mark` in their GECOS, and temporary directories PREFIX-PID-*."""
+    def dead(pid: int) -> bool:
+        try:  # a zombie has an empty command line; a reused pid runs something else
+            return (pid != os.getpid()
+                    and script.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            return True
+
+    for line in sh("ip", "netns", "list", check=False).splitlines():
+        match = re.match(rf"({re.escape(prefix)}-(\d+)(-p)?)\b", line)
+        if match and dead(int(match.group(2))):
+            for pid in sh("ip", "netns", "pids", match.group(1), check=False).split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "netns", "del", match.group(1), check=False)
+    for entry in pwd.getpwall():
+        match = re.fullmatch(user, entry.pw_name)
+        if match and entry.pw_gecos == mark and dead(int(match.group(1))):
+            sh("userdel", entry.pw_name, check=False)
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}-*"):  # where mkdtemp made them
+        match = re.match(rf"{re.escape(prefix)}-(\d+)-", path.name)
+        if match and path.is_dir() and dead(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the sample service ----------------------------------------------------------------------

@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import pwd
-import re
 import shutil
 import signal
 import statistics
@@ -65,7 +64,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from benchkit import progress, sh  # noqa: E402  (bench/: the script's own directory)
+from benchkit import progress, sh, sweep_stale  # noqa: E402  (bench/: the script's own directory)
 from corral.core.netspec import Endpoint, parse_ports  # noqa: E402
 from corral.host import nft  # noqa: E402
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
@@ -263,29 +262,6 @@ class Lab:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def clean_stale() -> None:
-    """Remove the netns, user and temp dir of earlier runs whose process is gone."""
-    def dead(pid: int) -> bool:
-        try:
-            return (pid != os.getpid()
-                    and b"nft_cost" not in Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            return True
-
-    for line in sh("ip", "netns", "list", check=False).splitlines():
-        found = re.match(rf"({PREFIX}-(\d+))\b", line)
-        if found and dead(int(found.group(2))):
-            sh("ip", "netns", "del", found.group(1), check=False)
-    for entry in pwd.getpwall():
-        found = re.fullmatch(r"corral-nftc(\d+)-app", entry.pw_name)
-        if found and entry.pw_gecos == MARK and dead(int(found.group(1))):
-            sh("userdel", entry.pw_name, check=False)
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*"):
-        found = re.match(rf"{PREFIX}-(\d+)-", path.name)
-        if found and path.is_dir() and dead(int(found.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def check_drops(lab: Lab, binary: Path, variants: list[str]) -> None:
     """Under each filtering variant the declared port answers and an undeclared one cannot."""
     for variant in variants:
@@ -339,7 +315,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
-    clean_stale()
+    sweep_stale(PREFIX, "nft_cost", r"corral-nftc(\d+)-app", MARK)
     lab = Lab()
     samples: dict[str, dict[str, list[float]]] = {p: {v: [] for v in variants} for p in protos}
     load = os.getloadavg()

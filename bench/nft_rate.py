@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import pwd
-import re
 import shutil
 import signal
 import statistics
@@ -50,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from benchkit import progress, sh  # noqa: E402  (bench/: the script's own directory)
+from benchkit import progress, sh, sweep_stale  # noqa: E402  (bench/: the script's own directory)
 from corral.core.netspec import Endpoint  # noqa: E402
 from corral.host import nft  # noqa: E402
 from corral.plan.nft_rules import ProcessFlows, service_ruleset  # noqa: E402
@@ -164,35 +163,6 @@ class Lab:
             sh("userdel", name, check=False)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def clean_stale() -> None:
-    """Remove the netns (and the server still running in it), users and temp dirs of earlier
-    runs whose process is gone."""
-    def dead(pid: int) -> bool:
-        try:   # a zombie has an empty command line; a reused pid runs something else
-            return (pid != os.getpid()
-                    and b"nft_rate" not in Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            return True
-
-    for line in sh("ip", "netns", "list", check=False).splitlines():
-        match = re.match(rf"({PREFIX}-(\d+)(-p)?)\b", line)
-        if match and dead(int(match.group(2))):
-            for pid in sh("ip", "netns", "pids", match.group(1), check=False).split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-            sh("ip", "netns", "del", match.group(1), check=False)
-    for entry in pwd.getpwall():
-        match = re.fullmatch(r"corral-nftb(\d+)s\d+-app", entry.pw_name)
-        if match and entry.pw_gecos == MARK and dead(int(match.group(1))):
-            sh("userdel", entry.pw_name, check=False)
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*"):
-        match = re.match(rf"{PREFIX}-(\d+)-", path.name)
-        if match and path.is_dir() and dead(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- measuring
@@ -365,7 +335,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
-    clean_stale()
+    sweep_stale(PREFIX, "nft_rate", r"corral-nftb(\d+)s\d+-app", MARK)
     lab = Lab()
     started = time.monotonic()
     report: dict = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
