@@ -115,7 +115,7 @@ def logs(name: str, process: str | None, follow: bool, since: str | None,
                          f"{', '.join(names)})")
     chosen = [process] if process else names
     after = reader.since_time(since) if since else None
-    lines = reader.read(str(spec.logs), chosen, after)
+    lines = reader.read(spec.logs, chosen, after)
     if as_json and not follow:
         print_json({"service": spec.service, "lines": lines})
         return
@@ -129,5 +129,5 @@ def logs(name: str, process: str | None, follow: bool, since: str | None,
     for line in lines:
         show(line)
     if follow:
-        for line in reader.follow(str(spec.logs), chosen, timeout):
+        for line in reader.follow(spec.logs, chosen, timeout):
             show(line)

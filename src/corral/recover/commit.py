@@ -110,7 +110,7 @@ def commit(spec: runtime.ServiceSpec, upper_fd: int, base_fd: int,
     work.mkdir()
     try:
         # cp -a keeps every link and owner and never follows a symlink; the base is ours.
-        subprocess.run(["cp", "-a", "--reflink=auto", str(spec.base_root), str(work / "root")],
+        subprocess.run(["cp", "-a", "--reflink=auto", spec.base_root, str(work / "root")],
                        check=True, capture_output=True)
         try:
             found = _fold(upper_fd, base_fd, work / "root")

@@ -248,7 +248,7 @@ def _cleanup(spec: ServiceSpec) -> None:
     from corral.launch import cgroup, mnt
 
     cgroup.remove_service(spec.service)
-    mnt.unmount_delta(str(spec.delta_dir), spec.delta)
+    mnt.unmount_delta(spec.delta_dir, spec.delta)
     if spec.own_network or os.path.exists(os.path.join(spec.run, "network.json")):  # netns, NAT
         from corral.host import netns
 
@@ -392,7 +392,7 @@ def delta_of(service: str) -> dict[str, Any]:
 
     spec = spec_of(service)
     state = read_state(service)
-    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd):
+    with open_dirs(_upper_path(spec, state), spec.base_root) as (upper_fd, base_fd):
         found = delta.changes(upper_fd, base_fd)
     return {"service": service, "base_version": spec.base_version,
             "changes": [change_json(c.to_json()) for c in found],
@@ -454,7 +454,7 @@ def commit_delta(service: str, allow: list[str]) -> dict[str, Any]:
     state = read_state(service)
     # Check and copy are one walk; the service is frozen for it, so that the delta is the same
     # from its first file to its last (a running service swapped files behind the walk).
-    with open_dirs(_upper_path(spec, state), str(spec.base_root)) as (upper_fd, base_fd), \
+    with open_dirs(_upper_path(spec, state), spec.base_root) as (upper_fd, base_fd), \
             (freezer(spec)() if supervisor_alive(state) else nullcontext()):
         result = commit.commit(spec, upper_fd, base_fd, allow)
     if supervisor_alive(state):

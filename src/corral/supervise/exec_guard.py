@@ -44,7 +44,7 @@ class ExecGuard:
         """The identities of what each process may exec, in its root (again after a revert:
         a new root, and perhaps a new base)."""
         self.spec = spec
-        root = os.open(str(spec.root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for proc in spec.processes:
                 paths = spec.exec_paths.get(proc.name) or [proc.command[0]]

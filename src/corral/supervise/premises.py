@@ -44,7 +44,7 @@ def own_network(spec: ServiceSpec) -> tuple[Any, list[str]]:
                         [c for flow in flows for c in flow.connect])
     try:
         nft.apply(nft_rules.service_ruleset(spec.service, netns.inside_flows(flows, link)),
-                  netns=str(spec.netns))
+                  netns=spec.netns)
     except nft.NftError as exc:
         raise netns.NetnsError(f"the service's table in its namespace: {exc}") from exc
     warnings = []
@@ -65,7 +65,7 @@ def remove_own_network(spec: ServiceSpec) -> None:
 
 def table_netns(spec: ServiceSpec) -> str | None:
     """Where the service's table is: in its own namespace, or in the host's (None)."""
-    return str(spec.netns) if spec.own_network else None
+    return spec.netns if spec.own_network else None
 
 
 def noexec_paths(spec: ServiceSpec) -> tuple[str, ...]:

@@ -76,7 +76,7 @@ def refill_firewall(spec: ServiceSpec) -> str:
             if link is not None:
                 flows = service_flows(spec)
                 nft.apply(nft_rules.sets_refill(spec.service, netns.inside_flows(flows, link)),
-                          netns=str(spec.netns))
+                          netns=spec.netns)
                 netns.configure(link, [p for flow in flows for p in flow.listen],
                                 [c for flow in flows for c in flow.connect])
     except (OSError, ValueError, nft.NftError) as exc:

@@ -109,7 +109,7 @@ class Sensing:
         of its own)."""
         from corral.watch import delta_events, sensors
 
-        delta_dir, base = str(self.spec.delta_dir), str(self.spec.base_root)
+        delta_dir, base = self.spec.delta_dir, self.spec.base_root
         why = "the delta is no file system of its own"
         if delta_events.own_filesystem(delta_dir):
             try:

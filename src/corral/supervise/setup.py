@@ -35,7 +35,7 @@ def program(proc: ProcessSpec) -> ProcessSpec:
 
 
 def _marker(spec: ServiceSpec, proc: ProcessSpec) -> str:
-    return os.path.join(str(spec.state), "setup", f"{proc.name}.done")
+    return os.path.join(spec.state, "setup", f"{proc.name}.done")
 
 
 def needed(spec: ServiceSpec, proc: ProcessSpec) -> bool:
@@ -45,7 +45,7 @@ def needed(spec: ServiceSpec, proc: ProcessSpec) -> bool:
     if not creates:
         return not os.path.exists(_marker(spec, proc))
     try:
-        with tree.directory(str(spec.root)) as root:
+        with tree.directory(spec.root) as root:
             os.close(tree.open_beneath(root, creates, os.O_PATH))
     except FileNotFoundError:
         return True

@@ -68,7 +68,7 @@ class Supervisor:
     def __init__(self, spec: ServiceSpec, echo: TextIO | None = None):
         self.spec = spec
         self.echo = echo  # foreground: the processes' output is copied here
-        self.run_dir = str(spec.run)
+        self.run_dir = spec.run
         self.children: dict[str, Child] = {}
         self.stopping = False  # the supervisor is ending
         self.halting = False  # processes are being stopped (end, or a revert)
@@ -101,7 +101,7 @@ class Supervisor:
             "phase": self.phase,
             "error": self.error,
             "base_version": self.spec.base_version,
-            "delta": {"kind": self.spec.delta, "path": str(self.spec.delta_dir)},
+            "delta": {"kind": self.spec.delta, "path": self.spec.delta_dir},
             "landlock": self.landlock,
             "warnings": self.warnings,
             "reverts": self.reverts,
@@ -127,7 +127,7 @@ class Supervisor:
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         if self.spec.own_network:  # still in the host's mount namespace: the pin is seen there
             self.link, self.net_warnings = premises.own_network(self.spec)
-        delta = str(self.spec.delta_dir)
+        delta = self.spec.delta_dir
         mnt.mount_delta(delta, self.spec.delta, self.spec.delta_size)
         premises.mount_sized_volumes(self.spec)
         if self.spec.delta == "tmpfs":
@@ -149,7 +149,7 @@ class Supervisor:
             self._guard_udp(group, proc.listen)
             settings = self.spec.log
             out = Output(proc.name, logfile.LogFile(
-                str(self.spec.logs), proc.name, int(settings.get("size", logfile.SIZE)),
+                self.spec.logs, proc.name, int(settings.get("size", logfile.SIZE)),
                 int(settings.get("files", logfile.FILES))),
                 logfile.Forward(self.spec.service, proc.name,
                                 int(settings.get("rate", logfile.RATE))), self.echo)
@@ -162,7 +162,7 @@ class Supervisor:
         image, why = (None, None) if "image" in skip else premises.root_image(self.spec)
         warnings = [mnt.whole_overlay(why)] if why else []
         return warnings + mnt.prepare_service_root(
-            str(self.spec.root), str(self.spec.base_root), str(self.spec.delta_dir),
+            self.spec.root, self.spec.base_root, self.spec.delta_dir,
             launch.volumes_of(self.spec), premises.noexec_paths(self.spec),
             premises.writable_paths(self.spec), image, bench_bind_root="overlay" in skip)
 
@@ -282,7 +282,7 @@ class Supervisor:
             from corral.kernel import syscalls as kernel
 
             kernel.setns(self.host_mnt, kernel.CLONE_NEWNS)  # our private mounts die with us
-            mnt.unmount_delta(str(self.spec.delta_dir), self.spec.delta)
+            mnt.unmount_delta(self.spec.delta_dir, self.spec.delta)
         premises.remove_own_network(self.spec)  # in the host's mount namespace again
         self.sensing.close()
 
@@ -407,9 +407,9 @@ class Supervisor:
         self.release()
         self.close_epochs("revert", tuple(filter(None, [request.get("incident")])), inline=True)
         fresh = runtime.read(self.spec.service)  # a `base use` or commit may have moved it
-        upper = os.path.join(str(self.spec.delta_dir), "upper")
+        upper = os.path.join(self.spec.delta_dir, "upper")
         try:
-            with open_dirs(upper, str(self.spec.base_root)) as (upper_fd, base_fd):
+            with open_dirs(upper, self.spec.base_root) as (upper_fd, base_fd):
                 archives = os.path.join(self.spec.state, "archives")
                 path = archive.archive_delta(upper_fd, base_fd, archives, {
                     "service": self.spec.service, "reason": request.get("reason", "revert"),
@@ -422,8 +422,8 @@ class Supervisor:
                 self.sensing.refused(exc.detail)
         if fresh is not None and fresh.base_version != self.spec.base_version:
             self.spec = replace(self.spec, base_version=fresh.base_version)
-        kernel.umount2(str(self.spec.root), kernel.MNT_DETACH)  # overlay, /dev and volumes
-        mnt.clear_delta(str(self.spec.delta_dir))
+        kernel.umount2(self.spec.root, kernel.MNT_DETACH)  # overlay, /dev and volumes
+        mnt.clear_delta(self.spec.delta_dir)
         self.warnings = self._mount_root() + self.bind_warnings + self.net_warnings
         self.reverts += 1
         self.sensing.fresh_delta()
@@ -651,7 +651,7 @@ def main(argv: list[str]) -> int:
         print(f"corral: {service}: not installed", file=sys.stderr)
         return 2
     try:
-        lock(str(spec.run))
+        lock(spec.run)
     except BlockingIOError:
         print(f"corral: {service}: already running", file=sys.stderr)
         return 1

@@ -52,9 +52,9 @@ def watched_of(spec: ServiceSpec) -> list[Watched]:
 
             out.append(Watched("volume", str(loopfs.sized(spec.state, v.store).top),
                                {"volume": v.path}, v.owner, v.size))
-    out.append(Watched("delta", str(spec.delta_dir), {"delta": spec.delta}, None,
+    out.append(Watched("delta", spec.delta_dir, {"delta": spec.delta}, None,
                        spec.delta_size))
-    out.append(Watched("state", str(spec.state), {"path": str(spec.state)}))
+    out.append(Watched("state", spec.state, {"path": spec.state}))
     return out
 
 
