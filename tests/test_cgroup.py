@@ -186,7 +186,8 @@ def test_pure_v2_in_a_fake_tree(tmp_path, monkeypatch):
     (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
     for d in (root, root / BASE, root / BASE / "svc", app):
         (d / "cgroup.subtree_control").write_text("")
-    for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.max", "cgroup.procs"):
+    for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.max", "cpu.weight",
+                 "cgroup.procs"):
         (app / name).write_text("")
     mountinfo = f"29 25 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw\n"
     monkeypatch.setattr(cgroup, "layout", lambda: cgroup.parse_layout(mountinfo, cgroup._read))
@@ -197,11 +198,13 @@ def test_pure_v2_in_a_fake_tree(tmp_path, monkeypatch):
         assert (d / "cgroup.subtree_control").read_text().split() == ["+cpu", "+memory", "+pids"]
     assert (app / "cgroup.subtree_control").read_text() == ""  # it holds processes
     files = {n: (app / n).read_text() for n in ("memory.max", "memory.swap.max", "pids.max",
-                                               "cpu.max")}
+                                               "cpu.max", "cpu.weight")}
     assert files == {"memory.max": str(32 * MB), "memory.swap.max": "0", "pids.max": "5",
-                     "cpu.max": "50000 100000"}
+                     "cpu.max": "50000 100000", "cpu.weight": "100"}
+    Cgroup.create("svc", "app", Limits(cpu_weight_max=True))
+    assert (app / "cpu.weight").read_text() == "10000"
     Cgroup.create("svc", "app", Limits())
-    assert [(app / n).read_text() for n in files] == ["max", "max", "max", "max 100000"]
+    assert [(app / n).read_text() for n in files] == ["max", "max", "max", "max 100000", "100"]
     cg.add(4242)
     assert (app / "cgroup.procs").read_text() == "4242"
 
@@ -330,6 +333,18 @@ def test_cpu_quota(service):
     assert control(cg, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] == "200000"
     Cgroup.create(service, "app", Limits())
     assert control(cg, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] in ("-1", "max")
+
+
+def test_cpu_weight_is_the_default_unless_a_benchmark_asks_for_the_highest(service):
+    """The service's cgroup competes for the CPUs with the default weight (one task's share
+    against the machine's other tasks); launch.benchskip's "cpu-group" gives it the highest,
+    so an attribution run can tell that share from the containment's own cost."""
+    cg = Cgroup.create(service, "app", Limits(cpu_weight_max=True))
+    if cg.layout.home("cpu") is None:
+        pytest.skip("no cpu controller")
+    assert control(cg, "cpu", "cpu.shares", "cpu.weight") in ("262144", "10000")
+    Cgroup.create(service, "app", Limits())
+    assert control(cg, "cpu", "cpu.shares", "cpu.weight") in ("1024", "100")
 
 
 # --- freeze, kill, remove -------------------------------------------------------------------

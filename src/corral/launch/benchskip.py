@@ -30,8 +30,8 @@ from __future__ import annotations
 import os
 
 NAMESPACES = ("pidns", "ipcns", "utsns", "cgroupns")
-KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "image", "cpu", "memory",
-                   "pids", *NAMESPACES})
+KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "image", "cpu", "cpu-group",
+                   "memory", "pids", *NAMESPACES})
 VARIABLE = "CORRAL_BENCH_SKIP"
 
 

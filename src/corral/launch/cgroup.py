@@ -35,6 +35,9 @@ class Limits:
     memory: int | None = None  # bytes
     pids: int | None = None
     cpu: float | None = None  # CPUs: 0.5 -> 50000 of every 100000 us
+    # Bench-only (launch.benchskip "cpu-group"): the highest cpu weight instead of the default,
+    # so that the service's cgroup no longer competes for the CPUs as one task against others
+    cpu_weight_max: bool = False
 
 
 @record(frozen=True)
@@ -235,8 +238,10 @@ class Cgroup:
         if version == 1:
             _write(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD))
             _write(f"{d}/cpu.cfs_quota_us", str(quota or -1))
+            _write(f"{d}/cpu.shares", "262144" if limits.cpu_weight_max else "1024")
         elif version == 2:
             _write(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD}")
+            _write(f"{d}/cpu.weight", "10000" if limits.cpu_weight_max else "100")
 
     def guard_udp_binds(self, listen: list[str], ring_fd: int | None = None) -> None:
         """Let the processes of this cgroup bind only their own declared UDP ports (and 0):

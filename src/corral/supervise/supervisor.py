@@ -144,7 +144,8 @@ class Supervisor:
         self.exec_guard.index(self.spec)
         for proc in self.spec.processes:
             limits = cgroup.Limits(**{k: None if k in skip else proc.limits.get(k)
-                                      for k in ("memory", "pids", "cpu")})
+                                      for k in ("memory", "pids", "cpu")},
+                                   cpu_weight_max="cpu-group" in skip)
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
             self._guard_udp(group, proc.listen)
             settings = self.spec.log
