@@ -306,11 +306,12 @@ def test_fanotify_sees_a_base_write_without_a_walk(tmp_path):
     """The event path alone (its safety-net walk pushed out of reach): a tmpfs delta, a copy-up
     of an executable base file and a whiteout over a base file in /etc, both reported by
     fanotify; a file that is no base file is not. A delta that is no file system of its own
-    (`delta = "disk"`) cannot be marked alone: own_filesystem says so."""
+    (a plain directory) cannot be marked alone: imageroot.own_filesystem says so."""
     import os
     import select
     import subprocess
 
+    from corral.launch import imageroot
     from corral.watch import delta_events
 
     delta, base = tmp_path / "delta", tmp_path / "base"
@@ -320,11 +321,11 @@ def test_fanotify_sees_a_base_write_without_a_walk(tmp_path):
     (base / "usr/bin/tool").chmod(0o755)
     (base / "etc/motd").write_text("hi\n")
     delta.mkdir()
-    assert not delta_events.own_filesystem(str(delta))
+    assert not imageroot.own_filesystem(str(delta))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-delta", str(delta)],
                    check=True)
     try:
-        assert delta_events.own_filesystem(str(delta))
+        assert imageroot.own_filesystem(str(delta))
         for sub in ("upper/usr/bin", "upper/etc", "upper/tmp", "work"):
             (delta / sub).mkdir(parents=True)
         sensor = delta_events.DeltaEvents(str(delta), str(base), interval=1e9)

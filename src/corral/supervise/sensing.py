@@ -107,11 +107,14 @@ class Sensing:
         """fanotify on the delta's tmpfs, the walk every few seconds as its safety net; the
         walk alone every DELTA_POLL where fanotify cannot be used (a delta that is no file system
         of its own)."""
+        from corral.launch import imageroot
         from corral.watch import delta_events, sensors
 
         delta_dir, base = self.spec.delta_dir, self.spec.base_root
         why = "the delta is no file system of its own"
-        if delta_events.own_filesystem(delta_dir):
+        # A file system of its own (the tmpfs or the disk delta): a filesystem mark then sees
+        # the delta and nothing else; the image root asks the same to bind the delta's paths.
+        if imageroot.own_filesystem(delta_dir):
             try:
                 return delta_events.DeltaEvents(delta_dir, base)
             except OSError as exc:

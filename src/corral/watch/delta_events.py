@@ -55,16 +55,6 @@ IGNORE_CHILDREN = fanotify.FAN_CREATE | fanotify.FAN_MOVED_TO
 MAX_IGNORED = 4096  # ignore marks held at once; beyond, they are all dropped and learnt anew
 
 
-def own_filesystem(delta_dir: str) -> bool:
-    """True when `delta_dir` is the root of a file system of its own (the tmpfs delta), so
-    that a filesystem mark sees the delta and nothing else."""
-    try:
-        here, parent = os.stat(delta_dir), os.stat(os.path.join(delta_dir, ".."))
-    except OSError:
-        return False
-    return here.st_dev != parent.st_dev
-
-
 class DeltaEvents:
     """fanotify on the delta's tmpfs, with the walk as a slower safety net; a sensor with both
     a descriptor (events) and an interval (the walk)."""
