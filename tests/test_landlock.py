@@ -425,3 +425,57 @@ def test_landlock_prctl_numbers_are_the_kernel_modules():
 
     assert (ll.PR_SET_NO_NEW_PRIVS, ll.PR_GET_NO_NEW_PRIVS) == \
         (syscalls.PR_SET_NO_NEW_PRIVS, syscalls.PR_GET_NO_NEW_PRIVS)
+
+
+def _mount_tree() -> Path:
+    """In the calling child's own mount namespace: a tmpfs with ro/ (a read-only bind mount of
+    itself, nothing below), mixed/ (read-only, with a writable tmpfs at mixed/rw) and rw/."""
+    from corral.kernel import syscalls as k
+
+    k.unshare(k.CLONE_NEWNS)
+    k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
+    base = Path(tempfile.mkdtemp(prefix="corral-test-ll-"))
+    k.mount("tmpfs", str(base), "tmpfs")
+    for d in ("ro", "mixed", "mixed/rw", "rw"):
+        (base / d).mkdir()
+    for d in ("ro", "mixed", "mixed/rw", "rw"):
+        (base / d / "file").write_text("x\n")
+    for d in ("ro", "mixed"):
+        k.mount(str(base / d), str(base / d), None, k.MS_BIND)
+        k.mount(None, str(base / d), None, k.MS_BIND | k.MS_REMOUNT | k.MS_RDONLY)
+    k.mount("tmpfs", str(base / "mixed/rw"), "tmpfs")
+    (base / "mixed/rw/file").write_text("x\n")
+    return base
+
+
+@needs_landlock
+@needs_root
+@pytest.mark.skipif(ABI < 3, reason="TRUNCATE is ABI 3")
+def test_truncate_is_added_only_where_every_mount_beneath_is_read_only():
+    """Landlock asks for TRUNCATE at every open (kept with the file for ftruncate): a read-only
+    rule without it lets each open walk to the root. It is added only where the kernel refuses
+    any truncate anyway (EROFS), never above a writable mount."""
+    def body():
+        base = _mount_tree()
+        moot = landlock._moot_truncate(landlock.fs_rights(ABI))
+        verdicts = {}
+        for name in ("ro", "ro/file", "mixed", "mixed/file", "mixed/rw", "rw", "rw/file"):
+            fd = os.open(base / name, os.O_PATH | os.O_CLOEXEC)
+            verdicts[name] = moot(fd)
+            os.close(fd)
+        landlock.restrict(plan(read_only=[base / "ro", base / "mixed", base / "rw", *LIB_DIRS]))
+        walls = {name: attempt(os.truncate, base / name / "file", 0)
+                 for name in ("ro", "mixed", "mixed/rw", "rw")}
+        return {"verdicts": verdicts, "walls": walls,
+                "without TRUNCATE handled": landlock._moot_truncate(
+                    landlock.fs_rights(ABI) & ~landlock.TRUNCATE) is None}
+
+    out = in_child(body)
+    # mixed/file is on the read-only mount and has nothing mounted below it
+    assert out["verdicts"] == {"ro": True, "ro/file": True, "mixed": False, "mixed/file": True,
+                               "mixed/rw": False, "rw": False, "rw/file": False}
+    # The read-only mounts refuse before Landlock is asked; the writable ones are still
+    # Landlock's to refuse, below a read-only parent's rule too.
+    assert out["walls"] == {"ro": "EROFS", "mixed": "EROFS", "mixed/rw": "EACCES",
+                            "rw": "EACCES"}
+    assert out["without TRUNCATE handled"]

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.core import mountinfo
 from corral.core.errors import RuntimeFailure
 from corral.core.record import record
 from corral.kernel import syscalls as kernel
@@ -73,32 +74,14 @@ def has_image(state: str | Path, store: str) -> bool:
     return sized(state, store).image.exists()
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounted_at(path: str | Path) -> str | None:
     """The source of what is mounted at exactly `path` in this mount namespace (the topmost),
     or None."""
-    target, source = os.path.abspath(path), None
     try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                left, _, right = line.partition(" - ")
-                if _unescape(left.split()[4]) == target:
-                    source = _unescape(right.split()[1])
+        top = mountinfo.at(mountinfo.read(), os.path.abspath(path))
     except OSError:
         return None
-    return source
+    return top.source if top else None
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from corral.core import mountinfo
 from corral.core.netspec import parse_ports
 from corral.core.record import record
 from corral.kernel import bindguard
@@ -57,20 +58,18 @@ class Layout:
         return next((h for h in self.hierarchies if controller in h.controllers), None)
 
 
-def parse_layout(mountinfo: str, read: Callable[[str], str]) -> Layout:
+def parse_layout(text: str, read: Callable[[str], str]) -> Layout:
     """The hierarchies to use, from mountinfo text; `read` reads v2's cgroup.controllers."""
     found: list[Hierarchy] = []
     v2: str | None = None
     taken: set[str] = set()
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        fstype, _source, options = (right.split() + ["", "", ""])[:3]
-        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), left.split()[4])  # \040
-        if fstype == "cgroup2" and v2 is None:
-            v2 = mount
-        elif fstype == "cgroup":  # super options name the controllers: "rw,cpu,cpuacct"
-            if ours := set(options.split(",")) & set(CONTROLLERS) - taken:  # mounted twice: 1st
-                found.append(Hierarchy(os.path.basename(mount), mount, 1, frozenset(ours)))
+    for mount in mountinfo.parse(text):
+        if mount.fstype == "cgroup2" and v2 is None:
+            v2 = mount.point
+        elif mount.fstype == "cgroup":  # super options name the controllers: "rw,cpu,cpuacct"
+            if ours := set(mount.super_options) & set(CONTROLLERS) - taken:  # mounted twice: 1st
+                found.append(Hierarchy(os.path.basename(mount.point), mount.point, 1,
+                                       frozenset(ours)))
                 taken |= ours
     if v2:  # v2's freezer is core (cgroup.freeze), not a controller listed there
         on_v2 = set(read(f"{v2}/cgroup.controllers").split()) | {"freezer"}
@@ -80,7 +79,7 @@ def parse_layout(mountinfo: str, read: Callable[[str], str]) -> Layout:
 
 @functools.cache
 def layout() -> Layout:
-    return parse_layout(_read("/proc/self/mountinfo"), _read)
+    return parse_layout(_read(mountinfo.PATH), _read)
 
 
 def describe() -> str:

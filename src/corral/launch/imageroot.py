@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import stat
 
-from corral.core import tree
+from corral.core import mountinfo, tree
 from corral.kernel import syscalls as kernel
 from corral.kernel.syscalls import (
     MNT_DETACH,
@@ -154,17 +154,11 @@ def own_filesystem(delta_dir: str) -> bool:
     """Whether a file system's own root is mounted at `delta_dir` (the tmpfs or the disk delta,
     host.loopfs): only then does a bind mount of a directory in it show the delta's names in
     mountinfo rather than a host path (a delta that is a plain directory keeps overlays)."""
-    where = os.path.realpath(delta_dir)
-    root = None
     try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                fields = line.split()
-                if fields[4] == where:
-                    root = fields[3]  # the last one is the mount on top
-    except (OSError, IndexError):
+        top = mountinfo.at(mountinfo.read(), os.path.realpath(delta_dir))
+    except OSError:
         return False
-    return root == "/"
+    return top is not None and top.root == "/"
 
 
 def empty_in_image(root_fd: int, top: str) -> bool:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from corral.core import mountinfo
 from corral.core.record import record
 
 TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
@@ -140,9 +141,10 @@ def restrict(plan: LandlockPlan, extra_read_exec: Sequence[str] = ()) -> Landloc
         grants = ((tuple(plan.read_exec) + tuple(extra_read_exec), READ_EXEC),
                   (plan.read_only, READ_ONLY),
                   (plan.read_write, handled_fs & ~EXECUTE))
+        moot = _moot_truncate(handled_fs)
         for paths, rights in grants:
             for path in paths:
-                _allow_path(ruleset, path, rights & handled_fs)
+                _allow_path(ruleset, path, rights & handled_fs, moot)
         if handled_net:
             for ports, right in ((plan.tcp_bind, BIND_TCP), (plan.tcp_connect, CONNECT_TCP)):
                 for port in ports:
@@ -157,7 +159,36 @@ def restrict(plan: LandlockPlan, extra_read_exec: Sequence[str] = ()) -> Landloc
     return status
 
 
-def _allow_path(ruleset: int, path: str, rights: int) -> None:
+def _moot_truncate(handled_fs: int) -> Callable[[int], bool] | None:
+    """Whether TRUNCATE may be added to a read-only rule, as a test of the rule's O_PATH fd.
+
+    Why: Landlock asks for TRUNCATE at every open, as an optional right kept with the file for
+    a later ftruncate (security/landlock/fs.c, hook_file_open). A rule that does not grant it
+    does not end the walk from the opened file towards the root, so every read-only open of a
+    library, a configuration file or a served file walked up to "/" and found no truncate.
+    Granted on a rule whose path and every mount beneath it are read-only, it ends the walk at
+    the rule's own directory and changes nothing else: a truncate there, by path, by O_TRUNC or
+    by ftruncate, fails with EROFS before Landlock is asked (mnt_want_write), and the process
+    cannot make those mounts writable (Landlock refuses every remount and mount in its domain).
+    A rule covering a writable mount (a volume, /tmp, a runtime directory) is left as it was.
+    None: no such rule (TRUNCATE not handled, or this process's mounts cannot be read)."""
+    if not handled_fs & TRUNCATE:
+        return None
+    try:
+        mounts = mountinfo.read()
+    except OSError:
+        return None
+
+    def moot(fd: int) -> bool:
+        if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            return False
+        where = os.readlink(f"/proc/self/fd/{fd}")  # as this process sees it, after pivot_root
+        return where.startswith("/") and all(m.read_only for m in mountinfo.beneath(mounts, where))
+    return moot
+
+
+def _allow_path(ruleset: int, path: str, rights: int,
+                moot_truncate: Callable[[int], bool] | None = None) -> None:
     if not os.path.isabs(path):
         raise ValueError(f"landlock: path {path!r} is not absolute")
     try:
@@ -177,6 +208,8 @@ def _allow_path(ruleset: int, path: str, rights: int) -> None:
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS
+        if rights and not rights & WRITE_FILE and moot_truncate and moot_truncate(fd):
+            rights |= TRUNCATE
         if rights:
             rule = struct.pack("=Qi", rights, fd)  # landlock_path_beneath_attr is packed
             _call("syscall", SYS_LANDLOCK_ADD_RULE, ruleset, RULE_PATH_BENEATH, rule, 0)

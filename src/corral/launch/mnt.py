@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from corral.core import tree
+from corral.core import mountinfo, tree
 from corral.core.record import record
 from corral.kernel import syscalls as kernel
 from corral.kernel.syscalls import (
@@ -46,8 +46,7 @@ class VolumeMount:
 
 def _is_mountpoint(path: str) -> bool:
     try:
-        with open("/proc/self/mountinfo") as handle:
-            return any(line.split()[4] == path for line in handle)
+        return mountinfo.at(mountinfo.read(), path) is not None
     except OSError:
         return False
 
