@@ -17,6 +17,12 @@ servers share the machine's CPUs (two on the reference machine), so throughput i
 ratio: see bench/servers.md. Reported: the median throughput and the median of each round's p99
 latency, and the ratios contained/plain and firejail/plain, with the load before and after.
 
+`--plain-cgroups all,cpu3,...` adds plain variants in cgroups of their own, no limits set: what
+the cgroup itself costs, apart from the containment (plain and firejail stay in the benchmark's
+cgroup, with the clients). `all`: cgroups made as corral makes a service's (launch.cgroup,
+`corral/NAME/server` in every hierarchy), as a service manager that gives every service a cgroup
+would; `cpuN` / `memoryN`: only cgroup v1's cpu (memory) hierarchy, N levels deep (1-3).
+
 `--own-netns` adds the variant "corral-own" (nginx only): the same manifest with network = "own"
 (docs/sandbox.md), nginx listening on all of its namespace's addresses, wrk connecting to
 OWN_ADDR, an address of the benchmark's namespace (on its lo) that the service's NAT table
@@ -253,13 +259,41 @@ def _start_outside(world: bk.World, server: str, variant: str) -> None:
         argv = pg_argv(str(data), p)
     wrap = FIREJAIL + ["--"] if variant == "firejail" else []
     full = world.enter() + [*wrap, "/usr/bin/setpriv", *ids, *argv]
+    join = _cgroup_of_its_own(world, server, variant.partition("-cgroup-")[2])
     with open(world.dir / f"{server}-{variant}.log", "ab") as log:
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, cwd="/tmp",
+                                start_new_session=True, cwd="/tmp", preexec_fn=join,
                                 env={"PATH": "/usr/bin:/bin", "TZ": "UTC", "LANG": "C"})
     world.cleanups.append(lambda: _stop(proc))
     _wait_port(world, p, proc, f"{server}-{variant}")
     TOPS[server, variant] = proc.pid
+
+
+def _cgroup_of_its_own(world: bk.World, server: str, kind: str) -> Callable[[], None] | None:
+    """For a plain-cgroup-KIND variant: make its cgroup, and return what the child runs before
+    exec to join it (the server's whole tree starts there); None for no cgroup."""
+    if not kind:
+        return None
+    if kind == "all":
+        from corral.launch import cgroup  # corral's own code: the same layout and depth
+        group = cgroup.Cgroup.create(world.service(f"{server[0]}cg"), "server", cgroup.Limits())
+        world.cleanups.append(group.remove)  # after the server's stop (cleanups run reversed)
+        return lambda: group.add(os.getpid())
+    controller, depth = kind.rstrip("123"), int(kind[-1])
+    top = f"/sys/fs/cgroup/{controller}"
+    if not os.path.isfile(f"{top}/cgroup.procs") or os.path.isfile(f"{top}/cgroup.controllers"):
+        raise SystemExit(f"bench: --plain-cgroups {kind} needs cgroup v1's {controller} "
+                         f"hierarchy at {top}")
+    dirs = [os.path.join(top, world.service(f"{server[0]}{kind}"), *["s", "p"][:depth - 1])]
+    while len(dirs) < depth:
+        dirs.insert(0, os.path.dirname(dirs[0]))
+    os.makedirs(dirs[-1])
+    world.cleanups.append(lambda: [os.rmdir(d) for d in reversed(dirs)])
+
+    def join() -> None:
+        with open(f"{dirs[-1]}/cgroup.procs", "w") as handle:
+            handle.write(str(os.getpid()))
+    return join
 
 
 # -- server CPU ------------------------------------------------------------------------------
@@ -370,13 +404,14 @@ def prepare_pg(world: bk.World, variant: str) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 def measure(world: bk.World, servers: list[str], rounds: int, seconds: float,
-            limits: str, attribute: list[str], own_netns: bool = False) -> dict[str, Any]:
+            limits: str, attribute: list[str], own_netns: bool = False,
+            plain_cgroups: tuple[str, ...] = ()) -> dict[str, Any]:
     """`attribute`: skip sets ("landlock", "seccomp+landlock", "nft"...), each one more
     contained variant of every server, run in the same rounds."""
     www = world.dir / "www-src"
     www.mkdir()
     (www / "4k.bin").write_bytes(os.urandom(4096))
-    extra = [f"corral-{a}" for a in attribute]
+    extra = [f"corral-{a}" for a in attribute] + [f"plain-cgroup-{k}" for k in plain_cgroups]
     if own_netns:
         extra.append("corral-own")
         subprocess.run(world.enter() + ["ip", "addr", "add", f"{OWN_ADDR}/32", "dev", "lo"],
@@ -467,12 +502,18 @@ def main() -> None:
                              "join with + to skip several in one variant")
     parser.add_argument("--own-netns", action="store_true",
                         help='one more variant, corral-own: network = "own" (nginx only)')
+    parser.add_argument("--plain-cgroups", default="",
+                        help="plain variants in cgroups of their own: all (as corral makes a "
+                             "service's), cpu1-cpu3, memory1-memory3 (v1, that deep)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=bk.RESULTS_DIR / "servers.json")
     args = parser.parse_args()
     servers = [s for s in args.only.split(",") if s]
     if args.own_netns and servers != ["nginx"]:
         raise SystemExit("bench: --own-netns needs --only nginx")
+    for kind in (k for k in args.plain_cgroups.split(",") if k):
+        if kind != "all" and (kind.rstrip("123") not in ("cpu", "memory") or kind[-1] not in "123"):
+            raise SystemExit(f"bench: unknown --plain-cgroups {kind!r} (all, cpu1-3, memory1-3)")
     for server in servers:
         if server not in PORTS:
             raise SystemExit(f"bench: unknown server {server!r} (nginx, redis, postgresql)")
@@ -482,7 +523,8 @@ def main() -> None:
     world = bk.World("corral-bsrv-", "bs")
     with bk.throwaway(world):
         report["result"] = measure(world, servers, args.rounds, args.seconds, args.limits,
-                                   [a for a in args.attribute.split(",") if a], args.own_netns)
+                                   [a for a in args.attribute.split(",") if a], args.own_netns,
+                                   tuple(k for k in args.plain_cgroups.split(",") if k))
     bk.end_run(report, started, args.out, args.json, table)
 
 
