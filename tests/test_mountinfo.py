@@ -26,14 +26,10 @@ def test_paths_are_unescaped_and_read_only_is_the_mount_or_its_super_block():
     assert (mounts[2].mount_id, mounts[2].parent_id) == (24, 22)
 
 
-def test_at_is_the_top_mount_and_beneath_includes_the_path_itself():
+def test_at_is_the_mount_on_top():
     mounts = mountinfo.parse(TEXT + "27 23 0:25 / /tmp rw - tmpfs other rw\n")
     assert mountinfo.at(mounts, "/tmp").source == "other"  # mounted over the first
     assert mountinfo.at(mounts, "/srv") is None
-    assert [m.point for m in mountinfo.beneath(mounts, "/srv/my www")] == [
-        "/srv/my www", "/srv/my www/ro\\dir"]
-    assert mountinfo.beneath(mounts, "/sr") == []  # a prefix of a name is not a parent
-    assert len(mountinfo.beneath(mounts, "/")) == len(mounts)
 
 
 def test_this_process_has_a_root_mount():

@@ -49,11 +49,10 @@ def parse(text: str) -> list[Mount]:
         if not sep or len(fields) < 6 or len(tail) < 3:
             continue  # not a mountinfo line: nothing to say about it
         supers = tuple(tail[2].split(","))
-        mounts.append(Mount(
-            mount_id=int(fields[0]), parent_id=int(fields[1]), root=unescape(fields[3]),
-            point=unescape(fields[4]),
-            read_only="ro" in fields[5].split(",") or "ro" in supers,
-            fstype=tail[0], source=unescape(tail[1]), super_options=supers))
+        # positional: a record's keyword arguments cost more, and the launch parses these
+        mounts.append(Mount(int(fields[0]), int(fields[1]), unescape(fields[3]),
+                            unescape(fields[4]), "ro" in fields[5].split(",") or "ro" in supers,
+                            tail[0], unescape(tail[1]), supers))
     return mounts
 
 
@@ -67,8 +66,3 @@ def at(mounts: list[Mount], point: str) -> Mount | None:
     """The mount on top at exactly `point`, or None."""
     return next((m for m in reversed(mounts) if m.point == point), None)
 
-
-def beneath(mounts: list[Mount], path: str) -> list[Mount]:
-    """The mounts at `path` or below it."""
-    prefix = path.rstrip("/") + "/"
-    return [m for m in mounts if m.point == path or m.point.startswith(prefix)]

@@ -175,7 +175,7 @@ def _moot_truncate(handled_fs: int) -> Callable[[int], bool] | None:
     if not handled_fs & TRUNCATE:
         return None
     try:
-        mounts = mountinfo.read()
+        writable = [m.point for m in mountinfo.read() if not m.read_only]
     except OSError:
         return None
 
@@ -183,7 +183,9 @@ def _moot_truncate(handled_fs: int) -> Callable[[int], bool] | None:
         if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
             return False
         where = os.readlink(f"/proc/self/fd/{fd}")  # as this process sees it, after pivot_root
-        return where.startswith("/") and all(m.read_only for m in mountinfo.beneath(mounts, where))
+        below = where.rstrip("/") + "/"
+        return where.startswith("/") and not any(
+            point == where or point.startswith(below) for point in writable)
     return moot
 
 
