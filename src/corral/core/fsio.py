@@ -2,6 +2,8 @@
 version or the new one, never half of one. The one writer for the whole package: the install
 record, runtime.json, state.json, integrity manifests, `corral learn`'s output and the
 journal's files all go through `write_durable` (tmp + fsync + rename + fsync of the directory).
+What lives only as long as the boot (state.json under /run) goes through `write_atomic`: the
+same replacement without the fsyncs.
 
 The journal's crash tests stop the process between two durable steps: every function here
 takes `step`, called after each write, fsync, rename and unlink that crash consistency depends
@@ -48,6 +50,18 @@ def write_durable(path: StrPath, data: bytes, mode: int = 0o600,
     `mode` is passed to open(2), so the umask applies. The temporary file sits next to `path`
     (same file system, so the rename is atomic) and is removed on any failure (ENOSPC and the
     like leave no half-written tmp)."""
+    _replace(path, data, mode, step, sync=True)
+
+
+def write_atomic(path: StrPath, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` atomically for readers and for a killed writer, without making it durable
+    (no fsync): for files whose life ends with the boot, such as state.json under /run. Each of
+    a launch's state writes cost two fsyncs, 1-3 ms together where /run is not a tmpfs."""
+    _replace(path, data, mode, _no_step, sync=False)
+
+
+def _replace(path: StrPath, data: bytes, mode: int, step: Callable[[], None],
+             sync: bool) -> None:
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.tmp")
     try:
@@ -55,7 +69,8 @@ def write_durable(path: StrPath, data: bytes, mode: int = 0o600,
                      mode)
         try:
             write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         step()
@@ -67,7 +82,8 @@ def write_durable(path: StrPath, data: bytes, mode: int = 0o600,
             pass
         raise
     step()
-    fsync_dir(folder or ".", step)
+    if sync:
+        fsync_dir(folder or ".", step)
 
 
 def unlink_durable(paths: Iterable[StrPath], step: Callable[[], None] = _no_step) -> None:
@@ -89,8 +105,12 @@ def write_text(path: StrPath, text: str) -> None:
     write_durable(path, text.encode(), mode=0o666)
 
 
-def write_json(path: StrPath, data: Any, sort_keys: bool = True) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+def write_json(path: StrPath, data: Any, sort_keys: bool = True, durable: bool = True) -> None:
+    text = json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"
+    if durable:
+        write_text(path, text)
+    else:
+        write_atomic(path, text.encode(), mode=0o666)  # write_text's mode
 
 
 # -- corral's reserve on the state file system ------------------------------------------------

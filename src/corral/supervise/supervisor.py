@@ -95,7 +95,9 @@ class Supervisor:
 
     # -- state ------------------------------------------------------------------------------
     def write_state(self) -> None:
-        write_json(os.path.join(self.run_dir, "state.json"), {
+        # Atomic, not durable: /run ends with the boot, and so does what this file says (a
+        # reader after a crash checks that the supervisor still lives: control.supervisor_alive)
+        write_json(os.path.join(self.run_dir, "state.json"), durable=False, data={
             "service": self.spec.service,
             "supervisor": os.getpid(),
             "phase": self.phase,
