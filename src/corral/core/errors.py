@@ -34,13 +34,13 @@ def key_path(loc: Sequence[str | int]) -> str:
     return text
 
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS = r"[\x00-\x1f\x7f-\x9f]"  # compiled (and cached) by re at the first error shown
 
 
 def escape_controls(text: str) -> str:
     """"a\nb" -> "a\\nb": one line, printable, still recognisable."""
     named = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
-    return _CONTROLS.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+    return re.sub(_CONTROLS, lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 @record(frozen=True)

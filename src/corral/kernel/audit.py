@@ -12,6 +12,7 @@ the last supervisor to stop turns it off again (kernel.auditholds decides when).
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import struct
 
@@ -22,6 +23,26 @@ NLM_F_REQUEST, NLM_F_ACK = 1, 4
 AUDIT_STATUS_ENABLED = 1
 # struct audit_status's first eight u32 fields: mask, enabled, failure, pid, rate_limit,
 # backlog_limit, lost, backlog (the kernel accepts a shorter struct and zero-fills the rest).
+# A record's text: `audit(SECONDS.MILLIS:SERIAL): key=value key="quoted value" ...`. Patterns,
+# not compiled objects: re compiles (and caches) them at first use, so a launch that sees no
+# record does not pay ~0.3 ms to compile them.
+_FIELD = r'(\w+)=("[^"]*"|\S+)'
+_STAMP = r"audit\((\d+)\.(\d+):(\d+)\)"
+
+
+def record_fields(body: str) -> dict[str, str]:
+    """A record's key=value fields, quotes removed."""
+    return {k: v.strip('"') for k, v in re.findall(_FIELD, body)}
+
+
+def record_stamp(body: str) -> tuple[float, int, int] | None:
+    """(seconds, serial, where the stamp ends) of a record's `audit(...)`, or None."""
+    found = re.search(_STAMP, body)
+    if found is None:
+        return None
+    return int(found[1]) + int(found[2]) / 1000, int(found[3]), found.end()
+
+
 _STATUS = struct.Struct("=8I")
 _NLMSG = struct.Struct("=IHHII")
 

@@ -27,12 +27,12 @@ count.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 
 from corral.core import text
 from corral.core.record import replace
+from corral.kernel import audit
 from corral.watch.event import Event
 
 TYPE_CHECKING = False  # typing is not imported at run time: see core/record.py
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320
 AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN = 1423, 1424
 KINDS = (AUDIT_SYSCALL, AUDIT_EOE, AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN)
-_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
-_STAMP = re.compile(r"audit\((\d+)\.(\d+):(\d+)\)")
 # blocker -> (tripwire, detail keys from the record's fields)
 TRIPWIRES = {
     "net.connect_tcp": ("egress", {"daddr": "dst", "dest": "dport"}),
@@ -52,10 +50,6 @@ TRIPWIRES = {
 }
 MAX_DOMAINS = 4096  # creators remembered; a domain's "deallocated" record frees its entry
 MAX_PENDING = 256
-
-
-def _fields(body: str) -> dict[str, str]:
-    return {k: v.strip('"') for k, v in _FIELD.findall(body)}
 
 
 def _number(value: str | None) -> int | None:
@@ -82,15 +76,15 @@ class LandlockRecords:
         return uid is not None and uid not in self.uids
 
     def feed(self, kind: int, body: str, out: list[Event]) -> None:
-        stamp = _STAMP.search(body)
+        stamp = audit.record_stamp(body)
         if stamp is None:
             return
-        serial = int(stamp.group(3))
+        at, serial, end = stamp
         for older in [s for s in self.pending if s < serial]:  # a later event began
             self._emit(older, out)
-        fields = _fields(body[stamp.end():])
+        fields = audit.record_fields(body[end:])
         if kind == AUDIT_LANDLOCK_ACCESS:
-            event = self._access(fields, int(stamp.group(1)) + int(stamp.group(2)) / 1000)
+            event = self._access(fields, at)
             if event is not None and len(self.pending) < MAX_PENDING:
                 self.pending[serial] = event
         elif kind == AUDIT_LANDLOCK_DOMAIN:

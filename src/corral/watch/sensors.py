@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import stat
 import struct
 from collections.abc import Callable, Iterable
 
 from corral.core import log, text, tree
+from corral.kernel import audit
 from corral.recover import delta
 from corral.watch.event import Event
 from corral.watch.refusals import AUDIT_EOE, AUDIT_LANDLOCK_ACCESS, AUDIT_SYSCALL, LandlockRecords
@@ -53,8 +53,6 @@ __all__ = ["Event", "AuditReader", "PacketSensor", "DeltaPoller"]
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
 AUDIT_SECCOMP = 1326
-_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
-_STAMP = re.compile(r"audit\((\d+)\.(\d+):\d+\)")
 PTRACE_CALLS = {"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"}
 SETID_CALLS = {"chmod", "fchmod", "fchmodat", "fchmodat2", "creat", "open", "openat", "mkdir",
                "mkdirat", "mknod", "mknodat"}
@@ -240,8 +238,8 @@ class AuditReader:
         return False  # a domain's record: rare, and it tells whose later records are
 
     def parse(self, body: str) -> Event | None:
-        fields = {k: v.strip('"') for k, v in _FIELD.findall(body)}
-        stamp = _STAMP.search(body)
+        fields = audit.record_fields(body)
+        stamp = audit.record_stamp(body)
         try:
             uid, pid, nr = int(fields["uid"]), int(fields["pid"]), int(fields["syscall"])
         except (KeyError, ValueError):
@@ -251,7 +249,7 @@ class AuditReader:
             return None
         tripwire = "ptrace" if name in PTRACE_CALLS else "setuid" if name in SETID_CALLS \
             else "egress" if name in EGRESS_CALLS else "syscall"
-        at = int(stamp.group(1)) + int(stamp.group(2)) / 1000 if stamp else 0.0
+        at = stamp[0] if stamp else 0.0
         return Event(tripwire, uid, pid, at, {"syscall": name, "exe": fields.get("exe"),
                                               "comm": fields.get("comm")}, "audit")
 
