@@ -347,6 +347,33 @@ def test_cpu_weight_is_the_default_unless_a_benchmark_asks_for_the_highest(servi
     assert control(cg, "cpu", "cpu.shares", "cpu.weight") in ("1024", "100")
 
 
+def test_a_benchmark_can_leave_the_processes_out_of_their_cpu_cgroup(service, spawn):
+    """launch.benchskip's "cpu-cgroup": the process joins its cgroup in every hierarchy but the
+    cpu one (cgroup v1), where it stays in its parent's, as if it had no cpu cgroup."""
+    layout = cgroup.layout()
+    home = layout.home("cpu")
+    if home is None or home.version != 1:
+        with pytest.raises(OSError, match="cgroup v1"):
+            Cgroup.create(service, "app", Limits(cpu_cgroup=False))
+        return
+    cg = Cgroup.create(service, "app", Limits(cpu_cgroup=False))
+    pid, r = spawn(cg, lambda w: (os.write(w, b"in\n"), time.sleep(30)))
+    assert read_line(r) == "in"
+    with open(f"/proc/{pid}/cgroup") as handle:
+        lines = {line.split(":")[1]: line.split(":")[2].strip() for line in handle}
+    cpu_line = next(v for k, v in lines.items() if "cpu" in k.split(","))
+    memory_line = next((v for k, v in lines.items() if "memory" in k.split(",")), None)
+    assert not cpu_line.endswith(f"/{BASE}/{service}/app")
+    if memory_line is not None:
+        assert memory_line.endswith(f"/{BASE}/{service}/app")
+    cg2 = Cgroup.create(service, "two", Limits())
+    pid2, r2 = spawn(cg2, lambda w: (os.write(w, b"in\n"), time.sleep(30)))
+    assert read_line(r2) == "in"
+    with open(f"/proc/{pid2}/cgroup") as handle:
+        assert any(line.split(":")[2].strip().endswith(f"/{BASE}/{service}/two")
+                   and "cpu" in line.split(":")[1].split(",") for line in handle)
+
+
 # --- freeze, kill, remove -------------------------------------------------------------------
 
 @pytest.mark.parametrize("freezer", ["v2", "v1"])

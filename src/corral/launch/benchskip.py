@@ -15,6 +15,9 @@ inherits it). Names:
 - `image`: the root is one overlay of the delta on the whole base, as before the base had a
   read-only image (launch.imageroot): what reading base files through overlayfs costs;
 - `cpu`, `memory`, `pids`: no such cgroup limit (the cgroup itself stays);
+- `cpu-group`: the highest cpu weight instead of the default;
+- `cpu-cgroup`: the processes stay in the supervisor's cgroup of the cpu hierarchy, as in no
+  cpu cgroup of their own (cgroup v1 only): what scheduling the service as one group costs;
 - `pidns`, `ipcns`, `utsns`, `cgroupns`: the process stays in the host's namespace of that
   kind (one by one, for their cost at launch and at run time). What would then act on the
   host's namespace is skipped with it: the hostname (utsns) and vm.memfd_noexec, which is per
@@ -31,6 +34,7 @@ import os
 
 NAMESPACES = ("pidns", "ipcns", "utsns", "cgroupns")
 KNOWN = frozenset({"landlock", "seccomp", "seccomp-main", "overlay", "image", "cpu", "cpu-group",
+                   "cpu-cgroup",
                    "memory", "pids", *NAMESPACES})
 VARIABLE = "CORRAL_BENCH_SKIP"
 

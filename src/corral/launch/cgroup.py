@@ -39,6 +39,10 @@ class Limits:
     # Bench-only (launch.benchskip "cpu-group"): the highest cpu weight instead of the default,
     # so that the service's cgroup no longer competes for the CPUs as one task against others
     cpu_weight_max: bool = False
+    # Bench-only (launch.benchskip "cpu-cgroup"): the processes are not moved into the cgroup of
+    # the cpu hierarchy and stay in the supervisor's, as in no cpu cgroup of their own. Only
+    # cgroup v1 can: v2 has one membership for every controller.
+    cpu_cgroup: bool = True
 
 
 @record(frozen=True)
@@ -195,6 +199,12 @@ class Cgroup:
                 if attempt == CREATE_TRIES - 1:
                     raise
         cg.set_limits(limits)
+        if not limits.cpu_cgroup:
+            version, d = cg._dir("cpu")
+            if version != 1:
+                raise OSError(errno.ENOTSUP, "cpu-cgroup: the processes can stay out of the cpu "
+                              "controller's cgroup only on cgroup v1")
+            cg._procs.remove(os.path.join(d, "cgroup.procs"))
         return cg
 
     def _make_dirs(self) -> None:

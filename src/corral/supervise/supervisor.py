@@ -147,7 +147,8 @@ class Supervisor:
         for proc in self.spec.processes:
             limits = cgroup.Limits(**{k: None if k in skip else proc.limits.get(k)
                                       for k in ("memory", "pids", "cpu")},
-                                   cpu_weight_max="cpu-group" in skip)
+                                   cpu_weight_max="cpu-group" in skip,
+                                   cpu_cgroup="cpu-cgroup" not in skip)
             group = cgroup.Cgroup.create(self.spec.service, proc.name, limits)
             self._guard_udp(group, proc.listen)
             settings = self.spec.log
