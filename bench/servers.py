@@ -496,8 +496,8 @@ def main() -> None:
                              "default: none (the manifest defaults)")
     parser.add_argument("--attribute", default="",
                         help="comma-separated skip sets, each one more contained variant: "
-                             "landlock, seccomp, seccomp-main, overlay, image, cpu, cpu-group, cpu-cgroup, "
-                             "memory, pids (as "
+                             "landlock, seccomp, seccomp-main, overlay, image, cpu, cpu-group, "
+                             "cpu-cgroup, memory, pids (as "
                              "CORRAL_BENCH_SKIP, docs/sandbox.md) and nft (the table flushed); "
                              "join with + to skip several in one variant")
     parser.add_argument("--own-netns", action="store_true",
