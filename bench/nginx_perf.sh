@@ -6,15 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/prepare.sh
-POLICY=/usr/sbin/policy-rc.d
-made_policy=0
-if [ ! -e "$POLICY" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$POLICY"
-  chmod 755 "$POLICY"
-  made_policy=1
-fi
-trap '[ "$made_policy" = 1 ] && rm -f "$POLICY"' EXIT
-bench_prepare nginx wrk linux-perf iproute2 util-linux
-[ "$made_policy" = 1 ] && rm -f "$POLICY"
-made_policy=0
+bench_prepare_servers nginx wrk linux-perf iproute2 util-linux
 .venv/bin/python bench/nginx_perf.py "$@"

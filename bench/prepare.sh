@@ -18,3 +18,23 @@ bench_prepare() {
   fi
   make --no-print-directory -s venv >&2
 }
+
+# `bench_prepare_servers PACKAGE...`: bench_prepare for packages that ship a service (nginx,
+# redis, postgresql), none of which may start: a policy-rc.d that refuses every start is put in
+# place for the install when the machine has none, and removed after (also on failure). A
+# host's real nginx/redis/postgresql are never touched.
+bench_prepare_servers() {
+  local policy=/usr/sbin/policy-rc.d made=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made=1
+  fi
+  # shellcheck disable=SC2064  # expanded now: the trap must remove this very file
+  [ "$made" = 1 ] && trap "rm -f '$policy'" EXIT
+  bench_prepare "$@"
+  if [ "$made" = 1 ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
+}
