@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 
 import pytest
 
 from corral.core import fsio
 
 
-def test_write_atomic_replaces_without_syncing(tmp_path, monkeypatch):
+def fsyncs_of(call: str, path) -> int:
+    """The fsync calls `fsio.CALL(path, b"new")` makes in a fresh interpreter, by strace."""
+    trace = path.parent / f"{call}.strace"
+    subprocess.run(["strace", "-f", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                    sys.executable, "-c",
+                    f"from corral.core import fsio; fsio.{call}({str(path)!r}, b'new')"],
+                   check=True, capture_output=True, timeout=60)
+    return sum(1 for line in trace.read_text().splitlines() if "fsync(" in line)
+
+
+def test_write_atomic_replaces_without_syncing_and_write_durable_syncs(tmp_path):
     target = tmp_path / "state.json"
     target.write_bytes(b"old")
-    synced = []
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
-    fsio.write_atomic(target, b"new", mode=0o640)
-    assert target.read_bytes() == b"new" and synced == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no tmp left
-    fsio.write_durable(target, b"newer")
-    assert target.read_bytes() == b"newer" and len(synced) == 2  # the file, then its folder
+    assert fsyncs_of("write_atomic", target) == 0
+    assert target.read_bytes() == b"new"
+    target.write_bytes(b"old")
+    assert fsyncs_of("write_durable", target) == 2  # the file, then its folder
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".strace") == [
+        "state.json"]  # no tmp left
 
 
 def test_json_state_is_written_atomically_and_a_failure_leaves_the_old_file(tmp_path):
