@@ -30,12 +30,13 @@ in a rotated order; the median of the rounds is reported, with its difference to
   hash-lookup-first, hash-state-first
               `hash` with the reply fast path's matches reordered: the set lookup before the ct
               matches; `ct state` before `ct direction`
-  hash-no-isolated
-              `hash` without the isolated rule (to show its share only; corral keeps it)
+  hash-isolated-set
+              `hash` with the isolated check corral had until 2026-12-05 (a set of isolated uids
+              looked up at the head of each process chain on every packet; isolation is now a
+              drop rule inserted only when it happens, host.nft.isolate)
   hash-isolated-in-output
-              `hash` with the isolated check in the output chain, before the vmap (where it was
-              until corral moved it to the head of each process chain): every user's packets
-              pay the lookup, not only the service's
+              `hash-isolated-set` with the check in the output chain, before the vmap (where it
+              was before that): every user's packets pay the lookup, not only the service's
   ct-only, lookup-hash, lookup-interval
               `dispatch` whose process chain holds one rule: the fast path's ct matches alone;
               its set lookup alone, with a hash or an interval set (parts, not equivalents)
@@ -74,10 +75,10 @@ MARK = "corral nft bench"         # GECOS of our user: only those are ever delet
 PORT, CLOSED_PORT = 9000, 9001
 CT_TABLE = "nftc-conntrack"       # in our own namespace only
 VARIANTS = ("none", "conntrack", "hook-only", "dispatch", "corral", "interval", "hash",
-            "hash-lookup-first", "hash-state-first", "hash-no-isolated", "hash-isolated-in-output",
+            "hash-lookup-first", "hash-state-first", "hash-isolated-set", "hash-isolated-in-output",
             "ct-only", "lookup-hash", "lookup-interval")
 FILTERED = ("corral", "interval", "hash", "hash-lookup-first", "hash-state-first",
-            "hash-no-isolated", "hash-isolated-in-output", "baseline")
+            "hash-isolated-set", "hash-isolated-in-output", "baseline")
 
 
 # ---------------------------------------------------------------- the tables
@@ -123,8 +124,7 @@ def _rules(ruleset: dict, chain: str):
 
 
 def _fast_path(ruleset: dict) -> list:
-    """The expressions of the reply fast path: the process chain's first rule with `ct state`
-    (the first after the isolated check)."""
+    """The expressions of the reply fast path: the process chain's first rule with `ct state`."""
     return next(obj["expr"] for _, obj in _rules(ruleset, "proc-app")
                 if any(_is_ct(e, "state") for e in obj["expr"]))
 
@@ -178,17 +178,18 @@ def variant_ruleset(variant: str, service: str, user: str) -> dict | None:
         expr[:] = ([e for e in expr if _is_ct(e, "state")]
                    + [e for e in expr if _is_ct(e, "direction")]
                    + [e for e in expr if not _is_ct(e, "direction") and not _is_ct(e, "state")])
-    elif variant == "hash-no-isolated":
-        ruleset["nftables"] = [c for c in ruleset["nftables"]
-                               if c.get("add", {}).get("rule", {}).get("comment") != "isolated"]
-    elif variant == "hash-isolated-in-output":
-        cmds = ruleset["nftables"]
-        index, rule = next((i, c) for i, c in enumerate(cmds)
-                           if c.get("add", {}).get("rule", {}).get("comment") == "isolated")
-        del cmds[index]
-        first = next(i for i, c in enumerate(cmds)
-                     if c.get("add", {}).get("rule", {}).get("chain") == "output")
-        cmds.insert(first, {"add": {"rule": {**rule["add"]["rule"], "chain": "output"}}})
+    elif variant in ("hash-isolated-set", "hash-isolated-in-output"):
+        # The set (empty: nobody isolated) and its check, in the chain the variant names, ahead
+        # of that chain's first rule
+        cmds, base = ruleset["nftables"], {"family": "inet", "table": f"corral-{service}"}
+        cmds.insert(next(i for i, c in enumerate(cmds) if "chain" in c.get("add", {})),
+                    {"add": {"set": {**base, "name": "isolated", "type": "uid"}}})
+        chain = "output" if variant == "hash-isolated-in-output" else "proc-app"
+        check = {"add": {"rule": {**base, "chain": chain, "comment": "isolated", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": "@isolated"}},
+            {"counter": None}, {"drop": None}]}}}
+        cmds.insert(next(i for i, c in enumerate(cmds)
+                         if c.get("add", {}).get("rule", {}).get("chain") == chain), check)
     elif variant not in ("interval", "hash"):
         raise ValueError(f"unknown variant {variant}")
     return ruleset

@@ -520,7 +520,7 @@ def test_two_services_lease_two_links(tmp_path, corral_root, netns):
 
 def test_isolate_cuts_the_service_inside_its_namespace(
         tmp_path, start_service, netns, service_name, corral_root):
-    """react = "isolate": the uids go into the `isolated` set of the table in the service's
+    """react = "isolate": a drop rule heads the process's chain in the table in the service's
     namespace (the host's copy sees none of its packets), so its answers stop."""
     sh("ip", "-n", netns, "addr", "add", "10.78.0.1/32", "dev", "lo")
     manifest = notes_manifest(tmp_path, service_name)
@@ -534,10 +534,11 @@ def test_isolate_cuts_the_service_inside_its_namespace(
     while not svc.status()["isolated"] and time.time() < deadline:
         time.sleep(0.2)
     assert svc.status()["isolated"]
+    process = svc.status()["processes"][0]["name"]
     inside = sh("nsenter", f"--net={corral_root}/run/corral/{service_name}/netns", "nft", "-j",
-                "list", "set", "inet", f"corral-{service_name}", "isolated").stdout
-    uid = svc.status()["processes"][0]["uid"]
-    assert uid in json.loads(inside)["nftables"][1]["set"].get("elem", [])
+                "list", "chain", "inet", f"corral-{service_name}", f"proc-{process}").stdout
+    rules = [item["rule"] for item in json.loads(inside)["nftables"] if "rule" in item]
+    assert rules[0]["comment"] == "isolated" and {"drop": None} in rules[0]["expr"]
     code = ("import socket; s = socket.socket(); s.settimeout(3); "
             "s.connect(('10.78.0.1', 8080)); s.sendall(b'GET /health HTTP/1.0\\r\\n\\r\\n'); "
             "print(s.recv(100))")

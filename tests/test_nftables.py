@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import pwd
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -190,7 +189,7 @@ def test_set_types_do_not_depend_on_the_content():
         "app-listen": (), "app-listen-ranges": ("interval",)}
     refilled = {c.get("flush", c.get("add", {})).get("set", {}).get("name")
                 for c in nftables.sets_refill("web", SAMPLE)["nftables"]} - {None}
-    assert refilled == {name for name, _ in sets(SAMPLE)} - {"isolated"}
+    assert refilled == {name for name, _ in sets(SAMPLE)}
 
 
 # ---------------------------------------------------------------- kernel helpers
@@ -425,14 +424,19 @@ def test_denied_packet_reaches_nflog(lab):
 
 @need_root
 def test_isolate_cuts_the_service_users_only_and_release_restores(lab):
-    """The isolated set, checked at the head of each process chain: an isolated user can
-    neither start a declared connection nor answer on its declared port; root and the other
-    process's user are untouched; release lets everything through again."""
+    """A drop rule at the head of the process's chain: an isolated user can neither start a
+    declared connection nor answer on its declared port; root and the other process's user are
+    untouched; isolating twice does not stack the rules; release lets everything through
+    again and leaves the table as it was."""
     app, worker = lab.users["app"], lab.users["worker"]
-    uid = pwd.getpwnam(app).pw_uid
+    before = listing(lab.ns, lab.service)
     assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
-    nft.isolate(lab.service, [uid], netns=lab.ns)
+    nft.isolate(lab.service, ["app"], netns=lab.ns)
+    nft.isolate(lab.service, ["app"], netns=lab.ns)
     try:
+        isolating = [r for r in listing(lab.ns, lab.service)[1] if "rule" in r
+                     and r["rule"].get("comment") == "isolated"]
+        assert [r["rule"]["chain"] for r in isolating] == ["proc-app"]
         assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") in BLOCKED
         server = spawn(lab.ns, app, LISTENER, "8080")
         try:
@@ -444,6 +448,31 @@ def test_isolate_cuts_the_service_users_only_and_release_restores(lab):
     finally:
         nft.release(lab.service, netns=lab.ns)
     assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+    assert _rules(listing(lab.ns, lab.service)[1]) == _rules(before[1])
+    nft.release(lab.service, netns=lab.ns)  # not isolated: nothing to do, no error
+
+
+@need_root
+def test_a_changed_table_applied_over_an_isolated_service_keeps_it_isolated(lab):
+    """An install that changes the table makes it anew: the isolation's drop rule must be in
+    the new table at once (one transaction), or re-installing would release what the watcher
+    cut. The process's chain in the new table is isolated; the other's is not."""
+    app, worker = lab.users["app"], lab.users["worker"]
+    nft.isolate(lab.service, ["app"], netns=lab.ns)
+    try:
+        changed = service_ruleset(lab.service, flows(lab.service, LAB_APP_LISTEN,
+                                                     [*LAB_APP_CONNECT, "tcp/9009@10.77.0.2"],
+                                                     LAB_WORKER_CONNECT))
+        nft.apply_service_table(lab.service, changed, netns=lab.ns)
+        assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") in BLOCKED
+        assert run(lab.ns, worker, CLIENT, "10.77.0.2", "9000") == "ok"
+        kept = [r["rule"]["chain"] for r in listing(lab.ns, lab.service)[1]
+                if "rule" in r and r["rule"].get("comment") == "isolated"]
+        assert kept == ["proc-app"]
+    finally:
+        nft.release(lab.service, netns=lab.ns)
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") == "ok"
+    assert run(lab.ns, app, CLIENT, "10.77.0.2", "9009") == "ok"  # the changed table's entry
 
 
 @need_root

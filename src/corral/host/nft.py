@@ -54,19 +54,53 @@ def table_exists(service: str, netns: str | None = None) -> bool:
     return any(item.get("table", {}).get("name") == name for item in listing["nftables"])
 
 
-def isolate(service: str, uids: Sequence[int], netns: str | None = None) -> None:
-    """Cut every packet of these users now (the watcher's `isolate` reaction). They must be
-    the service's own users: the table checks the set at the head of each process chain, so a
-    user the table does not dispatch is not affected."""
-    elems = sorted(set(uids))
-    apply({"nftables": [{"add": {"element": {"family": "inet", "table": table_name(service),
-                                             "name": "isolated", "elem": elems}}}]}, netns)
+ISOLATED = "isolated"  # the comment of an isolation's rules
+
+
+def isolate(service: str, processes: Sequence[str], netns: str | None = None) -> None:
+    """Cut every packet of these processes' users now (the watcher's `isolate` reaction): a
+    `counter drop` rule at the head of each one's chain (proc-P), replies too, in one
+    transaction that also removes an earlier isolation's rules (isolating twice does not stack
+    them). A process with no chain in the table is an error: nothing is changed then."""
+    cmds = [_delete(service, rule) for rule in _isolation(service, netns)]
+    cmds += [_isolating(service, f"proc-{process}") for process in sorted(set(processes))]
+    apply({"nftables": cmds}, netns)
 
 
 def release(service: str, netns: str | None = None) -> None:
-    """Undo isolate (after a revert or at stop)."""
-    apply({"nftables": [{"flush": {"set": {"family": "inet", "table": table_name(service),
-                                           "name": "isolated"}}}]}, netns)
+    """Undo isolate (after a revert or at stop); nothing to do when the service is not
+    isolated."""
+    if cmds := [_delete(service, rule) for rule in _isolation(service, netns)]:
+        apply({"nftables": cmds}, netns)
+
+
+def apply_service_table(service: str, ruleset: dict, netns: str | None = None) -> None:
+    """Apply a service's table (plan.nft_rules.service_ruleset), which makes it anew, keeping an
+    isolation in force: the drop rules of the isolated chains are inserted again in the same
+    transaction. An install that changes the table must not release what the watcher cut."""
+    chains = {c["add"]["chain"]["name"] for c in ruleset["nftables"] if "chain" in c.get("add", {})}
+    kept = [] if not table_exists(service, netns) else [
+        _isolating(service, rule["chain"]) for rule in _isolation(service, netns)
+        if rule["chain"] in chains]
+    apply({"nftables": [*ruleset["nftables"], *kept]}, netns)
+
+
+def _isolating(service: str, chain: str) -> dict:
+    return {"insert": {"rule": {"family": "inet", "table": table_name(service), "chain": chain,
+                                "comment": ISOLATED, "expr": [{"counter": None}, {"drop": None}]}}}
+
+
+def _delete(service: str, rule: dict) -> dict:
+    return {"delete": {"rule": {"family": "inet", "table": table_name(service),
+                                "chain": rule["chain"], "handle": rule["handle"]}}}
+
+
+def _isolation(service: str, netns: str | None) -> list[dict]:
+    """The table's isolation rules, found by their comment in a terse listing (`-t`: without
+    the sets' elements, which may be many)."""
+    listing = json.loads(run(["-t", "-j", "list", "table", "inet", table_name(service)], netns))
+    return [rule for item in listing["nftables"]
+            if (rule := item.get("rule")) and rule.get("comment") == ISOLATED]
 
 
 def delete_table(service: str, netns: str | None = None) -> bool:

@@ -9,7 +9,7 @@ For each service we install one table, `inet corral-SERVICE`:
     set P-listen                  inet_proto . inet_service: single ports
     set P-listen-ranges           the same with flags interval: port ranges
     chain output   hook output, policy accept    meta skuid vmap { USER : goto proc-P, ... }
-    chain proc-P   meta skuid in isolated        -> drop     (the watcher's isolate reaction)
+    chain proc-P   (isolated: a `counter drop` rule inserted here, host.nft.isolate)
                    ct direction reply, ct state established, (l4proto . sport) in P-listen
                                                  -> accept   (a server's replies: the fast path)
                    the same with P-listen-ranges -> accept
@@ -263,10 +263,8 @@ def _process_rules(service: str, process: str) -> list[tuple[list, str | None]]:
     # CAP_NET_ADMIN, could deliver a foreign address): the FIB anti-spoof lookup below would
     # only repeat what conntrack already established. The ct matches come before the lookup:
     # they are cheaper, and they end the rule at once for a client's (original) packets.
-    isolated = match({"meta": {"key": "skuid"}}, "@isolated")
-    rules: list[tuple[list, str | None]] = [([isolated, {"counter": None}, {"drop": None}],
-                                             "isolated")]
-    rules += [([reply, established, listen, {"accept": None}], None) for listen in listens]
+    rules: list[tuple[list, str | None]] = [
+        ([reply, established, listen, {"accept": None}], None) for listen in listens]
     rules.append(_deny(process, [_SPOOFED], "spoof"))  # before every other allow rule
     for version, family in ((4, "ip"), (6, "ip6")):
         dport = {"concat": [{"payload": {"protocol": family, "field": "daddr"}}, _L4PROTO,
@@ -311,12 +309,9 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
             add("set", name=name, type=type_, **({"flags": ["interval"]} if interval else {}),
                 **({"elem": elems} if elems else {}))
 
-    # The watcher's `isolate` reaction adds the service's uids here: all their packets stop at
-    # once (replies too, so nothing reaches them either), with one set-element update. Checked
-    # at the head of each process chain, not in `output`: only the service's own (dispatched)
-    # users are ever isolated, and every other user's packet on the host, which crosses this
-    # table too, is spared the lookup (~0.1-0.2 us per packet, bench/nft_cost.py).
-    add("set", name="isolated", type="uid")
+    # The watcher's `isolate` reaction inserts a drop rule at the head of each process chain
+    # (host.nft.isolate), so that a service that is not isolated pays nothing for it: a set of
+    # isolated uids checked on every packet cost ~0.17 us each (bench/nft_cost.py).
     add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
     for f in flows:
         add("chain", name=f"proc-{f.process}")
@@ -344,7 +339,7 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
 
 def sets_refill(service: str, flows: Sequence[ProcessFlows]) -> dict:
     """libnftables JSON that empties and refills each process's connect and listen sets in one
-    transaction (`corral reload`): the chains, counters and the `isolated` set stay as they are,
+    transaction (`corral reload`): the chains, counters and an isolation's rules stay as they are,
     and no packet ever meets a half-filled set. Needs the table made by `service_ruleset` with
     the same processes."""
     base = {"family": "inet", "table": table_name(service)}

@@ -218,7 +218,7 @@ class Supervisor:
     def isolate(self) -> None:
         from corral.host import nft
 
-        nft.isolate(self.spec.service, [p.uid for p in self.spec.processes],
+        nft.isolate(self.spec.service, [p.name for p in self.spec.processes],
                     premises.table_netns(self.spec))
         for child in self.children.values():
             child.group.freeze()
