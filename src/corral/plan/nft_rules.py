@@ -311,7 +311,7 @@ def service_ruleset(service: str, flows: Sequence[ProcessFlows],
 
     # The watcher's `isolate` reaction inserts a drop rule at the head of each process chain
     # (host.nft.isolate), so that a service that is not isolated pays nothing for it: a set of
-    # isolated uids checked on every packet cost ~0.17 us each (bench/nft_cost.py).
+    # isolated uids checked on every packet cost up to ~0.2 us per round trip (bench/nft.md).
     add("chain", name="output", type="filter", hook="output", prio=0, policy="accept")
     for f in flows:
         add("chain", name=f"proc-{f.process}")
