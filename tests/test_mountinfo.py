@@ -24,6 +24,7 @@ def test_paths_are_unescaped_and_read_only_is_the_mount_or_its_super_block():
     assert mounts[1].root == "/upper/tmp" and mounts[1].source == "corral-delta"
     assert mounts[0].super_options == ("ro", "user_xattr") and mounts[0].fstype == "erofs"
     assert (mounts[2].mount_id, mounts[2].parent_id) == (24, 22)
+    assert mounts[2].dev == os.makedev(0, 23) and mounts[0].dev == os.makedev(0, 21)
 
 
 def test_at_is_the_mount_on_top():
@@ -36,3 +37,5 @@ def test_this_process_has_a_root_mount():
     mounts = mountinfo.read()
     assert any(m.point == "/" for m in mounts)
     assert all(os.path.isabs(m.point) for m in mounts)
+    root = mountinfo.at(mounts, "/")
+    assert root is not None and root.dev == os.stat("/").st_dev

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.audit.findings import Finding
-from corral.core import tree
+from corral.core import mountinfo, tree
 from corral.core.text import show
 
 # Kernel and network file systems the host walk does not enter when it crosses into them (the
@@ -38,13 +38,8 @@ def mount_types() -> dict[int, str]:
     """st_dev -> file system type, for every mount this process can see."""
     out: dict[int, str] = {}
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) >= 5 and right:
-                    major, _, minor = fields[2].partition(":")
-                    out.setdefault(os.makedev(int(major), int(minor)), right.split()[0])
+        for mount in mountinfo.read():
+            out.setdefault(mount.dev, mount.fstype)
     except OSError:
         pass
     return out
@@ -147,12 +142,7 @@ def estimate_entries(roots: Iterable[str], skip_types: frozenset[str]) -> int:
     total, seen = 0, set()
     mounts: list[str] = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) >= 5 and right and right.split()[0] not in skip_types:
-                    mounts.append(fields[4].replace("\\040", " "))
+        mounts = [m.point for m in mountinfo.read() if m.fstype not in skip_types]
     except OSError:
         pass
     roots = [os.path.abspath(r) for r in roots]

@@ -8,6 +8,8 @@ pivot_root, relative to the new root. Only the standard library is used: the lau
 
 from __future__ import annotations
 
+import os
+
 from corral.core.record import record
 
 PATH = "/proc/self/mountinfo"
@@ -17,6 +19,7 @@ PATH = "/proc/self/mountinfo"
 class Mount:
     mount_id: int
     parent_id: int
+    dev: int  # MAJ:MIN as os.makedev makes it: the st_dev of the files on this file system
     root: str  # the directory of the mounted file system shown at `point` ("/": its own root)
     point: str
     read_only: bool  # the mount or its super block: a write beneath it gets EROFS
@@ -50,7 +53,9 @@ def parse(text: str) -> list[Mount]:
             continue  # not a mountinfo line: nothing to say about it
         supers = tuple(tail[2].split(","))
         # positional: a record's keyword arguments cost more, and the launch parses these
-        mounts.append(Mount(int(fields[0]), int(fields[1]), unescape(fields[3]),
+        major, _, minor = fields[2].partition(":")
+        mounts.append(Mount(int(fields[0]), int(fields[1]), os.makedev(int(major), int(minor)),
+                            unescape(fields[3]),
                             unescape(fields[4]), "ro" in fields[5].split(",") or "ro" in supers,
                             tail[0], unescape(tail[1]), supers))
     return mounts

@@ -23,6 +23,7 @@ import os
 import pwd
 from dataclasses import dataclass, field
 
+from corral.core import mountinfo
 from corral.core.errors import UsageError
 
 LEARN_USER = "corral-learn"
@@ -71,16 +72,9 @@ def user_for(name: str | None) -> User:
 
 def _mounts() -> list[tuple[str, str]]:
     """(mount point, fs type) of this namespace, parents before children."""
-    out = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")
-            fstype = fields[fields.index("-") + 1]
-            out.append((point, fstype))
     seen: dict[str, str] = {}
-    for point, fstype in out:
-        seen[point] = fstype  # the last one mounted at a point is the one seen there
+    for mount in mountinfo.read():
+        seen[mount.point] = mount.fstype  # the last one mounted at a point is the one seen there
     return sorted(seen.items(), key=lambda item: (item[0].count("/"), item[0] != "/", item[0]))
 
 
