@@ -82,7 +82,7 @@ system:
 venv: system $(STAMP)
 	$(VENV)/bin/python -m compileall -q src/corral
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml bin/corral
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,lint]'
 	touch $(STAMP)

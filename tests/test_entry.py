@@ -5,8 +5,10 @@ only what the launch needs and skips the interpreter's finalization."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,23 @@ def test_run_fast_path_answers_like_click(tmp_path, corral_root, target):
     assert fast.returncode == slow.returncode == 2
     assert fast.stderr == slow.stderr and fast.stderr.strip()
     assert "Traceback" not in fast.stderr
+
+
+def test_the_installed_executable_starts_the_primer_before_any_other_import(tmp_path,
+                                                                         corral_root):
+    """The environment's `corral` is bin/corral, not pip's generated console script, which
+    imports `re` before the entry point: the primer (launch.cgprime) starts first, so that the
+    kernel's wait it sets off overlaps everything else `corral run` imports."""
+    exe = Path(sys.executable).with_name("corral")
+    result = subprocess.run([str(exe), "run", str(tmp_path / "missing.toml")],
+                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "imported package" not in line]
+    primer = imported.index("corral.launch.cgprime")
+    assert "re" in imported[primer:] and "re" not in imported[:primer]
+    assert "json" not in imported[:primer] and "enum" not in imported[:primer]
 
 
 def test_run_fast_path_with_a_bad_name_in_the_file(tmp_path, corral_root):
