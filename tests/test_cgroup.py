@@ -594,6 +594,38 @@ def test_priming_the_migration_lock_moves_nothing():
     assert result.stdout == f"True {int(v2)} [] {v2}\n", result.stderr
 
 
+PRIME_TOLD = """import os, sys, tempfile, time
+from corral.launch import cgprime
+fifo = os.path.join(tempfile.mkdtemp(), "cgroup.procs")
+os.mkfifo(fifo)  # the primer's open blocks until a reader comes: a write that waits
+cgprime.own_procs_file = lambda: fifo
+idle = cgprime.waiting()
+cgprime.start()
+time.sleep(0.2)
+blocked = cgprime.waiting()
+reader = os.open(fifo, os.O_RDONLY)
+written = os.read(reader, 16).decode()
+deadline = time.monotonic() + 30
+while cgprime.waiting() and time.monotonic() < deadline:
+    time.sleep(0.005)
+through = not cgprime.waiting()
+cgprime.stop()
+while cgprime._unreaped and time.monotonic() < deadline:
+    time.sleep(0.01)
+    cgprime.reap()
+print(idle, blocked, written.isdigit(), through, cgprime._unreaped)
+"""
+
+
+def test_the_primer_tells_when_its_first_write_is_through():
+    """cgprime.waiting() is what the supervisor asks before its first cgroup operation: true
+    while the primer's first write has not returned (here a FIFO nobody reads yet stands for a
+    cgroup.procs whose write waits for a grace period), false once it has, and with no primer."""
+    result = subprocess.run([sys.executable, "-c", PRIME_TOLD], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout == "False True True True []\n", result.stderr
+
+
 @pytest.mark.skipif(cgroup.layout().v2 is None, reason="no cgroup v2")
 def test_the_wait_for_an_empty_cgroup_is_woken_by_the_kernel(service, spawn):
     """wait_empty() sleeps on cgroup.events (POLLPRI) instead of a back-off: it must not

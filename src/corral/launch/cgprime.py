@@ -27,6 +27,7 @@ import time
 REFRESH = 0.002  # well inside a grace period (~10 ms): the holder writes ~1 ms after `stop`
 LIFETIME = 5.0  # seconds: a launch takes ~50 ms; a primer never outlives a stuck one by much
 _primer: int | None = None  # the running primer's pid (this process's child)
+_told: int | None = None  # read end of a pipe the primer closes after its first write
 _unreaped: list[int] = []  # killed primers not reaped yet (one may be in a grace period)
 
 
@@ -50,17 +51,22 @@ def own_procs_file() -> str | None:
         return None
 
 
-def _prime(procs: str, parent: int) -> None:
-    """The primer's life: write itself into its cgroup until killed, orphaned or too old."""
+def _prime(procs: str, parent: int, told: int) -> None:
+    """The primer's life: write itself into its cgroup until killed, orphaned or too old; close
+    `told` once the first write is through (the grace period it waited for has passed)."""
     try:
         # Nothing of the caller's: a caller reading its output to the end (a pipe) must not
         # wait for the primer too
-        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(0, told)
+        os.closerange(told + 1, os.sysconf("SC_OPEN_MAX"))
         me = str(os.getpid()).encode()
         fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
         end = time.monotonic() + LIFETIME
         while os.getppid() == parent and time.monotonic() < end:
             os.write(fd, me)
+            if told >= 0:
+                os.close(told)
+                told = -1
             time.sleep(REFRESH)
     finally:
         os._exit(0)  # a fork of the caller: none of its exit handlers or buffers are ours
@@ -68,24 +74,45 @@ def _prime(procs: str, parent: int) -> None:
 
 def start() -> None:
     """Start priming, once per process (a second call while a primer runs does nothing)."""
-    global _primer
+    global _primer, _told
     if _primer is not None:
         return
     procs = own_procs_file()
     if procs is None:
         return
     parent = os.getpid()
+    _told, told = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     pid = os.fork()
     if pid == 0:
-        _prime(procs, parent)
+        _prime(procs, parent, told)
+    os.close(told)
     _primer = pid
+
+
+def waiting() -> bool:
+    """Whether the primer's first write still waits for its grace period: a cgroup operation
+    now (mkdir, a BPF attach, a migration) would wait for it too, holding nothing up that
+    could run first (supervise.supervisor starts its sensors in that time)."""
+    global _told
+    if _told is None:
+        return False
+    try:
+        os.read(_told, 1)  # b"": closed, the write is through (or the primer is gone)
+    except BlockingIOError:
+        return True
+    os.close(_told)
+    _told = None
+    return False
 
 
 def stop() -> None:
     """Kill the primer (its last write is done: the caller forks the holder next) without
     waiting for it: it may still be in its first write's grace period. Nothing when none
     runs; `reap` collects it later."""
-    global _primer
+    global _primer, _told
+    if _told is not None:
+        os.close(_told)
+        _told = None
     if _primer is None:
         return
     os.kill(_primer, 9)  # our own unreaped child: its pid cannot have been reused

@@ -144,6 +144,11 @@ class Supervisor:
         for warning in self.warnings:
             log.warning(warning)
         self.exec_guard.index(self.spec)
+
+    def make_children(self) -> None:
+        """Each process's cgroup, UDP guard and output. A cgroup operation waits while the
+        launch's primer waits for its grace period (launch.cgprime)."""
+        skip = benchskip.skipped()
         for proc in self.spec.processes:
             limits = cgroup.Limits(**{k: None if k in skip else proc.limits.get(k)
                                       for k in ("memory", "pids", "cpu")},
@@ -561,12 +566,21 @@ class Supervisor:
         try:
             self.sensing.ask_audit()  # answered while the service is prepared
             self.prepare()
+            # While the kernel's grace period the primer waits for still runs, every cgroup
+            # operation would wait for it with nothing to do: the sensors start in that time
+            # (a long grace period, after a quiet while), else while the processes set up.
+            sensors_first = cgprime.waiting()
+            if sensors_first:
+                self.sensing.bind_ring()  # made before the sensor that reads it
+                self.start_sensors()
+            self.make_children()
             # The processes set themselves up (cgroup, namespaces, root, sandbox) while the
             # journals and sensors start; none runs its program before `start` lets it.
             spawned = {name: self.spawn(child) for name, child in self.children.items()}
             try:
                 self.journals.start()
-                self.start_sensors()
+                if not sensors_first:
+                    self.start_sensors()
             except BaseException:
                 for pending in filter(None, spawned.values()):
                     launch.abandon(pending)
