@@ -357,8 +357,11 @@ class Cgroup:
         if self.pids():
             self.kill(timeout)
         for top in self.paths.values():
-            for d, _, _ in os.walk(top, topdown=False):  # nested cgroups first
-                _wait(lambda: _rmdir(d), timeout, d)  # noqa: B023 - called at once
+            # rmdir at once in the usual case (no nested cgroup, no task still exiting): the
+            # walk's listings were half of a `corral run`'s cgroup removal
+            if not _rmdir(top):
+                for d, _, _ in os.walk(top, topdown=False):  # nested cgroups first
+                    _wait(lambda: _rmdir(d), timeout, d)  # noqa: B023 - called at once
             parent = os.path.dirname(top)  # kept while another process or service uses it
             _rmdir(parent) and _rmdir(os.path.dirname(parent))
 
