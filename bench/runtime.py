@@ -521,6 +521,7 @@ def build_report(args, rows, startup, runtime, places) -> dict:
                    "like_with_like": getattr(args, "like", None),
                    "fs_of_rows": getattr(args, "fs_of", None),
                    "startup_only": args.startup_only, "runtime_only": args.runtime_only,
+                   "service_only": args.service_only,
                    "run_state": "disk (temp dir)" if args.run_on_disk else "tmpfs"},
         "startup_ms": st,
         "ratios": ratios,
@@ -725,6 +726,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-only", action="store_true",
                         help="part (a) only: start-to-exit, without the run-time loops and "
                         "the service (about a minute)")
+    parser.add_argument("--service-only", action="store_true",
+                        help="part (c) alone (with --service-attribute: what each mechanism "
+                        "costs the sample's request)")
     parser.add_argument("--runtime-only", action="store_true",
                         help="part (b) only: the run-time loops, without the start-up rows and "
                         "the service (about 3 minutes)")
@@ -735,6 +739,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attribute", default="", metavar="A,B+C",
                         help="add rows to (a): `corral run` with CORRAL_BENCH_SKIP=A, then B,C "
                         "(docs/sandbox.md), e.g. pidns,ipcns,utsns,cgroupns,seccomp,landlock")
+    parser.add_argument("--service-attribute", default="", metavar="A,B+C",
+                        help="part (c): also the sample contained without these mechanisms "
+                        "(CORRAL_BENCH_SKIP names, or nft: its table flushed), e.g. "
+                        "cpu-cgroup,seccomp,landlock,nft")
     parser.add_argument("--loop-attribute", default="", metavar="A,B+C",
                         help="add rows to (b): the loop service run with CORRAL_BENCH_SKIP=A, "
                         "then B,C (docs/sandbox.md; `base-write`: without that tripwire's "
@@ -745,8 +753,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
-    if args.startup_only and args.runtime_only:
-        parser.error("--startup-only and --runtime-only exclude each other")
+    if args.startup_only + args.runtime_only + args.service_only > 1:
+        parser.error("--startup-only, --runtime-only and --service-only exclude each other")
     if args.quick:
         args.repeats, args.warmup, args.loop_rounds, args.loop_reps = 5, 1, 2, 2
         args.files = min(args.files, 5000)
@@ -765,7 +773,7 @@ def main(argv: list[str]) -> int:
         true_toml, loop_toml = write_manifests(world, loop_bin, args)
         rows: list[Launcher] = []
         startup: dict[str, list[float]] = {}
-        if not args.runtime_only:
+        if not args.runtime_only and not args.service_only:
             bk.progress("installing the benchmark services")
             world.install(true_toml, world.service("t"))
             rows = launchers(world, true_toml, args.baseline_src,
@@ -775,13 +783,20 @@ def main(argv: list[str]) -> int:
             startup = measure_startup(world, rows, args.repeats, args.warmup)
         if args.startup_only:
             report = build_report(args, rows, startup, None, None)
+        elif args.service_only:
+            report = build_report(args, rows, startup, None, None)
+            report["service"] = measure_service(
+                world, args.service_rounds, args.requests, [tool("firejail"), *FIREJAIL_POLICY],
+                tuple(a for a in args.service_attribute.split(",") if a))
         else:
             places = prepare_places(world)
             runtime = measure_runtime(world, loop_bin, loop_toml, places, args)
             report = build_report(args, rows, startup, runtime, places)
             if not args.runtime_only:
-                report["service"] = measure_service(world, args.service_rounds, args.requests,
-                                                    [tool("firejail"), *FIREJAIL_POLICY])
+                report["service"] = measure_service(
+                    world, args.service_rounds, args.requests,
+                    [tool("firejail"), *FIREJAIL_POLICY],
+                    tuple(a for a in args.service_attribute.split(",") if a))
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_before"] = load_before
     bk.note_load(report)

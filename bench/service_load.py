@@ -11,6 +11,10 @@ each on a new connection as http.server's HTTP/1.0 answers them: so every reques
 handshake through the service's nftables table, the server's syscalls through its seccomp
 filter and its file accesses through Landlock. Rounds alternate the three in a shuffled order;
 the figure is the median time per request, and corral's cost the ratio to the plain one.
+
+`attribute` (bench/run.sh --service-attribute A,B+C) adds contained variants started with
+CORRAL_BENCH_SKIP (launch.benchskip), each a service and port of its own; "nft" flushes the
+variant's table instead (as bench/servers.py does): what each mechanism costs a request.
 """
 
 from __future__ import annotations
@@ -95,37 +99,63 @@ def _batch(world: Any, port: int, count: int) -> float:
     return int(result.stdout) / 1e6 / count
 
 
-def measure_service(world: Any, rounds: int, requests: int,
-                    firejail: list[str]) -> dict[str, Any]:
-    """`firejail`: its command line up to the program (binary and policy of part (a))."""
-    name = world.service("s")
-    manifest = bk.notes_manifest(world.dir / "serve.toml", name, port=PORTS["corral"],
+def _start_contained(world: Any, suffix: str, port: int, skip: str = "") -> str:
+    """`corral up` of the sample as service `suffix` on `port`; `skip`: "landlock+seccomp"
+    runs with CORRAL_BENCH_SKIP=landlock,seccomp, "nft" among them flushes its table."""
+    name = world.service(suffix)
+    manifest = bk.notes_manifest(world.dir / f"serve-{suffix}.toml", name, port=port,
                                  limits=LIMITS)
     world.install(manifest, name)
-    world.corral("up", str(manifest))
+    skips = [s for s in skip.split("+") if s]
+    env = world.env()
+    if launch := [s for s in skips if s != "nft"]:
+        env["CORRAL_BENCH_SKIP"] = ",".join(launch)
+    result = subprocess.run(world.argv("up", str(manifest)), capture_output=True, text=True,
+                            env=env, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"corral up {name}: {(result.stderr or result.stdout)[-800:]}")
     world.cleanups.append(lambda: world.corral("down", name, check=False))
+    if "nft" in skips:
+        subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
+                       check=True)
+    return name
+
+
+def measure_service(world: Any, rounds: int, requests: int, firejail: list[str],
+                    attribute: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`firejail`: its command line up to the program (binary and policy of part (a))."""
+    ports, labels = dict(PORTS), dict(LABELS)
+    names = [_start_contained(world, "s", PORTS["corral"])]
+    for i, skip in enumerate(attribute):  # suffixes sa, sb, ...: names stay short
+        kind = f"corral-{skip}"
+        ports[kind], labels[kind] = 8090 + i, f"contained by corral, without {skip}"
+        names.append(_start_contained(world, "s" + chr(ord("a") + i), ports[kind], skip))
     for kind in ("plain", "firejail"):
         _start_outside(world, kind, firejail)
-    samples: dict[str, list[float]] = {kind: [] for kind in PORTS}
-    for kind in PORTS:  # one unreported warm-up batch each
-        _batch(world, PORTS[kind], max(20, requests // 10))
+    samples: dict[str, list[float]] = {kind: [] for kind in ports}
+    for kind in ports:  # one unreported warm-up batch each
+        _batch(world, ports[kind], max(20, requests // 10))
     rng = random.Random(3)
     for rnd in range(rounds):
-        order = list(PORTS)
+        order = list(ports)
         rng.shuffle(order)
         for kind in order:
-            samples[kind].append(_batch(world, PORTS[kind], requests))
+            samples[kind].append(_batch(world, ports[kind], requests))
         bk.progress(f"service: {rnd + 1}/{rounds} rounds")
-    incidents = json.loads(world.corral("incidents", name, "--json").stdout)["incidents"]
+    incidents = [json.loads(world.corral("incidents", name, "--json").stdout)["incidents"]
+                 for name in names]
     medians = {kind: statistics.median(values) for kind, values in samples.items()}
     return {
         "requests_per_batch": requests, "rounds": rounds,
         "ms_per_request": {kind: {"median": medians[kind], "samples": samples[kind],
-                                  "label": LABELS[kind]} for kind in PORTS},
+                                  "label": labels[kind]} for kind in ports},
         "corral_vs_plain_pct": (medians["corral"] / medians["plain"] - 1) * 100,
         "firejail_vs_plain_pct": (medians["firejail"] / medians["plain"] - 1) * 100,
         "corral_vs_firejail_pct": (medians["corral"] / medians["firejail"] - 1) * 100,
-        "incidents_during_run": bool(incidents),
+        # what each skipped mechanism cost a request: corral against corral without it
+        "attribution_pct": {skip: (medians["corral"] / medians[f"corral-{skip}"] - 1) * 100
+                            for skip in attribute},
+        "incidents_during_run": any(incidents),
     }
 
 
@@ -141,6 +171,9 @@ def service_lines(result: dict[str, Any]) -> list[str]:
     out.append(f"  corral vs plain {result['corral_vs_plain_pct']:+.1f}%, firejail vs plain "
                f"{result['firejail_vs_plain_pct']:+.1f}%, corral vs firejail "
                f"{result['corral_vs_firejail_pct']:+.1f}% (goal for corral's cost: < 3%)")
+    for skip, pct in result.get("attribution_pct", {}).items():
+        out.append(f"  {skip} costs corral's request {pct:+.1f}% (corral against corral "
+                   f"without it)")
     if result["incidents_during_run"]:
         out.append("  note: the watcher recorded incidents during the run (see corral incidents)")
     return out
