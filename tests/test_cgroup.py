@@ -594,9 +594,9 @@ def test_priming_the_migration_lock_moves_nothing():
     assert result.stdout == f"True {int(v2)} [] {v2}\n", result.stderr
 
 
-PRIME_TOLD = """import os, sys, tempfile, time
+PRIME_TOLD = """import os, sys, time
 from corral.launch import cgprime
-fifo = os.path.join(tempfile.mkdtemp(), "cgroup.procs")
+fifo = sys.argv[1]
 os.mkfifo(fifo)  # the primer's open blocks until a reader comes: a write that waits
 cgprime.own_procs_file = lambda: fifo
 idle = cgprime.waiting()
@@ -617,12 +617,12 @@ print(idle, blocked, written.isdigit(), through, cgprime._unreaped)
 """
 
 
-def test_the_primer_tells_when_its_first_write_is_through():
+def test_the_primer_tells_when_its_first_write_is_through(tmp_path):
     """cgprime.waiting() is what the supervisor asks before its first cgroup operation: true
     while the primer's first write has not returned (here a FIFO nobody reads yet stands for a
     cgroup.procs whose write waits for a grace period), false once it has, and with no primer."""
-    result = subprocess.run([sys.executable, "-c", PRIME_TOLD], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-c", PRIME_TOLD, str(tmp_path / "cgroup.procs")],
+                            capture_output=True, text=True, timeout=60)
     assert result.stdout == "False True True True []\n", result.stderr
 
 

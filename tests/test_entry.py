@@ -160,6 +160,44 @@ def test_run_imports_only_what_the_launch_needs(tmp_path, corral_root, netns, se
         corral("uninstall", service_name, "--purge", netns=netns)
 
 
+RUN_WITH_A_WAITING_PRIMER = """import os, sys
+from corral.launch import cgprime
+fifo = sys.argv[2]
+os.mkfifo(fifo)  # nobody reads it: the primer's first write waits for as long as the launch
+cgprime.own_procs_file = lambda: fifo
+from corral.supervise import supervisor
+make_children = supervisor.Supervisor.make_children
+def noting(self):
+    print("SENSORS_BEFORE_CGROUPS", self.watcher is not None, file=sys.stderr, flush=True)
+    make_children(self)
+supervisor.Supervisor.make_children = noting
+sys.argv = ["corral", "run", sys.argv[1]]
+from corral.cli.entry import main
+main()
+"""
+
+
+def test_run_starts_the_sensors_first_while_the_primer_still_waits(tmp_path, corral_root,
+                                                                   netns, service_name):
+    """While the primer's first cgroup migration waits for its grace period (cgprime.waiting),
+    the supervisor starts its sensors before it makes the cgroups (whose operations would
+    wait for the same grace period), and the start goes on as usual: here the primer's write
+    never goes through at all, and the service still runs, contained, to its exit."""
+    manifest = write_manifest(tmp_path, service_name, TRUE_SERVICE)
+    corral("install", str(manifest), netns=netns, check=True)
+    try:
+        result = subprocess.run(in_netns(netns) + [sys.executable, "-c",
+                                                  RUN_WITH_A_WAITING_PRIMER, str(manifest),
+                                                  str(tmp_path / "cgroup.procs")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "SENSORS_BEFORE_CGROUPS True" in result.stderr.splitlines(), result.stderr
+        state = json.loads((corral_root / "run/corral" / service_name / "state.json").read_text())
+        assert state["processes"]["main"]["exit_code"] == 0
+    finally:
+        corral("uninstall", service_name, "--purge", netns=netns)
+
+
 def test_run_parses_a_manifest_that_is_not_the_installed_one(tmp_path, corral_root, netns,
                                                               service_name):
     """`corral run FILE` skips parsing only for the very bytes install read: the same name line
