@@ -314,6 +314,25 @@ class World:
         self.installed.append(name)  # before: a half-done install is undone too
         self.corral("install", str(manifest))
 
+    def up_without(self, manifest: Path, name: str, skips: list[str]) -> None:
+        """`corral up` of an installed service for attribution: the launch mechanisms among
+        `skips` (and any CORRAL_BENCH_SKIP of the environment) off (launch.benchskip); "nft"
+        among them flushes the service's table (in the benchmark's own namespace) after the
+        start. Stopped at the end."""
+        env = self.env()
+        launch = [s for s in skips if s != "nft"]
+        launch += [s for s in os.environ.get("CORRAL_BENCH_SKIP", "").split(",") if s]
+        if launch:
+            env["CORRAL_BENCH_SKIP"] = ",".join(launch)
+        result = subprocess.run(self.argv("up", str(manifest)), capture_output=True, text=True,
+                                env=env, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"corral up {name}: {(result.stderr or result.stdout)[-800:]}")
+        self.cleanups.append(lambda: self.corral("down", name, check=False))
+        if "nft" in skips:
+            subprocess.run(self.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
+                           check=True)
+
     def destroy(self) -> list[str]:
         """Remove everything; return what could not be removed (reported, never raised)."""
         problems = []

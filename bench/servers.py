@@ -192,20 +192,7 @@ def start_contained(world: bk.World, server: str, variant: str, limits: str) -> 
     name, path = write_manifest(world, server, variant, limits)
     world.install(path, name)
     skips = variant.partition("-")[2].split("+") if "-" in variant else []
-    skips = [s for s in skips if s != "own"]  # corral-own: no skip, network = "own"
-    env = world.env()
-    launch_skips = [s for s in skips if s != "nft"]
-    if launch_skips or os.environ.get("CORRAL_BENCH_SKIP"):
-        env["CORRAL_BENCH_SKIP"] = ",".join(
-            launch_skips + [s for s in os.environ.get("CORRAL_BENCH_SKIP", "").split(",") if s])
-    result = subprocess.run(world.argv("up", str(path)), capture_output=True, text=True,
-                            env=env, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"corral up {variant}: {(result.stderr or result.stdout)[-800:]}")
-    world.cleanups.append(lambda: world.corral("down", name, check=False))
-    if "nft" in skips:
-        subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
-                       check=True)
+    world.up_without(path, name, [s for s in skips if s != "own"])  # corral-own: no skip
     if variant == "corral-own":  # `up` waited for it in the service's namespace
         HOST_OF[port(server, variant)] = OWN_ADDR
     else:

@@ -106,18 +106,7 @@ def _start_contained(world: Any, suffix: str, port: int, skip: str = "") -> str:
     manifest = bk.notes_manifest(world.dir / f"serve-{suffix}.toml", name, port=port,
                                  limits=LIMITS)
     world.install(manifest, name)
-    skips = [s for s in skip.split("+") if s]
-    env = world.env()
-    if launch := [s for s in skips if s != "nft"]:
-        env["CORRAL_BENCH_SKIP"] = ",".join(launch)
-    result = subprocess.run(world.argv("up", str(manifest)), capture_output=True, text=True,
-                            env=env, timeout=300)
-    if result.returncode != 0:
-        raise RuntimeError(f"corral up {name}: {(result.stderr or result.stdout)[-800:]}")
-    world.cleanups.append(lambda: world.corral("down", name, check=False))
-    if "nft" in skips:
-        subprocess.run(world.enter() + ["nft", "flush", "table", "inet", f"corral-{name}"],
-                       check=True)
+    world.up_without(manifest, name, [s for s in skip.split("+") if s])
     return name
 
 
