@@ -463,7 +463,7 @@ def test_a_changed_table_applied_over_an_isolated_service_keeps_it_isolated(lab)
         changed = service_ruleset(lab.service, flows(lab.service, LAB_APP_LISTEN,
                                                      [*LAB_APP_CONNECT, "tcp/9009@10.77.0.2"],
                                                      LAB_WORKER_CONNECT))
-        nft.apply_service_table(lab.service, changed, netns=lab.ns)
+        nft.apply_service_table(lab.service, changed, exists=True, netns=lab.ns)
         assert run(lab.ns, app, CLIENT, "10.77.0.2", "9000") in BLOCKED
         assert run(lab.ns, worker, CLIENT, "10.77.0.2", "9000") == "ok"
         kept = [r["rule"]["chain"] for r in listing(lab.ns, lab.service)[1]

@@ -340,7 +340,7 @@ def _install_table(plan: ServicePlan, record: dict[str, Any], report: Report,
     if exists and "table" not in record:
         raise RuntimeFailure(f"nftables table {plan.table} exists and was not made by corral; "
                              "refusing to replace it")
-    nft.apply_service_table(plan.service, plan.ruleset)  # an isolation in force stays
+    nft.apply_service_table(plan.service, plan.ruleset, exists)  # an isolation in force stays
     if not exists:
         undo.push(f"delete table {plan.table}", lambda: nft.delete_table(plan.service))
     record["table"] = {"name": plan.table, "digest": wanted}

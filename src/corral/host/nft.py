@@ -74,12 +74,14 @@ def release(service: str, netns: str | None = None) -> None:
         apply({"nftables": cmds}, netns)
 
 
-def apply_service_table(service: str, ruleset: dict, netns: str | None = None) -> None:
+def apply_service_table(service: str, ruleset: dict, exists: bool,
+                        netns: str | None = None) -> None:
     """Apply a service's table (plan.nft_rules.service_ruleset), which makes it anew, keeping an
     isolation in force: the drop rules of the isolated chains are inserted again in the same
-    transaction. An install that changes the table must not release what the watcher cut."""
+    transaction. An install that changes the table must not release what the watcher cut.
+    `exists`: whether the table is there now (the caller has looked: `table_exists`)."""
     chains = {c["add"]["chain"]["name"] for c in ruleset["nftables"] if "chain" in c.get("add", {})}
-    kept = [] if not table_exists(service, netns) else [
+    kept = [] if not exists else [
         _isolating(service, rule["chain"]) for rule in _isolation(service, netns)
         if rule["chain"] in chains]
     apply({"nftables": [*ruleset["nftables"], *kept]}, netns)
