@@ -21,8 +21,6 @@ AUDIT_GET, AUDIT_SET = 1000, 1001
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
 AUDIT_STATUS_ENABLED = 1
-# struct audit_status's first eight u32 fields: mask, enabled, failure, pid, rate_limit,
-# backlog_limit, lost, backlog (the kernel accepts a shorter struct and zero-fills the rest).
 # A record's text: `audit(SECONDS.MILLIS:SERIAL): key=value key="quoted value" ...`. Patterns,
 # not compiled objects: re compiles (and caches) them at first use, so a launch that sees no
 # record does not pay ~0.3 ms to compile them.
@@ -43,6 +41,8 @@ def record_stamp(body: str) -> tuple[float, int, int] | None:
     return int(found[1]) + int(found[2]) / 1000, int(found[3]), found.end()
 
 
+# struct audit_status's first eight u32 fields: mask, enabled, failure, pid, rate_limit,
+# backlog_limit, lost, backlog (the kernel accepts a shorter struct and zero-fills the rest).
 _STATUS = struct.Struct("=8I")
 _NLMSG = struct.Struct("=IHHII")
 
