@@ -54,14 +54,15 @@ def workers(top: int) -> list[str]:
     return found
 
 
-def per_request(data: str, frequency: int, requests: int) -> dict[str, float]:
+def cpu_us(data: str, frequency: int) -> dict[str, float]:
+    """Microseconds of CPU by symbol in a perf recording (samples / frequency)."""
     out = subprocess.run(["perf", "report", "-i", data, "--sort", "sym", "--stdio", "-q",
                           "-F", "sample,sym"], capture_output=True, text=True, check=True).stdout
     samples: collections.Counter[str] = collections.Counter()
     for line in out.splitlines():
         if match := re.match(r"\s*(\d+)\s+\[.\]\s+(\S+)", line):
             samples[match[2]] += int(match[1])
-    return {sym: n / frequency / requests * 1e6 for sym, n in samples.items()}
+    return {sym: n / frequency * 1e6 for sym, n in samples.items()}
 
 
 def main() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
                                        args.seconds)["nginx"]["ops"]
                 perf.send_signal(2)
                 perf.wait()
-                for sym, us in per_request(data, args.frequency, 1).items():
+                for sym, us in cpu_us(data, args.frequency).items():
                     totals[variant][sym] += us
                 requests[variant] += int(made)
             bk.progress(f"round {rnd + 1}/{args.rounds}")
